@@ -1,0 +1,99 @@
+//! Key generation and key files on the learner's disk.
+//!
+//! A generated key is written as two files: the secret key at the path given (mode 0600,
+//! created exclusively so an existing key is never overwritten) and the public key beside it
+//! with `.pub` appended. Formats are [`tracefleet::signed`]'s.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use tracefleet::signed::{KeyRole, PublicKey, SecretKey};
+
+/// Why key handling failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The OS random source failed.
+    #[error("cannot get randomness from the OS: {0}")]
+    Random(String),
+    /// A file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A key file is malformed.
+    #[error("{path}: {source}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: tracefleet::signed::KeyFileError,
+    },
+}
+
+/// The public key file that belongs to secret key file `secret`.
+pub fn public_path(secret: &Path) -> PathBuf {
+    let mut s = secret.as_os_str().to_owned();
+    s.push(".pub");
+    PathBuf::from(s)
+}
+
+/// Generates a key with OS randomness and writes the secret (0600) and public key files.
+///
+/// # Errors
+/// [`KeyError::Io`] when a file exists already or cannot be written.
+pub fn generate(role: KeyRole, secret_path: &Path) -> Result<PublicKey, KeyError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+    let key = SecretKey::from_seed(role, seed);
+    seed.fill(0);
+    write_new(secret_path, key.to_file().as_bytes(), 0o600)?;
+    let public = key.public();
+    let pub_path = public_path(secret_path);
+    if let Err(e) = write_new(&pub_path, public.to_file().as_bytes(), 0o644) {
+        let _ = std::fs::remove_file(secret_path);
+        return Err(e);
+    }
+    Ok(public)
+}
+
+/// Reads a secret key file.
+///
+/// # Errors
+/// [`KeyError`] when it cannot be read or is malformed.
+pub fn read_secret(path: &Path) -> Result<SecretKey, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.to_owned(), source })?;
+    SecretKey::from_file(&text).map_err(|source| KeyError::Format { path: path.to_owned(), source })
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io { path: path.to_owned(), source };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn generate_writes_private_secret_and_public_key_and_never_overwrites() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("traces.key");
+        let public = generate(KeyRole::Traces, &p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = read_secret(&p).unwrap();
+        assert_eq!(back.public(), public);
+        let pub_text = std::fs::read_to_string(public_path(&p)).unwrap();
+        assert_eq!(PublicKey::from_file(&pub_text).unwrap(), public);
+        assert!(!pub_text.contains("secret"));
+        let before = std::fs::read(&p).unwrap();
+        assert!(generate(KeyRole::Traces, &p).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), before, "existing key must not be overwritten");
+    }
+}

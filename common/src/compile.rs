@@ -1,0 +1,904 @@
+//! Checks a trace source and lowers it to the IR ([`crate::trace`]); encodes and decodes the
+//! compiled form.
+//!
+//! Compiled form: `b"TFC"`, one format-version byte ([`COMPILED_FORMAT_VERSION`]), then the
+//! postcard encoding (postcard 1.x wire format) of [`Trace`]. Decoding refuses inputs over
+//! [`MAX_COMPILED_BYTES`], a wrong magic or version, and trailing bytes.
+//!
+//! Where LLMunix was lax, this compiler is strict: unknown tools, unknown validation types,
+//! unknown or missing parameters, unresolved `{variables}`, dependencies on missing or later
+//! steps and duplicate step numbers are errors with `file:line:column`.
+
+use crate::diag::{Diagnostic, Diagnostics, Severity};
+use crate::ids::{TraceId, VarName, Version};
+use crate::source::{self, Block, SourceStep, SourceTrace};
+use crate::trace::{
+    BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS,
+    Dependency, Input, LlmCall, Metadata, OnError, Step, Template, Tool, Trace,
+};
+use serde::Deserialize;
+use serde_norway::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Magic bytes at the start of a compiled trace.
+pub const COMPILED_MAGIC: &[u8; 3] = b"TFC";
+/// The compiled format version this build writes and reads.
+pub const COMPILED_FORMAT_VERSION: u8 = 1;
+/// Largest compiled trace accepted by [`decode_compiled`] (bytes).
+pub const MAX_COMPILED_BYTES: usize = 1024 * 1024;
+
+/// Why compiled bytes were refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Over the size limit.
+    #[error("compiled trace is {found} bytes: expected at most {limit}")]
+    TooLarge {
+        /// Bytes given.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not a compiled trace.
+    #[error("not a compiled trace: expected magic bytes \"TFC\", found {found:02x?}")]
+    BadMagic {
+        /// The first bytes found.
+        found: Vec<u8>,
+    },
+    /// A format this build does not read.
+    #[error("compiled trace format version {found}: this build reads version {COMPILED_FORMAT_VERSION}")]
+    UnsupportedVersion {
+        /// The version byte found.
+        found: u8,
+    },
+    /// The postcard body is malformed.
+    #[error("malformed compiled trace body: {0}")]
+    Body(#[from] postcard::Error),
+    /// Bytes after the body.
+    #[error("compiled trace has {0} trailing bytes after its body: expected none")]
+    Trailing(usize),
+}
+
+/// Encodes a trace in the compiled form.
+pub fn encode_compiled(trace: &Trace) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(COMPILED_MAGIC);
+    out.push(COMPILED_FORMAT_VERSION);
+    // Serialising plain data into a Vec cannot fail.
+    postcard::to_extend(trace, out).unwrap_or_default()
+}
+
+/// Decodes a compiled trace with limits.
+///
+/// # Errors
+/// [`DecodeError`] for oversize input, a wrong magic or version, a malformed body (including
+/// ids and versions that fail validation) or trailing bytes.
+pub fn decode_compiled(bytes: &[u8]) -> Result<Trace, DecodeError> {
+    if bytes.len() > MAX_COMPILED_BYTES {
+        return Err(DecodeError::TooLarge {
+            found: bytes.len(),
+            limit: MAX_COMPILED_BYTES,
+        });
+    }
+    if bytes.len() < 4 || &bytes[..3] != COMPILED_MAGIC {
+        return Err(DecodeError::BadMagic {
+            found: bytes.iter().take(3).copied().collect(),
+        });
+    }
+    if bytes[3] != COMPILED_FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion { found: bytes[3] });
+    }
+    let (trace, rest) = postcard::take_from_bytes::<Trace>(&bytes[4..])?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(trace)
+}
+
+/// Parses and checks a trace source.
+///
+/// Returns the trace and any warnings.
+///
+/// # Errors
+/// Every problem found, each with `file:line:column` (warnings included).
+pub fn compile_source(file: &str, text: &str) -> Result<(Trace, Vec<Diagnostic>), Diagnostics> {
+    let src = source::parse(file, text);
+    let mut cx = Cx {
+        file: file.to_owned(),
+        diags: src.diagnostics.clone(),
+    };
+    let trace = cx.lower(&src);
+    let mut diags = Diagnostics(cx.diags);
+    diags.sort();
+    match trace {
+        Some(t) if !diags.has_errors() => Ok((t, diags.0)),
+        _ => {
+            if !diags.has_errors() {
+                diags.0.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: file.to_owned(),
+                    line: 1,
+                    column: 1,
+                    message: "trace did not compile".into(),
+                });
+            }
+            Err(diags)
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct RawFrontmatter {
+    trace_id: Option<String>,
+    goal_signature: Option<String>,
+    confidence: Option<f64>,
+    estimated_cost: Option<f64>,
+    estimated_time_secs: Option<f64>,
+    success_rate: Option<f64>,
+    usage_count: Option<u64>,
+    created_at: Option<Value>,
+    last_used: Option<Value>,
+    version: Option<Value>,
+    #[serde(default)]
+    metadata: RawMetadata,
+    #[serde(default)]
+    preconditions: Vec<RawCondition>,
+    #[serde(default)]
+    postconditions: Vec<RawCondition>,
+    #[serde(default)]
+    inputs: BTreeMap<String, RawInput>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawMetadata {
+    #[serde(default)]
+    task_type: String,
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    requires_internet: bool,
+    #[serde(default)]
+    requires_human: bool,
+    #[serde(default)]
+    risk_level: String,
+    #[serde(default)]
+    learned_by: String,
+    #[serde(flatten)]
+    _other: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct RawCondition {
+    #[serde(alias = "check")]
+    condition: Option<String>,
+    #[serde(alias = "type")]
+    validation_type: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawInput {
+    Full {
+        default: Option<Value>,
+        #[serde(default)]
+        description: String,
+    },
+    Default(Value),
+}
+
+#[derive(Deserialize)]
+struct RawToolCall {
+    tool: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+    output_variable: Option<String>,
+    timeout_secs: Option<u32>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct RawCheck {
+    check: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnError {
+    action: String,
+    retry_count: Option<u32>,
+    delay_seconds: Option<f64>,
+    fallback_step: Option<u32>,
+    escalation_message: Option<String>,
+}
+
+/// Parameters of one tool call or check, consumed by name so leftovers can be reported.
+struct Params<'a> {
+    map: BTreeMap<String, Value>,
+    block: &'a Block,
+    what: String,
+    line: usize,
+}
+
+struct Cx {
+    file: String,
+    diags: Vec<Diagnostic>,
+}
+
+impl Cx {
+    fn error(&mut self, line: usize, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            severity: Severity::Error,
+            file: self.file.clone(),
+            line,
+            column: 1,
+            message: message.into(),
+        });
+    }
+
+    fn warning(&mut self, line: usize, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            severity: Severity::Warning,
+            file: self.file.clone(),
+            line,
+            column: 1,
+            message: message.into(),
+        });
+    }
+
+    fn yaml<T: for<'de> Deserialize<'de>>(&mut self, block: &Block, what: &str) -> Option<T> {
+        match serde_norway::from_str::<T>(&block.text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let (line, column) = e
+                    .location()
+                    .map_or((block.line, 1), |l| (block.line + l.line() - 1, l.column()));
+                let msg = e.to_string();
+                // serde_norway appends " at line L column C" relative to the block; drop it.
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+                self.diags.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: self.file.clone(),
+                    line,
+                    column,
+                    message: format!("invalid {what}: {msg}"),
+                });
+                None
+            }
+        }
+    }
+
+    fn lower(&mut self, src: &SourceTrace) -> Option<Trace> {
+        let Some(fm_block) = &src.frontmatter else {
+            self.error(1, "missing YAML frontmatter: expected the file to start with a `---` block holding trace_id, version and goal_signature");
+            return None;
+        };
+        let fm: RawFrontmatter = self.yaml(fm_block, "frontmatter")?;
+        for key in fm.unknown.keys() {
+            let line = fm_block.line_of_key(key, 0);
+            self.warning(line, format!("unknown frontmatter key `{key}` is ignored"));
+        }
+        let _ = &fm.last_used;
+
+        let id = match fm.trace_id.as_deref().map(str::parse::<TraceId>) {
+            Some(Ok(id)) => Some(id),
+            Some(Err(e)) => {
+                self.error(fm_block.line_of_key("trace_id", 0), e.to_string());
+                None
+            }
+            None => {
+                self.error(fm_block.line, "missing `trace_id` in frontmatter: expected e.g. `trace_id: dpkg-log-triage`");
+                None
+            }
+        };
+        let version = match fm.version.as_ref().map(scalar_text) {
+            Some(Some(v)) => match v.parse::<Version>() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.error(fm_block.line_of_key("version", 0), e.to_string());
+                    None
+                }
+            },
+            Some(None) => {
+                self.error(fm_block.line_of_key("version", 0), "`version` must be a string such as \"1.0.0\"");
+                None
+            }
+            None => {
+                self.error(fm_block.line, "missing `version` in frontmatter: expected e.g. `version: \"1.0.0\"`");
+                None
+            }
+        };
+        let goal_signature = fm.goal_signature.clone().unwrap_or_default();
+        if goal_signature.trim().is_empty() {
+            self.error(fm_block.line, "missing `goal_signature` in frontmatter: expected the normalised goal text");
+        }
+        for (key, v) in [("confidence", fm.confidence), ("success_rate", fm.success_rate)] {
+            if let Some(v) = v {
+                if !(0.0..=1.0).contains(&v) {
+                    self.error(fm_block.line_of_key(key, 0), format!("`{key}` is {v}: expected a number from 0 to 1"));
+                }
+            }
+        }
+
+        // Inputs.
+        let mut inputs = Vec::new();
+        for (name, raw) in &fm.inputs {
+            let line = fm_block.line_of_key(name, 0);
+            let Ok(var) = name.parse::<VarName>() else {
+                self.error(line, format!("input name `{name}`: expected [A-Za-z_][A-Za-z0-9_]*"));
+                continue;
+            };
+            if BUILTIN_VARIABLES.contains(&name.as_str()) {
+                self.error(line, format!("input `{name}` shadows a built-in variable"));
+            }
+            let (default, description) = match raw {
+                RawInput::Full { default, description } => (default.as_ref(), description.clone()),
+                RawInput::Default(v) => (Some(v), String::new()),
+            };
+            let default = match default.map(scalar_text) {
+                Some(Some(s)) => Some(s),
+                Some(None) => {
+                    self.error(line, format!("input `{name}` default: expected a string, number or boolean"));
+                    None
+                }
+                None => None,
+            };
+            inputs.push(Input { name: var, default, description });
+        }
+
+        // Steps.
+        if src.steps.is_empty() {
+            self.error(fm_block.line, "the trace has no steps: expected at least one `### Step N: title` section");
+        }
+        let mut numbers = HashMap::new();
+        let mut prev = 0u32;
+        for s in &src.steps {
+            if let Some(first) = numbers.insert(s.number, s.line) {
+                self.error(s.line, format!("duplicate step number {}: step {} is already defined at line {first}", s.number, s.number));
+            } else if s.number <= prev {
+                self.error(s.line, format!("step {} follows step {prev}: expected ascending step numbers", s.number));
+            }
+            prev = prev.max(s.number);
+        }
+
+        // Variables bound to step outputs: name → producing step.
+        let mut bound: BTreeMap<String, u32> = BTreeMap::new();
+        let mut steps = Vec::new();
+        let mut lowered: Vec<(u32, Option<Step>, Vec<(usize, Template)>)> = Vec::new();
+        for s in &src.steps {
+            let (step, uses) = self.lower_step(s, &numbers, &mut bound);
+            lowered.push((s.number, step, uses));
+        }
+        let inputs_set: BTreeSet<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        for (number, _, uses) in &lowered {
+            for (line, t) in uses {
+                for v in t.variables() {
+                    let ok = inputs_set.contains(v)
+                        || BUILTIN_VARIABLES.contains(&v)
+                        || bound.get(v).is_some_and(|&n| n < *number);
+                    if !ok {
+                        let why = match bound.get(v) {
+                            Some(n) => format!("it is the output of step {n}, which does not run before step {number}"),
+                            None => "not an input, not a step's output_variable, not a built-in".to_owned(),
+                        };
+                        self.error(*line, format!("unresolved variable `{{{v}}}` in step {number}: {why}"));
+                    }
+                }
+            }
+        }
+        let complete = lowered.iter().all(|(_, s, _)| s.is_some());
+        steps.extend(lowered.into_iter().filter_map(|(_, s, _)| s));
+
+        let all_vars = |cx: &mut Cx, checks: &[Check], line: usize, what: &str| {
+            for c in checks {
+                for t in c.kind.templates() {
+                    for v in t.variables() {
+                        if !(inputs_set.contains(v) || BUILTIN_VARIABLES.contains(&v) || bound.contains_key(v)) {
+                            cx.error(line, format!("unresolved variable `{{{v}}}` in {what} {:?}", c.description));
+                        }
+                    }
+                }
+            }
+        };
+        let preconditions = self.lower_conditions(&fm.preconditions, fm_block, "preconditions");
+        all_vars(self, &preconditions, fm_block.line_of_key("preconditions", 0), "precondition");
+        let postconditions = self.lower_conditions(&fm.postconditions, fm_block, "postconditions");
+        all_vars(self, &postconditions, fm_block.line_of_key("postconditions", 0), "postcondition");
+
+        let created_at = fm.created_at.as_ref().and_then(scalar_text).unwrap_or_default();
+        if !complete {
+            return None;
+        }
+        Some(Trace {
+            id: id?,
+            version: version?,
+            goal_signature,
+            confidence: fm.confidence.unwrap_or(0.75),
+            success_rate: fm.success_rate.unwrap_or(1.0),
+            usage_count: fm.usage_count.unwrap_or(0),
+            estimated_cost: fm.estimated_cost.unwrap_or(0.0),
+            estimated_time_secs: fm.estimated_time_secs.unwrap_or(0.0),
+            created_at,
+            metadata: Metadata {
+                task_type: fm.metadata.task_type,
+                domain: fm.metadata.domain,
+                requires_internet: fm.metadata.requires_internet,
+                requires_human: fm.metadata.requires_human,
+                risk_level: fm.metadata.risk_level,
+                learned_by: fm.metadata.learned_by,
+            },
+            inputs,
+            preconditions,
+            postconditions,
+            steps,
+        })
+    }
+
+    fn lower_conditions(&mut self, raw: &[RawCondition], block: &Block, key: &str) -> Vec<Check> {
+        let base = block.line_of_key(key, 0);
+        let mut out = Vec::new();
+        for (i, c) in raw.iter().enumerate() {
+            let line = block.line_of_key("validation_type", i).max(base);
+            let description = c.condition.clone().unwrap_or_else(|| c.validation_type.clone());
+            let mut p = Params { map: c.parameters.clone(), block, what: format!("{key} `{}`", c.validation_type), line };
+            if let Some(kind) = self.lower_check_kind(&c.validation_type, &mut p, false, line) {
+                self.finish(p);
+                out.push(Check { description, kind });
+            }
+        }
+        out
+    }
+
+    fn lower_step(
+        &mut self,
+        s: &SourceStep,
+        numbers: &HashMap<u32, usize>,
+        bound: &mut BTreeMap<String, u32>,
+    ) -> (Option<Step>, Vec<(usize, Template)>) {
+        let mut ok = true;
+        // Dependencies.
+        let mut dependencies = Vec::new();
+        let explicit = s.dependencies.is_some();
+        if let Some((text, line)) = &s.dependencies {
+            match parse_dependencies(text) {
+                Ok(deps) => {
+                    for (step, var) in deps {
+                        if !numbers.contains_key(&step) {
+                            self.error(*line, format!("step {} depends on step {step}, which does not exist", s.number));
+                            ok = false;
+                        } else if step >= s.number {
+                            self.error(*line, format!("step {} depends on step {step}: expected a dependency on an earlier step (this would be a cycle or a forward reference)", s.number));
+                            ok = false;
+                        }
+                        let output_variable = match var.map(|v| v.parse::<VarName>()) {
+                            Some(Ok(v)) => {
+                                if let Some(prev) = bound.insert(v.as_str().to_owned(), step) {
+                                    if prev != step {
+                                        self.error(*line, format!("output variable `{v}` names step {step}, but it already names step {prev}"));
+                                    }
+                                }
+                                Some(v)
+                            }
+                            Some(Err(e)) => {
+                                self.error(*line, e.to_string());
+                                None
+                            }
+                            None => None,
+                        };
+                        dependencies.push(Dependency { step, output_variable });
+                    }
+                }
+                Err(found) => {
+                    self.error(*line, format!("malformed **Dependencies**: expected `None` or `Step N (output_variable: name)` separated by commas, found {found:?}"));
+                    ok = false;
+                }
+            }
+        }
+
+        // Tool call.
+        let Some(tc_block) = &s.tool_call else {
+            self.error(s.line, format!("step {} has no **Tool Call**: block: expected a fenced YAML block with `tool` and `parameters`", s.number));
+            return (None, Vec::new());
+        };
+        let Some(raw) = self.yaml::<RawToolCall>(tc_block, &format!("tool call of step {}", s.number)) else {
+            return (None, Vec::new());
+        };
+        for key in raw.unknown.keys() {
+            self.warning(tc_block.line_of_key(key, 0), format!("unknown tool call key `{key}` in step {} is ignored", s.number));
+        }
+        let mut output_variable = None;
+        if let Some(v) = &raw.output_variable {
+            match v.parse::<VarName>() {
+                Ok(v) => {
+                    output_variable = Some(v.clone());
+                    if let Some(prev) = bound.insert(v.as_str().to_owned(), s.number) {
+                        if prev != s.number {
+                            self.error(tc_block.line_of_key("output_variable", 0), format!("output variable `{v}` names step {}, but it already names step {prev}", s.number));
+                        }
+                    }
+                }
+                Err(e) => self.error(tc_block.line_of_key("output_variable", 0), e.to_string()),
+            }
+        }
+        let tool_line = tc_block.line_of_key("tool", 0);
+        let mut p = Params {
+            map: raw.parameters.clone(),
+            block: tc_block,
+            what: format!("{} tool in step {}", raw.tool, s.number),
+            line: tc_block.line_of_key("parameters", 0),
+        };
+        let tool = self.lower_tool(&raw.tool, &mut p, s.number, tool_line);
+        self.finish(p);
+
+        // Validations.
+        let mut validations = Vec::new();
+        let mut uses: Vec<(usize, Template)> = tool
+            .iter()
+            .flat_map(Tool::templates)
+            .map(|t| (tc_block.line_of_key("parameters", 0), t.clone()))
+            .collect();
+        if let Some(vb) = &s.validation {
+            let what = format!("validation of step {}", s.number);
+            if let Some(raw) = self.yaml::<Option<Vec<RawCheck>>>(vb, &what) {
+                for (i, c) in raw.unwrap_or_default().into_iter().enumerate() {
+                    let line = vb.line_of_item(i);
+                    let mut p = Params { map: c.parameters, block: vb, what: format!("validation `{}` of step {}", c.kind, s.number), line };
+                    if let Some(t) = tool.as_ref().filter(|t| c.kind == "command_exit_code" && !matches!(t, Tool::Bash { .. })) {
+                        self.error(line, format!("`command_exit_code` validation on a {} step: expected it only on Bash steps", t.name()));
+                    }
+                    if let Some(kind) = self.lower_check_kind(&c.kind, &mut p, true, line) {
+                        self.finish(p);
+                        uses.extend(kind.templates().into_iter().map(|t| (line, t.clone())));
+                        validations.push(Check { description: c.check.unwrap_or_else(|| c.kind.clone()), kind });
+                    }
+                }
+            } else {
+                ok = false;
+            }
+        }
+
+        // Error handling.
+        let mut on_error = OnError::Fail;
+        if let Some(eb) = &s.error_handling {
+            let what = format!("error handling of step {}", s.number);
+            if let Some(v) = self.yaml::<Value>(eb, &what) {
+                let inner = match &v {
+                    Value::Mapping(m) if m.contains_key("on_error") => m.get("on_error").cloned().unwrap_or(Value::Null),
+                    _ => v.clone(),
+                };
+                match serde_norway::from_value::<RawOnError>(inner) {
+                    Ok(r) => {
+                        let line = eb.line_of_key("action", 0);
+                        let _ = &r.escalation_message;
+                        on_error = match r.action.as_str() {
+                            "fail" | "abort" => OnError::Fail,
+                            "skip" | "continue" => OnError::Skip,
+                            "retry" => {
+                                let retry_count = r.retry_count.unwrap_or(1);
+                                let delay_secs = r.delay_seconds.unwrap_or(0.0);
+                                if !(0.0..=3600.0).contains(&delay_secs) {
+                                    self.error(eb.line_of_key("delay_seconds", 0), format!("`delay_seconds` is {delay_secs}: expected 0 to 3600"));
+                                }
+                                if retry_count > 100 {
+                                    self.error(eb.line_of_key("retry_count", 0), format!("`retry_count` is {retry_count}: expected at most 100"));
+                                }
+                                OnError::Retry { retry_count, delay_secs }
+                            }
+                            "fallback" | "fallback_step" | "escalate" | "human_escalate" => {
+                                self.error(line, format!("error action `{}` in step {} is not supported by this version yet: expected retry, skip or fail", r.action, s.number));
+                                OnError::Fail
+                            }
+                            other => {
+                                self.error(line, format!("unknown error action `{other}` in step {}: expected retry, skip or fail", s.number));
+                                OnError::Fail
+                            }
+                        };
+                        if let Some(f) = r.fallback_step {
+                            if !numbers.contains_key(&f) {
+                                self.error(eb.line_of_key("fallback_step", 0), format!("fallback_step {f} of step {} does not exist", s.number));
+                            }
+                        }
+                    }
+                    Err(e) => self.error(eb.line, format!("invalid {what}: {e}: expected `on_error: {{action, retry_count, delay_seconds}}`")),
+                }
+            }
+        }
+
+        let timeout_secs = match raw.timeout_secs {
+            Some(0) => {
+                self.error(tc_block.line_of_key("timeout_secs", 0), "`timeout_secs` is 0: expected at least 1");
+                DEFAULT_STEP_TIMEOUT_SECS
+            }
+            Some(t) => t,
+            None => DEFAULT_STEP_TIMEOUT_SECS,
+        };
+
+        let step = tool.filter(|_| ok).map(|tool| Step {
+            number: s.number,
+            title: s.title.clone(),
+            line: u32::try_from(s.line).unwrap_or(u32::MAX),
+            tool,
+            validations,
+            on_error,
+            dependencies,
+            explicit_dependencies: explicit,
+            timeout_secs,
+            output_variable,
+        });
+        (step, uses)
+    }
+
+    fn lower_tool(&mut self, tool_name: &str, p: &mut Params<'_>, number: u32, tool_line: usize) -> Option<Tool> {
+        let p = &mut *p;
+        match tool_name {
+            "Read" => Some(Tool::Read {
+                file_path: self.req_template(p, "file_path")?,
+                offset: self.opt_u64(p, "offset"),
+                limit: self.opt_u64(p, "limit"),
+            }),
+            "Write" => {
+                let file_path = self.req_template(p, "file_path");
+                let content = self.req_template(p, "content");
+                Some(Tool::Write { file_path: file_path?, content: content? })
+            }
+            "Bash" => {
+                let command = self.req_template(p, "command")?;
+                let _ = self.opt_string(p, "description");
+                for v in command.variables() {
+                    let quoted = ["'{", "\"{"].iter().any(|q| command.as_str().contains(&format!("{}{v}}}", q)));
+                    if quoted {
+                        self.warning(p.line_of("command"), format!("`{{{v}}}` is quoted in the command: variables in Bash steps are substituted already shell-quoted, so the quotes become part of the value"));
+                    }
+                }
+                Some(Tool::Bash { command })
+            }
+            "LLM" | "Task" => {
+                if tool_name == "Task" {
+                    let _ = self.opt_string(p, "description");
+                    let _ = self.opt_string(p, "subagent_type");
+                }
+                let prompt = self.req_template(p, "prompt")?;
+                let system = self.opt_string(p, "system").map(Template);
+                let model = self.opt_string(p, "model");
+                let max_tokens = self.opt_u64(p, "max_tokens").map_or(DEFAULT_MAX_TOKENS, |v| v.min(u64::from(u32::MAX)) as u32);
+                if max_tokens == 0 {
+                    self.error(p.line_of("max_tokens"), "`max_tokens` is 0: expected at least 1");
+                }
+                let temperature = self.opt_f64(p, "temperature").unwrap_or(0.0) as f32;
+                if !(0.0..=2.0).contains(&temperature) {
+                    self.error(p.line_of("temperature"), format!("`temperature` is {temperature}: expected 0 (greedy) to 2"));
+                }
+                let top_p = self.opt_f64(p, "top_p").unwrap_or(1.0) as f32;
+                if !(top_p > 0.0 && top_p <= 1.0) {
+                    self.error(p.line_of("top_p"), format!("`top_p` is {top_p}: expected more than 0 and at most 1"));
+                }
+                let seed = self.opt_u64(p, "seed").unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+                let grammar = self.opt_string(p, "grammar");
+                if let Some(g) = &grammar {
+                    if !g.lines().any(|l| l.trim_start().starts_with("root") && l.contains("::=")) {
+                        self.error(p.line_of("grammar"), "`grammar` has no `root ::= ...` rule: expected a GBNF grammar whose start rule is `root`");
+                    }
+                }
+                let stop = match p.map.remove("stop") {
+                    None => Vec::new(),
+                    Some(Value::String(s)) => vec![s],
+                    Some(Value::Sequence(items)) => items.iter().filter_map(scalar_text).collect(),
+                    Some(_) => {
+                        self.error(p.line_of("stop"), "`stop`: expected a string or a list of strings");
+                        Vec::new()
+                    }
+                };
+                Some(Tool::Llm(LlmCall { prompt, system, model, max_tokens, temperature, top_p, seed, grammar, stop }))
+            }
+            "Grep" | "Glob" | "WebFetch" => {
+                self.error(tool_line, format!("tool `{}` in step {} is not supported by this version yet: expected one of Read, Write, Bash, LLM", tool_name, number));
+                None
+            }
+            other => {
+                self.error(tool_line, format!("unknown tool `{other}` in step {number}: expected one of Read, Write, Bash, LLM (or LLMunix Task)"));
+                None
+            }
+        }
+    }
+
+    fn lower_check_kind(&mut self, kind: &str, p: &mut Params<'_>, in_step: bool, line: usize) -> Option<CheckKind> {
+        let subject = |cx: &mut Cx, p: &mut Params<'_>| -> Option<Option<Template>> {
+            let path = cx.opt_string(p, "path").or_else(|| cx.opt_string(p, "file_path")).map(Template);
+            if path.is_none() && !in_step {
+                cx.error(p.line, format!("{}: missing required parameter `path` (a precondition or postcondition has no step output to check)", p.what));
+                return None;
+            }
+            Some(path)
+        };
+        Some(match kind {
+            "file_exists" => CheckKind::FileExists { path: self.req_path(p)? },
+            "directory_exists" => CheckKind::DirectoryExists { path: self.req_path(p)? },
+            "content_contains" | "content_not_contains" => {
+                let path = subject(self, p)?;
+                let text = self.opt_string(p, "text").or_else(|| self.opt_string(p, "pattern")).or_else(|| self.opt_string(p, "value"));
+                let Some(text) = text else {
+                    self.error(p.line, format!("{}: missing required parameter `text`", p.what));
+                    return None;
+                };
+                let text = Template(text);
+                if kind == "content_contains" {
+                    CheckKind::ContentContains { path, text }
+                } else {
+                    CheckKind::ContentNotContains { path, text }
+                }
+            }
+            "content_not_empty" => CheckKind::ContentNotEmpty { path: subject(self, p)? },
+            "regex_match" => {
+                let path = subject(self, p)?;
+                let pattern = self.req_string(p, "pattern")?;
+                if let Err(e) = regex::RegexBuilder::new(&pattern).multi_line(true).size_limit(1 << 20).build() {
+                    self.error(p.line_of("pattern"), format!("{}: invalid regular expression: {e}", p.what));
+                    return None;
+                }
+                CheckKind::RegexMatch { path, pattern }
+            }
+            "command_exit_code" => {
+                let expected = self.opt_u64(p, "expected").or_else(|| self.opt_u64(p, "exit_code")).unwrap_or(0);
+                CheckKind::CommandExitCode { expected: i32::try_from(expected).unwrap_or(i32::MAX) }
+            }
+            "file_size_minimum" => {
+                let path = subject(self, p)?;
+                let Some(bytes) = self.opt_u64(p, "bytes").or_else(|| self.opt_u64(p, "min_bytes")) else {
+                    self.error(p.line, format!("{}: missing required parameter `bytes`", p.what));
+                    return None;
+                };
+                CheckKind::FileSizeMinimum { path, bytes }
+            }
+            "json_valid" => CheckKind::JsonValid { path: subject(self, p)? },
+            "content_structure_check" => {
+                let path = subject(self, p)?;
+                let sections = match p.map.remove("required_sections") {
+                    Some(Value::Sequence(items)) => items.iter().filter_map(scalar_text).collect::<Vec<_>>(),
+                    _ => {
+                        self.error(p.line, format!("{}: missing required parameter `required_sections` (a list of headings)", p.what));
+                        return None;
+                    }
+                };
+                CheckKind::ContentStructureCheck { path, required_sections: sections }
+            }
+            "json_schema" => {
+                self.error(line, format!("validation type `json_schema` is not supported by this version yet: expected one of {}", CHECK_TYPES.join(", ")));
+                return None;
+            }
+            other => {
+                self.error(line, format!("unknown validation type `{other}`: expected one of {}", CHECK_TYPES.join(", ")));
+                return None;
+            }
+        })
+    }
+
+    fn req_path(&mut self, p: &mut Params<'_>) -> Option<Template> {
+        match self.opt_string(p, "path").or_else(|| self.opt_string(p, "file_path")) {
+            Some(s) => Some(Template(s)),
+            None => {
+                self.error(p.line, format!("{}: missing required parameter `path`", p.what));
+                None
+            }
+        }
+    }
+
+    fn req_template(&mut self, p: &mut Params<'_>, key: &str) -> Option<Template> {
+        self.req_string(p, key).map(Template)
+    }
+
+    fn req_string(&mut self, p: &mut Params<'_>, key: &str) -> Option<String> {
+        let v = self.opt_string(p, key);
+        if v.is_none() && !p.map.contains_key(key) {
+            self.error(p.line, format!("{}: missing required parameter `{key}`", p.what));
+        }
+        v
+    }
+
+    fn opt_string(&mut self, p: &mut Params<'_>, key: &str) -> Option<String> {
+        let v = p.map.remove(key)?;
+        match scalar_text(&v) {
+            Some(s) => Some(s),
+            None => {
+                self.error(p.line_of(key), format!("{}: parameter `{key}`: expected text, found {}", p.what, kind_of(&v)));
+                None
+            }
+        }
+    }
+
+    fn opt_u64(&mut self, p: &mut Params<'_>, key: &str) -> Option<u64> {
+        let v = p.map.remove(key)?;
+        match v.as_u64() {
+            Some(n) => Some(n),
+            None => {
+                self.error(p.line_of(key), format!("{}: parameter `{key}`: expected a non-negative integer, found {}", p.what, kind_of(&v)));
+                None
+            }
+        }
+    }
+
+    fn opt_f64(&mut self, p: &mut Params<'_>, key: &str) -> Option<f64> {
+        let v = p.map.remove(key)?;
+        match v.as_f64() {
+            Some(n) => Some(n),
+            None => {
+                self.error(p.line_of(key), format!("{}: parameter `{key}`: expected a number, found {}", p.what, kind_of(&v)));
+                None
+            }
+        }
+    }
+
+    /// Reports parameters nobody consumed.
+    fn finish(&mut self, p: Params<'_>) {
+        for key in p.map.keys() {
+            self.error(p.line_of(key), format!("{}: unknown parameter `{key}`", p.what));
+        }
+    }
+}
+
+impl Params<'_> {
+    fn line_of(&self, key: &str) -> usize {
+        let l = self.block.line_of_key(key, 0);
+        if l == self.block.line { self.line } else { l }
+    }
+}
+
+/// The validation types this compiler accepts.
+pub const CHECK_TYPES: &[&str] = &[
+    "file_exists",
+    "directory_exists",
+    "content_contains",
+    "content_not_contains",
+    "content_not_empty",
+    "regex_match",
+    "command_exit_code",
+    "file_size_minimum",
+    "json_valid",
+    "content_structure_check",
+];
+
+/// Text of a YAML scalar (strings, numbers and booleans as written); `None` for collections.
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "text",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// Parses `None` or `Step N (output_variable: name), Step M`.
+fn parse_dependencies(text: &str) -> Result<Vec<(u32, Option<String>)>, String> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("none") || t == "-" {
+        return Ok(Vec::new());
+    }
+    let re = regex::Regex::new(r"^\s*[Ss]tep\s+(\d+)\s*(?:\(\s*output_variable\s*:\s*([^)\s]+)\s*\))?\s*$")
+        .map_err(|e| e.to_string())?;
+    t.split(',')
+        .map(|part| {
+            let c = re.captures(part).ok_or_else(|| part.trim().to_owned())?;
+            let n = c[1].parse::<u32>().map_err(|_| part.trim().to_owned())?;
+            Ok((n, c.get(2).map(|m| m.as_str().to_owned())))
+        })
+        .collect()
+}

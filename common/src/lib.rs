@@ -1,0 +1,23 @@
+//! `tracefleet`: the trace language and the protocol, shared by the follower and the learner.
+//!
+//! This crate owns every wire and file format exactly once:
+//! - [`source`]: the Markdown trace source (LLMunix-compatible) → syntax with line numbers;
+//! - [`compile`]: checks and lowering to the typed IR in [`trace`], and the postcard-encoded
+//!   compiled form with its format version byte;
+//! - [`signed`]: ed25519 keys, key files and the signed-trace envelope with its verification;
+//! - [`report`]: the run report (a superset of the LLMunix follower report).
+//!
+//! It knows nothing of MQTT clients, SQLite, llama.cpp or a device's file system layout:
+//! it takes bytes (and the time, where it matters) and returns values or typed errors.
+
+pub mod compile;
+pub mod diag;
+pub mod ids;
+pub mod report;
+pub mod signed;
+pub mod source;
+pub mod trace;
+
+pub use compile::{compile_source, decode_compiled, encode_compiled};
+pub use diag::{Diagnostic, Diagnostics, Severity};
+pub use trace::Trace;

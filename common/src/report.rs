@@ -1,0 +1,166 @@
+//! The run report: a superset of the LLMunix follower report (`trace_id`, `status`,
+//! `total_steps`, `completed_steps`, `failed_step`, `execution_time_secs`, `estimated_cost`,
+//! `step_results[]`, `all_validations_passed`, `all_postconditions_met`) plus the run id,
+//! device id, trace version, model token accounting and timings.
+//!
+//! Written as JSON (`follower run --output REPORT.json`) and stored with the run.
+
+use serde::{Deserialize, Serialize};
+
+/// Outcome of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Every step succeeded (or was skipped by its error policy) and every check passed.
+    Success,
+    /// A precondition, step or postcondition failed.
+    Failed,
+}
+
+/// Outcome of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// The tool ran and every validation passed.
+    Success,
+    /// Every attempt failed.
+    Failed,
+    /// Failed, and the step's error policy said to go on.
+    Skipped,
+    /// Not reached.
+    NotRun,
+}
+
+/// The outcome of one validation, precondition or postcondition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// The check's description.
+    pub check: String,
+    /// The validation type (`file_exists`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// What was found when it failed (or a short confirmation).
+    pub detail: String,
+}
+
+/// Token accounting and speed of a model step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmUsage {
+    /// Model name.
+    pub model: String,
+    /// Tokens in the prompt (after the chat template).
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Prompt processing speed, tokens per second.
+    pub prompt_tokens_per_sec: f64,
+    /// Generation speed, tokens per second.
+    pub generation_tokens_per_sec: f64,
+    /// Why generation stopped: `eos`, `max_tokens`, `stop_string`, `grammar`.
+    pub stop_reason: String,
+    /// Whether a grammar constrained the output.
+    pub grammar: bool,
+}
+
+/// The record of one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Step number.
+    pub step: u32,
+    /// Step title.
+    pub title: String,
+    /// Tool name.
+    pub tool: String,
+    /// Outcome.
+    pub status: StepStatus,
+    /// Attempts made (0 when not run).
+    pub attempts: u32,
+    /// The tool's output (truncated to [`MAX_REPORTED_OUTPUT`] bytes).
+    pub output: String,
+    /// Whether `output` was truncated.
+    pub output_truncated: bool,
+    /// Exit code of a Bash step.
+    pub exit_code: Option<i32>,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+    /// Wall time over all attempts, seconds.
+    pub duration_secs: f64,
+    /// Validation outcomes of the last attempt.
+    pub validations: Vec<CheckResult>,
+    /// Model accounting for LLM steps.
+    pub llm: Option<LlmUsage>,
+}
+
+/// Step outputs longer than this (bytes) are truncated in reports.
+pub const MAX_REPORTED_OUTPUT: usize = 16 * 1024;
+
+/// The record of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Report schema version.
+    pub report_version: u32,
+    /// Run id (UUIDv7).
+    pub run_id: String,
+    /// The device that ran it.
+    pub device_id: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Trace version.
+    pub trace_version: String,
+    /// The goal.
+    pub goal_signature: String,
+    /// Outcome.
+    pub status: RunStatus,
+    /// Steps in the trace.
+    pub total_steps: u32,
+    /// Steps that succeeded.
+    pub completed_steps: u32,
+    /// The step that failed the run, if one did.
+    pub failed_step: Option<u32>,
+    /// Why the run failed.
+    pub error: Option<String>,
+    /// Start, RFC 3339 UTC.
+    pub started_at: String,
+    /// End, RFC 3339 UTC.
+    pub finished_at: String,
+    /// Wall time, seconds.
+    pub execution_time_secs: f64,
+    /// The trace's estimated cost (US dollars); on-device runs cost no API fees.
+    pub estimated_cost: f64,
+    /// Inputs after defaults.
+    pub inputs: std::collections::BTreeMap<String, String>,
+    /// Precondition outcomes.
+    pub preconditions: Vec<CheckResult>,
+    /// Whether every precondition held.
+    pub all_preconditions_met: bool,
+    /// Per-step records in step order.
+    pub step_results: Vec<StepResult>,
+    /// Whether every validation of every executed step passed.
+    pub all_validations_passed: bool,
+    /// Postcondition outcomes.
+    pub postconditions: Vec<CheckResult>,
+    /// Whether every postcondition held.
+    pub all_postconditions_met: bool,
+    /// Total prompt tokens over model steps.
+    pub prompt_tokens: u64,
+    /// Total generated tokens over model steps.
+    pub completion_tokens: u64,
+}
+
+/// The report schema version written by this build.
+pub const REPORT_VERSION: u32 = 1;
+
+/// Truncates `s` to at most `max` bytes on a character boundary; returns whether it did.
+pub fn truncate_utf8(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    true
+}

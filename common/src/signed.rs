@@ -1,0 +1,504 @@
+//! Keys, key files and the signed-trace envelope.
+//!
+//! Keys are ed25519 (RFC 8032, via ed25519-dalek, verified with `verify_strict`). A key id is
+//! the SHA-256 of the 32-byte public key, shown as 64 hex digits (as in TUF).
+//!
+//! Signed-trace file: `b"TFS"`, one format-version byte ([`SIGNED_FORMAT_VERSION`]), then the
+//! postcard encoding of [`SignedTrace`]: a [`SignedHeader`] (trace id, version, creation and
+//! expiry times, SHA-256 of the compiled bytes), the compiled trace bytes, and signatures over
+//! `b"tracefleet/v1/signed-trace\0" ‖ postcard(header)`. Verification ([`verify`]) is a pure
+//! function of the bytes, the trusted keys, a threshold and the current time.
+
+use crate::compile::{self, DecodeError};
+use crate::ids::{TraceId, Version};
+use crate::trace::Trace;
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Magic bytes at the start of a signed trace.
+pub const SIGNED_MAGIC: &[u8; 3] = b"TFS";
+/// The signed-trace format version this build writes and reads.
+pub const SIGNED_FORMAT_VERSION: u8 = 1;
+/// Largest signed trace accepted (bytes).
+pub const MAX_SIGNED_BYTES: usize = compile::MAX_COMPILED_BYTES + 64 * 1024;
+/// Most signatures an envelope may carry.
+pub const MAX_SIGNATURES: usize = 16;
+/// Domain separation prefix of the signed message.
+const SIGNING_CONTEXT: &[u8] = b"tracefleet/v1/signed-trace\0";
+
+/// SHA-256 of a public key: the key's id.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct KeyId(pub [u8; 32]);
+
+impl KeyId {
+    /// The id of a public key.
+    pub fn of(key: &VerifyingKey) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+/// What a key may sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyRole {
+    /// Signs trust roots (kept offline).
+    Root,
+    /// Signs traces.
+    Traces,
+    /// Signs fleet commands.
+    Commands,
+}
+
+impl std::str::FromStr for KeyRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "root" => Ok(KeyRole::Root),
+            "traces" => Ok(KeyRole::Traces),
+            "commands" => Ok(KeyRole::Commands),
+            other => Err(format!("unknown key role {other:?}: expected root, traces or commands")),
+        }
+    }
+}
+
+impl fmt::Display for KeyRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyRole::Root => "root",
+            KeyRole::Traces => "traces",
+            KeyRole::Commands => "commands",
+        })
+    }
+}
+
+/// Why a key file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyFileError {
+    /// Not JSON of the expected shape.
+    #[error("malformed key file: {0}: expected a tracefleet key file (JSON with type, role, key_id and the key in hex)")]
+    Json(#[from] serde_json::Error),
+    /// The `type` field names another kind of file.
+    #[error("key file has type {found:?}: expected {expected:?}")]
+    WrongType {
+        /// The expected type.
+        expected: &'static str,
+        /// The type found.
+        found: String,
+    },
+    /// The key material is not 32 bytes of hex.
+    #[error("key file field `{field}`: expected 64 hex digits")]
+    BadHex {
+        /// The field.
+        field: &'static str,
+    },
+    /// Not a valid ed25519 public key.
+    #[error("key file holds an invalid ed25519 public key")]
+    BadKey,
+    /// The stated key id is not the hash of the key.
+    #[error("key file says key_id {stated} but the key's id is {actual}")]
+    KeyIdMismatch {
+        /// As written.
+        stated: String,
+        /// As computed.
+        actual: KeyId,
+    },
+}
+
+const PUBLIC_TYPE: &str = "tracefleet-ed25519-public-key";
+const SECRET_TYPE: &str = "tracefleet-ed25519-secret-key";
+
+#[derive(Serialize, Deserialize)]
+struct KeyFileJson {
+    #[serde(rename = "type")]
+    kind: String,
+    role: KeyRole,
+    key_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    public_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_key: Option<String>,
+}
+
+fn hex32(s: Option<&str>, field: &'static str) -> Result<[u8; 32], KeyFileError> {
+    let bytes = hex::decode(s.unwrap_or_default()).map_err(|_| KeyFileError::BadHex { field })?;
+    bytes.try_into().map_err(|_| KeyFileError::BadHex { field })
+}
+
+/// A public key with its role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// What it may sign.
+    pub role: KeyRole,
+    /// The ed25519 key.
+    pub key: VerifyingKey,
+}
+
+impl PublicKey {
+    /// The key's id.
+    pub fn key_id(&self) -> KeyId {
+        KeyId::of(&self.key)
+    }
+
+    /// A key from its 32 raw bytes.
+    ///
+    /// # Errors
+    /// [`KeyFileError::BadKey`] when the bytes are not a valid ed25519 point.
+    pub fn from_bytes(role: KeyRole, bytes: &[u8; 32]) -> Result<Self, KeyFileError> {
+        Ok(Self { role, key: VerifyingKey::from_bytes(bytes).map_err(|_| KeyFileError::BadKey)? })
+    }
+
+    /// The 32 raw bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// The public key file (JSON text).
+    pub fn to_file(&self) -> String {
+        let j = KeyFileJson {
+            kind: PUBLIC_TYPE.into(),
+            role: self.role,
+            key_id: self.key_id().to_string(),
+            public_key: Some(hex::encode(self.key.as_bytes())),
+            secret_key: None,
+        };
+        serde_json::to_string_pretty(&j).unwrap_or_default() + "\n"
+    }
+
+    /// Reads a public key file.
+    ///
+    /// # Errors
+    /// [`KeyFileError`] when the text is not a well-formed public key file.
+    pub fn from_file(text: &str) -> Result<Self, KeyFileError> {
+        let j: KeyFileJson = serde_json::from_str(text)?;
+        if j.kind != PUBLIC_TYPE {
+            return Err(KeyFileError::WrongType { expected: PUBLIC_TYPE, found: j.kind });
+        }
+        let key = VerifyingKey::from_bytes(&hex32(j.public_key.as_deref(), "public_key")?)
+            .map_err(|_| KeyFileError::BadKey)?;
+        let pk = Self { role: j.role, key };
+        if pk.key_id().to_string() != j.key_id {
+            return Err(KeyFileError::KeyIdMismatch { stated: j.key_id, actual: pk.key_id() });
+        }
+        Ok(pk)
+    }
+}
+
+/// A secret signing key with its role. Its `Debug` does not show the secret.
+pub struct SecretKey {
+    /// What it may sign.
+    pub role: KeyRole,
+    key: SigningKey,
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({}, {})", self.role, self.public().key_id())
+    }
+}
+
+impl SecretKey {
+    /// A key from 32 bytes of secret seed (take them from the OS: `getrandom`).
+    pub fn from_seed(role: KeyRole, seed: [u8; 32]) -> Self {
+        Self { role, key: SigningKey::from_bytes(&seed) }
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey { role: self.role, key: self.key.verifying_key() }
+    }
+
+    /// The secret key file (JSON text). Write it with 0600 permissions.
+    pub fn to_file(&self) -> String {
+        let j = KeyFileJson {
+            kind: SECRET_TYPE.into(),
+            role: self.role,
+            key_id: self.public().key_id().to_string(),
+            public_key: None,
+            secret_key: Some(hex::encode(self.key.to_bytes())),
+        };
+        serde_json::to_string_pretty(&j).unwrap_or_default() + "\n"
+    }
+
+    /// Reads a secret key file.
+    ///
+    /// # Errors
+    /// [`KeyFileError`] when the text is not a well-formed secret key file.
+    pub fn from_file(text: &str) -> Result<Self, KeyFileError> {
+        let j: KeyFileJson = serde_json::from_str(text)?;
+        if j.kind != SECRET_TYPE {
+            return Err(KeyFileError::WrongType { expected: SECRET_TYPE, found: j.kind });
+        }
+        let k = Self::from_seed(j.role, hex32(j.secret_key.as_deref(), "secret_key")?);
+        let actual = k.public().key_id();
+        if actual.to_string() != j.key_id {
+            return Err(KeyFileError::KeyIdMismatch { stated: j.key_id, actual });
+        }
+        Ok(k)
+    }
+}
+
+/// What the signatures vouch for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHeader {
+    /// Must equal the compiled trace's id.
+    pub trace_id: TraceId,
+    /// Must equal the compiled trace's version.
+    pub version: Version,
+    /// Signing time, seconds since the Unix epoch.
+    pub created_at: u64,
+    /// After this time (seconds since the Unix epoch) the signed trace is refused.
+    pub expires_at: u64,
+    /// SHA-256 of `compiled`.
+    pub content_hash: [u8; 32],
+}
+
+/// One signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureEntry {
+    /// Which key signed.
+    pub key_id: KeyId,
+    /// The 64-byte ed25519 signature.
+    pub signature: Vec<u8>,
+}
+
+/// A compiled trace in its signature envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTrace {
+    /// What is signed.
+    pub header: SignedHeader,
+    /// The compiled trace bytes (see [`crate::compile`]).
+    pub compiled: Vec<u8>,
+    /// Signatures over the header.
+    pub signatures: Vec<SignatureEntry>,
+}
+
+fn signing_message(header: &SignedHeader) -> Vec<u8> {
+    // Serialising a plain struct into a Vec cannot fail.
+    postcard::to_extend(header, SIGNING_CONTEXT.to_vec()).unwrap_or_default()
+}
+
+/// Signs compiled bytes.
+///
+/// # Errors
+/// [`DecodeError`] when `compiled` is not a valid compiled trace.
+pub fn sign(
+    compiled: &[u8],
+    key: &SecretKey,
+    created_at: u64,
+    expires_at: u64,
+) -> Result<SignedTrace, DecodeError> {
+    let trace = compile::decode_compiled(compiled)?;
+    let header = SignedHeader {
+        trace_id: trace.id,
+        version: trace.version,
+        created_at,
+        expires_at,
+        content_hash: Sha256::digest(compiled).into(),
+    };
+    let sig = key.key.sign(&signing_message(&header));
+    Ok(SignedTrace {
+        header,
+        compiled: compiled.to_vec(),
+        signatures: vec![SignatureEntry { key_id: key.public().key_id(), signature: sig.to_bytes().to_vec() }],
+    })
+}
+
+/// Encodes a signed trace to its file form.
+pub fn encode_signed(s: &SignedTrace) -> Vec<u8> {
+    let mut out = SIGNED_MAGIC.to_vec();
+    out.push(SIGNED_FORMAT_VERSION);
+    postcard::to_extend(s, out).unwrap_or_default()
+}
+
+/// Why a signed trace was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// Over the size limit.
+    #[error("signed trace is {found} bytes: expected at most {limit}")]
+    TooLarge {
+        /// Bytes given.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not a signed trace.
+    #[error("not a signed trace: expected magic bytes \"TFS\", found {found:02x?}")]
+    BadMagic {
+        /// The first bytes found.
+        found: Vec<u8>,
+    },
+    /// A format this build does not read.
+    #[error("signed trace format version {found}: this build reads version {SIGNED_FORMAT_VERSION}")]
+    UnsupportedVersion {
+        /// The version byte found.
+        found: u8,
+    },
+    /// The envelope does not decode.
+    #[error("malformed signed trace envelope: {0}")]
+    Envelope(postcard::Error),
+    /// Bytes after the envelope.
+    #[error("signed trace has {0} trailing bytes: expected none")]
+    Trailing(usize),
+    /// Too many signatures.
+    #[error("signed trace carries {found} signatures: expected at most {MAX_SIGNATURES}")]
+    TooManySignatures {
+        /// Signatures found.
+        found: usize,
+    },
+    /// The compiled bytes do not hash to the signed content hash.
+    #[error("content hash mismatch: the signed header vouches for sha256 {expected} but the compiled trace hashes to {found} (tampered or corrupted)")]
+    ContentHash {
+        /// Hash in the header.
+        expected: String,
+        /// Hash of the bytes.
+        found: String,
+    },
+    /// Fewer valid signatures from trusted keys than the threshold.
+    #[error("signature check failed: {valid} valid signature(s) from trusted trace-signing keys, expected at least {threshold}; signed by [{signers}], trusted [{trusted}]")]
+    Threshold {
+        /// Distinct trusted keys whose signature verified.
+        valid: usize,
+        /// Needed.
+        threshold: usize,
+        /// Key ids in the envelope (with `(invalid)` or `(untrusted)` marks).
+        signers: String,
+        /// Trusted key ids.
+        trusted: String,
+    },
+    /// Past its expiry.
+    #[error("signed trace expired at {expires_at} (unix seconds); now is {now}")]
+    Expired {
+        /// Expiry.
+        expires_at: u64,
+        /// The time of the check.
+        now: u64,
+    },
+    /// The compiled bytes do not decode.
+    #[error("signed content is not a valid compiled trace: {0}")]
+    Compiled(#[from] DecodeError),
+    /// The header names another trace or version than the content.
+    #[error("signed header names {header_id} {header_version} but the content is {content_id} {content_version}")]
+    HeaderMismatch {
+        /// Id in the header.
+        header_id: TraceId,
+        /// Version in the header.
+        header_version: Version,
+        /// Id in the content.
+        content_id: TraceId,
+        /// Version in the content.
+        content_version: Version,
+    },
+}
+
+/// Decodes the envelope without verifying it (for `inspect`).
+///
+/// # Errors
+/// [`VerifyError`] for size, magic, version, malformed envelope or trailing bytes.
+pub fn decode_signed(bytes: &[u8]) -> Result<SignedTrace, VerifyError> {
+    if bytes.len() > MAX_SIGNED_BYTES {
+        return Err(VerifyError::TooLarge { found: bytes.len(), limit: MAX_SIGNED_BYTES });
+    }
+    if bytes.len() < 4 || &bytes[..3] != SIGNED_MAGIC {
+        return Err(VerifyError::BadMagic { found: bytes.iter().take(3).copied().collect() });
+    }
+    if bytes[3] != SIGNED_FORMAT_VERSION {
+        return Err(VerifyError::UnsupportedVersion { found: bytes[3] });
+    }
+    let (s, rest) = postcard::take_from_bytes::<SignedTrace>(&bytes[4..]).map_err(VerifyError::Envelope)?;
+    if !rest.is_empty() {
+        return Err(VerifyError::Trailing(rest.len()));
+    }
+    if s.signatures.len() > MAX_SIGNATURES {
+        return Err(VerifyError::TooManySignatures { found: s.signatures.len() });
+    }
+    Ok(s)
+}
+
+/// A signed trace that passed [`verify`].
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The decoded trace.
+    pub trace: Trace,
+    /// The header the signatures vouch for.
+    pub header: SignedHeader,
+    /// Trusted keys whose signatures verified.
+    pub signed_by: Vec<KeyId>,
+}
+
+/// Verifies a signed trace against trusted trace-signing keys.
+///
+/// Checks, in order: size and format; content hash; at least `threshold` distinct trusted keys
+/// with role [`KeyRole::Traces`] whose signature verifies (a key id listed twice counts once);
+/// expiry against `now` (unix seconds); that the content decodes and matches the header.
+///
+/// # Errors
+/// The first failed check as a [`VerifyError`].
+pub fn verify(bytes: &[u8], trusted: &[PublicKey], threshold: usize, now: u64) -> Result<Verified, VerifyError> {
+    let s = decode_signed(bytes)?;
+    let hash: [u8; 32] = Sha256::digest(&s.compiled).into();
+    if hash != s.header.content_hash {
+        return Err(VerifyError::ContentHash {
+            expected: hex::encode(s.header.content_hash),
+            found: hex::encode(hash),
+        });
+    }
+    let message = signing_message(&s.header);
+    let mut signed_by: Vec<KeyId> = Vec::new();
+    let mut signers = Vec::new();
+    for entry in &s.signatures {
+        let key = trusted.iter().find(|k| k.role == KeyRole::Traces && k.key_id() == entry.key_id);
+        let valid = key.is_some_and(|k| {
+            <[u8; 64]>::try_from(entry.signature.as_slice())
+                .ok()
+                .is_some_and(|b| k.key.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&b)).is_ok())
+        });
+        let mark = match (key.is_some(), valid) {
+            (false, _) => " (untrusted)",
+            (true, false) => " (invalid)",
+            (true, true) => "",
+        };
+        signers.push(format!("{}{mark}", entry.key_id));
+        if valid && !signed_by.contains(&entry.key_id) {
+            signed_by.push(entry.key_id);
+        }
+    }
+    let threshold = threshold.max(1);
+    if signed_by.len() < threshold {
+        let trusted_ids: Vec<String> = trusted.iter().filter(|k| k.role == KeyRole::Traces).map(|k| k.key_id().to_string()).collect();
+        return Err(VerifyError::Threshold {
+            valid: signed_by.len(),
+            threshold,
+            signers: signers.join(", "),
+            trusted: trusted_ids.join(", "),
+        });
+    }
+    if now >= s.header.expires_at {
+        return Err(VerifyError::Expired { expires_at: s.header.expires_at, now });
+    }
+    let trace = compile::decode_compiled(&s.compiled)?;
+    if trace.id != s.header.trace_id || trace.version != s.header.version {
+        return Err(VerifyError::HeaderMismatch {
+            header_id: s.header.trace_id,
+            header_version: s.header.version,
+            content_id: trace.id,
+            content_version: trace.version,
+        });
+    }
+    Ok(Verified { trace, header: s.header, signed_by })
+}

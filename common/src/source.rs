@@ -1,0 +1,430 @@
+//! The trace source: Markdown with YAML frontmatter, in the LLMunix execution-trace format.
+//!
+//! ~~~text
+//! ---
+//! trace_id: dpkg-log-triage          # YAML frontmatter
+//! version: "1.0.0"
+//! ...
+//! ---
+//! # Title
+//! ### Step 1: Count package actions
+//! **Tool Call**:
+//! ```yaml
+//! tool: Bash
+//! parameters: { command: "..." }
+//! ```
+//! **Validation**:        (a fenced YAML list)
+//! **Error Handling**:    (a fenced YAML block, `on_error: {...}`)
+//! **Dependencies**: Step 1 (output_variable: counts), Step 2   |   None
+//! ~~~
+//!
+//! This module only finds the pieces and their positions (pulldown-cmark does the Markdown);
+//! [`crate::compile`] reads the YAML inside them and checks the meaning.
+
+use crate::diag::{Diagnostic, Severity};
+use pulldown_cmark::{CodeBlockKind, Event, HeadingLevel, MetadataBlockKind, Options, Parser, Tag};
+use std::ops::Range;
+
+/// A trace source larger than this is refused before parsing (bytes).
+pub const MAX_SOURCE_BYTES: usize = 1024 * 1024;
+
+/// A fenced block (or the frontmatter) and where its content starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// The block's text.
+    pub text: String,
+    /// 1-based line of the block's first content line.
+    pub line: usize,
+}
+
+impl Block {
+    /// The 1-based source line of the first line in the block matching `key:` (optionally as a
+    /// list item), searching from the `skip`-th match; the block's first line when absent.
+    pub fn line_of_key(&self, key: &str, skip: usize) -> usize {
+        let mut seen = 0;
+        for (i, l) in self.text.lines().enumerate() {
+            let t = l.trim_start().trim_start_matches("- ").trim_start();
+            if t.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+            {
+                if seen == skip {
+                    return self.line + i;
+                }
+                seen += 1;
+            }
+        }
+        self.line
+    }
+
+    /// The 1-based source line of the `n`-th top-level list item (`- `) of the block.
+    pub fn line_of_item(&self, n: usize) -> usize {
+        let indent = self
+            .text
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        self.text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.len() - l.trim_start().len() == indent && l.trim_start().starts_with('-'))
+            .nth(n)
+            .map_or(self.line, |(i, _)| self.line + i)
+    }
+}
+
+/// One `### Step N: title` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStep {
+    /// The step number as written.
+    pub number: u32,
+    /// The heading text after `Step N:`.
+    pub title: String,
+    /// 1-based line of the heading.
+    pub line: usize,
+    /// The `**Tool Call**:` block.
+    pub tool_call: Option<Block>,
+    /// The `**Validation**:` block.
+    pub validation: Option<Block>,
+    /// The `**Error Handling**:` block.
+    pub error_handling: Option<Block>,
+    /// The text after `**Dependencies**:` and its line.
+    pub dependencies: Option<(String, usize)>,
+}
+
+/// A trace source split into its parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTrace {
+    /// The file name used in diagnostics.
+    pub file: String,
+    /// The YAML frontmatter.
+    pub frontmatter: Option<Block>,
+    /// The first `#` heading, if any.
+    pub title: Option<String>,
+    /// The step sections in source order.
+    pub steps: Vec<SourceStep>,
+    /// Structural problems found while splitting.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Field {
+    ToolCall,
+    Validation,
+    ErrorHandling,
+    Dependencies,
+}
+
+impl Field {
+    fn from_label(label: &str) -> Option<Self> {
+        let l = label.trim().trim_end_matches(':').trim().to_ascii_lowercase();
+        match l.as_str() {
+            "tool call" => Some(Field::ToolCall),
+            "validation" | "validations" => Some(Field::Validation),
+            "error handling" => Some(Field::ErrorHandling),
+            "dependencies" => Some(Field::Dependencies),
+            _ => None,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Field::ToolCall => "**Tool Call**:",
+            Field::Validation => "**Validation**:",
+            Field::ErrorHandling => "**Error Handling**:",
+            Field::Dependencies => "**Dependencies**:",
+        }
+    }
+}
+
+/// Maps byte offsets to 1-based (line, column).
+pub(crate) struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub(crate) fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self { starts }
+    }
+
+    pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let col = offset - self.starts[line - 1] + 1;
+        (line, col)
+    }
+}
+
+/// Splits a trace source into frontmatter and step sections.
+///
+/// Never fails: problems (a field without its block, a malformed step heading, a source over
+/// [`MAX_SOURCE_BYTES`]) are returned in [`SourceTrace::diagnostics`] with their positions.
+pub fn parse(file: &str, text: &str) -> SourceTrace {
+    let mut out = SourceTrace {
+        file: file.to_owned(),
+        frontmatter: None,
+        title: None,
+        steps: Vec::new(),
+        diagnostics: Vec::new(),
+    };
+    let err = |out: &mut SourceTrace, line: usize, column: usize, message: String| {
+        out.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: file.to_owned(),
+            line,
+            column,
+            message,
+        });
+    };
+    if text.len() > MAX_SOURCE_BYTES {
+        err(
+            &mut out,
+            1,
+            1,
+            format!(
+                "trace source is {} bytes: expected at most {MAX_SOURCE_BYTES}",
+                text.len()
+            ),
+        );
+        return out;
+    }
+    let index = LineIndex::new(text);
+    let opts = Options::ENABLE_YAML_STYLE_METADATA_BLOCKS | Options::ENABLE_TABLES;
+
+    let mut heading: Option<(HeadingLevel, Range<usize>, String)> = None;
+    // Paragraph state: Some(label text) while inside a leading **strong**; the label once closed.
+    let mut para: Option<(usize, Option<String>, bool, String)> = None; // (start, label, in_strong, rest)
+    let mut pending: Option<(Field, usize)> = None;
+    let mut code: Option<(Option<usize>, String, bool)> = None; // (first text offset, text, is_fenced)
+    let mut meta: Option<(Option<usize>, String)> = None;
+
+    for (event, range) in Parser::new_ext(text, opts).into_offset_iter() {
+        match event {
+            Event::Start(Tag::MetadataBlock(MetadataBlockKind::YamlStyle)) => {
+                meta = Some((None, String::new()));
+            }
+            Event::End(pulldown_cmark::TagEnd::MetadataBlock(_)) => {
+                if let Some((start, t)) = meta.take() {
+                    let line = start.map_or_else(|| index.line_col(range.start).0 + 1, |s| index.line_col(s).0);
+                    out.frontmatter = Some(Block { text: t, line });
+                }
+            }
+            Event::Start(Tag::Heading { level, .. }) => {
+                if let Some((field, line)) = pending.take() {
+                    err(&mut out, line, 1, format!("expected a fenced YAML block after {}, found a heading", field.label()));
+                }
+                heading = Some((level, range, String::new()));
+            }
+            Event::End(pulldown_cmark::TagEnd::Heading(_)) => {
+                if let Some((level, r, t)) = heading.take() {
+                    let (line, column) = index.line_col(r.start);
+                    on_heading(&mut out, level, line, column, t.trim());
+                }
+            }
+            Event::Start(Tag::Paragraph) => {
+                if let Some((field, line)) = pending.take() {
+                    err(&mut out, line, 1, format!("expected a fenced YAML block after {}, found a paragraph", field.label()));
+                }
+                para = Some((range.start, None, false, String::new()));
+            }
+            Event::Start(Tag::Strong) => {
+                if let Some(p) = para.as_mut() {
+                    if p.1.is_none() && p.3.trim().is_empty() {
+                        p.1 = Some(String::new());
+                        p.2 = true;
+                    }
+                }
+            }
+            Event::End(pulldown_cmark::TagEnd::Strong) => {
+                if let Some(p) = para.as_mut() {
+                    p.2 = false;
+                }
+            }
+            Event::End(pulldown_cmark::TagEnd::Paragraph) => {
+                if let Some((start, Some(label), _, rest)) = para.take() {
+                    let (line, _) = index.line_col(start);
+                    if let Some(field) = Field::from_label(&label) {
+                        on_field(&mut out, field, line, rest.trim_start().trim_start_matches(':').trim(), &mut pending);
+                    }
+                }
+            }
+            Event::Start(Tag::CodeBlock(kind)) => {
+                code = Some((None, String::new(), matches!(kind, CodeBlockKind::Fenced(_))));
+            }
+            Event::End(pulldown_cmark::TagEnd::CodeBlock) => {
+                if let Some((start, t, _fenced)) = code.take() {
+                    if let Some((field, _)) = pending.take() {
+                        let line = start.map_or_else(|| index.line_col(range.start).0 + 1, |s| index.line_col(s).0);
+                        let block = Block { text: t, line };
+                        let mut duplicate = None;
+                        if let Some(step) = out.steps.last_mut() {
+                            let slot = match field {
+                                Field::ToolCall => Some(&mut step.tool_call),
+                                Field::Validation => Some(&mut step.validation),
+                                Field::ErrorHandling => Some(&mut step.error_handling),
+                                Field::Dependencies => None,
+                            };
+                            if let Some(slot) = slot {
+                                if slot.is_some() {
+                                    duplicate = Some(format!(
+                                        "step {} has a second {} block: expected one",
+                                        step.number,
+                                        field.label()
+                                    ));
+                                } else {
+                                    *slot = Some(block);
+                                }
+                            }
+                        }
+                        if let Some(msg) = duplicate {
+                            err(&mut out, line, 1, msg);
+                        }
+                    }
+                }
+            }
+            Event::Text(t) | Event::Code(t) => {
+                if let Some(m) = meta.as_mut() {
+                    m.0.get_or_insert(range.start);
+                    m.1.push_str(&t);
+                } else if let Some(c) = code.as_mut() {
+                    c.0.get_or_insert(range.start);
+                    c.1.push_str(&t);
+                } else if let Some(h) = heading.as_mut() {
+                    h.2.push_str(&t);
+                } else if let Some(p) = para.as_mut() {
+                    match (&mut p.1, p.2) {
+                        (Some(label), true) => label.push_str(&t),
+                        _ => p.3.push_str(&t),
+                    }
+                }
+            }
+            Event::SoftBreak | Event::HardBreak => {
+                if let Some(p) = para.as_mut() {
+                    p.3.push(' ');
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some((field, line)) = pending.take() {
+        err(&mut out, line, 1, format!("expected a fenced YAML block after {}, found the end of the file", field.label()));
+    }
+    out
+}
+
+fn on_heading(out: &mut SourceTrace, level: HeadingLevel, line: usize, column: usize, text: &str) {
+    if level == HeadingLevel::H1 && out.title.is_none() {
+        out.title = Some(text.to_owned());
+    }
+    let Some(rest) = strip_prefix_ci(text, "step") else {
+        return;
+    };
+    if level != HeadingLevel::H3 {
+        out.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            file: out.file.clone(),
+            line,
+            column,
+            message: format!("step heading at level {level:?}: expected `### Step N: title` (H3); this section is not a step"),
+        });
+        return;
+    }
+    let rest = rest.trim_start();
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let after = rest[digits.len()..].trim_start();
+    let title = after.strip_prefix(':').map(str::trim);
+    match (digits.parse::<u32>(), title) {
+        (Ok(number), Some(title)) => out.steps.push(SourceStep {
+            number,
+            title: title.to_owned(),
+            line,
+            tool_call: None,
+            validation: None,
+            error_handling: None,
+            dependencies: None,
+        }),
+        _ => out.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: out.file.clone(),
+            line,
+            column,
+            message: format!("malformed step heading {text:?}: expected `### Step N: title` with a decimal N"),
+        }),
+    }
+}
+
+fn on_field(out: &mut SourceTrace, field: Field, line: usize, rest: &str, pending: &mut Option<(Field, usize)>) {
+    let Some(step) = out.steps.last_mut() else {
+        out.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: out.file.clone(),
+            line,
+            column: 1,
+            message: format!("{} outside a step: expected it under a `### Step N: title` heading", field.label()),
+        });
+        return;
+    };
+    if field == Field::Dependencies {
+        if step.dependencies.is_some() {
+            out.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                file: out.file.clone(),
+                line,
+                column: 1,
+                message: format!("step {} has a second **Dependencies**: line: expected one", step.number),
+            });
+        } else {
+            step.dependencies = Some((rest.to_owned(), line));
+        }
+    } else {
+        *pending = Some((field, line));
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)).then(|| &s[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = "---\ntrace_id: t\nversion: \"1.0\"\n---\n# Goal\n\n### Step 1: First\n\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo hi\n```\n\n**Dependencies**: None\n\n### Step 2: Second\n**Tool Call**:\n```yaml\ntool: Read\n```\n**Validation**:\n```yaml\n- check: x\n  type: content_not_empty\n```\n**Dependencies**: Step 1 (output_variable: greeting)\n";
+
+    #[test]
+    fn finds_frontmatter_steps_fields_and_lines() {
+        let s = parse("t.trace.md", SRC);
+        assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+        let fm = s.frontmatter.unwrap();
+        assert_eq!(fm.line, 2);
+        assert!(fm.text.contains("trace_id: t"));
+        assert_eq!(s.title.as_deref(), Some("Goal"));
+        assert_eq!(s.steps.len(), 2);
+        assert_eq!(s.steps[0].line, 7);
+        assert_eq!(s.steps[0].title, "First");
+        assert_eq!(s.steps[0].tool_call.as_ref().unwrap().line, 11);
+        assert_eq!(s.steps[0].dependencies.as_ref().unwrap().0, "None");
+        assert_eq!(
+            s.steps[1].dependencies.as_ref().unwrap().0,
+            "Step 1 (output_variable: greeting)"
+        );
+        assert_eq!(s.steps[1].validation.as_ref().unwrap().line_of_item(0), 25);
+    }
+
+    #[test]
+    fn field_without_block_is_reported_with_its_line() {
+        let s = parse("x.md", "### Step 1: a\n**Tool Call**:\n\nsome prose\n");
+        assert_eq!(s.diagnostics.len(), 1);
+        assert_eq!(s.diagnostics[0].line, 2);
+        assert!(s.diagnostics[0].message.contains("expected a fenced YAML block"));
+    }
+
+    #[test]
+    fn malformed_step_heading() {
+        let s = parse("x.md", "### Step one: a\n");
+        assert_eq!(s.diagnostics[0].line, 1);
+        assert!(s.diagnostics[0].message.contains("malformed step heading"));
+    }
+}

@@ -1,0 +1,504 @@
+//! The typed intermediate representation of a trace: what [`crate::compile`] produces from a
+//! trace source, what is postcard-encoded into a compiled trace, and what the follower executes.
+//!
+//! Every field has been checked: tools are known, required parameters are present, every
+//! `{variable}` resolves, dependencies point at earlier steps. Executing code may rely on that.
+
+use crate::ids::{TraceId, VarName, Version};
+use serde::{Deserialize, Serialize};
+
+/// A compiled trace: a goal plus the ordered steps that achieved it once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Stable identity across versions.
+    pub id: TraceId,
+    /// Version of this content; never goes backwards on a device.
+    pub version: Version,
+    /// Normalised text naming the goal this trace achieves.
+    pub goal_signature: String,
+    /// Confidence (0..=1) the author recorded; devices keep their own from runs.
+    pub confidence: f64,
+    /// Success rate (0..=1) the author recorded.
+    pub success_rate: f64,
+    /// Runs the author recorded.
+    pub usage_count: u64,
+    /// Estimated cost of a run in US dollars.
+    pub estimated_cost: f64,
+    /// Estimated wall time of a run in seconds.
+    pub estimated_time_secs: f64,
+    /// When the trace was learned (RFC 3339 text as written by the author; may be empty).
+    pub created_at: String,
+    /// Descriptive metadata.
+    pub metadata: Metadata,
+    /// Named inputs, set with `--var NAME=VALUE`.
+    pub inputs: Vec<Input>,
+    /// Checked before the first step; a failed precondition fails the run without running a step.
+    pub preconditions: Vec<Check>,
+    /// Checked after the last step.
+    pub postconditions: Vec<Check>,
+    /// Steps in execution order (ascending step number).
+    pub steps: Vec<Step>,
+}
+
+impl Trace {
+    /// Every variable bound to a step's output (by a tool call's `output_variable` or a
+    /// `Step N (output_variable: name)` dependency), mapped to the step number.
+    pub fn output_bindings(&self) -> std::collections::BTreeMap<&str, u32> {
+        let mut m = std::collections::BTreeMap::new();
+        for s in &self.steps {
+            if let Some(v) = &s.output_variable {
+                m.insert(v.as_str(), s.number);
+            }
+            for d in &s.dependencies {
+                if let Some(v) = &d.output_variable {
+                    m.insert(v.as_str(), d.step);
+                }
+            }
+        }
+        m
+    }
+
+    /// Whether any step runs the model.
+    pub fn llm_steps(&self) -> impl Iterator<Item = &Step> {
+        self.steps.iter().filter(|s| matches!(s.tool, Tool::Llm(_)))
+    }
+}
+
+/// LLMunix trace metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Kind of task (free text).
+    pub task_type: String,
+    /// Domain (free text).
+    pub domain: String,
+    /// Whether the trace needs a network connection.
+    pub requires_internet: bool,
+    /// Whether the trace needs a person.
+    pub requires_human: bool,
+    /// `low`, `medium` or `high` (free text in LLMunix; kept as written).
+    pub risk_level: String,
+    /// The model that learned the trace.
+    pub learned_by: String,
+}
+
+/// A named input variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    /// Name used as `{name}`.
+    pub name: VarName,
+    /// Value when `--var` does not set it; `None` makes the input required.
+    pub default: Option<String>,
+    /// What the input means.
+    pub description: String,
+}
+
+/// One step of a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// The `N` of `### Step N:`; unique, ascending.
+    pub number: u32,
+    /// The heading text after `Step N:`.
+    pub title: String,
+    /// The line of the step heading in the source (for messages).
+    pub line: u32,
+    /// What the step does.
+    pub tool: Tool,
+    /// Checked after the tool succeeded; any failure fails the attempt.
+    pub validations: Vec<Check>,
+    /// What to do when the tool or a validation fails.
+    pub on_error: OnError,
+    /// Steps whose outputs this step uses. Empty with `explicit_dependencies == false` means
+    /// "the step before".
+    pub dependencies: Vec<Dependency>,
+    /// Whether the source had a `**Dependencies**:` line.
+    pub explicit_dependencies: bool,
+    /// Limit on one attempt of the tool, in seconds.
+    pub timeout_secs: u32,
+    /// `{name}` bound to this step's output by `output_variable:` in its tool call.
+    pub output_variable: Option<VarName>,
+}
+
+/// Default per-attempt step timeout in seconds when the trace sets none.
+pub const DEFAULT_STEP_TIMEOUT_SECS: u32 = 300;
+
+/// A dependency on an earlier step, optionally naming that step's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    /// The step depended on.
+    pub step: u32,
+    /// `{name}` bound to that step's output, from `Step N (output_variable: name)`.
+    pub output_variable: Option<VarName>,
+}
+
+/// A tool call with its checked parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Tool {
+    /// Read a text file. Output: the text (the selected lines when `offset`/`limit` are set).
+    Read {
+        /// File to read; relative paths resolve inside the run's base directory.
+        file_path: Template,
+        /// First line to return, 1-based.
+        offset: Option<u64>,
+        /// Number of lines to return.
+        limit: Option<u64>,
+    },
+    /// Write a text file inside the run's base directory. Output: the text written.
+    Write {
+        /// File to write (inside the base directory).
+        file_path: Template,
+        /// Text to write.
+        content: Template,
+    },
+    /// Run a shell command (`/bin/sh -c`) in the base directory. Output: its stdout.
+    /// `{variables}` are substituted shell-quoted.
+    Bash {
+        /// The command line.
+        command: Template,
+    },
+    /// Generate text with the device's in-process GGUF model. Output: the generated text.
+    Llm(LlmCall),
+}
+
+impl Tool {
+    /// The tool's name as written in trace sources.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Tool::Read { .. } => "Read",
+            Tool::Write { .. } => "Write",
+            Tool::Bash { .. } => "Bash",
+            Tool::Llm(_) => "LLM",
+        }
+    }
+
+    /// Every template the tool uses, for variable checks.
+    pub fn templates(&self) -> Vec<&Template> {
+        match self {
+            Tool::Read { file_path, .. } => vec![file_path],
+            Tool::Write { file_path, content } => vec![file_path, content],
+            Tool::Bash { command } => vec![command],
+            Tool::Llm(c) => {
+                let mut v = vec![&c.prompt];
+                v.extend(c.system.as_ref());
+                v
+            }
+        }
+    }
+}
+
+/// Parameters of an LLM step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmCall {
+    /// The user message.
+    pub prompt: Template,
+    /// The system message, if any.
+    pub system: Option<Template>,
+    /// Model name from the device's manifest; `None` = the device's default model.
+    pub model: Option<String>,
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// Sampling temperature; `0.0` means greedy (deterministic).
+    pub temperature: f32,
+    /// Nucleus sampling threshold (used when `temperature > 0`).
+    pub top_p: f32,
+    /// Seed for sampling (used when `temperature > 0`).
+    pub seed: u32,
+    /// A GBNF grammar (llama.cpp's format) with a `root` rule that constrains the output.
+    pub grammar: Option<String>,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+}
+
+/// Default `max_tokens` of an LLM step.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
+/// A validation, precondition or postcondition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    /// Human description (`check:` / `condition:`).
+    pub description: String,
+    /// What is checked.
+    pub kind: CheckKind,
+}
+
+/// The subject of a check: a file, or the step's output when no `path` is given.
+pub type Subject = Option<Template>;
+
+/// The validation types. Where a variant has a `path` (`Subject`), `None` means "the step's
+/// output" (for preconditions and postconditions a path is required).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CheckKind {
+    /// The path exists and is a regular file.
+    FileExists {
+        /// The file.
+        path: Template,
+    },
+    /// The path exists and is a directory.
+    DirectoryExists {
+        /// The directory.
+        path: Template,
+    },
+    /// The content contains `text`.
+    ContentContains {
+        /// File or output.
+        path: Subject,
+        /// Substring that must occur.
+        text: Template,
+    },
+    /// The content does not contain `text`.
+    ContentNotContains {
+        /// File or output.
+        path: Subject,
+        /// Substring that must not occur.
+        text: Template,
+    },
+    /// The content has a non-whitespace character.
+    ContentNotEmpty {
+        /// File or output.
+        path: Subject,
+    },
+    /// The content matches a regular expression (Rust `regex` syntax, multi-line mode).
+    RegexMatch {
+        /// File or output.
+        path: Subject,
+        /// The pattern (checked at compile time).
+        pattern: String,
+    },
+    /// The Bash step exited with this code.
+    CommandExitCode {
+        /// Expected exit code.
+        expected: i32,
+    },
+    /// The file has at least `bytes` bytes (or the output that many bytes).
+    FileSizeMinimum {
+        /// File or output.
+        path: Subject,
+        /// Minimum size in bytes.
+        bytes: u64,
+    },
+    /// The content parses as JSON.
+    JsonValid {
+        /// File or output.
+        path: Subject,
+    },
+    /// The content has every heading in `required_sections` (Markdown `#` lines; the text
+    /// after the hashes is compared, trimmed).
+    ContentStructureCheck {
+        /// File or output.
+        path: Subject,
+        /// Headings that must be present.
+        required_sections: Vec<String>,
+    },
+}
+
+impl CheckKind {
+    /// The validation type's name as written in trace sources.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            CheckKind::FileExists { .. } => "file_exists",
+            CheckKind::DirectoryExists { .. } => "directory_exists",
+            CheckKind::ContentContains { .. } => "content_contains",
+            CheckKind::ContentNotContains { .. } => "content_not_contains",
+            CheckKind::ContentNotEmpty { .. } => "content_not_empty",
+            CheckKind::RegexMatch { .. } => "regex_match",
+            CheckKind::CommandExitCode { .. } => "command_exit_code",
+            CheckKind::FileSizeMinimum { .. } => "file_size_minimum",
+            CheckKind::JsonValid { .. } => "json_valid",
+            CheckKind::ContentStructureCheck { .. } => "content_structure_check",
+        }
+    }
+
+    /// Every template the check uses, for variable checks.
+    pub fn templates(&self) -> Vec<&Template> {
+        match self {
+            CheckKind::FileExists { path } | CheckKind::DirectoryExists { path } => vec![path],
+            CheckKind::ContentContains { path, text }
+            | CheckKind::ContentNotContains { path, text } => {
+                path.iter().chain(std::iter::once(text)).collect()
+            }
+            CheckKind::ContentNotEmpty { path }
+            | CheckKind::RegexMatch { path, .. }
+            | CheckKind::FileSizeMinimum { path, .. }
+            | CheckKind::JsonValid { path }
+            | CheckKind::ContentStructureCheck { path, .. } => path.iter().collect(),
+            CheckKind::CommandExitCode { .. } => vec![],
+        }
+    }
+}
+
+/// What a step does when its tool or a validation fails.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OnError {
+    /// Fail the run (the default).
+    Fail,
+    /// Try again up to `retry_count` more times, waiting `delay_secs × 2^(attempt-1)` between
+    /// attempts (exponential backoff); fail the run when every attempt failed.
+    Retry {
+        /// Extra attempts after the first.
+        retry_count: u32,
+        /// Wait before the first retry, in seconds.
+        delay_secs: f64,
+    },
+    /// Record the failure and go on with the next step.
+    Skip,
+}
+
+/// Text with `{variable}` placeholders.
+///
+/// A placeholder is `{name}` where `name` is a [`VarName`]; `{{` and `}}` are literal braces.
+/// Braces around anything else (`awk '{print $1}'`, JSON, `${HOME}`) are literal text, so
+/// shell and JSON snippets need no escaping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template(pub String);
+
+/// One piece of a parsed [`Template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// Literal text (braces already unescaped).
+    Text(std::borrow::Cow<'a, str>),
+    /// A `{name}` placeholder.
+    Var(&'a str),
+}
+
+impl Template {
+    /// The raw text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Splits the template into literal text and placeholders.
+    pub fn pieces(&self) -> Vec<Piece<'_>> {
+        let s = self.0.as_str();
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut lit = String::new();
+        let mut i = 0;
+        let mut lit_start = 0;
+        while i < b.len() {
+            match b[i] {
+                b'{' if b.get(i + 1) == Some(&b'{') => {
+                    lit.push_str(&s[lit_start..i]);
+                    lit.push('{');
+                    i += 2;
+                    lit_start = i;
+                }
+                b'}' if b.get(i + 1) == Some(&b'}') => {
+                    lit.push_str(&s[lit_start..i]);
+                    lit.push('}');
+                    i += 2;
+                    lit_start = i;
+                }
+                b'{' if i == 0 || b[i - 1] != b'$' => {
+                    if let Some(end) = s[i + 1..].find('}') {
+                        let name = &s[i + 1..i + 1 + end];
+                        if VarName::is_valid(name) {
+                            lit.push_str(&s[lit_start..i]);
+                            if !lit.is_empty() {
+                                out.push(Piece::Text(std::mem::take(&mut lit).into()));
+                            }
+                            out.push(Piece::Var(name));
+                            i += end + 2;
+                            lit_start = i;
+                            continue;
+                        }
+                    }
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+        }
+        lit.push_str(&s[lit_start..]);
+        if !lit.is_empty() {
+            out.push(Piece::Text(lit.into()));
+        }
+        out
+    }
+
+    /// The placeholder names in order of appearance (with repeats).
+    pub fn variables(&self) -> Vec<&str> {
+        self.pieces()
+            .into_iter()
+            .filter_map(|p| match p {
+                Piece::Var(v) => Some(v),
+                Piece::Text(_) => None,
+            })
+            .collect()
+    }
+
+    /// Substitutes every placeholder with `lookup(name)` passed through `quote`.
+    ///
+    /// # Errors
+    /// The first name `lookup` does not know (compiled traces have none, but inputs come from
+    /// the command line).
+    pub fn render<'v>(
+        &self,
+        lookup: impl Fn(&str) -> Option<&'v str>,
+        quote: impl Fn(&str) -> String,
+    ) -> Result<String, String> {
+        let mut out = String::with_capacity(self.0.len());
+        for p in self.pieces() {
+            match p {
+                Piece::Text(t) => out.push_str(&t),
+                Piece::Var(v) => out.push_str(&quote(lookup(v).ok_or_else(|| v.to_owned())?)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Quotes `s` for a POSIX shell: one single-quoted word that the shell passes through verbatim.
+pub fn shell_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Built-in variables every trace may use: `{run_id}`, `{trace_id}`, `{base_dir}`,
+/// `{current_timestamp}` (RFC 3339, UTC, at the start of the run).
+pub const BUILTIN_VARIABLES: &[&str] = &["run_id", "trace_id", "base_dir", "current_timestamp"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Template {
+        Template(s.to_owned())
+    }
+
+    #[test]
+    fn placeholders_and_literal_braces() {
+        assert_eq!(t("wc -l {log_path}").variables(), vec!["log_path"]);
+        assert!(t("awk '{print $3}' x").variables().is_empty());
+        assert!(t(r#"{"a": 1}"#).variables().is_empty());
+        assert!(t("echo ${HOME}").variables().is_empty());
+        assert!(t("{{not_a_var}}").variables().is_empty());
+        let lookup = |v: &str| (v == "x").then_some("1");
+        assert_eq!(
+            t("{{x}} {x}").render(lookup, str::to_owned).unwrap(),
+            "{x} 1"
+        );
+        assert_eq!(
+            t("a {y}").render(lookup, str::to_owned).unwrap_err(),
+            "y"
+        );
+    }
+
+    #[test]
+    fn shell_quoting_survives_hostile_values() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
+        assert_eq!(
+            t("cat {p}")
+                .render(|_| Some("$(reboot)"), |v| shell_quote(v))
+                .unwrap(),
+            "cat '$(reboot)'"
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! Compiler tests over the example traces and hostile fixtures.
+
+use tracefleet::trace::{CheckKind, OnError, Tool};
+use tracefleet::{compile_source, decode_compiled, encode_compiled};
+
+fn example(name: &str) -> (String, String) {
+    let path = format!("{}/../traces/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    (path, text)
+}
+
+#[test]
+fn dpkg_example_compiles_and_round_trips() {
+    let (path, text) = example("dpkg-log-triage.trace.md");
+    let (trace, warnings) = compile_source(&path, &text).unwrap_or_else(|d| panic!("{d}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(trace.id.as_str(), "dpkg-log-triage");
+    assert_eq!(trace.version.to_string(), "1.0.0");
+    assert_eq!(trace.steps.len(), 5);
+    assert!(matches!(trace.steps[0].tool, Tool::Bash { .. }));
+    assert!(matches!(trace.steps[0].on_error, OnError::Retry { retry_count: 1, .. }));
+    let Tool::Llm(llm) = &trace.steps[3].tool else {
+        panic!("step 4 should be the LLM step")
+    };
+    assert!(llm.grammar.as_deref().unwrap_or("").contains("root"));
+    assert_eq!(llm.max_tokens, 160);
+    assert!(matches!(
+        trace.steps[4].validations[1].kind,
+        CheckKind::ContentStructureCheck { .. }
+    ));
+    let bindings = trace.output_bindings();
+    assert_eq!(bindings.get("assessment"), Some(&4));
+    assert_eq!(bindings.get("action_counts"), Some(&1));
+
+    let bytes = encode_compiled(&trace);
+    assert_eq!(&bytes[..4], b"TFC\x01");
+    let back = decode_compiled(&bytes).unwrap();
+    assert_eq!(back, trace);
+}
+
+fn errors_of(src: &str) -> Vec<String> {
+    match compile_source("bad.trace.md", src) {
+        Ok(_) => panic!("expected a compile error"),
+        Err(d) => d.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const HEAD: &str = "---\ntrace_id: t\nversion: \"1.0\"\ngoal_signature: g\n---\n";
+
+#[test]
+fn unknown_tool_is_an_error_at_its_line() {
+    let src = format!("{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Teleport\nparameters: {{}}\n```\n");
+    let e = errors_of(&src);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("bad.trace.md:9:1: error: unknown tool `Teleport`"), "{}", e[0]);
+}
+
+#[test]
+fn unknown_validation_type_and_missing_parameter_are_reported_together() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: x\n```\n**Validation**:\n```yaml\n- check: c\n  type: looks_good\n```\n"
+    );
+    let e = errors_of(&src);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e.iter().any(|m| m.contains("missing required parameter `content`")), "{e:?}");
+    assert!(e.iter().any(|m| m.contains(":15:1: error: unknown validation type `looks_good`")), "{e:?}");
+}
+
+#[test]
+fn unresolved_variable_and_forward_dependency() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: cat {{later}} {{nowhere}}\n```\n**Dependencies**: Step 2 (output_variable: later)\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\n```\n"
+    );
+    let e = errors_of(&src);
+    assert!(e.iter().any(|m| m.contains("depends on step 2: expected a dependency on an earlier step")), "{e:?}");
+    assert!(e.iter().any(|m| m.contains("unresolved variable `{nowhere}`")), "{e:?}");
+}
+
+#[test]
+fn missing_frontmatter_fields_and_empty_trace() {
+    let e = errors_of("---\nconfidence: 3\n---\n# nothing\n");
+    for want in ["missing `trace_id`", "missing `version`", "missing `goal_signature`", "no steps", "`confidence` is 3"] {
+        assert!(e.iter().any(|m| m.contains(want)), "{want}: {e:?}");
+    }
+}
+
+#[test]
+fn yaml_syntax_error_points_into_the_block() {
+    let src = format!("{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters: [unclosed\n```\n");
+    let e = errors_of(&src);
+    assert!(e[0].starts_with("bad.trace.md:1"), "{e:?}");
+    assert!(e[0].contains("invalid tool call of step 1"), "{e:?}");
+}
+
+#[test]
+fn decoder_refuses_garbage_with_reasons() {
+    assert!(decode_compiled(b"").unwrap_err().to_string().contains("magic"));
+    assert!(decode_compiled(b"TFC\x09").unwrap_err().to_string().contains("format version 9"));
+    assert!(decode_compiled(b"TFC\x01\xff\xff").unwrap_err().to_string().contains("malformed"));
+    let big = vec![0u8; tracefleet::compile::MAX_COMPILED_BYTES + 1];
+    assert!(decode_compiled(&big).unwrap_err().to_string().contains("expected at most"));
+}
+
+#[test]
+fn trailing_bytes_are_refused() {
+    let (path, text) = example("dpkg-log-triage.trace.md");
+    let (trace, _) = compile_source(&path, &text).unwrap();
+    let mut bytes = encode_compiled(&trace);
+    bytes.push(0);
+    assert!(decode_compiled(&bytes).unwrap_err().to_string().contains("trailing"));
+}

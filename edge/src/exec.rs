@@ -1,0 +1,527 @@
+//! The trace interpreter: a functional core over a [`Host`].
+//!
+//! [`run`] takes a compiled, verified trace, the run's context and inputs, and a `Host` that
+//! owns every effect (files, processes, the model, the clock). It returns the [`Report`] and
+//! emits an [`Event`] after each step so the caller can journal the run. Nothing here touches
+//! the file system, a process or the model directly, which is what makes runs testable.
+//!
+//! Semantics (this version): preconditions → steps in ascending order → validations after
+//! each attempt → error policy (retry with exponential backoff, skip, fail) → postconditions.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tracefleet::report::{
+    CheckResult, LlmUsage, MAX_REPORTED_OUTPUT, REPORT_VERSION, Report, RunStatus, StepResult,
+    StepStatus, truncate_utf8,
+};
+use tracefleet::trace::{Check, CheckKind, OnError, Step, Template, Tool, shell_quote};
+use tracefleet::Trace;
+
+/// What a file path refers to, as seen by checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// Nothing there.
+    Missing,
+    /// A regular file of this many bytes.
+    File(u64),
+    /// A directory.
+    Directory,
+    /// Something else (socket, device…).
+    Other,
+}
+
+/// Result of a shell command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShellOutput {
+    /// Standard output (lossy UTF-8, capped by the host).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8, capped by the host).
+    pub stderr: String,
+    /// Exit code; `None` when killed by a signal.
+    pub exit_code: Option<i32>,
+}
+
+/// A request to the device's model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// Model name; `None` = the device's default.
+    pub model: Option<String>,
+    /// System message.
+    pub system: Option<String>,
+    /// User message.
+    pub prompt: String,
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus sampling threshold.
+    pub top_p: f32,
+    /// Sampling seed.
+    pub seed: u32,
+    /// GBNF grammar with a `root` rule.
+    pub grammar: Option<String>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Wall-clock limit for the whole request.
+    pub timeout: Duration,
+}
+
+/// A model's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The generated text (stop string excluded).
+    pub text: String,
+    /// Accounting.
+    pub usage: LlmUsage,
+}
+
+/// Every effect the interpreter needs. Paths are as written in the trace (after variable
+/// substitution); the host resolves them against the run's base directory and its policy.
+/// Errors are messages for the report: they say what was expected and what was found.
+pub trait Host {
+    /// Reads a text file; `offset` is the 1-based first line, `limit` the number of lines.
+    fn read_file(&mut self, path: &str, offset: Option<u64>, limit: Option<u64>) -> Result<String, String>;
+    /// Writes a text file inside the base directory (atomically).
+    fn write_file(&mut self, path: &str, content: &str) -> Result<(), String>;
+    /// What is at `path`.
+    fn file_kind(&mut self, path: &str) -> Result<FileKind, String>;
+    /// Runs a shell command in the base directory.
+    fn shell(&mut self, command: &str, timeout: Duration) -> Result<ShellOutput, String>;
+    /// Runs the model.
+    fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String>;
+    /// Waits (retry backoff).
+    fn sleep(&mut self, duration: Duration);
+    /// Monotonic time since an arbitrary origin.
+    fn monotonic(&self) -> Duration;
+    /// Wall-clock time as RFC 3339 UTC text.
+    fn timestamp(&self) -> String;
+}
+
+/// What the run is and where it happens.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    /// The run id.
+    pub run_id: String,
+    /// The device id.
+    pub device_id: String,
+    /// The run's base directory (for `{base_dir}`).
+    pub base_dir: String,
+}
+
+/// Progress of a run, for journaling.
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    /// A step finished (successfully or not).
+    StepFinished(&'a StepResult),
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InputError {
+    /// `--var` named no input of the trace.
+    #[error("unknown input `{name}`: this trace's inputs are [{known}]")]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The trace's inputs.
+        known: String,
+    },
+    /// A required input was not given.
+    #[error("input `{name}` is required (it has no default): pass --var {name}=VALUE")]
+    Missing {
+        /// The input.
+        name: String,
+    },
+}
+
+/// Applies defaults to `given` inputs and checks them against the trace's declared inputs.
+///
+/// # Errors
+/// [`InputError`] for an unknown name or a missing required input.
+pub fn resolve_inputs(trace: &Trace, given: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, InputError> {
+    for name in given.keys() {
+        if !trace.inputs.iter().any(|i| i.name.as_str() == name) {
+            return Err(InputError::Unknown {
+                name: name.clone(),
+                known: trace.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+    }
+    let mut out = BTreeMap::new();
+    for input in &trace.inputs {
+        let v = given
+            .get(input.name.as_str())
+            .or(input.default.as_ref())
+            .ok_or_else(|| InputError::Missing { name: input.name.to_string() })?;
+        out.insert(input.name.to_string(), v.clone());
+    }
+    Ok(out)
+}
+
+struct Vars {
+    values: BTreeMap<String, String>,
+}
+
+impl Vars {
+    fn render(&self, t: &Template, shell: bool) -> Result<String, String> {
+        let lookup = |v: &str| self.values.get(v).map(String::as_str);
+        let r = if shell { t.render(lookup, shell_quote) } else { t.render(lookup, str::to_owned) };
+        r.map_err(|v| format!("variable `{{{v}}}` has no value (its step did not run)"))
+    }
+}
+
+struct Attempt {
+    output: String,
+    exit_code: Option<i32>,
+    llm: Option<LlmUsage>,
+}
+
+/// Executes `trace` with resolved `inputs` (see [`resolve_inputs`]).
+pub fn run(
+    trace: &Trace,
+    cx: &RunContext,
+    inputs: &BTreeMap<String, String>,
+    host: &mut dyn Host,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Report {
+    let started = host.monotonic();
+    let started_at = host.timestamp();
+    let mut vars = Vars { values: inputs.clone() };
+    vars.values.insert("run_id".into(), cx.run_id.clone());
+    vars.values.insert("trace_id".into(), trace.id.to_string());
+    vars.values.insert("base_dir".into(), cx.base_dir.clone());
+    vars.values.insert("current_timestamp".into(), started_at.clone());
+    let bindings = trace.output_bindings();
+
+    let mut report = Report {
+        report_version: REPORT_VERSION,
+        run_id: cx.run_id.clone(),
+        device_id: cx.device_id.clone(),
+        trace_id: trace.id.to_string(),
+        trace_version: trace.version.to_string(),
+        goal_signature: trace.goal_signature.clone(),
+        status: RunStatus::Success,
+        total_steps: u32::try_from(trace.steps.len()).unwrap_or(u32::MAX),
+        completed_steps: 0,
+        failed_step: None,
+        error: None,
+        started_at,
+        finished_at: String::new(),
+        execution_time_secs: 0.0,
+        estimated_cost: trace.estimated_cost,
+        inputs: inputs.clone(),
+        preconditions: Vec::new(),
+        all_preconditions_met: true,
+        step_results: Vec::new(),
+        all_validations_passed: true,
+        postconditions: Vec::new(),
+        all_postconditions_met: true,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+
+    report.preconditions = trace.preconditions.iter().map(|c| check(c, &vars, host, None, None)).collect();
+    report.all_preconditions_met = report.preconditions.iter().all(|c| c.passed);
+    if !report.all_preconditions_met {
+        report.status = RunStatus::Failed;
+        let failed: Vec<&str> = report.preconditions.iter().filter(|c| !c.passed).map(|c| c.check.as_str()).collect();
+        report.error = Some(format!("precondition failed: {}", failed.join("; ")));
+    }
+
+    for step in &trace.steps {
+        if report.status == RunStatus::Failed {
+            report.step_results.push(not_run(step));
+            continue;
+        }
+        let (result, full_output) = run_step(step, &vars, host);
+        if let Some(llm) = &result.llm {
+            report.prompt_tokens += u64::from(llm.prompt_tokens);
+            report.completion_tokens += u64::from(llm.completion_tokens);
+        }
+        if result.validations.iter().any(|v| !v.passed) {
+            report.all_validations_passed = false;
+        }
+        match result.status {
+            StepStatus::Success => report.completed_steps += 1,
+            StepStatus::Failed => {
+                report.status = RunStatus::Failed;
+                report.failed_step = Some(step.number);
+                report.error = Some(format!(
+                    "step {} ({}) failed: {}",
+                    step.number,
+                    step.title,
+                    result.error.clone().unwrap_or_default()
+                ));
+            }
+            StepStatus::Skipped | StepStatus::NotRun => {}
+        }
+        // Bind the full (untruncated) output for later steps.
+        for (name, n) in &bindings {
+            if *n == step.number {
+                vars.values.insert((*name).to_owned(), full_output.clone());
+            }
+        }
+        on_event(Event::StepFinished(&result));
+        report.step_results.push(result);
+    }
+
+    if report.status == RunStatus::Success {
+        report.postconditions = trace.postconditions.iter().map(|c| check(c, &vars, host, None, None)).collect();
+        report.all_postconditions_met = report.postconditions.iter().all(|c| c.passed);
+        if !report.all_postconditions_met {
+            report.status = RunStatus::Failed;
+            let failed: Vec<&str> = report.postconditions.iter().filter(|c| !c.passed).map(|c| c.check.as_str()).collect();
+            report.error = Some(format!("postcondition failed: {}", failed.join("; ")));
+        }
+    } else {
+        report.all_postconditions_met = false;
+    }
+    report.finished_at = host.timestamp();
+    report.execution_time_secs = (host.monotonic() - started).as_secs_f64();
+    report
+}
+
+fn not_run(step: &Step) -> StepResult {
+    StepResult {
+        step: step.number,
+        title: step.title.clone(),
+        tool: step.tool.name().to_owned(),
+        status: StepStatus::NotRun,
+        attempts: 0,
+        output: String::new(),
+        output_truncated: false,
+        exit_code: None,
+        error: None,
+        duration_secs: 0.0,
+        validations: Vec::new(),
+        llm: None,
+    }
+}
+
+/// Runs one step; returns its result (output truncated for the report) and the full output.
+fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, String) {
+    let start = host.monotonic();
+    let (max_attempts, delay) = match step.on_error {
+        OnError::Retry { retry_count, delay_secs } => (retry_count.saturating_add(1), delay_secs),
+        OnError::Fail | OnError::Skip => (1, 0.0),
+    };
+    let timeout = Duration::from_secs(u64::from(step.timeout_secs));
+    let mut result = not_run(step);
+    for attempt in 1..=max_attempts {
+        result.attempts = attempt;
+        let outcome = run_tool(step, vars, host, timeout);
+        let (ok, error) = match outcome {
+            Ok(a) => {
+                result.validations = step
+                    .validations
+                    .iter()
+                    .map(|c| check(c, vars, host, Some(&a.output), a.exit_code))
+                    .collect();
+                let failed: Vec<String> = result
+                    .validations
+                    .iter()
+                    .filter(|v| !v.passed)
+                    .map(|v| format!("{} ({})", v.check, v.detail))
+                    .collect();
+                // A Bash step that exits non-zero fails unless a command_exit_code
+                // validation says which code is expected.
+                let exit_checked = step.validations.iter().any(|c| matches!(c.kind, CheckKind::CommandExitCode { .. }));
+                let exit_failed = !exit_checked && a.exit_code.is_some_and(|c| c != 0);
+                let error = if exit_failed {
+                    Some(format!("command exited with status {}", a.exit_code.unwrap_or_default()))
+                } else if !failed.is_empty() {
+                    Some(format!("validation failed: {}", failed.join("; ")))
+                } else {
+                    None
+                };
+                result.exit_code = a.exit_code;
+                result.llm = a.llm;
+                result.output = a.output;
+                (error.is_none(), error)
+            }
+            Err(e) => {
+                result.validations.clear();
+                result.output.clear();
+                (false, Some(e))
+            }
+        };
+        if ok {
+            result.status = StepStatus::Success;
+            result.error = None;
+            break;
+        }
+        result.status = StepStatus::Failed;
+        result.error = error;
+        if attempt < max_attempts {
+            let backoff = delay * f64::from(2u32.saturating_pow(attempt - 1));
+            host.sleep(Duration::from_secs_f64(backoff.min(3600.0)));
+        }
+    }
+    if result.status == StepStatus::Failed && step.on_error == OnError::Skip {
+        result.status = StepStatus::Skipped;
+    }
+    result.duration_secs = (host.monotonic() - start).as_secs_f64();
+    let full = result.output.clone();
+    result.output_truncated = truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
+    (result, full)
+}
+
+fn run_tool(step: &Step, vars: &Vars, host: &mut dyn Host, timeout: Duration) -> Result<Attempt, String> {
+    match &step.tool {
+        Tool::Read { file_path, offset, limit } => {
+            let path = vars.render(file_path, false)?;
+            let output = host.read_file(&path, *offset, *limit)?;
+            Ok(Attempt { output, exit_code: None, llm: None })
+        }
+        Tool::Write { file_path, content } => {
+            let path = vars.render(file_path, false)?;
+            let content = vars.render(content, false)?;
+            host.write_file(&path, &content)?;
+            Ok(Attempt { output: content, exit_code: None, llm: None })
+        }
+        Tool::Bash { command } => {
+            let command = vars.render(command, true)?;
+            let out = host.shell(&command, timeout)?;
+            if out.exit_code.is_none() {
+                return Err(format!("command was killed by a signal; stderr: {}", out.stderr.trim()));
+            }
+            Ok(Attempt { output: out.stdout, exit_code: out.exit_code, llm: None })
+        }
+        Tool::Llm(call) => {
+            let request = GenerateRequest {
+                model: call.model.clone(),
+                system: call.system.as_ref().map(|s| vars.render(s, false)).transpose()?,
+                prompt: vars.render(&call.prompt, false)?,
+                max_tokens: call.max_tokens,
+                temperature: call.temperature,
+                top_p: call.top_p,
+                seed: call.seed,
+                grammar: call.grammar.clone(),
+                stop: call.stop.clone(),
+                timeout,
+            };
+            let g = host.generate(&request)?;
+            Ok(Attempt { output: g.text, exit_code: None, llm: Some(g.usage) })
+        }
+    }
+}
+
+/// Evaluates one check. `output`/`exit_code` are the step's (absent for pre/postconditions).
+fn check(c: &Check, vars: &Vars, host: &mut dyn Host, output: Option<&str>, exit_code: Option<i32>) -> CheckResult {
+    let (passed, detail) = match evaluate(&c.kind, vars, host, output, exit_code) {
+        Ok(r) => r,
+        Err(e) => (false, e),
+    };
+    CheckResult { check: c.description.clone(), kind: c.kind.type_name().to_owned(), passed, detail }
+}
+
+fn subject(path: &Option<Template>, vars: &Vars, host: &mut dyn Host, output: Option<&str>) -> Result<String, String> {
+    match (path, output) {
+        (Some(p), _) => {
+            let p = vars.render(p, false)?;
+            host.read_file(&p, None, None)
+        }
+        (None, Some(o)) => Ok(o.to_owned()),
+        (None, None) => Err("no `path` given and no step output to check".into()),
+    }
+}
+
+fn evaluate(kind: &CheckKind, vars: &Vars, host: &mut dyn Host, output: Option<&str>, exit_code: Option<i32>) -> Result<(bool, String), String> {
+    Ok(match kind {
+        CheckKind::FileExists { path } => {
+            let p = vars.render(path, false)?;
+            match host.file_kind(&p)? {
+                FileKind::File(n) => (true, format!("{p} is a file of {n} bytes")),
+                other => (false, format!("expected a file at {p}, found {}", describe(other))),
+            }
+        }
+        CheckKind::DirectoryExists { path } => {
+            let p = vars.render(path, false)?;
+            match host.file_kind(&p)? {
+                FileKind::Directory => (true, format!("{p} is a directory")),
+                other => (false, format!("expected a directory at {p}, found {}", describe(other))),
+            }
+        }
+        CheckKind::ContentContains { path, text } => {
+            let s = subject(path, vars, host, output)?;
+            let t = vars.render(text, false)?;
+            let ok = s.contains(&t);
+            (ok, if ok { format!("found {t:?}") } else { format!("expected the content to contain {t:?}; it does not ({} bytes)", s.len()) })
+        }
+        CheckKind::ContentNotContains { path, text } => {
+            let s = subject(path, vars, host, output)?;
+            let t = vars.render(text, false)?;
+            let ok = !s.contains(&t);
+            (ok, if ok { format!("{t:?} absent") } else { format!("expected the content not to contain {t:?}; it does") })
+        }
+        CheckKind::ContentNotEmpty { path } => {
+            let s = subject(path, vars, host, output)?;
+            let ok = !s.trim().is_empty();
+            (ok, if ok { format!("{} bytes", s.len()) } else { "expected non-empty content, found only whitespace or nothing".into() })
+        }
+        CheckKind::RegexMatch { path, pattern } => {
+            let s = subject(path, vars, host, output)?;
+            let re = regex::RegexBuilder::new(pattern)
+                .multi_line(true)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
+            let ok = re.is_match(&s);
+            (ok, if ok { format!("matches /{pattern}/") } else { format!("expected a match for /{pattern}/, found none in {} bytes", s.len()) })
+        }
+        CheckKind::CommandExitCode { expected } => match exit_code {
+            Some(c) if c == *expected => (true, format!("exit code {c}")),
+            Some(c) => (false, format!("expected exit code {expected}, found {c}")),
+            None => (false, format!("expected exit code {expected}, found no exit code")),
+        },
+        CheckKind::FileSizeMinimum { path, bytes } => {
+            let size = match path {
+                Some(p) => {
+                    let p = vars.render(p, false)?;
+                    match host.file_kind(&p)? {
+                        FileKind::File(n) => n,
+                        other => return Ok((false, format!("expected a file at {p}, found {}", describe(other)))),
+                    }
+                }
+                None => output.map_or(0, |o| o.len() as u64),
+            };
+            let ok = size >= *bytes;
+            (ok, if ok { format!("{size} bytes ≥ {bytes}") } else { format!("expected at least {bytes} bytes, found {size}") })
+        }
+        CheckKind::JsonValid { path } => {
+            let s = subject(path, vars, host, output)?;
+            match serde_json::from_str::<serde_json::Value>(s.trim()) {
+                Ok(_) => (true, "valid JSON".into()),
+                Err(e) => (false, format!("expected valid JSON, found an error at line {} column {}: {e}", e.line(), e.column())),
+            }
+        }
+        CheckKind::ContentStructureCheck { path, required_sections } => {
+            let s = subject(path, vars, host, output)?;
+            let headings: Vec<String> = s
+                .lines()
+                .filter_map(|l| l.trim_start().strip_prefix('#'))
+                .map(|h| h.trim_start_matches('#').trim().to_lowercase())
+                .collect();
+            let missing: Vec<&str> = required_sections
+                .iter()
+                .filter(|r| !headings.contains(&r.trim().to_lowercase()))
+                .map(String::as_str)
+                .collect();
+            if missing.is_empty() {
+                (true, format!("all {} sections present", required_sections.len()))
+            } else {
+                (false, format!("expected headings {missing:?}, not found among {} headings", headings.len()))
+            }
+        }
+    })
+}
+
+fn describe(k: FileKind) -> &'static str {
+    match k {
+        FileKind::Missing => "nothing",
+        FileKind::File(_) => "a file",
+        FileKind::Directory => "a directory",
+        FileKind::Other => "a special file",
+    }
+}

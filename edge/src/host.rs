@@ -1,0 +1,349 @@
+//! The real tools behind [`crate::exec::Host`]: files, shell commands and the model.
+//!
+//! Path policy: relative paths resolve inside the run's base directory. Reads may also reach
+//! the device's read-only roots (default `/var/log`, `/etc`, `/usr/share`), because traces
+//! work on the device's real data. Writes must stay inside the base directory: `..`
+//! components and symlinks that lead out are refused. Paths are canonicalised before the check,
+//! so a symlink cannot smuggle a read out of the allowed roots either.
+//!
+//! Shell commands run as `/bin/sh -c` in the base directory, in their own process group, with
+//! a scrubbed environment, stdin from /dev/null, capped output and a timeout (SIGTERM to the
+//! group, then SIGKILL after a grace period). Processes the step leaves behind are killed.
+
+use crate::exec::{FileKind, GenerateRequest, Generation, Host, ShellOutput};
+use crate::infer::Inference;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Largest file a Read step or a check reads (bytes).
+pub const MAX_READ_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest stdout kept from a shell command (bytes); the rest is discarded.
+pub const MAX_STDOUT_BYTES: usize = 4 * 1024 * 1024;
+/// Largest stderr kept from a shell command (bytes).
+pub const MAX_STDERR_BYTES: usize = 64 * 1024;
+/// Time between SIGTERM and SIGKILL when a command times out.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Read-only roots a trace may read outside its base directory, by default.
+pub const DEFAULT_READ_ROOTS: &[&str] = &["/var/log", "/etc", "/usr/share"];
+
+/// The host of one run.
+pub struct LocalHost {
+    base_dir: PathBuf,
+    read_roots: Vec<PathBuf>,
+    inference: Option<Inference>,
+    origin: Instant,
+}
+
+impl LocalHost {
+    /// A host for a run in `base_dir` (created if missing), reading also from `read_roots`
+    /// (those that exist), with the model behind `inference` if the device has one.
+    ///
+    /// # Errors
+    /// When the base directory cannot be created or resolved.
+    pub fn new(base_dir: &Path, read_roots: &[PathBuf], inference: Option<Inference>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(base_dir)?;
+        let base_dir = base_dir.canonicalize()?;
+        let read_roots = read_roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+        Ok(Self { base_dir, read_roots, inference, origin: Instant::now() })
+    }
+
+    /// The canonical base directory.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    fn absolute(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    fn allowed_for_read(&self, canonical: &Path) -> bool {
+        canonical.starts_with(&self.base_dir) || self.read_roots.iter().any(|r| canonical.starts_with(r))
+    }
+
+    fn roots_text(&self) -> String {
+        let mut v = vec![self.base_dir.display().to_string()];
+        v.extend(self.read_roots.iter().map(|r| format!("{} (read-only)", r.display())));
+        v.join(", ")
+    }
+
+    /// Resolves a path for reading: it must exist and canonicalise inside an allowed root.
+    fn resolve_read(&self, path: &str) -> Result<PathBuf, String> {
+        let abs = self.absolute(path);
+        let canonical = abs.canonicalize().map_err(|e| format!("cannot read {path}: {e}"))?;
+        if self.allowed_for_read(&canonical) {
+            Ok(canonical)
+        } else {
+            Err(format!("read of {path} refused: it resolves to {}, outside the allowed roots [{}]", canonical.display(), self.roots_text()))
+        }
+    }
+
+    /// Resolves a path for writing: lexically inside the base directory, no `..`, and its
+    /// existing parent canonicalises inside the base directory; the target is not a symlink.
+    fn resolve_write(&self, path: &str) -> Result<PathBuf, String> {
+        let p = Path::new(path);
+        if p.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!("write to {path} refused: `..` is not allowed in write paths"));
+        }
+        let abs = self.absolute(path);
+        if !abs.starts_with(&self.base_dir) {
+            return Err(format!("write to {path} refused: expected a path inside the base directory {}", self.base_dir.display()));
+        }
+        let parent = abs.parent().ok_or_else(|| format!("write to {path} refused: no parent directory"))?;
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        let parent_c = parent.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
+        if !parent_c.starts_with(&self.base_dir) {
+            return Err(format!("write to {path} refused: its directory resolves to {}, outside the base directory", parent_c.display()));
+        }
+        let name = abs.file_name().ok_or_else(|| format!("write to {path} refused: expected a file name"))?;
+        let target = parent_c.join(name);
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!("write to {path} refused: the target is a symbolic link"));
+        }
+        Ok(target)
+    }
+}
+
+impl Host for LocalHost {
+    fn read_file(&mut self, path: &str, offset: Option<u64>, limit: Option<u64>) -> Result<String, String> {
+        let p = self.resolve_read(path)?;
+        let f = std::fs::File::open(&p).map_err(|e| format!("cannot open {path}: {e}"))?;
+        let meta = f.metadata().map_err(|e| format!("cannot stat {path}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("cannot read {path}: expected a regular file"));
+        }
+        let windowed = offset.is_some() || limit.is_some();
+        if !windowed && meta.len() > MAX_READ_BYTES {
+            return Err(format!("{path} is {} bytes: expected at most {MAX_READ_BYTES} (use offset/limit to read a window)", meta.len()));
+        }
+        let mut bytes = Vec::new();
+        f.take(if windowed { 64 * MAX_READ_BYTES } else { MAX_READ_BYTES })
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {path}: {e}"))?;
+        let text = String::from_utf8_lossy(&bytes);
+        if !windowed {
+            return Ok(text.into_owned());
+        }
+        let skip = usize::try_from(offset.unwrap_or(1).saturating_sub(1)).unwrap_or(usize::MAX);
+        let take = usize::try_from(limit.unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
+        let mut out = String::new();
+        for line in text.split_inclusive('\n').skip(skip).take(take) {
+            if out.len() + line.len() > MAX_READ_BYTES as usize {
+                return Err(format!("the selected lines of {path} exceed {MAX_READ_BYTES} bytes"));
+            }
+            out.push_str(line);
+        }
+        Ok(out)
+    }
+
+    fn write_file(&mut self, path: &str, content: &str) -> Result<(), String> {
+        let target = self.resolve_write(path)?;
+        let dir = target.parent().unwrap_or(&self.base_dir);
+        let mut tmp = tempfile_in(dir).map_err(|e| format!("cannot write {path}: {e}"))?;
+        tmp.1.write_all(content.as_bytes()).and_then(|()| tmp.1.sync_all()).map_err(|e| format!("cannot write {path}: {e}"))?;
+        std::fs::rename(&tmp.0, &target).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp.0);
+            format!("cannot write {path}: {e}")
+        })
+    }
+
+    fn file_kind(&mut self, path: &str) -> Result<FileKind, String> {
+        let abs = self.absolute(path);
+        let Ok(canonical) = abs.canonicalize() else {
+            return Ok(FileKind::Missing);
+        };
+        if !self.allowed_for_read(&canonical) {
+            return Err(format!("check of {path} refused: it resolves to {}, outside the allowed roots [{}]", canonical.display(), self.roots_text()));
+        }
+        let m = std::fs::metadata(&canonical).map_err(|e| format!("cannot stat {path}: {e}"))?;
+        Ok(if m.is_file() {
+            FileKind::File(m.len())
+        } else if m.is_dir() {
+            FileKind::Directory
+        } else {
+            FileKind::Other
+        })
+    }
+
+    fn shell(&mut self, command: &str, timeout: Duration) -> Result<ShellOutput, String> {
+        run_shell(command, &self.base_dir, timeout)
+    }
+
+    fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String> {
+        let inference = self
+            .inference
+            .as_ref()
+            .ok_or_else(|| "this step needs a model but the follower has none configured (--model FILE.gguf or TRACEFLEET_MODEL)".to_owned())?;
+        inference.generate(request).map_err(|e| e.to_string())
+    }
+
+    fn sleep(&mut self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+
+    fn monotonic(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn timestamp(&self) -> String {
+        humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+    }
+}
+
+/// Creates a uniquely named temporary file in `dir` (same file system as the target, so the
+/// final rename is atomic).
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    for i in 0..100u32 {
+        let name = format!(".tracefleet-tmp-{}-{}-{i}", std::process::id(), uuid::Uuid::now_v7().simple());
+        let p = dir.join(name);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(f) => return Ok((p, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("could not create a temporary file"))
+}
+
+fn spawn_reader(mut r: impl Read + Send + 'static, cap: usize) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        let mut truncated = false;
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = cap.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                    truncated |= n > room;
+                }
+            }
+        }
+        (kept, truncated)
+    })
+}
+
+/// Runs `/bin/sh -c command` in `dir` with the containment described in the module docs.
+fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput, String> {
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .env("LC_ALL", "C.UTF-8")
+        .env("TRACEFLEET_BASE_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
+    let pgid = Pid::from_raw(i32::try_from(child.id()).map_err(|_| "process id out of range".to_owned())?);
+    let out = child.stdout.take().map(|o| spawn_reader(o, MAX_STDOUT_BYTES));
+    let err = child.stderr.take().map(|e| spawn_reader(e, MAX_STDERR_BYTES));
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) => {}
+            Err(e) => return Err(format!("cannot wait for the command: {e}")),
+        }
+        let now = Instant::now();
+        if now >= deadline && !timed_out {
+            timed_out = true;
+            let _ = killpg(pgid, Signal::SIGTERM);
+        }
+        if timed_out && now >= deadline + KILL_GRACE {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            break child.wait().map_err(|e| format!("cannot wait for the command: {e}"))?;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Nothing the step started may outlive it (and hold our pipes open).
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let (stdout, stdout_truncated) = out.and_then(|h| h.join().ok()).unwrap_or_default();
+    let (stderr, _) = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    if timed_out {
+        return Err(format!("command timed out after {} s and was killed; stderr: {}", timeout.as_secs(), stderr.trim()));
+    }
+    if stdout_truncated {
+        return Err(format!("command wrote more than {MAX_STDOUT_BYTES} bytes to stdout: expected less (the output cap)"));
+    }
+    Ok(ShellOutput { stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr, exit_code: status.code() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(dir: &Path) -> LocalHost {
+        LocalHost::new(dir, &[PathBuf::from("/etc")], None).unwrap()
+    }
+
+    #[test]
+    fn writes_stay_inside_the_base_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        h.write_file("a/b.txt", "x").unwrap();
+        assert_eq!(std::fs::read_to_string(d.path().join("a/b.txt")).unwrap(), "x");
+        assert!(h.write_file("../escape.txt", "x").unwrap_err().contains("`..`"));
+        assert!(h.write_file("/tmp/escape.txt", "x").unwrap_err().contains("inside the base directory"));
+        std::os::unix::fs::symlink("/tmp", d.path().join("link")).unwrap();
+        assert!(h.write_file("link/escape.txt", "x").unwrap_err().contains("outside the base directory"));
+        std::os::unix::fs::symlink("/tmp/target-file", d.path().join("flink")).unwrap();
+        assert!(h.write_file("flink", "x").unwrap_err().contains("symbolic link"));
+    }
+
+    #[test]
+    fn reads_reach_read_roots_but_not_elsewhere() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        assert!(h.read_file("/etc/hostname", None, None).is_ok() || !Path::new("/etc/hostname").exists());
+        let e = h.read_file("/proc/self/status", None, None).unwrap_err();
+        assert!(e.contains("outside the allowed roots"), "{e}");
+        std::os::unix::fs::symlink("/proc/self/status", d.path().join("sneaky")).unwrap();
+        let e = h.read_file("sneaky", None, None).unwrap_err();
+        assert!(e.contains("outside the allowed roots"), "{e}");
+    }
+
+    #[test]
+    fn read_window_selects_lines() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), "1\n2\n3\n4\n").unwrap();
+        let mut h = host(d.path());
+        assert_eq!(h.read_file("f", Some(2), Some(2)).unwrap(), "2\n3\n");
+    }
+
+    #[test]
+    fn shell_runs_scrubbed_in_base_dir_and_times_out() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        // SAFETY-free way to check the scrub: a variable from our environment must not leak.
+        let out = h.shell("pwd; echo \"[$CARGO_PKG_NAME]\"; exit 3", Duration::from_secs(10)).unwrap();
+        assert_eq!(out.exit_code, Some(3));
+        let canonical = d.path().canonicalize().unwrap();
+        assert!(out.stdout.starts_with(canonical.to_str().unwrap()), "{}", out.stdout);
+        assert!(out.stdout.contains("[]"), "environment not scrubbed: {}", out.stdout);
+        let t = Instant::now();
+        let e = h.shell("sleep 30", Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // A background child holding stdout must not hang the step.
+        let t = Instant::now();
+        let out = h.shell("sleep 30 & echo started", Duration::from_secs(10)).unwrap();
+        assert_eq!(out.stdout, "started\n");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,399 @@
+//! The `follower` binary: command-line front end over the `follower` library.
+//!
+//! Exit codes: 0 success; 1 a run that executed and failed; 2 bad input, refused
+//! verification or a usage error.
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use follower::exec::{self, Event, RunContext};
+use follower::host::{DEFAULT_READ_ROOTS, LocalHost};
+use follower::infer::{InferConfig, Inference};
+use follower::store::Store;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracefleet::report::{Report, RunStatus, StepStatus};
+use tracefleet::signed::{self, PublicKey, SIGNED_MAGIC};
+use tracefleet::{Trace, compile};
+
+/// Verify and execute signed traces on this device, offline.
+#[derive(Parser)]
+#[command(name = "follower", version, about, long_about = None)]
+struct Cli {
+    /// Where the follower keeps its state (trusted keys, runs).
+    /// Default: /var/lib/tracefleet as root, else $XDG_STATE_HOME/tracefleet or ~/.local/state/tracefleet.
+    #[arg(long, global = true, env = "TRACEFLEET_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the keys this device trusts to sign traces.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Show what a trace file holds: signed trace, compiled trace or trace source.
+    Inspect {
+        /// The file.
+        file: PathBuf,
+        /// Print the trace as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify and run a signed trace.
+    Run(RunArgs),
+    /// Inspect recorded runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Trust a trace-signing public key (a `.pub` file from `learner keys generate`).
+    Init {
+        /// The public key file.
+        key: PathBuf,
+    },
+    /// List trusted keys.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// List recent runs, newest first.
+    List {
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Print the report of a run (JSON).
+    Show {
+        /// The run id.
+        run_id: String,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A signed trace file (from `learner sign`). A trace source (`.trace.md`) only with --allow-unsigned.
+    trace: PathBuf,
+    /// Set an input of the trace (repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_var)]
+    vars: Vec<(String, String)>,
+    /// The run's working directory: relative paths resolve here and writes stay inside.
+    /// Default: <state-dir>/runs/<run-id>.
+    #[arg(long, value_name = "DIR")]
+    base_dir: Option<PathBuf>,
+    /// Also write the report (JSON) to this file.
+    #[arg(long, value_name = "REPORT.json")]
+    output: Option<PathBuf>,
+    /// Print the report (JSON) on stdout instead of a summary.
+    #[arg(long)]
+    json: bool,
+    /// The GGUF model for LLM steps.
+    #[arg(long, env = "TRACEFLEET_MODEL", value_name = "FILE.gguf")]
+    model: Option<PathBuf>,
+    /// CPU threads for inference (default: available cores).
+    #[arg(long, env = "TRACEFLEET_THREADS")]
+    threads: Option<u32>,
+    /// This device's id in reports (default: the host name).
+    #[arg(long, env = "TRACEFLEET_DEVICE_ID")]
+    device_id: Option<String>,
+    /// Directories a trace may read outside its base directory (repeatable; default /var/log, /etc, /usr/share).
+    #[arg(long = "read-root", value_name = "DIR")]
+    read_roots: Vec<PathBuf>,
+    /// For trace authors: run a trace source or an unsigned compiled trace without verification.
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, found {s:?}"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// Restores the default SIGPIPE action so that `follower … | head` ends quietly instead of
+/// panicking on a closed stdout (Rust ignores SIGPIPE by default).
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: called first in `main`, before any thread exists; SIG_DFL installs no handler code.
+    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+}
+
+fn main() -> ExitCode {
+    default_sigpipe();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/tracefleet");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("tracefleet");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/state/tracefleet")
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
+    match cli.command {
+        Command::Trust(TrustCommand::Init { key }) => {
+            let text = read_limited(&key, 64 * 1024)?;
+            let text = String::from_utf8(text).map_err(|_| anyhow!("{}: expected a UTF-8 key file", key.display()))?;
+            let pk = PublicKey::from_file(&text).with_context(|| format!("{}", key.display()))?;
+            if pk.role != signed::KeyRole::Traces {
+                bail!("{}: a {} key: expected a trace-signing key (role traces)", key.display(), pk.role);
+            }
+            let store = Store::open(&state_dir)?;
+            store.trust_key(&pk, &now_rfc3339())?;
+            println!("trusted trace-signing key {}", pk.key_id());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trust(TrustCommand::Show) => {
+            let store = Store::open(&state_dir)?;
+            let keys = store.trusted_keys()?;
+            if keys.is_empty() {
+                println!("no trusted keys (run `follower trust init KEY.pub`)");
+            }
+            for k in keys {
+                println!("{}  {}", k.key_id(), k.role);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { file, json } => inspect(&file, json),
+        Command::Run(args) => run(&state_dir, args),
+        Command::Runs(RunsCommand::List { limit }) => {
+            let store = Store::open(&state_dir)?;
+            for r in store.runs(limit)? {
+                println!("{}  {:<8} {} {}  {}", r.run_id, r.status, r.trace_id, r.trace_version, r.started_at);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs(RunsCommand::Show { run_id }) => {
+            let id: tracefleet::ids::RunId = run_id.parse()?;
+            let store = Store::open(&state_dir)?;
+            match store.report_json(id.as_str())? {
+                None => bail!("no run {id} in {}", state_dir.display()),
+                Some(None) => bail!("run {id} has not finished (no report yet)"),
+                Some(Some(json)) => {
+                    let v: serde_json::Value = serde_json::from_str(&json)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
+/// Reads a file refusing more than `limit` bytes (checked before reading).
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: expected a regular file", path.display());
+    }
+    if meta.len() > limit {
+        bail!("{} is {} bytes: expected at most {limit}", path.display(), meta.len());
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Loads the trace to run: verified when signed; sources and compiled traces only for authors.
+fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Trace, String)> {
+    let bytes = read_limited(path, signed::MAX_SIGNED_BYTES as u64)?;
+    let shown = path.display();
+    if bytes.starts_with(SIGNED_MAGIC) {
+        let store = Store::open(state_dir)?;
+        let keys = store.trusted_keys()?;
+        if keys.is_empty() {
+            bail!("refusing {shown}: this device trusts no trace-signing key yet (run `follower trust init KEY.pub`)");
+        }
+        let v = signed::verify(&bytes, &keys, 1, unix_now()).with_context(|| format!("refusing {shown}"))?;
+        let by = v.signed_by.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        return Ok((v.trace, format!("verified, signed by {by}")));
+    }
+    if !allow_unsigned {
+        if bytes.starts_with(compile::COMPILED_MAGIC) {
+            bail!("refusing {shown}: a compiled but unsigned trace; sign it with `learner sign` (trace authors: --allow-unsigned)");
+        }
+        bail!("refusing {shown}: not a signed trace (expected the \"TFS\" magic); trace authors may run sources with --allow-unsigned");
+    }
+    if bytes.starts_with(compile::COMPILED_MAGIC) {
+        return Ok((compile::decode_compiled(&bytes).with_context(|| format!("{shown}"))?, "UNSIGNED compiled trace".into()));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| anyhow!("{shown}: trace source is not UTF-8 (byte {})", e.utf8_error().valid_up_to()))?;
+    let (trace, warnings) = compile::compile_source(&shown.to_string(), &text).map_err(|d| anyhow!("{d}"))?;
+    for w in warnings {
+        eprintln!("{w}");
+    }
+    Ok((trace, "UNSIGNED trace source".into()))
+}
+
+fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
+    let (trace, provenance) = load_trace(state_dir, &args.trace, args.allow_unsigned)?;
+    let given: BTreeMap<String, String> = args.vars.into_iter().collect();
+    let inputs = exec::resolve_inputs(&trace, &given).with_context(|| format!("trace {}", trace.id))?;
+
+    let inference = match trace.llm_steps().next() {
+        None => None,
+        Some(step) => {
+            let model = args.model.ok_or_else(|| {
+                anyhow!("trace {} has an LLM step (step {}) but no model is configured: pass --model FILE.gguf or set TRACEFLEET_MODEL", trace.id, step.number)
+            })?;
+            let mut config = InferConfig::cpu(model);
+            if let Some(t) = args.threads {
+                config.n_threads = t.max(1);
+            }
+            Some(Inference::start(config)?)
+        }
+    };
+
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let base_dir = args.base_dir.unwrap_or_else(|| state_dir.join("runs").join(&run_id));
+    let read_roots: Vec<PathBuf> = if args.read_roots.is_empty() {
+        DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()
+    } else {
+        args.read_roots
+    };
+    let mut host = LocalHost::new(&base_dir, &read_roots, inference).with_context(|| format!("base directory {}", base_dir.display()))?;
+    let device_id = args.device_id.unwrap_or_else(|| {
+        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+    });
+    let cx = RunContext { run_id: run_id.clone(), device_id, base_dir: host.base_dir().display().to_string() };
+
+    let store = Store::open(state_dir)?;
+    store.begin_run(&run_id, trace.id.as_str(), &trace.version.to_string(), &now_rfc3339(), &cx.base_dir)?;
+    let mut journal_error = None;
+    let report = exec::run(&trace, &cx, &inputs, &mut host, &mut |event| match event {
+        Event::StepFinished(result) => {
+            if let Err(e) = store.record_step(&run_id, result) {
+                journal_error.get_or_insert(e);
+            }
+        }
+    });
+    store.finish_run(&report)?;
+    if let Some(e) = journal_error {
+        return Err(e).context("journaling the run");
+    }
+
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(out) = &args.output {
+        write_atomic(out, json.as_bytes()).with_context(|| format!("writing the report to {}", out.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        print_summary(&report, &provenance, args.output.as_deref());
+    }
+    Ok(match report.status {
+        RunStatus::Success => ExitCode::SUCCESS,
+        RunStatus::Failed => ExitCode::from(1),
+    })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn print_summary(r: &Report, provenance: &str, output: Option<&Path>) {
+    let status = match r.status {
+        RunStatus::Success => "SUCCESS",
+        RunStatus::Failed => "FAILED",
+    };
+    println!("trace {} {} ({provenance})", r.trace_id, r.trace_version);
+    println!("run {} on {}: {status}, {}/{} steps in {:.2} s", r.run_id, r.device_id, r.completed_steps, r.total_steps, r.execution_time_secs);
+    for c in r.preconditions.iter().filter(|c| !c.passed) {
+        println!("  precondition failed: {} — {}", c.check, c.detail);
+    }
+    for s in &r.step_results {
+        let st = match s.status {
+            StepStatus::Success => "ok",
+            StepStatus::Failed => "FAILED",
+            StepStatus::Skipped => "skipped",
+            StepStatus::NotRun => "not run",
+        };
+        let mut line = format!("  step {} [{}] {}: {st}", s.step, s.tool, s.title);
+        if s.attempts > 1 {
+            line.push_str(&format!(" after {} attempts", s.attempts));
+        }
+        if let Some(l) = &s.llm {
+            line.push_str(&format!(
+                " — {} prompt + {} generated tokens, {:.0} tok/s prompt, {:.0} tok/s generation ({})",
+                l.prompt_tokens, l.completion_tokens, l.prompt_tokens_per_sec, l.generation_tokens_per_sec, l.model
+            ));
+        }
+        println!("{line}");
+        if let Some(e) = &s.error {
+            println!("      {e}");
+        }
+    }
+    for c in r.postconditions.iter().filter(|c| !c.passed) {
+        println!("  postcondition failed: {} — {}", c.check, c.detail);
+    }
+    if let Some(e) = &r.error {
+        println!("error: {e}");
+    }
+    if let Some(o) = output {
+        println!("report: {}", o.display());
+    }
+}
+
+fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
+    let bytes = read_limited(file, signed::MAX_SIGNED_BYTES as u64)?;
+    let shown = file.display().to_string();
+    let (trace, header) = if bytes.starts_with(SIGNED_MAGIC) {
+        let s = signed::decode_signed(&bytes).with_context(|| shown.clone())?;
+        let t = compile::decode_compiled(&s.compiled).with_context(|| shown.clone())?;
+        (t, Some(s))
+    } else if bytes.starts_with(compile::COMPILED_MAGIC) {
+        (compile::decode_compiled(&bytes).with_context(|| shown.clone())?, None)
+    } else {
+        let text = String::from_utf8(bytes).map_err(|_| anyhow!("{shown}: not a signed trace, a compiled trace or UTF-8 trace source"))?;
+        (compile::compile_source(&shown, &text).map_err(|d| anyhow!("{d}"))?.0, None)
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&trace)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("trace {} {}", trace.id, trace.version);
+    println!("goal: {}", trace.goal_signature);
+    if let Some(s) = header {
+        let fmt = |t: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string();
+        println!("signed: created {}, expires {}, content sha256 {}", fmt(s.header.created_at), fmt(s.header.expires_at), hex::encode(s.header.content_hash));
+        for sig in &s.signatures {
+            println!("  signature by key {}", sig.key_id);
+        }
+        println!("(signatures not verified by inspect; `follower run` verifies)");
+    }
+    for i in &trace.inputs {
+        println!("input {} = {}", i.name, i.default.as_deref().unwrap_or("(required)"));
+    }
+    for s in &trace.steps {
+        println!("step {} [{}] {} ({} validations)", s.number, s.tool.name(), s.title, s.validations.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
