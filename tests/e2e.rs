@@ -1,6 +1,8 @@
 //! End-to-end tests across processes: the real `learner` and `follower` binaries, a real
 //! SQLite store, real shell commands, the real dpkg log and a real GGUF model.
 
+#![allow(clippy::unwrap_used)] // tests state expectations by unwrapping
+
 use tracefleet_e2e::{Workspace, model};
 
 #[test]
@@ -11,7 +13,16 @@ fn signed_example_runs_on_the_real_dpkg_log_with_the_model() {
     ws.trust(&key);
     let model = model();
     let r = ws.follower(&[
-        "run", &signed, "--model", model.to_str().unwrap(), "--threads", "2", "--base-dir", "work", "--output", "report.json",
+        "run",
+        &signed,
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--base-dir",
+        "work",
+        "--output",
+        "report.json",
     ]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(r.stdout.contains("SUCCESS"), "{}", r.stdout);
@@ -28,15 +39,25 @@ fn signed_example_runs_on_the_real_dpkg_log_with_the_model() {
     let steps = report["step_results"].as_array().unwrap();
 
     // Step 1 counted real actions in the real log.
-    assert!(steps[0]["output"].as_str().unwrap().lines().any(|l| l.trim().ends_with(" status")));
+    assert!(
+        steps[0]["output"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .any(|l| l.trim().ends_with(" status"))
+    );
 
     // The LLM step's output matches its grammar: a JSON object with exactly these keys.
     let llm = &steps[3];
     assert_eq!(llm["tool"], "LLM");
-    let answer: serde_json::Value = serde_json::from_str(llm["output"].as_str().unwrap()).expect("grammar forces JSON");
+    let answer: serde_json::Value =
+        serde_json::from_str(llm["output"].as_str().unwrap()).expect("grammar forces JSON");
     let obj = answer.as_object().unwrap();
     assert_eq!(obj.len(), 2, "{answer}");
-    assert!(["low", "medium", "high"].contains(&obj["risk"].as_str().unwrap()), "{answer}");
+    assert!(
+        ["low", "medium", "high"].contains(&obj["risk"].as_str().unwrap()),
+        "{answer}"
+    );
     let summary = obj["summary"].as_str().unwrap();
     assert!(!summary.is_empty() && summary.len() <= 200 * 4, "{answer}");
     let usage = &llm["llm"];
@@ -91,7 +112,11 @@ fn tampered_signed_trace_is_refused_and_nothing_runs() {
         let base = format!("bad-{name}");
         let r = ws.follower(&["run", &copy, "--base-dir", &base]);
         assert_eq!(r.code, Some(2), "{name}: {r:?}");
-        assert!(r.stderr.contains("refusing") && r.stderr.contains(why), "{name}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("refusing") && r.stderr.contains(why),
+            "{name}: {}",
+            r.stderr
+        );
         assert!(!ws.path(&base).exists(), "{name}: the run must not start");
     }
     assert_eq!(ws.run_count(), 1, "only the untampered run is recorded");
@@ -118,7 +143,11 @@ fn no_trusted_key_means_no_run() {
     let signed = ws.sign("fixtures/write-marker.trace.md", &key);
     let r = ws.follower(&["run", &signed, "--base-dir", "w"]);
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(r.stderr.contains("trusts no trace-signing key"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("trusts no trace-signing key"),
+        "{}",
+        r.stderr
+    );
     assert!(!ws.path("w").exists());
 }
 
@@ -140,7 +169,12 @@ fn failing_validation_fails_the_run_with_exit_1() {
     assert_eq!(s1["attempts"], 2, "retry_count 1 means two attempts");
     assert_eq!(s1["output"], "hello\n");
     assert_eq!(s1["validations"][0]["passed"], false);
-    assert!(s1["validations"][0]["detail"].as_str().unwrap().contains("goodbye"));
+    assert!(
+        s1["validations"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("goodbye")
+    );
     assert_eq!(report["step_results"][1]["status"], "not_run");
     assert!(!ws.path("w/never.txt").exists());
 }
@@ -170,7 +204,12 @@ fn compile_errors_exit_2_with_file_and_line() {
     let src = tracefleet_e2e::repo_root().join("traces/fixtures/unknown-tool.trace.md");
     let r = ws.learner(&["compile", src.to_str().unwrap(), "--check"]);
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(r.stderr.contains("unknown-tool.trace.md:11:1: error: unknown tool `Teleport`"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("unknown-tool.trace.md:11:1: error: unknown tool `Teleport`"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -182,7 +221,12 @@ fn a_broken_model_file_is_refused_before_any_step() {
     std::fs::write(ws.path("broken.gguf"), b"<html>not a model</html>").unwrap();
     let r = ws.follower(&["run", &signed, "--model", "broken.gguf", "--base-dir", "w"]);
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(r.stderr.contains("not a GGUF file: expected magic \"GGUF\""), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("not a GGUF file: expected magic \"GGUF\""),
+        "{}",
+        r.stderr
+    );
     assert_eq!(ws.run_count(), 0);
     let r = ws.follower(&["run", &signed, "--base-dir", "w"]);
     assert_eq!(r.code, Some(2), "{r:?}");

@@ -18,9 +18,16 @@ pub fn repo_root() -> PathBuf {
 /// When the binary has not been built.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let p = dir.join(name);
-    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.is_file(),
+        "{} not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -30,9 +37,15 @@ pub fn bin(name: &str) -> PathBuf {
 /// # Panics
 /// When the model is missing.
 pub fn model() -> PathBuf {
-    let p = std::env::var_os("TRACEFLEET_TEST_MODEL")
-        .map_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), PathBuf::from);
-    assert!(p.is_file(), "test model {} missing: run models/fetch.sh", p.display());
+    let p = std::env::var_os("TRACEFLEET_TEST_MODEL").map_or_else(
+        || repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        PathBuf::from,
+    );
+    assert!(
+        p.is_file(),
+        "test model {} missing: run models/fetch.sh",
+        p.display()
+    );
     p
 }
 
@@ -71,7 +84,9 @@ impl Default for Workspace {
 impl Workspace {
     /// A fresh workspace.
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("tempdir") }
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     /// A path inside the workspace.
@@ -117,7 +132,12 @@ impl Workspace {
     /// Compiles `traces/<src>` and signs it with `key`; returns the signed file's name.
     pub fn sign(&self, src: &str, key: &str) -> String {
         let src = repo_root().join("traces").join(src);
-        let stem = src.file_name().and_then(|n| n.to_str()).unwrap_or("t").trim_end_matches(".trace.md").to_owned();
+        let stem = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("t")
+            .trim_end_matches(".trace.md")
+            .to_owned();
         let compiled = format!("{stem}.tfc");
         let signed = format!("{stem}.{}.tfs", key.trim_end_matches(".key"));
         let r = self.learner(&["compile", src.to_str().expect("utf-8"), "-o", &compiled]);

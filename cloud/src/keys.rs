@@ -65,13 +65,27 @@ pub fn generate(role: KeyRole, secret_path: &Path) -> Result<PublicKey, KeyError
 /// # Errors
 /// [`KeyError`] when it cannot be read or is malformed.
 pub fn read_secret(path: &Path) -> Result<SecretKey, KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.to_owned(), source })?;
-    SecretKey::from_file(&text).map_err(|source| KeyError::Format { path: path.to_owned(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    SecretKey::from_file(&text).map_err(|source| KeyError::Format {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
-    let io = |source| KeyError::Io { path: path.to_owned(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    let io = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)
 }
 
@@ -94,6 +108,10 @@ mod tests {
         assert!(!pub_text.contains("secret"));
         let before = std::fs::read(&p).unwrap();
         assert!(generate(KeyRole::Traces, &p).is_err());
-        assert_eq!(std::fs::read(&p).unwrap(), before, "existing key must not be overwritten");
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            before,
+            "existing key must not be overwritten"
+        );
     }
 }

@@ -77,13 +77,20 @@ enum Role {
 #[allow(unsafe_code)]
 fn default_sigpipe() {
     // SAFETY: called first in `main`, before any thread exists; SIG_DFL installs no handler code.
-    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
 }
 
 fn main() -> ExitCode {
     default_sigpipe();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match dispatch(Cli::parse()) {
@@ -97,7 +104,11 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compile { sources, output, check } => compile_all(&sources, output.as_deref(), check),
+        Command::Compile {
+            sources,
+            output,
+            check,
+        } => compile_all(&sources, output.as_deref(), check),
         Command::Keys(KeysCommand::Generate { role, out }) => {
             let role = match role {
                 Role::Root => KeyRole::Root,
@@ -110,16 +121,28 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("public: {}", keys::public_path(&out).display());
             Ok(())
         }
-        Command::Sign { compiled, key, expires, output } => {
+        Command::Sign {
+            compiled,
+            key,
+            expires,
+            output,
+        } => {
             let secret = keys::read_secret(&key)?;
             if secret.role != KeyRole::Traces {
-                bail!("{}: a {} key: expected a trace-signing key (role traces)", key.display(), secret.role);
+                bail!(
+                    "{}: a {} key: expected a trace-signing key (role traces)",
+                    key.display(),
+                    secret.role
+                );
             }
             let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             let signed = signed::sign(&bytes, &secret, now, now.saturating_add(expires.as_secs()))
                 .with_context(|| format!("{}", compiled.display()))?;
-            std::fs::write(&output, signed::encode_signed(&signed)).with_context(|| format!("writing {}", output.display()))?;
+            std::fs::write(&output, signed::encode_signed(&signed))
+                .with_context(|| format!("writing {}", output.display()))?;
             println!(
                 "signed {} {} with key {} → {}",
                 signed.header.trace_id,
@@ -133,9 +156,14 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
     if meta.len() > limit {
-        bail!("{} is {} bytes: expected at most {limit}", path.display(), meta.len());
+        bail!(
+            "{} is {} bytes: expected at most {limit}",
+            path.display(),
+            meta.len()
+        );
     }
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -145,7 +173,8 @@ fn compile_all(sources: &[PathBuf], output: Option<&Path>, check: bool) -> Resul
     for src in sources {
         let shown = src.display().to_string();
         let bytes = read_limited(src, source::MAX_SOURCE_BYTES as u64)?;
-        let text = String::from_utf8(bytes).map_err(|e| anyhow!("{shown}: not UTF-8 (byte {})", e.utf8_error().valid_up_to()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| anyhow!("{shown}: not UTF-8 (byte {})", e.utf8_error().valid_up_to()))?;
         match compile::compile_source(&shown, &text) {
             Err(diags) => {
                 eprintln!("{diags}");
@@ -156,7 +185,12 @@ fn compile_all(sources: &[PathBuf], output: Option<&Path>, check: bool) -> Resul
                     eprintln!("{w}");
                 }
                 if check {
-                    println!("{shown}: ok ({} {}, {} steps)", trace.id, trace.version, trace.steps.len());
+                    println!(
+                        "{shown}: ok ({} {}, {} steps)",
+                        trace.id,
+                        trace.version,
+                        trace.steps.len()
+                    );
                     continue;
                 }
                 let out = match output {
@@ -165,13 +199,24 @@ fn compile_all(sources: &[PathBuf], output: Option<&Path>, check: bool) -> Resul
                     None => src.with_file_name(format!("{}.tfc", trace.id)),
                 };
                 let bytes = compile::encode_compiled(&trace);
-                std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-                println!("{shown} → {} ({} {}, {} steps, {} bytes)", out.display(), trace.id, trace.version, trace.steps.len(), bytes.len());
+                std::fs::write(&out, &bytes)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                println!(
+                    "{shown} → {} ({} {}, {} steps, {} bytes)",
+                    out.display(),
+                    trace.id,
+                    trace.version,
+                    trace.steps.len(),
+                    bytes.len()
+                );
             }
         }
     }
     if failed > 0 {
-        bail!("{failed} of {} trace source(s) did not compile", sources.len());
+        bail!(
+            "{failed} of {} trace source(s) did not compile",
+            sources.len()
+        );
     }
     Ok(())
 }

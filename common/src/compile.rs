@@ -13,8 +13,8 @@ use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::ids::{TraceId, VarName, Version};
 use crate::source::{self, Block, SourceStep, SourceTrace};
 use crate::trace::{
-    BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS,
-    Dependency, Input, LlmCall, Metadata, OnError, Step, Template, Tool, Trace,
+    BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS, Dependency,
+    Input, LlmCall, Metadata, OnError, Step, Template, Tool, Trace,
 };
 use serde::Deserialize;
 use serde_norway::Value;
@@ -46,7 +46,9 @@ pub enum DecodeError {
         found: Vec<u8>,
     },
     /// A format this build does not read.
-    #[error("compiled trace format version {found}: this build reads version {COMPILED_FORMAT_VERSION}")]
+    #[error(
+        "compiled trace format version {found}: this build reads version {COMPILED_FORMAT_VERSION}"
+    )]
     UnsupportedVersion {
         /// The version byte found.
         found: u8,
@@ -220,6 +222,9 @@ struct RawOnError {
     escalation_message: Option<String>,
 }
 
+/// Templates a step uses, with the source line of each (for unresolved-variable errors).
+type TemplateUses = Vec<(usize, Template)>;
+
 /// Parameters of one tool call or check, consumed by name so leftovers can be reported.
 struct Params<'a> {
     map: BTreeMap<String, Value>,
@@ -295,7 +300,10 @@ impl Cx {
                 None
             }
             None => {
-                self.error(fm_block.line, "missing `trace_id` in frontmatter: expected e.g. `trace_id: dpkg-log-triage`");
+                self.error(
+                    fm_block.line,
+                    "missing `trace_id` in frontmatter: expected e.g. `trace_id: dpkg-log-triage`",
+                );
                 None
             }
         };
@@ -308,23 +316,38 @@ impl Cx {
                 }
             },
             Some(None) => {
-                self.error(fm_block.line_of_key("version", 0), "`version` must be a string such as \"1.0.0\"");
+                self.error(
+                    fm_block.line_of_key("version", 0),
+                    "`version` must be a string such as \"1.0.0\"",
+                );
                 None
             }
             None => {
-                self.error(fm_block.line, "missing `version` in frontmatter: expected e.g. `version: \"1.0.0\"`");
+                self.error(
+                    fm_block.line,
+                    "missing `version` in frontmatter: expected e.g. `version: \"1.0.0\"`",
+                );
                 None
             }
         };
         let goal_signature = fm.goal_signature.clone().unwrap_or_default();
         if goal_signature.trim().is_empty() {
-            self.error(fm_block.line, "missing `goal_signature` in frontmatter: expected the normalised goal text");
+            self.error(
+                fm_block.line,
+                "missing `goal_signature` in frontmatter: expected the normalised goal text",
+            );
         }
-        for (key, v) in [("confidence", fm.confidence), ("success_rate", fm.success_rate)] {
-            if let Some(v) = v {
-                if !(0.0..=1.0).contains(&v) {
-                    self.error(fm_block.line_of_key(key, 0), format!("`{key}` is {v}: expected a number from 0 to 1"));
-                }
+        for (key, v) in [
+            ("confidence", fm.confidence),
+            ("success_rate", fm.success_rate),
+        ] {
+            if let Some(v) = v
+                && !(0.0..=1.0).contains(&v)
+            {
+                self.error(
+                    fm_block.line_of_key(key, 0),
+                    format!("`{key}` is {v}: expected a number from 0 to 1"),
+                );
             }
         }
 
@@ -333,38 +356,66 @@ impl Cx {
         for (name, raw) in &fm.inputs {
             let line = fm_block.line_of_key(name, 0);
             let Ok(var) = name.parse::<VarName>() else {
-                self.error(line, format!("input name `{name}`: expected [A-Za-z_][A-Za-z0-9_]*"));
+                self.error(
+                    line,
+                    format!("input name `{name}`: expected [A-Za-z_][A-Za-z0-9_]*"),
+                );
                 continue;
             };
             if BUILTIN_VARIABLES.contains(&name.as_str()) {
                 self.error(line, format!("input `{name}` shadows a built-in variable"));
             }
             let (default, description) = match raw {
-                RawInput::Full { default, description } => (default.as_ref(), description.clone()),
+                RawInput::Full {
+                    default,
+                    description,
+                } => (default.as_ref(), description.clone()),
                 RawInput::Default(v) => (Some(v), String::new()),
             };
             let default = match default.map(scalar_text) {
                 Some(Some(s)) => Some(s),
                 Some(None) => {
-                    self.error(line, format!("input `{name}` default: expected a string, number or boolean"));
+                    self.error(
+                        line,
+                        format!("input `{name}` default: expected a string, number or boolean"),
+                    );
                     None
                 }
                 None => None,
             };
-            inputs.push(Input { name: var, default, description });
+            inputs.push(Input {
+                name: var,
+                default,
+                description,
+            });
         }
 
         // Steps.
         if src.steps.is_empty() {
-            self.error(fm_block.line, "the trace has no steps: expected at least one `### Step N: title` section");
+            self.error(
+                fm_block.line,
+                "the trace has no steps: expected at least one `### Step N: title` section",
+            );
         }
         let mut numbers = HashMap::new();
         let mut prev = 0u32;
         for s in &src.steps {
             if let Some(first) = numbers.insert(s.number, s.line) {
-                self.error(s.line, format!("duplicate step number {}: step {} is already defined at line {first}", s.number, s.number));
+                self.error(
+                    s.line,
+                    format!(
+                        "duplicate step number {}: step {} is already defined at line {first}",
+                        s.number, s.number
+                    ),
+                );
             } else if s.number <= prev {
-                self.error(s.line, format!("step {} follows step {prev}: expected ascending step numbers", s.number));
+                self.error(
+                    s.line,
+                    format!(
+                        "step {} follows step {prev}: expected ascending step numbers",
+                        s.number
+                    ),
+                );
             }
             prev = prev.max(s.number);
         }
@@ -372,7 +423,7 @@ impl Cx {
         // Variables bound to step outputs: name → producing step.
         let mut bound: BTreeMap<String, u32> = BTreeMap::new();
         let mut steps = Vec::new();
-        let mut lowered: Vec<(u32, Option<Step>, Vec<(usize, Template)>)> = Vec::new();
+        let mut lowered: Vec<(u32, Option<Step>, TemplateUses)> = Vec::new();
         for s in &src.steps {
             let (step, uses) = self.lower_step(s, &numbers, &mut bound);
             lowered.push((s.number, step, uses));
@@ -386,10 +437,16 @@ impl Cx {
                         || bound.get(v).is_some_and(|&n| n < *number);
                     if !ok {
                         let why = match bound.get(v) {
-                            Some(n) => format!("it is the output of step {n}, which does not run before step {number}"),
-                            None => "not an input, not a step's output_variable, not a built-in".to_owned(),
+                            Some(n) => format!(
+                                "it is the output of step {n}, which does not run before step {number}"
+                            ),
+                            None => "not an input, not a step's output_variable, not a built-in"
+                                .to_owned(),
                         };
-                        self.error(*line, format!("unresolved variable `{{{v}}}` in step {number}: {why}"));
+                        self.error(
+                            *line,
+                            format!("unresolved variable `{{{v}}}` in step {number}: {why}"),
+                        );
                     }
                 }
             }
@@ -401,19 +458,42 @@ impl Cx {
             for c in checks {
                 for t in c.kind.templates() {
                     for v in t.variables() {
-                        if !(inputs_set.contains(v) || BUILTIN_VARIABLES.contains(&v) || bound.contains_key(v)) {
-                            cx.error(line, format!("unresolved variable `{{{v}}}` in {what} {:?}", c.description));
+                        if !(inputs_set.contains(v)
+                            || BUILTIN_VARIABLES.contains(&v)
+                            || bound.contains_key(v))
+                        {
+                            cx.error(
+                                line,
+                                format!(
+                                    "unresolved variable `{{{v}}}` in {what} {:?}",
+                                    c.description
+                                ),
+                            );
                         }
                     }
                 }
             }
         };
         let preconditions = self.lower_conditions(&fm.preconditions, fm_block, "preconditions");
-        all_vars(self, &preconditions, fm_block.line_of_key("preconditions", 0), "precondition");
+        all_vars(
+            self,
+            &preconditions,
+            fm_block.line_of_key("preconditions", 0),
+            "precondition",
+        );
         let postconditions = self.lower_conditions(&fm.postconditions, fm_block, "postconditions");
-        all_vars(self, &postconditions, fm_block.line_of_key("postconditions", 0), "postcondition");
+        all_vars(
+            self,
+            &postconditions,
+            fm_block.line_of_key("postconditions", 0),
+            "postcondition",
+        );
 
-        let created_at = fm.created_at.as_ref().and_then(scalar_text).unwrap_or_default();
+        let created_at = fm
+            .created_at
+            .as_ref()
+            .and_then(scalar_text)
+            .unwrap_or_default();
         if !complete {
             return None;
         }
@@ -447,8 +527,16 @@ impl Cx {
         let mut out = Vec::new();
         for (i, c) in raw.iter().enumerate() {
             let line = block.line_of_key("validation_type", i).max(base);
-            let description = c.condition.clone().unwrap_or_else(|| c.validation_type.clone());
-            let mut p = Params { map: c.parameters.clone(), block, what: format!("{key} `{}`", c.validation_type), line };
+            let description = c
+                .condition
+                .clone()
+                .unwrap_or_else(|| c.validation_type.clone());
+            let mut p = Params {
+                map: c.parameters.clone(),
+                block,
+                what: format!("{key} `{}`", c.validation_type),
+                line,
+            };
             if let Some(kind) = self.lower_check_kind(&c.validation_type, &mut p, false, line) {
                 self.finish(p);
                 out.push(Check { description, kind });
@@ -462,7 +550,7 @@ impl Cx {
         s: &SourceStep,
         numbers: &HashMap<u32, usize>,
         bound: &mut BTreeMap<String, u32>,
-    ) -> (Option<Step>, Vec<(usize, Template)>) {
+    ) -> (Option<Step>, TemplateUses) {
         let mut ok = true;
         // Dependencies.
         let mut dependencies = Vec::new();
@@ -472,7 +560,13 @@ impl Cx {
                 Ok(deps) => {
                     for (step, var) in deps {
                         if !numbers.contains_key(&step) {
-                            self.error(*line, format!("step {} depends on step {step}, which does not exist", s.number));
+                            self.error(
+                                *line,
+                                format!(
+                                    "step {} depends on step {step}, which does not exist",
+                                    s.number
+                                ),
+                            );
                             ok = false;
                         } else if step >= s.number {
                             self.error(*line, format!("step {} depends on step {step}: expected a dependency on an earlier step (this would be a cycle or a forward reference)", s.number));
@@ -480,10 +574,10 @@ impl Cx {
                         }
                         let output_variable = match var.map(|v| v.parse::<VarName>()) {
                             Some(Ok(v)) => {
-                                if let Some(prev) = bound.insert(v.as_str().to_owned(), step) {
-                                    if prev != step {
-                                        self.error(*line, format!("output variable `{v}` names step {step}, but it already names step {prev}"));
-                                    }
+                                if let Some(prev) = bound.insert(v.as_str().to_owned(), step)
+                                    && prev != step
+                                {
+                                    self.error(*line, format!("output variable `{v}` names step {step}, but it already names step {prev}"));
                                 }
                                 Some(v)
                             }
@@ -493,7 +587,10 @@ impl Cx {
                             }
                             None => None,
                         };
-                        dependencies.push(Dependency { step, output_variable });
+                        dependencies.push(Dependency {
+                            step,
+                            output_variable,
+                        });
                     }
                 }
                 Err(found) => {
@@ -508,21 +605,29 @@ impl Cx {
             self.error(s.line, format!("step {} has no **Tool Call**: block: expected a fenced YAML block with `tool` and `parameters`", s.number));
             return (None, Vec::new());
         };
-        let Some(raw) = self.yaml::<RawToolCall>(tc_block, &format!("tool call of step {}", s.number)) else {
+        let Some(raw) =
+            self.yaml::<RawToolCall>(tc_block, &format!("tool call of step {}", s.number))
+        else {
             return (None, Vec::new());
         };
         for key in raw.unknown.keys() {
-            self.warning(tc_block.line_of_key(key, 0), format!("unknown tool call key `{key}` in step {} is ignored", s.number));
+            self.warning(
+                tc_block.line_of_key(key, 0),
+                format!(
+                    "unknown tool call key `{key}` in step {} is ignored",
+                    s.number
+                ),
+            );
         }
         let mut output_variable = None;
         if let Some(v) = &raw.output_variable {
             match v.parse::<VarName>() {
                 Ok(v) => {
                     output_variable = Some(v.clone());
-                    if let Some(prev) = bound.insert(v.as_str().to_owned(), s.number) {
-                        if prev != s.number {
-                            self.error(tc_block.line_of_key("output_variable", 0), format!("output variable `{v}` names step {}, but it already names step {prev}", s.number));
-                        }
+                    if let Some(prev) = bound.insert(v.as_str().to_owned(), s.number)
+                        && prev != s.number
+                    {
+                        self.error(tc_block.line_of_key("output_variable", 0), format!("output variable `{v}` names step {}, but it already names step {prev}", s.number));
                     }
                 }
                 Err(e) => self.error(tc_block.line_of_key("output_variable", 0), e.to_string()),
@@ -550,14 +655,24 @@ impl Cx {
             if let Some(raw) = self.yaml::<Option<Vec<RawCheck>>>(vb, &what) {
                 for (i, c) in raw.unwrap_or_default().into_iter().enumerate() {
                     let line = vb.line_of_item(i);
-                    let mut p = Params { map: c.parameters, block: vb, what: format!("validation `{}` of step {}", c.kind, s.number), line };
-                    if let Some(t) = tool.as_ref().filter(|t| c.kind == "command_exit_code" && !matches!(t, Tool::Bash { .. })) {
+                    let mut p = Params {
+                        map: c.parameters,
+                        block: vb,
+                        what: format!("validation `{}` of step {}", c.kind, s.number),
+                        line,
+                    };
+                    if let Some(t) = tool.as_ref().filter(|t| {
+                        c.kind == "command_exit_code" && !matches!(t, Tool::Bash { .. })
+                    }) {
                         self.error(line, format!("`command_exit_code` validation on a {} step: expected it only on Bash steps", t.name()));
                     }
                     if let Some(kind) = self.lower_check_kind(&c.kind, &mut p, true, line) {
                         self.finish(p);
                         uses.extend(kind.templates().into_iter().map(|t| (line, t.clone())));
-                        validations.push(Check { description: c.check.unwrap_or_else(|| c.kind.clone()), kind });
+                        validations.push(Check {
+                            description: c.check.unwrap_or_else(|| c.kind.clone()),
+                            kind,
+                        });
                     }
                 }
             } else {
@@ -571,7 +686,9 @@ impl Cx {
             let what = format!("error handling of step {}", s.number);
             if let Some(v) = self.yaml::<Value>(eb, &what) {
                 let inner = match &v {
-                    Value::Mapping(m) if m.contains_key("on_error") => m.get("on_error").cloned().unwrap_or(Value::Null),
+                    Value::Mapping(m) if m.contains_key("on_error") => {
+                        m.get("on_error").cloned().unwrap_or(Value::Null)
+                    }
                     _ => v.clone(),
                 };
                 match serde_norway::from_value::<RawOnError>(inner) {
@@ -601,11 +718,10 @@ impl Cx {
                                 OnError::Fail
                             }
                         };
-                        if let Some(f) = r.fallback_step {
-                            if !numbers.contains_key(&f) {
+                        if let Some(f) = r.fallback_step
+                            && !numbers.contains_key(&f) {
                                 self.error(eb.line_of_key("fallback_step", 0), format!("fallback_step {f} of step {} does not exist", s.number));
                             }
-                        }
                     }
                     Err(e) => self.error(eb.line, format!("invalid {what}: {e}: expected `on_error: {{action, retry_count, delay_seconds}}`")),
                 }
@@ -614,7 +730,10 @@ impl Cx {
 
         let timeout_secs = match raw.timeout_secs {
             Some(0) => {
-                self.error(tc_block.line_of_key("timeout_secs", 0), "`timeout_secs` is 0: expected at least 1");
+                self.error(
+                    tc_block.line_of_key("timeout_secs", 0),
+                    "`timeout_secs` is 0: expected at least 1",
+                );
                 DEFAULT_STEP_TIMEOUT_SECS
             }
             Some(t) => t,
@@ -636,7 +755,13 @@ impl Cx {
         (step, uses)
     }
 
-    fn lower_tool(&mut self, tool_name: &str, p: &mut Params<'_>, number: u32, tool_line: usize) -> Option<Tool> {
+    fn lower_tool(
+        &mut self,
+        tool_name: &str,
+        p: &mut Params<'_>,
+        number: u32,
+        tool_line: usize,
+    ) -> Option<Tool> {
         let p = &mut *p;
         match tool_name {
             "Read" => Some(Tool::Read {
@@ -647,13 +772,18 @@ impl Cx {
             "Write" => {
                 let file_path = self.req_template(p, "file_path");
                 let content = self.req_template(p, "content");
-                Some(Tool::Write { file_path: file_path?, content: content? })
+                Some(Tool::Write {
+                    file_path: file_path?,
+                    content: content?,
+                })
             }
             "Bash" => {
                 let command = self.req_template(p, "command")?;
                 let _ = self.opt_string(p, "description");
                 for v in command.variables() {
-                    let quoted = ["'{", "\"{"].iter().any(|q| command.as_str().contains(&format!("{}{v}}}", q)));
+                    let quoted = ["'{", "\"{"]
+                        .iter()
+                        .any(|q| command.as_str().contains(&format!("{}{v}}}", q)));
                     if quoted {
                         self.warning(p.line_of("command"), format!("`{{{v}}}` is quoted in the command: variables in Bash steps are substituted already shell-quoted, so the quotes become part of the value"));
                     }
@@ -668,35 +798,64 @@ impl Cx {
                 let prompt = self.req_template(p, "prompt")?;
                 let system = self.opt_string(p, "system").map(Template);
                 let model = self.opt_string(p, "model");
-                let max_tokens = self.opt_u64(p, "max_tokens").map_or(DEFAULT_MAX_TOKENS, |v| v.min(u64::from(u32::MAX)) as u32);
+                let max_tokens = self
+                    .opt_u64(p, "max_tokens")
+                    .map_or(DEFAULT_MAX_TOKENS, |v| v.min(u64::from(u32::MAX)) as u32);
                 if max_tokens == 0 {
-                    self.error(p.line_of("max_tokens"), "`max_tokens` is 0: expected at least 1");
+                    self.error(
+                        p.line_of("max_tokens"),
+                        "`max_tokens` is 0: expected at least 1",
+                    );
                 }
                 let temperature = self.opt_f64(p, "temperature").unwrap_or(0.0) as f32;
                 if !(0.0..=2.0).contains(&temperature) {
-                    self.error(p.line_of("temperature"), format!("`temperature` is {temperature}: expected 0 (greedy) to 2"));
+                    self.error(
+                        p.line_of("temperature"),
+                        format!("`temperature` is {temperature}: expected 0 (greedy) to 2"),
+                    );
                 }
                 let top_p = self.opt_f64(p, "top_p").unwrap_or(1.0) as f32;
                 if !(top_p > 0.0 && top_p <= 1.0) {
-                    self.error(p.line_of("top_p"), format!("`top_p` is {top_p}: expected more than 0 and at most 1"));
+                    self.error(
+                        p.line_of("top_p"),
+                        format!("`top_p` is {top_p}: expected more than 0 and at most 1"),
+                    );
                 }
-                let seed = self.opt_u64(p, "seed").unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+                let seed = self
+                    .opt_u64(p, "seed")
+                    .unwrap_or(0)
+                    .min(u64::from(u32::MAX)) as u32;
                 let grammar = self.opt_string(p, "grammar");
-                if let Some(g) = &grammar {
-                    if !g.lines().any(|l| l.trim_start().starts_with("root") && l.contains("::=")) {
-                        self.error(p.line_of("grammar"), "`grammar` has no `root ::= ...` rule: expected a GBNF grammar whose start rule is `root`");
-                    }
+                if let Some(g) = &grammar
+                    && !g
+                        .lines()
+                        .any(|l| l.trim_start().starts_with("root") && l.contains("::="))
+                {
+                    self.error(p.line_of("grammar"), "`grammar` has no `root ::= ...` rule: expected a GBNF grammar whose start rule is `root`");
                 }
                 let stop = match p.map.remove("stop") {
                     None => Vec::new(),
                     Some(Value::String(s)) => vec![s],
                     Some(Value::Sequence(items)) => items.iter().filter_map(scalar_text).collect(),
                     Some(_) => {
-                        self.error(p.line_of("stop"), "`stop`: expected a string or a list of strings");
+                        self.error(
+                            p.line_of("stop"),
+                            "`stop`: expected a string or a list of strings",
+                        );
                         Vec::new()
                     }
                 };
-                Some(Tool::Llm(LlmCall { prompt, system, model, max_tokens, temperature, top_p, seed, grammar, stop }))
+                Some(Tool::Llm(LlmCall {
+                    prompt,
+                    system,
+                    model,
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    seed,
+                    grammar,
+                    stop,
+                }))
             }
             "Grep" | "Glob" | "WebFetch" => {
                 self.error(tool_line, format!("tool `{}` in step {} is not supported by this version yet: expected one of Read, Write, Bash, LLM", tool_name, number));
@@ -709,9 +868,18 @@ impl Cx {
         }
     }
 
-    fn lower_check_kind(&mut self, kind: &str, p: &mut Params<'_>, in_step: bool, line: usize) -> Option<CheckKind> {
+    fn lower_check_kind(
+        &mut self,
+        kind: &str,
+        p: &mut Params<'_>,
+        in_step: bool,
+        line: usize,
+    ) -> Option<CheckKind> {
         let subject = |cx: &mut Cx, p: &mut Params<'_>| -> Option<Option<Template>> {
-            let path = cx.opt_string(p, "path").or_else(|| cx.opt_string(p, "file_path")).map(Template);
+            let path = cx
+                .opt_string(p, "path")
+                .or_else(|| cx.opt_string(p, "file_path"))
+                .map(Template);
             if path.is_none() && !in_step {
                 cx.error(p.line, format!("{}: missing required parameter `path` (a precondition or postcondition has no step output to check)", p.what));
                 return None;
@@ -719,13 +887,23 @@ impl Cx {
             Some(path)
         };
         Some(match kind {
-            "file_exists" => CheckKind::FileExists { path: self.req_path(p)? },
-            "directory_exists" => CheckKind::DirectoryExists { path: self.req_path(p)? },
+            "file_exists" => CheckKind::FileExists {
+                path: self.req_path(p)?,
+            },
+            "directory_exists" => CheckKind::DirectoryExists {
+                path: self.req_path(p)?,
+            },
             "content_contains" | "content_not_contains" => {
                 let path = subject(self, p)?;
-                let text = self.opt_string(p, "text").or_else(|| self.opt_string(p, "pattern")).or_else(|| self.opt_string(p, "value"));
+                let text = self
+                    .opt_string(p, "text")
+                    .or_else(|| self.opt_string(p, "pattern"))
+                    .or_else(|| self.opt_string(p, "value"));
                 let Some(text) = text else {
-                    self.error(p.line, format!("{}: missing required parameter `text`", p.what));
+                    self.error(
+                        p.line,
+                        format!("{}: missing required parameter `text`", p.what),
+                    );
                     return None;
                 };
                 let text = Template(text);
@@ -735,56 +913,95 @@ impl Cx {
                     CheckKind::ContentNotContains { path, text }
                 }
             }
-            "content_not_empty" => CheckKind::ContentNotEmpty { path: subject(self, p)? },
+            "content_not_empty" => CheckKind::ContentNotEmpty {
+                path: subject(self, p)?,
+            },
             "regex_match" => {
                 let path = subject(self, p)?;
                 let pattern = self.req_string(p, "pattern")?;
-                if let Err(e) = regex::RegexBuilder::new(&pattern).multi_line(true).size_limit(1 << 20).build() {
-                    self.error(p.line_of("pattern"), format!("{}: invalid regular expression: {e}", p.what));
+                if let Err(e) = regex::RegexBuilder::new(&pattern)
+                    .multi_line(true)
+                    .size_limit(1 << 20)
+                    .build()
+                {
+                    self.error(
+                        p.line_of("pattern"),
+                        format!("{}: invalid regular expression: {e}", p.what),
+                    );
                     return None;
                 }
                 CheckKind::RegexMatch { path, pattern }
             }
             "command_exit_code" => {
-                let expected = self.opt_u64(p, "expected").or_else(|| self.opt_u64(p, "exit_code")).unwrap_or(0);
-                CheckKind::CommandExitCode { expected: i32::try_from(expected).unwrap_or(i32::MAX) }
+                let expected = self
+                    .opt_u64(p, "expected")
+                    .or_else(|| self.opt_u64(p, "exit_code"))
+                    .unwrap_or(0);
+                CheckKind::CommandExitCode {
+                    expected: i32::try_from(expected).unwrap_or(i32::MAX),
+                }
             }
             "file_size_minimum" => {
                 let path = subject(self, p)?;
-                let Some(bytes) = self.opt_u64(p, "bytes").or_else(|| self.opt_u64(p, "min_bytes")) else {
-                    self.error(p.line, format!("{}: missing required parameter `bytes`", p.what));
+                let Some(bytes) = self
+                    .opt_u64(p, "bytes")
+                    .or_else(|| self.opt_u64(p, "min_bytes"))
+                else {
+                    self.error(
+                        p.line,
+                        format!("{}: missing required parameter `bytes`", p.what),
+                    );
                     return None;
                 };
                 CheckKind::FileSizeMinimum { path, bytes }
             }
-            "json_valid" => CheckKind::JsonValid { path: subject(self, p)? },
+            "json_valid" => CheckKind::JsonValid {
+                path: subject(self, p)?,
+            },
             "content_structure_check" => {
                 let path = subject(self, p)?;
                 let sections = match p.map.remove("required_sections") {
-                    Some(Value::Sequence(items)) => items.iter().filter_map(scalar_text).collect::<Vec<_>>(),
+                    Some(Value::Sequence(items)) => {
+                        items.iter().filter_map(scalar_text).collect::<Vec<_>>()
+                    }
                     _ => {
                         self.error(p.line, format!("{}: missing required parameter `required_sections` (a list of headings)", p.what));
                         return None;
                     }
                 };
-                CheckKind::ContentStructureCheck { path, required_sections: sections }
+                CheckKind::ContentStructureCheck {
+                    path,
+                    required_sections: sections,
+                }
             }
             "json_schema" => {
                 self.error(line, format!("validation type `json_schema` is not supported by this version yet: expected one of {}", CHECK_TYPES.join(", ")));
                 return None;
             }
             other => {
-                self.error(line, format!("unknown validation type `{other}`: expected one of {}", CHECK_TYPES.join(", ")));
+                self.error(
+                    line,
+                    format!(
+                        "unknown validation type `{other}`: expected one of {}",
+                        CHECK_TYPES.join(", ")
+                    ),
+                );
                 return None;
             }
         })
     }
 
     fn req_path(&mut self, p: &mut Params<'_>) -> Option<Template> {
-        match self.opt_string(p, "path").or_else(|| self.opt_string(p, "file_path")) {
+        match self
+            .opt_string(p, "path")
+            .or_else(|| self.opt_string(p, "file_path"))
+        {
             Some(s) => Some(Template(s)),
             None => {
-                self.error(p.line, format!("{}: missing required parameter `path`", p.what));
+                self.error(
+                    p.line,
+                    format!("{}: missing required parameter `path`", p.what),
+                );
                 None
             }
         }
@@ -797,7 +1014,10 @@ impl Cx {
     fn req_string(&mut self, p: &mut Params<'_>, key: &str) -> Option<String> {
         let v = self.opt_string(p, key);
         if v.is_none() && !p.map.contains_key(key) {
-            self.error(p.line, format!("{}: missing required parameter `{key}`", p.what));
+            self.error(
+                p.line,
+                format!("{}: missing required parameter `{key}`", p.what),
+            );
         }
         v
     }
@@ -807,7 +1027,14 @@ impl Cx {
         match scalar_text(&v) {
             Some(s) => Some(s),
             None => {
-                self.error(p.line_of(key), format!("{}: parameter `{key}`: expected text, found {}", p.what, kind_of(&v)));
+                self.error(
+                    p.line_of(key),
+                    format!(
+                        "{}: parameter `{key}`: expected text, found {}",
+                        p.what,
+                        kind_of(&v)
+                    ),
+                );
                 None
             }
         }
@@ -818,7 +1045,14 @@ impl Cx {
         match v.as_u64() {
             Some(n) => Some(n),
             None => {
-                self.error(p.line_of(key), format!("{}: parameter `{key}`: expected a non-negative integer, found {}", p.what, kind_of(&v)));
+                self.error(
+                    p.line_of(key),
+                    format!(
+                        "{}: parameter `{key}`: expected a non-negative integer, found {}",
+                        p.what,
+                        kind_of(&v)
+                    ),
+                );
                 None
             }
         }
@@ -829,7 +1063,14 @@ impl Cx {
         match v.as_f64() {
             Some(n) => Some(n),
             None => {
-                self.error(p.line_of(key), format!("{}: parameter `{key}`: expected a number, found {}", p.what, kind_of(&v)));
+                self.error(
+                    p.line_of(key),
+                    format!(
+                        "{}: parameter `{key}`: expected a number, found {}",
+                        p.what,
+                        kind_of(&v)
+                    ),
+                );
                 None
             }
         }
@@ -838,7 +1079,10 @@ impl Cx {
     /// Reports parameters nobody consumed.
     fn finish(&mut self, p: Params<'_>) {
         for key in p.map.keys() {
-            self.error(p.line_of(key), format!("{}: unknown parameter `{key}`", p.what));
+            self.error(
+                p.line_of(key),
+                format!("{}: unknown parameter `{key}`", p.what),
+            );
         }
     }
 }
@@ -892,8 +1136,10 @@ fn parse_dependencies(text: &str) -> Result<Vec<(u32, Option<String>)>, String> 
     if t.is_empty() || t.eq_ignore_ascii_case("none") || t == "-" {
         return Ok(Vec::new());
     }
-    let re = regex::Regex::new(r"^\s*[Ss]tep\s+(\d+)\s*(?:\(\s*output_variable\s*:\s*([^)\s]+)\s*\))?\s*$")
-        .map_err(|e| e.to_string())?;
+    let re = regex::Regex::new(
+        r"^\s*[Ss]tep\s+(\d+)\s*(?:\(\s*output_variable\s*:\s*([^)\s]+)\s*\))?\s*$",
+    )
+    .map_err(|e| e.to_string())?;
     t.split(',')
         .map(|part| {
             let c = re.captures(part).ok_or_else(|| part.trim().to_owned())?;

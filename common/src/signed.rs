@@ -70,7 +70,9 @@ impl std::str::FromStr for KeyRole {
             "root" => Ok(KeyRole::Root),
             "traces" => Ok(KeyRole::Traces),
             "commands" => Ok(KeyRole::Commands),
-            other => Err(format!("unknown key role {other:?}: expected root, traces or commands")),
+            other => Err(format!(
+                "unknown key role {other:?}: expected root, traces or commands"
+            )),
         }
     }
 }
@@ -90,7 +92,9 @@ impl fmt::Display for KeyRole {
 #[non_exhaustive]
 pub enum KeyFileError {
     /// Not JSON of the expected shape.
-    #[error("malformed key file: {0}: expected a tracefleet key file (JSON with type, role, key_id and the key in hex)")]
+    #[error(
+        "malformed key file: {0}: expected a tracefleet key file (JSON with type, role, key_id and the key in hex)"
+    )]
     Json(#[from] serde_json::Error),
     /// The `type` field names another kind of file.
     #[error("key file has type {found:?}: expected {expected:?}")]
@@ -159,7 +163,10 @@ impl PublicKey {
     /// # Errors
     /// [`KeyFileError::BadKey`] when the bytes are not a valid ed25519 point.
     pub fn from_bytes(role: KeyRole, bytes: &[u8; 32]) -> Result<Self, KeyFileError> {
-        Ok(Self { role, key: VerifyingKey::from_bytes(bytes).map_err(|_| KeyFileError::BadKey)? })
+        Ok(Self {
+            role,
+            key: VerifyingKey::from_bytes(bytes).map_err(|_| KeyFileError::BadKey)?,
+        })
     }
 
     /// The 32 raw bytes.
@@ -186,13 +193,19 @@ impl PublicKey {
     pub fn from_file(text: &str) -> Result<Self, KeyFileError> {
         let j: KeyFileJson = serde_json::from_str(text)?;
         if j.kind != PUBLIC_TYPE {
-            return Err(KeyFileError::WrongType { expected: PUBLIC_TYPE, found: j.kind });
+            return Err(KeyFileError::WrongType {
+                expected: PUBLIC_TYPE,
+                found: j.kind,
+            });
         }
         let key = VerifyingKey::from_bytes(&hex32(j.public_key.as_deref(), "public_key")?)
             .map_err(|_| KeyFileError::BadKey)?;
         let pk = Self { role: j.role, key };
         if pk.key_id().to_string() != j.key_id {
-            return Err(KeyFileError::KeyIdMismatch { stated: j.key_id, actual: pk.key_id() });
+            return Err(KeyFileError::KeyIdMismatch {
+                stated: j.key_id,
+                actual: pk.key_id(),
+            });
         }
         Ok(pk)
     }
@@ -214,12 +227,18 @@ impl fmt::Debug for SecretKey {
 impl SecretKey {
     /// A key from 32 bytes of secret seed (take them from the OS: `getrandom`).
     pub fn from_seed(role: KeyRole, seed: [u8; 32]) -> Self {
-        Self { role, key: SigningKey::from_bytes(&seed) }
+        Self {
+            role,
+            key: SigningKey::from_bytes(&seed),
+        }
     }
 
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
-        PublicKey { role: self.role, key: self.key.verifying_key() }
+        PublicKey {
+            role: self.role,
+            key: self.key.verifying_key(),
+        }
     }
 
     /// The secret key file (JSON text). Write it with 0600 permissions.
@@ -241,12 +260,18 @@ impl SecretKey {
     pub fn from_file(text: &str) -> Result<Self, KeyFileError> {
         let j: KeyFileJson = serde_json::from_str(text)?;
         if j.kind != SECRET_TYPE {
-            return Err(KeyFileError::WrongType { expected: SECRET_TYPE, found: j.kind });
+            return Err(KeyFileError::WrongType {
+                expected: SECRET_TYPE,
+                found: j.kind,
+            });
         }
         let k = Self::from_seed(j.role, hex32(j.secret_key.as_deref(), "secret_key")?);
         let actual = k.public().key_id();
         if actual.to_string() != j.key_id {
-            return Err(KeyFileError::KeyIdMismatch { stated: j.key_id, actual });
+            return Err(KeyFileError::KeyIdMismatch {
+                stated: j.key_id,
+                actual,
+            });
         }
         Ok(k)
     }
@@ -314,7 +339,10 @@ pub fn sign(
     Ok(SignedTrace {
         header,
         compiled: compiled.to_vec(),
-        signatures: vec![SignatureEntry { key_id: key.public().key_id(), signature: sig.to_bytes().to_vec() }],
+        signatures: vec![SignatureEntry {
+            key_id: key.public().key_id(),
+            signature: sig.to_bytes().to_vec(),
+        }],
     })
 }
 
@@ -344,7 +372,9 @@ pub enum VerifyError {
         found: Vec<u8>,
     },
     /// A format this build does not read.
-    #[error("signed trace format version {found}: this build reads version {SIGNED_FORMAT_VERSION}")]
+    #[error(
+        "signed trace format version {found}: this build reads version {SIGNED_FORMAT_VERSION}"
+    )]
     UnsupportedVersion {
         /// The version byte found.
         found: u8,
@@ -362,7 +392,9 @@ pub enum VerifyError {
         found: usize,
     },
     /// The compiled bytes do not hash to the signed content hash.
-    #[error("content hash mismatch: the signed header vouches for sha256 {expected} but the compiled trace hashes to {found} (tampered or corrupted)")]
+    #[error(
+        "content hash mismatch: the signed header vouches for sha256 {expected} but the compiled trace hashes to {found} (tampered or corrupted)"
+    )]
     ContentHash {
         /// Hash in the header.
         expected: String,
@@ -370,7 +402,9 @@ pub enum VerifyError {
         found: String,
     },
     /// Fewer valid signatures from trusted keys than the threshold.
-    #[error("signature check failed: {valid} valid signature(s) from trusted trace-signing keys, expected at least {threshold}; signed by [{signers}], trusted [{trusted}]")]
+    #[error(
+        "signature check failed: {valid} valid signature(s) from trusted trace-signing keys, expected at least {threshold}; signed by [{signers}], trusted [{trusted}]"
+    )]
     Threshold {
         /// Distinct trusted keys whose signature verified.
         valid: usize,
@@ -393,7 +427,9 @@ pub enum VerifyError {
     #[error("signed content is not a valid compiled trace: {0}")]
     Compiled(#[from] DecodeError),
     /// The header names another trace or version than the content.
-    #[error("signed header names {header_id} {header_version} but the content is {content_id} {content_version}")]
+    #[error(
+        "signed header names {header_id} {header_version} but the content is {content_id} {content_version}"
+    )]
     HeaderMismatch {
         /// Id in the header.
         header_id: TraceId,
@@ -412,20 +448,28 @@ pub enum VerifyError {
 /// [`VerifyError`] for size, magic, version, malformed envelope or trailing bytes.
 pub fn decode_signed(bytes: &[u8]) -> Result<SignedTrace, VerifyError> {
     if bytes.len() > MAX_SIGNED_BYTES {
-        return Err(VerifyError::TooLarge { found: bytes.len(), limit: MAX_SIGNED_BYTES });
+        return Err(VerifyError::TooLarge {
+            found: bytes.len(),
+            limit: MAX_SIGNED_BYTES,
+        });
     }
     if bytes.len() < 4 || &bytes[..3] != SIGNED_MAGIC {
-        return Err(VerifyError::BadMagic { found: bytes.iter().take(3).copied().collect() });
+        return Err(VerifyError::BadMagic {
+            found: bytes.iter().take(3).copied().collect(),
+        });
     }
     if bytes[3] != SIGNED_FORMAT_VERSION {
         return Err(VerifyError::UnsupportedVersion { found: bytes[3] });
     }
-    let (s, rest) = postcard::take_from_bytes::<SignedTrace>(&bytes[4..]).map_err(VerifyError::Envelope)?;
+    let (s, rest) =
+        postcard::take_from_bytes::<SignedTrace>(&bytes[4..]).map_err(VerifyError::Envelope)?;
     if !rest.is_empty() {
         return Err(VerifyError::Trailing(rest.len()));
     }
     if s.signatures.len() > MAX_SIGNATURES {
-        return Err(VerifyError::TooManySignatures { found: s.signatures.len() });
+        return Err(VerifyError::TooManySignatures {
+            found: s.signatures.len(),
+        });
     }
     Ok(s)
 }
@@ -449,7 +493,12 @@ pub struct Verified {
 ///
 /// # Errors
 /// The first failed check as a [`VerifyError`].
-pub fn verify(bytes: &[u8], trusted: &[PublicKey], threshold: usize, now: u64) -> Result<Verified, VerifyError> {
+pub fn verify(
+    bytes: &[u8],
+    trusted: &[PublicKey],
+    threshold: usize,
+    now: u64,
+) -> Result<Verified, VerifyError> {
     let s = decode_signed(bytes)?;
     let hash: [u8; 32] = Sha256::digest(&s.compiled).into();
     if hash != s.header.content_hash {
@@ -462,11 +511,17 @@ pub fn verify(bytes: &[u8], trusted: &[PublicKey], threshold: usize, now: u64) -
     let mut signed_by: Vec<KeyId> = Vec::new();
     let mut signers = Vec::new();
     for entry in &s.signatures {
-        let key = trusted.iter().find(|k| k.role == KeyRole::Traces && k.key_id() == entry.key_id);
+        let key = trusted
+            .iter()
+            .find(|k| k.role == KeyRole::Traces && k.key_id() == entry.key_id);
         let valid = key.is_some_and(|k| {
             <[u8; 64]>::try_from(entry.signature.as_slice())
                 .ok()
-                .is_some_and(|b| k.key.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&b)).is_ok())
+                .is_some_and(|b| {
+                    k.key
+                        .verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&b))
+                        .is_ok()
+                })
         });
         let mark = match (key.is_some(), valid) {
             (false, _) => " (untrusted)",
@@ -480,7 +535,11 @@ pub fn verify(bytes: &[u8], trusted: &[PublicKey], threshold: usize, now: u64) -
     }
     let threshold = threshold.max(1);
     if signed_by.len() < threshold {
-        let trusted_ids: Vec<String> = trusted.iter().filter(|k| k.role == KeyRole::Traces).map(|k| k.key_id().to_string()).collect();
+        let trusted_ids: Vec<String> = trusted
+            .iter()
+            .filter(|k| k.role == KeyRole::Traces)
+            .map(|k| k.key_id().to_string())
+            .collect();
         return Err(VerifyError::Threshold {
             valid: signed_by.len(),
             threshold,
@@ -489,7 +548,10 @@ pub fn verify(bytes: &[u8], trusted: &[PublicKey], threshold: usize, now: u64) -
         });
     }
     if now >= s.header.expires_at {
-        return Err(VerifyError::Expired { expires_at: s.header.expires_at, now });
+        return Err(VerifyError::Expired {
+            expires_at: s.header.expires_at,
+            now,
+        });
     }
     let trace = compile::decode_compiled(&s.compiled)?;
     if trace.id != s.header.trace_id || trace.version != s.header.version {
@@ -500,5 +562,9 @@ pub fn verify(bytes: &[u8], trusted: &[PublicKey], threshold: usize, now: u64) -
             content_version: trace.version,
         });
     }
-    Ok(Verified { trace, header: s.header, signed_by })
+    Ok(Verified {
+        trace,
+        header: s.header,
+        signed_by,
+    })
 }

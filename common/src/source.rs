@@ -68,7 +68,9 @@ impl Block {
         self.text
             .lines()
             .enumerate()
-            .filter(|(_, l)| l.len() - l.trim_start().len() == indent && l.trim_start().starts_with('-'))
+            .filter(|(_, l)| {
+                l.len() - l.trim_start().len() == indent && l.trim_start().starts_with('-')
+            })
             .nth(n)
             .map_or(self.line, |(i, _)| self.line + i)
     }
@@ -118,7 +120,11 @@ enum Field {
 
 impl Field {
     fn from_label(label: &str) -> Option<Self> {
-        let l = label.trim().trim_end_matches(':').trim().to_ascii_lowercase();
+        let l = label
+            .trim()
+            .trim_end_matches(':')
+            .trim()
+            .to_ascii_lowercase();
         match l.as_str() {
             "tool call" => Some(Field::ToolCall),
             "validation" | "validations" => Some(Field::Validation),
@@ -207,13 +213,24 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
             }
             Event::End(pulldown_cmark::TagEnd::MetadataBlock(_)) => {
                 if let Some((start, t)) = meta.take() {
-                    let line = start.map_or_else(|| index.line_col(range.start).0 + 1, |s| index.line_col(s).0);
+                    let line = start.map_or_else(
+                        || index.line_col(range.start).0 + 1,
+                        |s| index.line_col(s).0,
+                    );
                     out.frontmatter = Some(Block { text: t, line });
                 }
             }
             Event::Start(Tag::Heading { level, .. }) => {
                 if let Some((field, line)) = pending.take() {
-                    err(&mut out, line, 1, format!("expected a fenced YAML block after {}, found a heading", field.label()));
+                    err(
+                        &mut out,
+                        line,
+                        1,
+                        format!(
+                            "expected a fenced YAML block after {}, found a heading",
+                            field.label()
+                        ),
+                    );
                 }
                 heading = Some((level, range, String::new()));
             }
@@ -225,16 +242,25 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
             }
             Event::Start(Tag::Paragraph) => {
                 if let Some((field, line)) = pending.take() {
-                    err(&mut out, line, 1, format!("expected a fenced YAML block after {}, found a paragraph", field.label()));
+                    err(
+                        &mut out,
+                        line,
+                        1,
+                        format!(
+                            "expected a fenced YAML block after {}, found a paragraph",
+                            field.label()
+                        ),
+                    );
                 }
                 para = Some((range.start, None, false, String::new()));
             }
             Event::Start(Tag::Strong) => {
-                if let Some(p) = para.as_mut() {
-                    if p.1.is_none() && p.3.trim().is_empty() {
-                        p.1 = Some(String::new());
-                        p.2 = true;
-                    }
+                if let Some(p) = para.as_mut()
+                    && p.1.is_none()
+                    && p.3.trim().is_empty()
+                {
+                    p.1 = Some(String::new());
+                    p.2 = true;
                 }
             }
             Event::End(pulldown_cmark::TagEnd::Strong) => {
@@ -246,41 +272,54 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                 if let Some((start, Some(label), _, rest)) = para.take() {
                     let (line, _) = index.line_col(start);
                     if let Some(field) = Field::from_label(&label) {
-                        on_field(&mut out, field, line, rest.trim_start().trim_start_matches(':').trim(), &mut pending);
+                        on_field(
+                            &mut out,
+                            field,
+                            line,
+                            rest.trim_start().trim_start_matches(':').trim(),
+                            &mut pending,
+                        );
                     }
                 }
             }
             Event::Start(Tag::CodeBlock(kind)) => {
-                code = Some((None, String::new(), matches!(kind, CodeBlockKind::Fenced(_))));
+                code = Some((
+                    None,
+                    String::new(),
+                    matches!(kind, CodeBlockKind::Fenced(_)),
+                ));
             }
             Event::End(pulldown_cmark::TagEnd::CodeBlock) => {
-                if let Some((start, t, _fenced)) = code.take() {
-                    if let Some((field, _)) = pending.take() {
-                        let line = start.map_or_else(|| index.line_col(range.start).0 + 1, |s| index.line_col(s).0);
-                        let block = Block { text: t, line };
-                        let mut duplicate = None;
-                        if let Some(step) = out.steps.last_mut() {
-                            let slot = match field {
-                                Field::ToolCall => Some(&mut step.tool_call),
-                                Field::Validation => Some(&mut step.validation),
-                                Field::ErrorHandling => Some(&mut step.error_handling),
-                                Field::Dependencies => None,
-                            };
-                            if let Some(slot) = slot {
-                                if slot.is_some() {
-                                    duplicate = Some(format!(
-                                        "step {} has a second {} block: expected one",
-                                        step.number,
-                                        field.label()
-                                    ));
-                                } else {
-                                    *slot = Some(block);
-                                }
+                if let Some((start, t, _fenced)) = code.take()
+                    && let Some((field, _)) = pending.take()
+                {
+                    let line = start.map_or_else(
+                        || index.line_col(range.start).0 + 1,
+                        |s| index.line_col(s).0,
+                    );
+                    let block = Block { text: t, line };
+                    let mut duplicate = None;
+                    if let Some(step) = out.steps.last_mut() {
+                        let slot = match field {
+                            Field::ToolCall => Some(&mut step.tool_call),
+                            Field::Validation => Some(&mut step.validation),
+                            Field::ErrorHandling => Some(&mut step.error_handling),
+                            Field::Dependencies => None,
+                        };
+                        if let Some(slot) = slot {
+                            if slot.is_some() {
+                                duplicate = Some(format!(
+                                    "step {} has a second {} block: expected one",
+                                    step.number,
+                                    field.label()
+                                ));
+                            } else {
+                                *slot = Some(block);
                             }
                         }
-                        if let Some(msg) = duplicate {
-                            err(&mut out, line, 1, msg);
-                        }
+                    }
+                    if let Some(msg) = duplicate {
+                        err(&mut out, line, 1, msg);
                     }
                 }
             }
@@ -309,7 +348,15 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
         }
     }
     if let Some((field, line)) = pending.take() {
-        err(&mut out, line, 1, format!("expected a fenced YAML block after {}, found the end of the file", field.label()));
+        err(
+            &mut out,
+            line,
+            1,
+            format!(
+                "expected a fenced YAML block after {}, found the end of the file",
+                field.label()
+            ),
+        );
     }
     out
 }
@@ -350,19 +397,30 @@ fn on_heading(out: &mut SourceTrace, level: HeadingLevel, line: usize, column: u
             file: out.file.clone(),
             line,
             column,
-            message: format!("malformed step heading {text:?}: expected `### Step N: title` with a decimal N"),
+            message: format!(
+                "malformed step heading {text:?}: expected `### Step N: title` with a decimal N"
+            ),
         }),
     }
 }
 
-fn on_field(out: &mut SourceTrace, field: Field, line: usize, rest: &str, pending: &mut Option<(Field, usize)>) {
+fn on_field(
+    out: &mut SourceTrace,
+    field: Field,
+    line: usize,
+    rest: &str,
+    pending: &mut Option<(Field, usize)>,
+) {
     let Some(step) = out.steps.last_mut() else {
         out.diagnostics.push(Diagnostic {
             severity: Severity::Error,
             file: out.file.clone(),
             line,
             column: 1,
-            message: format!("{} outside a step: expected it under a `### Step N: title` heading", field.label()),
+            message: format!(
+                "{} outside a step: expected it under a `### Step N: title` heading",
+                field.label()
+            ),
         });
         return;
     };
@@ -373,7 +431,10 @@ fn on_field(out: &mut SourceTrace, field: Field, line: usize, rest: &str, pendin
                 file: out.file.clone(),
                 line,
                 column: 1,
-                message: format!("step {} has a second **Dependencies**: line: expected one", step.number),
+                message: format!(
+                    "step {} has a second **Dependencies**: line: expected one",
+                    step.number
+                ),
             });
         } else {
             step.dependencies = Some((rest.to_owned(), line));
@@ -384,7 +445,8 @@ fn on_field(out: &mut SourceTrace, field: Field, line: usize, rest: &str, pendin
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)).then(|| &s[prefix.len()..])
+    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &s[prefix.len()..])
 }
 
 #[cfg(test)]
@@ -418,7 +480,11 @@ mod tests {
         let s = parse("x.md", "### Step 1: a\n**Tool Call**:\n\nsome prose\n");
         assert_eq!(s.diagnostics.len(), 1);
         assert_eq!(s.diagnostics[0].line, 2);
-        assert!(s.diagnostics[0].message.contains("expected a fenced YAML block"));
+        assert!(
+            s.diagnostics[0]
+                .message
+                .contains("expected a fenced YAML block")
+        );
     }
 
     #[test]

@@ -484,10 +484,7 @@ mod tests {
             t("{{x}} {x}").render(lookup, str::to_owned).unwrap(),
             "{x} 1"
         );
-        assert_eq!(
-            t("a {y}").render(lookup, str::to_owned).unwrap_err(),
-            "y"
-        );
+        assert_eq!(t("a {y}").render(lookup, str::to_owned).unwrap_err(), "y");
     }
 
     #[test]
@@ -496,7 +493,7 @@ mod tests {
         assert_eq!(shell_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
         assert_eq!(
             t("cat {p}")
-                .render(|_| Some("$(reboot)"), |v| shell_quote(v))
+                .render(|_| Some("$(reboot)"), shell_quote)
                 .unwrap(),
             "cat '$(reboot)'"
         );

@@ -1,5 +1,7 @@
 //! Compiler tests over the example traces and hostile fixtures.
 
+#![allow(clippy::unwrap_used)] // tests state expectations by unwrapping
+
 use tracefleet::trace::{CheckKind, OnError, Tool};
 use tracefleet::{compile_source, decode_compiled, encode_compiled};
 
@@ -18,7 +20,10 @@ fn dpkg_example_compiles_and_round_trips() {
     assert_eq!(trace.version.to_string(), "1.0.0");
     assert_eq!(trace.steps.len(), 5);
     assert!(matches!(trace.steps[0].tool, Tool::Bash { .. }));
-    assert!(matches!(trace.steps[0].on_error, OnError::Retry { retry_count: 1, .. }));
+    assert!(matches!(
+        trace.steps[0].on_error,
+        OnError::Retry { retry_count: 1, .. }
+    ));
     let Tool::Llm(llm) = &trace.steps[3].tool else {
         panic!("step 4 should be the LLM step")
     };
@@ -49,10 +54,16 @@ const HEAD: &str = "---\ntrace_id: t\nversion: \"1.0\"\ngoal_signature: g\n---\n
 
 #[test]
 fn unknown_tool_is_an_error_at_its_line() {
-    let src = format!("{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Teleport\nparameters: {{}}\n```\n");
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Teleport\nparameters: {{}}\n```\n"
+    );
     let e = errors_of(&src);
     assert_eq!(e.len(), 1, "{e:?}");
-    assert!(e[0].starts_with("bad.trace.md:9:1: error: unknown tool `Teleport`"), "{}", e[0]);
+    assert!(
+        e[0].starts_with("bad.trace.md:9:1: error: unknown tool `Teleport`"),
+        "{}",
+        e[0]
+    );
 }
 
 #[test]
@@ -62,8 +73,16 @@ fn unknown_validation_type_and_missing_parameter_are_reported_together() {
     );
     let e = errors_of(&src);
     assert_eq!(e.len(), 2, "{e:?}");
-    assert!(e.iter().any(|m| m.contains("missing required parameter `content`")), "{e:?}");
-    assert!(e.iter().any(|m| m.contains(":15:1: error: unknown validation type `looks_good`")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m.contains("missing required parameter `content`")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains(":15:1: error: unknown validation type `looks_good`")),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -72,21 +91,37 @@ fn unresolved_variable_and_forward_dependency() {
         "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: cat {{later}} {{nowhere}}\n```\n**Dependencies**: Step 2 (output_variable: later)\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\n```\n"
     );
     let e = errors_of(&src);
-    assert!(e.iter().any(|m| m.contains("depends on step 2: expected a dependency on an earlier step")), "{e:?}");
-    assert!(e.iter().any(|m| m.contains("unresolved variable `{nowhere}`")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m.contains("depends on step 2: expected a dependency on an earlier step")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("unresolved variable `{nowhere}`")),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn missing_frontmatter_fields_and_empty_trace() {
     let e = errors_of("---\nconfidence: 3\n---\n# nothing\n");
-    for want in ["missing `trace_id`", "missing `version`", "missing `goal_signature`", "no steps", "`confidence` is 3"] {
+    for want in [
+        "missing `trace_id`",
+        "missing `version`",
+        "missing `goal_signature`",
+        "no steps",
+        "`confidence` is 3",
+    ] {
         assert!(e.iter().any(|m| m.contains(want)), "{want}: {e:?}");
     }
 }
 
 #[test]
 fn yaml_syntax_error_points_into_the_block() {
-    let src = format!("{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters: [unclosed\n```\n");
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters: [unclosed\n```\n"
+    );
     let e = errors_of(&src);
     assert!(e[0].starts_with("bad.trace.md:1"), "{e:?}");
     assert!(e[0].contains("invalid tool call of step 1"), "{e:?}");
@@ -94,11 +129,31 @@ fn yaml_syntax_error_points_into_the_block() {
 
 #[test]
 fn decoder_refuses_garbage_with_reasons() {
-    assert!(decode_compiled(b"").unwrap_err().to_string().contains("magic"));
-    assert!(decode_compiled(b"TFC\x09").unwrap_err().to_string().contains("format version 9"));
-    assert!(decode_compiled(b"TFC\x01\xff\xff").unwrap_err().to_string().contains("malformed"));
+    assert!(
+        decode_compiled(b"")
+            .unwrap_err()
+            .to_string()
+            .contains("magic")
+    );
+    assert!(
+        decode_compiled(b"TFC\x09")
+            .unwrap_err()
+            .to_string()
+            .contains("format version 9")
+    );
+    assert!(
+        decode_compiled(b"TFC\x01\xff\xff")
+            .unwrap_err()
+            .to_string()
+            .contains("malformed")
+    );
     let big = vec![0u8; tracefleet::compile::MAX_COMPILED_BYTES + 1];
-    assert!(decode_compiled(&big).unwrap_err().to_string().contains("expected at most"));
+    assert!(
+        decode_compiled(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("expected at most")
+    );
 }
 
 #[test]
@@ -107,5 +162,10 @@ fn trailing_bytes_are_refused() {
     let (trace, _) = compile_source(&path, &text).unwrap();
     let mut bytes = encode_compiled(&trace);
     bytes.push(0);
-    assert!(decode_compiled(&bytes).unwrap_err().to_string().contains("trailing"));
+    assert!(
+        decode_compiled(&bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing")
+    );
 }

@@ -10,12 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tracefleet::Trace;
 use tracefleet::report::{
     CheckResult, LlmUsage, MAX_REPORTED_OUTPUT, REPORT_VERSION, Report, RunStatus, StepResult,
     StepStatus, truncate_utf8,
 };
 use tracefleet::trace::{Check, CheckKind, OnError, Step, Template, Tool, shell_quote};
-use tracefleet::Trace;
 
 /// What a file path refers to, as seen by checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,12 @@ pub struct Generation {
 /// Errors are messages for the report: they say what was expected and what was found.
 pub trait Host {
     /// Reads a text file; `offset` is the 1-based first line, `limit` the number of lines.
-    fn read_file(&mut self, path: &str, offset: Option<u64>, limit: Option<u64>) -> Result<String, String>;
+    fn read_file(
+        &mut self,
+        path: &str,
+        offset: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<String, String>;
     /// Writes a text file inside the base directory (atomically).
     fn write_file(&mut self, path: &str, content: &str) -> Result<(), String>;
     /// What is at `path`.
@@ -139,12 +144,20 @@ pub enum InputError {
 ///
 /// # Errors
 /// [`InputError`] for an unknown name or a missing required input.
-pub fn resolve_inputs(trace: &Trace, given: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, InputError> {
+pub fn resolve_inputs(
+    trace: &Trace,
+    given: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, InputError> {
     for name in given.keys() {
         if !trace.inputs.iter().any(|i| i.name.as_str() == name) {
             return Err(InputError::Unknown {
                 name: name.clone(),
-                known: trace.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),
+                known: trace
+                    .inputs
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     }
@@ -153,7 +166,9 @@ pub fn resolve_inputs(trace: &Trace, given: &BTreeMap<String, String>) -> Result
         let v = given
             .get(input.name.as_str())
             .or(input.default.as_ref())
-            .ok_or_else(|| InputError::Missing { name: input.name.to_string() })?;
+            .ok_or_else(|| InputError::Missing {
+                name: input.name.to_string(),
+            })?;
         out.insert(input.name.to_string(), v.clone());
     }
     Ok(out)
@@ -166,7 +181,11 @@ struct Vars {
 impl Vars {
     fn render(&self, t: &Template, shell: bool) -> Result<String, String> {
         let lookup = |v: &str| self.values.get(v).map(String::as_str);
-        let r = if shell { t.render(lookup, shell_quote) } else { t.render(lookup, str::to_owned) };
+        let r = if shell {
+            t.render(lookup, shell_quote)
+        } else {
+            t.render(lookup, str::to_owned)
+        };
         r.map_err(|v| format!("variable `{{{v}}}` has no value (its step did not run)"))
     }
 }
@@ -187,11 +206,14 @@ pub fn run(
 ) -> Report {
     let started = host.monotonic();
     let started_at = host.timestamp();
-    let mut vars = Vars { values: inputs.clone() };
+    let mut vars = Vars {
+        values: inputs.clone(),
+    };
     vars.values.insert("run_id".into(), cx.run_id.clone());
     vars.values.insert("trace_id".into(), trace.id.to_string());
     vars.values.insert("base_dir".into(), cx.base_dir.clone());
-    vars.values.insert("current_timestamp".into(), started_at.clone());
+    vars.values
+        .insert("current_timestamp".into(), started_at.clone());
     let bindings = trace.output_bindings();
 
     let mut report = Report {
@@ -221,11 +243,20 @@ pub fn run(
         completion_tokens: 0,
     };
 
-    report.preconditions = trace.preconditions.iter().map(|c| check(c, &vars, host, None, None)).collect();
+    report.preconditions = trace
+        .preconditions
+        .iter()
+        .map(|c| check(c, &vars, host, None, None))
+        .collect();
     report.all_preconditions_met = report.preconditions.iter().all(|c| c.passed);
     if !report.all_preconditions_met {
         report.status = RunStatus::Failed;
-        let failed: Vec<&str> = report.preconditions.iter().filter(|c| !c.passed).map(|c| c.check.as_str()).collect();
+        let failed: Vec<&str> = report
+            .preconditions
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.check.as_str())
+            .collect();
         report.error = Some(format!("precondition failed: {}", failed.join("; ")));
     }
 
@@ -267,11 +298,20 @@ pub fn run(
     }
 
     if report.status == RunStatus::Success {
-        report.postconditions = trace.postconditions.iter().map(|c| check(c, &vars, host, None, None)).collect();
+        report.postconditions = trace
+            .postconditions
+            .iter()
+            .map(|c| check(c, &vars, host, None, None))
+            .collect();
         report.all_postconditions_met = report.postconditions.iter().all(|c| c.passed);
         if !report.all_postconditions_met {
             report.status = RunStatus::Failed;
-            let failed: Vec<&str> = report.postconditions.iter().filter(|c| !c.passed).map(|c| c.check.as_str()).collect();
+            let failed: Vec<&str> = report
+                .postconditions
+                .iter()
+                .filter(|c| !c.passed)
+                .map(|c| c.check.as_str())
+                .collect();
             report.error = Some(format!("postcondition failed: {}", failed.join("; ")));
         }
     } else {
@@ -303,7 +343,10 @@ fn not_run(step: &Step) -> StepResult {
 fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, String) {
     let start = host.monotonic();
     let (max_attempts, delay) = match step.on_error {
-        OnError::Retry { retry_count, delay_secs } => (retry_count.saturating_add(1), delay_secs),
+        OnError::Retry {
+            retry_count,
+            delay_secs,
+        } => (retry_count.saturating_add(1), delay_secs),
         OnError::Fail | OnError::Skip => (1, 0.0),
     };
     let timeout = Duration::from_secs(u64::from(step.timeout_secs));
@@ -326,10 +369,16 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, Strin
                     .collect();
                 // A Bash step that exits non-zero fails unless a command_exit_code
                 // validation says which code is expected.
-                let exit_checked = step.validations.iter().any(|c| matches!(c.kind, CheckKind::CommandExitCode { .. }));
+                let exit_checked = step
+                    .validations
+                    .iter()
+                    .any(|c| matches!(c.kind, CheckKind::CommandExitCode { .. }));
                 let exit_failed = !exit_checked && a.exit_code.is_some_and(|c| c != 0);
                 let error = if exit_failed {
-                    Some(format!("command exited with status {}", a.exit_code.unwrap_or_default()))
+                    Some(format!(
+                        "command exited with status {}",
+                        a.exit_code.unwrap_or_default()
+                    ))
                 } else if !failed.is_empty() {
                     Some(format!("validation failed: {}", failed.join("; ")))
                 } else {
@@ -367,31 +416,59 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, Strin
     (result, full)
 }
 
-fn run_tool(step: &Step, vars: &Vars, host: &mut dyn Host, timeout: Duration) -> Result<Attempt, String> {
+fn run_tool(
+    step: &Step,
+    vars: &Vars,
+    host: &mut dyn Host,
+    timeout: Duration,
+) -> Result<Attempt, String> {
     match &step.tool {
-        Tool::Read { file_path, offset, limit } => {
+        Tool::Read {
+            file_path,
+            offset,
+            limit,
+        } => {
             let path = vars.render(file_path, false)?;
             let output = host.read_file(&path, *offset, *limit)?;
-            Ok(Attempt { output, exit_code: None, llm: None })
+            Ok(Attempt {
+                output,
+                exit_code: None,
+                llm: None,
+            })
         }
         Tool::Write { file_path, content } => {
             let path = vars.render(file_path, false)?;
             let content = vars.render(content, false)?;
             host.write_file(&path, &content)?;
-            Ok(Attempt { output: content, exit_code: None, llm: None })
+            Ok(Attempt {
+                output: content,
+                exit_code: None,
+                llm: None,
+            })
         }
         Tool::Bash { command } => {
             let command = vars.render(command, true)?;
             let out = host.shell(&command, timeout)?;
             if out.exit_code.is_none() {
-                return Err(format!("command was killed by a signal; stderr: {}", out.stderr.trim()));
+                return Err(format!(
+                    "command was killed by a signal; stderr: {}",
+                    out.stderr.trim()
+                ));
             }
-            Ok(Attempt { output: out.stdout, exit_code: out.exit_code, llm: None })
+            Ok(Attempt {
+                output: out.stdout,
+                exit_code: out.exit_code,
+                llm: None,
+            })
         }
         Tool::Llm(call) => {
             let request = GenerateRequest {
                 model: call.model.clone(),
-                system: call.system.as_ref().map(|s| vars.render(s, false)).transpose()?,
+                system: call
+                    .system
+                    .as_ref()
+                    .map(|s| vars.render(s, false))
+                    .transpose()?,
                 prompt: vars.render(&call.prompt, false)?,
                 max_tokens: call.max_tokens,
                 temperature: call.temperature,
@@ -402,21 +479,41 @@ fn run_tool(step: &Step, vars: &Vars, host: &mut dyn Host, timeout: Duration) ->
                 timeout,
             };
             let g = host.generate(&request)?;
-            Ok(Attempt { output: g.text, exit_code: None, llm: Some(g.usage) })
+            Ok(Attempt {
+                output: g.text,
+                exit_code: None,
+                llm: Some(g.usage),
+            })
         }
     }
 }
 
 /// Evaluates one check. `output`/`exit_code` are the step's (absent for pre/postconditions).
-fn check(c: &Check, vars: &Vars, host: &mut dyn Host, output: Option<&str>, exit_code: Option<i32>) -> CheckResult {
+fn check(
+    c: &Check,
+    vars: &Vars,
+    host: &mut dyn Host,
+    output: Option<&str>,
+    exit_code: Option<i32>,
+) -> CheckResult {
     let (passed, detail) = match evaluate(&c.kind, vars, host, output, exit_code) {
         Ok(r) => r,
         Err(e) => (false, e),
     };
-    CheckResult { check: c.description.clone(), kind: c.kind.type_name().to_owned(), passed, detail }
+    CheckResult {
+        check: c.description.clone(),
+        kind: c.kind.type_name().to_owned(),
+        passed,
+        detail,
+    }
 }
 
-fn subject(path: &Option<Template>, vars: &Vars, host: &mut dyn Host, output: Option<&str>) -> Result<String, String> {
+fn subject(
+    path: &Option<Template>,
+    vars: &Vars,
+    host: &mut dyn Host,
+    output: Option<&str>,
+) -> Result<String, String> {
     match (path, output) {
         (Some(p), _) => {
             let p = vars.render(p, false)?;
@@ -427,38 +524,74 @@ fn subject(path: &Option<Template>, vars: &Vars, host: &mut dyn Host, output: Op
     }
 }
 
-fn evaluate(kind: &CheckKind, vars: &Vars, host: &mut dyn Host, output: Option<&str>, exit_code: Option<i32>) -> Result<(bool, String), String> {
+fn evaluate(
+    kind: &CheckKind,
+    vars: &Vars,
+    host: &mut dyn Host,
+    output: Option<&str>,
+    exit_code: Option<i32>,
+) -> Result<(bool, String), String> {
     Ok(match kind {
         CheckKind::FileExists { path } => {
             let p = vars.render(path, false)?;
             match host.file_kind(&p)? {
                 FileKind::File(n) => (true, format!("{p} is a file of {n} bytes")),
-                other => (false, format!("expected a file at {p}, found {}", describe(other))),
+                other => (
+                    false,
+                    format!("expected a file at {p}, found {}", describe(other)),
+                ),
             }
         }
         CheckKind::DirectoryExists { path } => {
             let p = vars.render(path, false)?;
             match host.file_kind(&p)? {
                 FileKind::Directory => (true, format!("{p} is a directory")),
-                other => (false, format!("expected a directory at {p}, found {}", describe(other))),
+                other => (
+                    false,
+                    format!("expected a directory at {p}, found {}", describe(other)),
+                ),
             }
         }
         CheckKind::ContentContains { path, text } => {
             let s = subject(path, vars, host, output)?;
             let t = vars.render(text, false)?;
             let ok = s.contains(&t);
-            (ok, if ok { format!("found {t:?}") } else { format!("expected the content to contain {t:?}; it does not ({} bytes)", s.len()) })
+            (
+                ok,
+                if ok {
+                    format!("found {t:?}")
+                } else {
+                    format!(
+                        "expected the content to contain {t:?}; it does not ({} bytes)",
+                        s.len()
+                    )
+                },
+            )
         }
         CheckKind::ContentNotContains { path, text } => {
             let s = subject(path, vars, host, output)?;
             let t = vars.render(text, false)?;
             let ok = !s.contains(&t);
-            (ok, if ok { format!("{t:?} absent") } else { format!("expected the content not to contain {t:?}; it does") })
+            (
+                ok,
+                if ok {
+                    format!("{t:?} absent")
+                } else {
+                    format!("expected the content not to contain {t:?}; it does")
+                },
+            )
         }
         CheckKind::ContentNotEmpty { path } => {
             let s = subject(path, vars, host, output)?;
             let ok = !s.trim().is_empty();
-            (ok, if ok { format!("{} bytes", s.len()) } else { "expected non-empty content, found only whitespace or nothing".into() })
+            (
+                ok,
+                if ok {
+                    format!("{} bytes", s.len())
+                } else {
+                    "expected non-empty content, found only whitespace or nothing".into()
+                },
+            )
         }
         CheckKind::RegexMatch { path, pattern } => {
             let s = subject(path, vars, host, output)?;
@@ -468,12 +601,25 @@ fn evaluate(kind: &CheckKind, vars: &Vars, host: &mut dyn Host, output: Option<&
                 .build()
                 .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
             let ok = re.is_match(&s);
-            (ok, if ok { format!("matches /{pattern}/") } else { format!("expected a match for /{pattern}/, found none in {} bytes", s.len()) })
+            (
+                ok,
+                if ok {
+                    format!("matches /{pattern}/")
+                } else {
+                    format!(
+                        "expected a match for /{pattern}/, found none in {} bytes",
+                        s.len()
+                    )
+                },
+            )
         }
         CheckKind::CommandExitCode { expected } => match exit_code {
             Some(c) if c == *expected => (true, format!("exit code {c}")),
             Some(c) => (false, format!("expected exit code {expected}, found {c}")),
-            None => (false, format!("expected exit code {expected}, found no exit code")),
+            None => (
+                false,
+                format!("expected exit code {expected}, found no exit code"),
+            ),
         },
         CheckKind::FileSizeMinimum { path, bytes } => {
             let size = match path {
@@ -481,22 +627,44 @@ fn evaluate(kind: &CheckKind, vars: &Vars, host: &mut dyn Host, output: Option<&
                     let p = vars.render(p, false)?;
                     match host.file_kind(&p)? {
                         FileKind::File(n) => n,
-                        other => return Ok((false, format!("expected a file at {p}, found {}", describe(other)))),
+                        other => {
+                            return Ok((
+                                false,
+                                format!("expected a file at {p}, found {}", describe(other)),
+                            ));
+                        }
                     }
                 }
                 None => output.map_or(0, |o| o.len() as u64),
             };
             let ok = size >= *bytes;
-            (ok, if ok { format!("{size} bytes ≥ {bytes}") } else { format!("expected at least {bytes} bytes, found {size}") })
+            (
+                ok,
+                if ok {
+                    format!("{size} bytes ≥ {bytes}")
+                } else {
+                    format!("expected at least {bytes} bytes, found {size}")
+                },
+            )
         }
         CheckKind::JsonValid { path } => {
             let s = subject(path, vars, host, output)?;
             match serde_json::from_str::<serde_json::Value>(s.trim()) {
                 Ok(_) => (true, "valid JSON".into()),
-                Err(e) => (false, format!("expected valid JSON, found an error at line {} column {}: {e}", e.line(), e.column())),
+                Err(e) => (
+                    false,
+                    format!(
+                        "expected valid JSON, found an error at line {} column {}: {e}",
+                        e.line(),
+                        e.column()
+                    ),
+                ),
             }
         }
-        CheckKind::ContentStructureCheck { path, required_sections } => {
+        CheckKind::ContentStructureCheck {
+            path,
+            required_sections,
+        } => {
             let s = subject(path, vars, host, output)?;
             let headings: Vec<String> = s
                 .lines()
@@ -509,9 +677,18 @@ fn evaluate(kind: &CheckKind, vars: &Vars, host: &mut dyn Host, output: Option<&
                 .map(String::as_str)
                 .collect();
             if missing.is_empty() {
-                (true, format!("all {} sections present", required_sections.len()))
+                (
+                    true,
+                    format!("all {} sections present", required_sections.len()),
+                )
             } else {
-                (false, format!("expected headings {missing:?}, not found among {} headings", headings.len()))
+                (
+                    false,
+                    format!(
+                        "expected headings {missing:?}, not found among {} headings",
+                        headings.len()
+                    ),
+                )
             }
         }
     })

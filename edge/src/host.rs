@@ -46,11 +46,23 @@ impl LocalHost {
     ///
     /// # Errors
     /// When the base directory cannot be created or resolved.
-    pub fn new(base_dir: &Path, read_roots: &[PathBuf], inference: Option<Inference>) -> std::io::Result<Self> {
+    pub fn new(
+        base_dir: &Path,
+        read_roots: &[PathBuf],
+        inference: Option<Inference>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(base_dir)?;
         let base_dir = base_dir.canonicalize()?;
-        let read_roots = read_roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
-        Ok(Self { base_dir, read_roots, inference, origin: Instant::now() })
+        let read_roots = read_roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .collect();
+        Ok(Self {
+            base_dir,
+            read_roots,
+            inference,
+            origin: Instant::now(),
+        })
     }
 
     /// The canonical base directory.
@@ -60,27 +72,42 @@ impl LocalHost {
 
     fn absolute(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     fn allowed_for_read(&self, canonical: &Path) -> bool {
-        canonical.starts_with(&self.base_dir) || self.read_roots.iter().any(|r| canonical.starts_with(r))
+        canonical.starts_with(&self.base_dir)
+            || self.read_roots.iter().any(|r| canonical.starts_with(r))
     }
 
     fn roots_text(&self) -> String {
         let mut v = vec![self.base_dir.display().to_string()];
-        v.extend(self.read_roots.iter().map(|r| format!("{} (read-only)", r.display())));
+        v.extend(
+            self.read_roots
+                .iter()
+                .map(|r| format!("{} (read-only)", r.display())),
+        );
         v.join(", ")
     }
 
     /// Resolves a path for reading: it must exist and canonicalise inside an allowed root.
     fn resolve_read(&self, path: &str) -> Result<PathBuf, String> {
         let abs = self.absolute(path);
-        let canonical = abs.canonicalize().map_err(|e| format!("cannot read {path}: {e}"))?;
+        let canonical = abs
+            .canonicalize()
+            .map_err(|e| format!("cannot read {path}: {e}"))?;
         if self.allowed_for_read(&canonical) {
             Ok(canonical)
         } else {
-            Err(format!("read of {path} refused: it resolves to {}, outside the allowed roots [{}]", canonical.display(), self.roots_text()))
+            Err(format!(
+                "read of {path} refused: it resolves to {}, outside the allowed roots [{}]",
+                canonical.display(),
+                self.roots_text()
+            ))
         }
     }
 
@@ -89,43 +116,74 @@ impl LocalHost {
     fn resolve_write(&self, path: &str) -> Result<PathBuf, String> {
         let p = Path::new(path);
         if p.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(format!("write to {path} refused: `..` is not allowed in write paths"));
+            return Err(format!(
+                "write to {path} refused: `..` is not allowed in write paths"
+            ));
         }
         let abs = self.absolute(path);
         if !abs.starts_with(&self.base_dir) {
-            return Err(format!("write to {path} refused: expected a path inside the base directory {}", self.base_dir.display()));
+            return Err(format!(
+                "write to {path} refused: expected a path inside the base directory {}",
+                self.base_dir.display()
+            ));
         }
-        let parent = abs.parent().ok_or_else(|| format!("write to {path} refused: no parent directory"))?;
-        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        let parent_c = parent.canonicalize().map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
+        let parent = abs
+            .parent()
+            .ok_or_else(|| format!("write to {path} refused: no parent directory"))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        let parent_c = parent
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
         if !parent_c.starts_with(&self.base_dir) {
-            return Err(format!("write to {path} refused: its directory resolves to {}, outside the base directory", parent_c.display()));
+            return Err(format!(
+                "write to {path} refused: its directory resolves to {}, outside the base directory",
+                parent_c.display()
+            ));
         }
-        let name = abs.file_name().ok_or_else(|| format!("write to {path} refused: expected a file name"))?;
+        let name = abs
+            .file_name()
+            .ok_or_else(|| format!("write to {path} refused: expected a file name"))?;
         let target = parent_c.join(name);
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(format!("write to {path} refused: the target is a symbolic link"));
+            return Err(format!(
+                "write to {path} refused: the target is a symbolic link"
+            ));
         }
         Ok(target)
     }
 }
 
 impl Host for LocalHost {
-    fn read_file(&mut self, path: &str, offset: Option<u64>, limit: Option<u64>) -> Result<String, String> {
+    fn read_file(
+        &mut self,
+        path: &str,
+        offset: Option<u64>,
+        limit: Option<u64>,
+    ) -> Result<String, String> {
         let p = self.resolve_read(path)?;
         let f = std::fs::File::open(&p).map_err(|e| format!("cannot open {path}: {e}"))?;
-        let meta = f.metadata().map_err(|e| format!("cannot stat {path}: {e}"))?;
+        let meta = f
+            .metadata()
+            .map_err(|e| format!("cannot stat {path}: {e}"))?;
         if !meta.is_file() {
             return Err(format!("cannot read {path}: expected a regular file"));
         }
         let windowed = offset.is_some() || limit.is_some();
         if !windowed && meta.len() > MAX_READ_BYTES {
-            return Err(format!("{path} is {} bytes: expected at most {MAX_READ_BYTES} (use offset/limit to read a window)", meta.len()));
+            return Err(format!(
+                "{path} is {} bytes: expected at most {MAX_READ_BYTES} (use offset/limit to read a window)",
+                meta.len()
+            ));
         }
         let mut bytes = Vec::new();
-        f.take(if windowed { 64 * MAX_READ_BYTES } else { MAX_READ_BYTES })
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("cannot read {path}: {e}"))?;
+        f.take(if windowed {
+            64 * MAX_READ_BYTES
+        } else {
+            MAX_READ_BYTES
+        })
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
         let text = String::from_utf8_lossy(&bytes);
         if !windowed {
             return Ok(text.into_owned());
@@ -135,7 +193,9 @@ impl Host for LocalHost {
         let mut out = String::new();
         for line in text.split_inclusive('\n').skip(skip).take(take) {
             if out.len() + line.len() > MAX_READ_BYTES as usize {
-                return Err(format!("the selected lines of {path} exceed {MAX_READ_BYTES} bytes"));
+                return Err(format!(
+                    "the selected lines of {path} exceed {MAX_READ_BYTES} bytes"
+                ));
             }
             out.push_str(line);
         }
@@ -146,7 +206,10 @@ impl Host for LocalHost {
         let target = self.resolve_write(path)?;
         let dir = target.parent().unwrap_or(&self.base_dir);
         let mut tmp = tempfile_in(dir).map_err(|e| format!("cannot write {path}: {e}"))?;
-        tmp.1.write_all(content.as_bytes()).and_then(|()| tmp.1.sync_all()).map_err(|e| format!("cannot write {path}: {e}"))?;
+        tmp.1
+            .write_all(content.as_bytes())
+            .and_then(|()| tmp.1.sync_all())
+            .map_err(|e| format!("cannot write {path}: {e}"))?;
         std::fs::rename(&tmp.0, &target).map_err(|e| {
             let _ = std::fs::remove_file(&tmp.0);
             format!("cannot write {path}: {e}")
@@ -159,7 +222,11 @@ impl Host for LocalHost {
             return Ok(FileKind::Missing);
         };
         if !self.allowed_for_read(&canonical) {
-            return Err(format!("check of {path} refused: it resolves to {}, outside the allowed roots [{}]", canonical.display(), self.roots_text()));
+            return Err(format!(
+                "check of {path} refused: it resolves to {}, outside the allowed roots [{}]",
+                canonical.display(),
+                self.roots_text()
+            ));
         }
         let m = std::fs::metadata(&canonical).map_err(|e| format!("cannot stat {path}: {e}"))?;
         Ok(if m.is_file() {
@@ -200,9 +267,17 @@ impl Host for LocalHost {
 /// final rename is atomic).
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     for i in 0..100u32 {
-        let name = format!(".tracefleet-tmp-{}-{}-{i}", std::process::id(), uuid::Uuid::now_v7().simple());
+        let name = format!(
+            ".tracefleet-tmp-{}-{}-{i}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        );
         let p = dir.join(name);
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
             Ok(f) => return Ok((p, f)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
@@ -211,7 +286,10 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     Err(std::io::Error::other("could not create a temporary file"))
 }
 
-fn spawn_reader(mut r: impl Read + Send + 'static, cap: usize) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+fn spawn_reader(
+    mut r: impl Read + Send + 'static,
+    cap: usize,
+) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         let mut buf = [0u8; 8192];
@@ -237,7 +315,10 @@ fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput
         .arg(command)
         .current_dir(dir)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", dir)
         .env("LANG", "C.UTF-8")
         .env("LC_ALL", "C.UTF-8")
@@ -248,9 +329,16 @@ fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
-    let pgid = Pid::from_raw(i32::try_from(child.id()).map_err(|_| "process id out of range".to_owned())?);
-    let out = child.stdout.take().map(|o| spawn_reader(o, MAX_STDOUT_BYTES));
-    let err = child.stderr.take().map(|e| spawn_reader(e, MAX_STDERR_BYTES));
+    let pgid =
+        Pid::from_raw(i32::try_from(child.id()).map_err(|_| "process id out of range".to_owned())?);
+    let out = child
+        .stdout
+        .take()
+        .map(|o| spawn_reader(o, MAX_STDOUT_BYTES));
+    let err = child
+        .stderr
+        .take()
+        .map(|e| spawn_reader(e, MAX_STDERR_BYTES));
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
     let status = loop {
@@ -266,7 +354,9 @@ fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput
         }
         if timed_out && now >= deadline + KILL_GRACE {
             let _ = killpg(pgid, Signal::SIGKILL);
-            break child.wait().map_err(|e| format!("cannot wait for the command: {e}"))?;
+            break child
+                .wait()
+                .map_err(|e| format!("cannot wait for the command: {e}"))?;
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -276,12 +366,22 @@ fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput
     let (stderr, _) = err.and_then(|h| h.join().ok()).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     if timed_out {
-        return Err(format!("command timed out after {} s and was killed; stderr: {}", timeout.as_secs(), stderr.trim()));
+        return Err(format!(
+            "command timed out after {} s and was killed; stderr: {}",
+            timeout.as_secs(),
+            stderr.trim()
+        ));
     }
     if stdout_truncated {
-        return Err(format!("command wrote more than {MAX_STDOUT_BYTES} bytes to stdout: expected less (the output cap)"));
+        return Err(format!(
+            "command wrote more than {MAX_STDOUT_BYTES} bytes to stdout: expected less (the output cap)"
+        ));
     }
-    Ok(ShellOutput { stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr, exit_code: status.code() })
+    Ok(ShellOutput {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr,
+        exit_code: status.code(),
+    })
 }
 
 #[cfg(test)]
@@ -297,20 +397,42 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut h = host(d.path());
         h.write_file("a/b.txt", "x").unwrap();
-        assert_eq!(std::fs::read_to_string(d.path().join("a/b.txt")).unwrap(), "x");
-        assert!(h.write_file("../escape.txt", "x").unwrap_err().contains("`..`"));
-        assert!(h.write_file("/tmp/escape.txt", "x").unwrap_err().contains("inside the base directory"));
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a/b.txt")).unwrap(),
+            "x"
+        );
+        assert!(
+            h.write_file("../escape.txt", "x")
+                .unwrap_err()
+                .contains("`..`")
+        );
+        assert!(
+            h.write_file("/tmp/escape.txt", "x")
+                .unwrap_err()
+                .contains("inside the base directory")
+        );
         std::os::unix::fs::symlink("/tmp", d.path().join("link")).unwrap();
-        assert!(h.write_file("link/escape.txt", "x").unwrap_err().contains("outside the base directory"));
+        assert!(
+            h.write_file("link/escape.txt", "x")
+                .unwrap_err()
+                .contains("outside the base directory")
+        );
         std::os::unix::fs::symlink("/tmp/target-file", d.path().join("flink")).unwrap();
-        assert!(h.write_file("flink", "x").unwrap_err().contains("symbolic link"));
+        assert!(
+            h.write_file("flink", "x")
+                .unwrap_err()
+                .contains("symbolic link")
+        );
     }
 
     #[test]
     fn reads_reach_read_roots_but_not_elsewhere() {
         let d = tempfile::tempdir().unwrap();
         let mut h = host(d.path());
-        assert!(h.read_file("/etc/hostname", None, None).is_ok() || !Path::new("/etc/hostname").exists());
+        assert!(
+            h.read_file("/etc/hostname", None, None).is_ok()
+                || !Path::new("/etc/hostname").exists()
+        );
         let e = h.read_file("/proc/self/status", None, None).unwrap_err();
         assert!(e.contains("outside the allowed roots"), "{e}");
         std::os::unix::fs::symlink("/proc/self/status", d.path().join("sneaky")).unwrap();
@@ -331,18 +453,33 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut h = host(d.path());
         // SAFETY-free way to check the scrub: a variable from our environment must not leak.
-        let out = h.shell("pwd; echo \"[$CARGO_PKG_NAME]\"; exit 3", Duration::from_secs(10)).unwrap();
+        let out = h
+            .shell(
+                "pwd; echo \"[$CARGO_PKG_NAME]\"; exit 3",
+                Duration::from_secs(10),
+            )
+            .unwrap();
         assert_eq!(out.exit_code, Some(3));
         let canonical = d.path().canonicalize().unwrap();
-        assert!(out.stdout.starts_with(canonical.to_str().unwrap()), "{}", out.stdout);
-        assert!(out.stdout.contains("[]"), "environment not scrubbed: {}", out.stdout);
+        assert!(
+            out.stdout.starts_with(canonical.to_str().unwrap()),
+            "{}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains("[]"),
+            "environment not scrubbed: {}",
+            out.stdout
+        );
         let t = Instant::now();
         let e = h.shell("sleep 30", Duration::from_millis(200)).unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(10));
         // A background child holding stdout must not hang the step.
         let t = Instant::now();
-        let out = h.shell("sleep 30 & echo started", Duration::from_secs(10)).unwrap();
+        let out = h
+            .shell("sleep 30 & echo started", Duration::from_secs(10))
+            .unwrap();
         assert_eq!(out.stdout, "started\n");
         assert!(t.elapsed() < Duration::from_secs(10));
     }

@@ -48,8 +48,14 @@ impl InferConfig {
     /// A CPU configuration for `model_path`, with as many threads as available cores.
     pub fn cpu(model_path: PathBuf) -> Self {
         let model_name = model_name_of(&model_path);
-        let n_threads = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
-        Self { model_path, model_name, n_threads, n_gpu_layers: 0 }
+        let n_threads =
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
+        Self {
+            model_path,
+            model_name,
+            n_threads,
+            n_gpu_layers: 0,
+        }
     }
 }
 
@@ -84,7 +90,9 @@ pub enum InferError {
         available: String,
     },
     /// The prompt does not fit in the model's context.
-    #[error("prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the model's context of {n_ctx_train} tokens")]
+    #[error(
+        "prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the model's context of {n_ctx_train} tokens"
+    )]
     ContextOverflow {
         /// Prompt length in tokens.
         prompt_tokens: usize,
@@ -109,7 +117,10 @@ pub enum InferError {
 /// # Errors
 /// [`InferError::BadModelFile`] saying what was expected and what was found.
 pub fn check_gguf_header(path: &Path) -> Result<(), InferError> {
-    let bad = |reason: String| InferError::BadModelFile { path: path.to_owned(), reason };
+    let bad = |reason: String| InferError::BadModelFile {
+        path: path.to_owned(),
+        reason,
+    };
     let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     if !meta.is_file() {
         return Err(bad("expected a regular file".into()));
@@ -117,9 +128,17 @@ pub fn check_gguf_header(path: &Path) -> Result<(), InferError> {
     let mut header = [0u8; 8];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut header))
-        .map_err(|e| bad(format!("cannot read the 8-byte GGUF header ({} bytes in file): {e}", meta.len())))?;
+        .map_err(|e| {
+            bad(format!(
+                "cannot read the 8-byte GGUF header ({} bytes in file): {e}",
+                meta.len()
+            ))
+        })?;
     if &header[..4] != b"GGUF" {
-        return Err(bad(format!("not a GGUF file: expected magic \"GGUF\", found {:02x?}", &header[..4])));
+        return Err(bad(format!(
+            "not a GGUF file: expected magic \"GGUF\", found {:02x?}",
+            &header[..4]
+        )));
     }
     let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if !(2..=3).contains(&version) {
@@ -172,7 +191,12 @@ impl Inference {
             .spawn(move || inference_thread(&config, &rx, &ready_tx))
             .map_err(|e| InferError::Llama(format!("cannot start the inference thread: {e}")))?;
         let load_secs = ready_rx.recv().map_err(|_| InferError::ThreadGone)??;
-        Ok(Self { tx: Some(tx), thread: Some(thread), model_name, load_secs })
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            model_name,
+            load_secs,
+        })
     }
 
     /// The loaded model's name.
@@ -190,10 +214,13 @@ impl Inference {
     /// # Errors
     /// See [`InferError`].
     pub fn generate(&self, request: &GenerateRequest) -> Result<Generation, InferError> {
-        if let Some(asked) = &request.model {
-            if asked != &self.model_name {
-                return Err(InferError::UnknownModel { asked: asked.clone(), available: self.model_name.clone() });
-            }
+        if let Some(asked) = &request.model
+            && asked != &self.model_name
+        {
+            return Err(InferError::UnknownModel {
+                asked: asked.clone(),
+                available: self.model_name.clone(),
+            });
         }
         let (reply_tx, reply_rx) = mpsc::channel();
         self.tx
@@ -224,7 +251,12 @@ fn inference_thread(
         let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
         LlamaModel::load_from_file(backend, &config.model_path, &params)
             .map(|m| (backend, m))
-            .map_err(|e| InferError::Llama(format!("cannot load {}: {e} (truncated, corrupt or unsupported GGUF?)", config.model_path.display())))
+            .map_err(|e| {
+                InferError::Llama(format!(
+                    "cannot load {}: {e} (truncated, corrupt or unsupported GGUF?)",
+                    config.model_path.display()
+                ))
+            })
     });
     let (backend, model) = match loaded {
         Ok(v) => {
@@ -246,34 +278,57 @@ fn llama_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> InferError + '_ {
     move |e| InferError::Llama(format!("{what}: {e}"))
 }
 
-fn generate(backend: &LlamaBackend, model: &LlamaModel, config: &InferConfig, req: &GenerateRequest) -> Result<Generation, InferError> {
+fn generate(
+    backend: &LlamaBackend,
+    model: &LlamaModel,
+    config: &InferConfig,
+    req: &GenerateRequest,
+) -> Result<Generation, InferError> {
     let started = Instant::now();
     let deadline = started + req.timeout;
     let vocab = model.vocab();
 
     // Prompt through the model's own chat template (GGUF `tokenizer.chat_template`).
-    let template = model.chat_template(None).map_err(|e| llama_err("the model has no usable chat template")(&e))?;
+    let template = model
+        .chat_template(None)
+        .map_err(|e| llama_err("the model has no usable chat template")(&e))?;
     let mut messages = Vec::new();
     if let Some(system) = &req.system {
-        messages.push(LlamaChatMessage::new("system".into(), system.clone()).map_err(|e| llama_err("system message")(&e))?);
+        messages.push(
+            LlamaChatMessage::new("system".into(), system.clone())
+                .map_err(|e| llama_err("system message")(&e))?,
+        );
     }
-    messages.push(LlamaChatMessage::new("user".into(), req.prompt.clone()).map_err(|e| llama_err("prompt")(&e))?);
-    let prompt = model.apply_chat_template(&template, &messages, true).map_err(|e| llama_err("applying the chat template")(&e))?;
+    messages.push(
+        LlamaChatMessage::new("user".into(), req.prompt.clone())
+            .map_err(|e| llama_err("prompt")(&e))?,
+    );
+    let prompt = model
+        .apply_chat_template(&template, &messages, true)
+        .map_err(|e| llama_err("applying the chat template")(&e))?;
     let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
 
     let n_ctx_train = model.n_ctx_train();
     let needed = tokens.len() + req.max_tokens as usize + 8;
     if needed > n_ctx_train as usize || tokens.is_empty() {
-        return Err(InferError::ContextOverflow { prompt_tokens: tokens.len(), max_tokens: req.max_tokens, n_ctx_train });
+        return Err(InferError::ContextOverflow {
+            prompt_tokens: tokens.len(),
+            max_tokens: req.max_tokens,
+            n_ctx_train,
+        });
     }
-    let n_ctx = u32::try_from(needed.next_multiple_of(256)).unwrap_or(n_ctx_train).min(n_ctx_train);
+    let n_ctx = u32::try_from(needed.next_multiple_of(256))
+        .unwrap_or(n_ctx_train)
+        .min(n_ctx_train);
     let threads = i32::try_from(config.n_threads.max(1)).unwrap_or(1);
     let ctx_params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(PROMPT_BATCH as u32)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    let mut ctx = model.new_context(backend, ctx_params).map_err(|e| llama_err("creating a context")(&e))?;
+    let mut ctx = model
+        .new_context(backend, ctx_params)
+        .map_err(|e| llama_err("creating a context")(&e))?;
 
     let mut sampler = build_sampler(model, req)?;
 
@@ -288,7 +343,8 @@ fn generate(backend: &LlamaBackend, model: &LlamaModel, config: &InferConfig, re
                 .add(t, i32::try_from(pos).unwrap_or(i32::MAX), &[0], pos == last)
                 .map_err(|e| llama_err("batch")(&e))?;
         }
-        ctx.decode(&mut batch).map_err(|e| llama_err("decoding the prompt")(&e))?;
+        ctx.decode(&mut batch)
+            .map_err(|e| llama_err("decoding the prompt")(&e))?;
     }
     let prompt_secs = started.elapsed().as_secs_f64();
 
@@ -321,7 +377,8 @@ fn generate(backend: &LlamaBackend, model: &LlamaModel, config: &InferConfig, re
             .add(token, i32::try_from(pos).unwrap_or(i32::MAX), &[0], true)
             .map_err(|e| llama_err("batch")(&e))?;
         pos += 1;
-        ctx.decode(&mut batch).map_err(|e| llama_err("decoding")(&e))?;
+        ctx.decode(&mut batch)
+            .map_err(|e| llama_err("decoding")(&e))?;
         logits_index = batch.n_tokens() - 1;
     }
     let gen_secs = gen_start.elapsed().as_secs_f64();
@@ -341,13 +398,20 @@ fn generate(backend: &LlamaBackend, model: &LlamaModel, config: &InferConfig, re
 }
 
 fn rate(n: f64, secs: f64) -> f64 {
-    if secs > 0.0 { (n / secs * 10.0).round() / 10.0 } else { 0.0 }
+    if secs > 0.0 {
+        (n / secs * 10.0).round() / 10.0
+    } else {
+        0.0
+    }
 }
 
 fn build_sampler(model: &LlamaModel, req: &GenerateRequest) -> Result<LlamaSampler, InferError> {
     let mut chain = Vec::new();
     if let Some(g) = &req.grammar {
-        chain.push(LlamaSampler::grammar(model, g, "root").map_err(|e| InferError::Grammar(e.to_string()))?);
+        chain.push(
+            LlamaSampler::grammar(model, g, "root")
+                .map_err(|e| InferError::Grammar(e.to_string()))?,
+        );
     }
     if req.temperature > 0.0 {
         chain.push(LlamaSampler::top_p(req.top_p, 1));
@@ -377,14 +441,34 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m.gguf");
         std::fs::write(&p, b"GGU").unwrap();
-        assert!(check_gguf_header(&p).unwrap_err().to_string().contains("cannot read the 8-byte GGUF header"));
+        assert!(
+            check_gguf_header(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read the 8-byte GGUF header")
+        );
         std::fs::write(&p, b"PK\x03\x04\0\0\0\0").unwrap();
-        assert!(check_gguf_header(&p).unwrap_err().to_string().contains("expected magic \"GGUF\""));
+        assert!(
+            check_gguf_header(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("expected magic \"GGUF\"")
+        );
         std::fs::write(&p, b"GGUF\x09\0\0\0").unwrap();
-        assert!(check_gguf_header(&p).unwrap_err().to_string().contains("GGUF version 9"));
+        assert!(
+            check_gguf_header(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("GGUF version 9")
+        );
         std::fs::write(&p, b"GGUF\x03\0\0\0").unwrap();
         assert!(check_gguf_header(&p).is_ok());
-        assert!(check_gguf_header(d.path()).unwrap_err().to_string().contains("regular file"));
+        assert!(
+            check_gguf_header(d.path())
+                .unwrap_err()
+                .to_string()
+                .contains("regular file")
+        );
     }
 
     #[test]

@@ -110,7 +110,9 @@ struct RunArgs {
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, found {s:?}"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, found {s:?}"))?;
     Ok((k.to_owned(), v.to_owned()))
 }
 
@@ -119,13 +121,20 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
 #[allow(unsafe_code)]
 fn default_sigpipe() {
     // SAFETY: called first in `main`, before any thread exists; SIG_DFL installs no handler code.
-    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
 }
 
 fn main() -> ExitCode {
     default_sigpipe();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -158,10 +167,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Trust(TrustCommand::Init { key }) => {
             let text = read_limited(&key, 64 * 1024)?;
-            let text = String::from_utf8(text).map_err(|_| anyhow!("{}: expected a UTF-8 key file", key.display()))?;
+            let text = String::from_utf8(text)
+                .map_err(|_| anyhow!("{}: expected a UTF-8 key file", key.display()))?;
             let pk = PublicKey::from_file(&text).with_context(|| format!("{}", key.display()))?;
             if pk.role != signed::KeyRole::Traces {
-                bail!("{}: a {} key: expected a trace-signing key (role traces)", key.display(), pk.role);
+                bail!(
+                    "{}: a {} key: expected a trace-signing key (role traces)",
+                    key.display(),
+                    pk.role
+                );
             }
             let store = Store::open(&state_dir)?;
             store.trust_key(&pk, &now_rfc3339())?;
@@ -184,7 +198,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Runs(RunsCommand::List { limit }) => {
             let store = Store::open(&state_dir)?;
             for r in store.runs(limit)? {
-                println!("{}  {:<8} {} {}  {}", r.run_id, r.status, r.trace_id, r.trace_version, r.started_at);
+                println!(
+                    "{}  {:<8} {} {}  {}",
+                    r.run_id, r.status, r.trace_id, r.trace_version, r.started_at
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -206,18 +223,25 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 /// Reads a file refusing more than `limit` bytes (checked before reading).
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
     if !meta.is_file() {
         bail!("{}: expected a regular file", path.display());
     }
     if meta.len() > limit {
-        bail!("{} is {} bytes: expected at most {limit}", path.display(), meta.len());
+        bail!(
+            "{} is {} bytes: expected at most {limit}",
+            path.display(),
+            meta.len()
+        );
     }
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Loads the trace to run: verified when signed; sources and compiled traces only for authors.
@@ -228,23 +252,44 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
         let store = Store::open(state_dir)?;
         let keys = store.trusted_keys()?;
         if keys.is_empty() {
-            bail!("refusing {shown}: this device trusts no trace-signing key yet (run `follower trust init KEY.pub`)");
+            bail!(
+                "refusing {shown}: this device trusts no trace-signing key yet (run `follower trust init KEY.pub`)"
+            );
         }
-        let v = signed::verify(&bytes, &keys, 1, unix_now()).with_context(|| format!("refusing {shown}"))?;
-        let by = v.signed_by.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let v = signed::verify(&bytes, &keys, 1, unix_now())
+            .with_context(|| format!("refusing {shown}"))?;
+        let by = v
+            .signed_by
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         return Ok((v.trace, format!("verified, signed by {by}")));
     }
     if !allow_unsigned {
         if bytes.starts_with(compile::COMPILED_MAGIC) {
-            bail!("refusing {shown}: a compiled but unsigned trace; sign it with `learner sign` (trace authors: --allow-unsigned)");
+            bail!(
+                "refusing {shown}: a compiled but unsigned trace; sign it with `learner sign` (trace authors: --allow-unsigned)"
+            );
         }
-        bail!("refusing {shown}: not a signed trace (expected the \"TFS\" magic); trace authors may run sources with --allow-unsigned");
+        bail!(
+            "refusing {shown}: not a signed trace (expected the \"TFS\" magic); trace authors may run sources with --allow-unsigned"
+        );
     }
     if bytes.starts_with(compile::COMPILED_MAGIC) {
-        return Ok((compile::decode_compiled(&bytes).with_context(|| format!("{shown}"))?, "UNSIGNED compiled trace".into()));
+        return Ok((
+            compile::decode_compiled(&bytes).with_context(|| format!("{shown}"))?,
+            "UNSIGNED compiled trace".into(),
+        ));
     }
-    let text = String::from_utf8(bytes).map_err(|e| anyhow!("{shown}: trace source is not UTF-8 (byte {})", e.utf8_error().valid_up_to()))?;
-    let (trace, warnings) = compile::compile_source(&shown.to_string(), &text).map_err(|d| anyhow!("{d}"))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{shown}: trace source is not UTF-8 (byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let (trace, warnings) =
+        compile::compile_source(&shown.to_string(), &text).map_err(|d| anyhow!("{d}"))?;
     for w in warnings {
         eprintln!("{w}");
     }
@@ -254,7 +299,8 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
 fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     let (trace, provenance) = load_trace(state_dir, &args.trace, args.allow_unsigned)?;
     let given: BTreeMap<String, String> = args.vars.into_iter().collect();
-    let inputs = exec::resolve_inputs(&trace, &given).with_context(|| format!("trace {}", trace.id))?;
+    let inputs =
+        exec::resolve_inputs(&trace, &given).with_context(|| format!("trace {}", trace.id))?;
 
     let inference = match trace.llm_steps().next() {
         None => None,
@@ -271,20 +317,36 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     };
 
     let run_id = uuid::Uuid::now_v7().to_string();
-    let base_dir = args.base_dir.unwrap_or_else(|| state_dir.join("runs").join(&run_id));
+    let base_dir = args
+        .base_dir
+        .unwrap_or_else(|| state_dir.join("runs").join(&run_id));
     let read_roots: Vec<PathBuf> = if args.read_roots.is_empty() {
         DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()
     } else {
         args.read_roots
     };
-    let mut host = LocalHost::new(&base_dir, &read_roots, inference).with_context(|| format!("base directory {}", base_dir.display()))?;
+    let mut host = LocalHost::new(&base_dir, &read_roots, inference)
+        .with_context(|| format!("base directory {}", base_dir.display()))?;
     let device_id = args.device_id.unwrap_or_else(|| {
-        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into())
     });
-    let cx = RunContext { run_id: run_id.clone(), device_id, base_dir: host.base_dir().display().to_string() };
+    let cx = RunContext {
+        run_id: run_id.clone(),
+        device_id,
+        base_dir: host.base_dir().display().to_string(),
+    };
 
     let store = Store::open(state_dir)?;
-    store.begin_run(&run_id, trace.id.as_str(), &trace.version.to_string(), &now_rfc3339(), &cx.base_dir)?;
+    store.begin_run(
+        &run_id,
+        trace.id.as_str(),
+        &trace.version.to_string(),
+        &now_rfc3339(),
+        &cx.base_dir,
+    )?;
     let mut journal_error = None;
     let report = exec::run(&trace, &cx, &inputs, &mut host, &mut |event| match event {
         Event::StepFinished(result) => {
@@ -300,7 +362,8 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
 
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.output {
-        write_atomic(out, json.as_bytes()).with_context(|| format!("writing the report to {}", out.display()))?;
+        write_atomic(out, json.as_bytes())
+            .with_context(|| format!("writing the report to {}", out.display()))?;
     }
     if args.json {
         println!("{json}");
@@ -325,7 +388,10 @@ fn print_summary(r: &Report, provenance: &str, output: Option<&Path>) {
         RunStatus::Failed => "FAILED",
     };
     println!("trace {} {} ({provenance})", r.trace_id, r.trace_version);
-    println!("run {} on {}: {status}, {}/{} steps in {:.2} s", r.run_id, r.device_id, r.completed_steps, r.total_steps, r.execution_time_secs);
+    println!(
+        "run {} on {}: {status}, {}/{} steps in {:.2} s",
+        r.run_id, r.device_id, r.completed_steps, r.total_steps, r.execution_time_secs
+    );
     for c in r.preconditions.iter().filter(|c| !c.passed) {
         println!("  precondition failed: {} — {}", c.check, c.detail);
     }
@@ -370,10 +436,20 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
         let t = compile::decode_compiled(&s.compiled).with_context(|| shown.clone())?;
         (t, Some(s))
     } else if bytes.starts_with(compile::COMPILED_MAGIC) {
-        (compile::decode_compiled(&bytes).with_context(|| shown.clone())?, None)
+        (
+            compile::decode_compiled(&bytes).with_context(|| shown.clone())?,
+            None,
+        )
     } else {
-        let text = String::from_utf8(bytes).map_err(|_| anyhow!("{shown}: not a signed trace, a compiled trace or UTF-8 trace source"))?;
-        (compile::compile_source(&shown, &text).map_err(|d| anyhow!("{d}"))?.0, None)
+        let text = String::from_utf8(bytes).map_err(|_| {
+            anyhow!("{shown}: not a signed trace, a compiled trace or UTF-8 trace source")
+        })?;
+        (
+            compile::compile_source(&shown, &text)
+                .map_err(|d| anyhow!("{d}"))?
+                .0,
+            None,
+        )
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&trace)?);
@@ -382,18 +458,36 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
     println!("trace {} {}", trace.id, trace.version);
     println!("goal: {}", trace.goal_signature);
     if let Some(s) = header {
-        let fmt = |t: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string();
-        println!("signed: created {}, expires {}, content sha256 {}", fmt(s.header.created_at), fmt(s.header.expires_at), hex::encode(s.header.content_hash));
+        let fmt = |t: u64| {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t))
+                .to_string()
+        };
+        println!(
+            "signed: created {}, expires {}, content sha256 {}",
+            fmt(s.header.created_at),
+            fmt(s.header.expires_at),
+            hex::encode(s.header.content_hash)
+        );
         for sig in &s.signatures {
             println!("  signature by key {}", sig.key_id);
         }
         println!("(signatures not verified by inspect; `follower run` verifies)");
     }
     for i in &trace.inputs {
-        println!("input {} = {}", i.name, i.default.as_deref().unwrap_or("(required)"));
+        println!(
+            "input {} = {}",
+            i.name,
+            i.default.as_deref().unwrap_or("(required)")
+        );
     }
     for s in &trace.steps {
-        println!("step {} [{}] {} ({} validations)", s.number, s.tool.name(), s.title, s.validations.len());
+        println!(
+            "step {} [{}] {} ({} validations)",
+            s.number,
+            s.tool.name(),
+            s.title,
+            s.validations.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

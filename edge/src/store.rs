@@ -90,7 +90,10 @@ impl Store {
     /// # Errors
     /// [`StoreError`] when the directory or database cannot be created or migrated.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir { path: state_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Dir {
+            path: state_dir.display().to_string(),
+            source,
+        })?;
         let mut conn = Connection::open(state_dir.join("follower.db"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -117,14 +120,23 @@ impl Store {
     /// # Errors
     /// On SQLite failure or a corrupt row.
     pub fn trusted_keys(&self) -> Result<Vec<PublicKey>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT role, public_key FROM trusted_keys ORDER BY added_at")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT role, public_key FROM trusted_keys ORDER BY added_at")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let (role, bytes) = row?;
-            let corrupt = |detail: String| StoreError::Corrupt { what: "trusted key", detail };
+            let corrupt = |detail: String| StoreError::Corrupt {
+                what: "trusted key",
+                detail,
+            };
             let role: KeyRole = role.parse().map_err(corrupt)?;
-            let arr: [u8; 32] = bytes.try_into().map_err(|_| corrupt("key is not 32 bytes".into()))?;
+            let arr: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| corrupt("key is not 32 bytes".into()))?;
             out.push(PublicKey::from_bytes(role, &arr).map_err(|e| corrupt(e.to_string()))?);
         }
         Ok(out)
@@ -134,7 +146,14 @@ impl Store {
     ///
     /// # Errors
     /// On SQLite failure.
-    pub fn begin_run(&self, run_id: &str, trace_id: &str, version: &str, started_at: &str, base_dir: &str) -> Result<(), StoreError> {
+    pub fn begin_run(
+        &self,
+        run_id: &str,
+        trace_id: &str,
+        version: &str,
+        started_at: &str,
+        base_dir: &str,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO runs (run_id, trace_id, trace_version, status, started_at, base_dir) VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
             params![run_id, trace_id, version, started_at, base_dir],
@@ -148,7 +167,10 @@ impl Store {
     /// On SQLite failure.
     pub fn record_step(&self, run_id: &str, result: &StepResult) -> Result<(), StoreError> {
         let json = serde_json::to_string(result).unwrap_or_default();
-        let status = serde_json::to_value(result.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let status = serde_json::to_value(result.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         self.conn.execute(
             "INSERT OR REPLACE INTO run_steps (run_id, step, status, result_json) VALUES (?1, ?2, ?3, ?4)",
             params![run_id, result.step, status, json],
@@ -162,7 +184,10 @@ impl Store {
     /// On SQLite failure.
     pub fn finish_run(&self, report: &Report) -> Result<(), StoreError> {
         let json = serde_json::to_string(report).unwrap_or_default();
-        let status = serde_json::to_value(report.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let status = serde_json::to_value(report.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         self.conn.execute(
             "UPDATE runs SET status = ?2, finished_at = ?3, report_json = ?4 WHERE run_id = ?1",
             params![report.run_id, status, report.finished_at, json],
@@ -179,7 +204,13 @@ impl Store {
             "SELECT run_id, trace_id, trace_version, status, started_at FROM runs ORDER BY run_id DESC LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit], |r| {
-            Ok(RunRow { run_id: r.get(0)?, trace_id: r.get(1)?, trace_version: r.get(2)?, status: r.get(3)?, started_at: r.get(4)? })
+            Ok(RunRow {
+                run_id: r.get(0)?,
+                trace_id: r.get(1)?,
+                trace_version: r.get(2)?,
+                status: r.get(3)?,
+                started_at: r.get(4)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -191,7 +222,11 @@ impl Store {
     pub fn report_json(&self, run_id: &str) -> Result<Option<Option<String>>, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT report_json FROM runs WHERE run_id = ?1", [run_id], |r| r.get::<_, Option<String>>(0))
+            .query_row(
+                "SELECT report_json FROM runs WHERE run_id = ?1",
+                [run_id],
+                |r| r.get::<_, Option<String>>(0),
+            )
             .optional()?)
     }
 }
