@@ -445,7 +445,8 @@ fn on_field(
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix))
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
         .then(|| &s[prefix.len()..])
 }
 
@@ -485,6 +486,13 @@ mod tests {
                 .message
                 .contains("expected a fenced YAML block")
         );
+    }
+
+    #[test]
+    fn multibyte_heading_text_does_not_panic() {
+        // Found by the trace_source fuzz target: a heading whose 4th byte is inside a character.
+        let s = parse("x.md", "# St\u{6410}p\n### \u{6410}\n");
+        assert!(s.steps.is_empty());
     }
 
     #[test]

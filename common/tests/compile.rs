@@ -28,7 +28,7 @@ fn dpkg_example_compiles_and_round_trips() {
         panic!("step 4 should be the LLM step")
     };
     assert!(llm.grammar.as_deref().unwrap_or("").contains("root"));
-    assert_eq!(llm.max_tokens, 160);
+    assert_eq!(llm.max_tokens, 256);
     assert!(matches!(
         trace.steps[4].validations[1].kind,
         CheckKind::ContentStructureCheck { .. }

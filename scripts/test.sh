@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: set up the machine (scripts/setup.sh), build the binaries, run every test.
+# End-to-end tests run the real follower and learner binaries with the real model on this
+# machine's /var/log/dpkg.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --workspace --bins --locked
+TRACEFLEET_TEST_MODEL="$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf" cargo test --workspace --locked "$@"
