@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --workspace --bins --locked
+# --all-targets resolves features as `cargo test` and clippy do, so llama.cpp builds once.
+cargo build --workspace --all-targets --locked
 TRACEFLEET_TEST_MODEL="$PWD/models/SmolLM2-135M-Instruct.Q4_1.gguf" cargo test --workspace --locked "$@"

@@ -14,7 +14,7 @@ use crate::ids::{TraceId, VarName, Version};
 use crate::source::{self, Block, SourceStep, SourceTrace};
 use crate::trace::{
     BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS, Dependency,
-    Input, LlmCall, Metadata, OnError, Step, Template, Tool, Trace,
+    Input, LlmCall, Metadata, OnError, ShellContext, Step, Template, Tool, Trace,
 };
 use serde::Deserialize;
 use serde_norway::Value;
@@ -230,7 +230,10 @@ struct Params<'a> {
     map: BTreeMap<String, Value>,
     block: &'a Block,
     what: String,
+    /// The line reported when a key's own line is unknown.
     line: usize,
+    /// Source lines `from..to` that hold these parameters (keys are searched there only).
+    span: (usize, usize),
 }
 
 struct Cx {
@@ -289,7 +292,14 @@ impl Cx {
         let fm: RawFrontmatter = self.yaml(fm_block, "frontmatter")?;
         for key in fm.unknown.keys() {
             let line = fm_block.line_of_key(key, 0);
-            self.warning(line, format!("unknown frontmatter key `{key}` is ignored"));
+            if UNSUPPORTED_EXTENSIONS.contains(&key.as_str()) {
+                self.error(
+                    line,
+                    format!("`{key}` is not supported by this version yet"),
+                );
+            } else {
+                self.warning(line, format!("unknown frontmatter key `{key}` is ignored"));
+            }
         }
         let _ = &fm.last_used;
 
@@ -451,16 +461,29 @@ impl Cx {
                 }
             }
         }
+        for (name, step) in &bound {
+            if BUILTIN_VARIABLES.contains(&name.as_str()) || inputs_set.contains(name.as_str()) {
+                let line = numbers.get(step).copied().unwrap_or(fm_block.line);
+                let what = if inputs_set.contains(name.as_str()) {
+                    "an input"
+                } else {
+                    "a built-in variable"
+                };
+                self.error(line, format!("output variable `{name}` of step {step} shadows {what}: choose another name"));
+            }
+        }
         let complete = lowered.iter().all(|(_, s, _)| s.is_some());
         steps.extend(lowered.into_iter().filter_map(|(_, s, _)| s));
 
         let all_vars = |cx: &mut Cx, checks: &[Check], line: usize, what: &str| {
+            // Preconditions run before any step, so they cannot use step outputs.
+            let outputs_ready = what == "postcondition";
             for c in checks {
                 for t in c.kind.templates() {
                     for v in t.variables() {
                         if !(inputs_set.contains(v)
                             || BUILTIN_VARIABLES.contains(&v)
-                            || bound.contains_key(v))
+                            || (outputs_ready && bound.contains_key(v)))
                         {
                             cx.error(
                                 line,
@@ -524,9 +547,15 @@ impl Cx {
 
     fn lower_conditions(&mut self, raw: &[RawCondition], block: &Block, key: &str) -> Vec<Check> {
         let base = block.line_of_key(key, 0);
+        let item_line = |i: usize| {
+            block
+                .find_key("validation_type", base, usize::MAX, i)
+                .or_else(|| block.find_key("type", base, usize::MAX, i))
+        };
         let mut out = Vec::new();
         for (i, c) in raw.iter().enumerate() {
-            let line = block.line_of_key("validation_type", i).max(base);
+            let line = item_line(i).unwrap_or(base);
+            let span = (line, item_line(i + 1).unwrap_or(block.end_line()));
             let description = c
                 .condition
                 .clone()
@@ -536,6 +565,7 @@ impl Cx {
                 block,
                 what: format!("{key} `{}`", c.validation_type),
                 line,
+                span,
             };
             if let Some(kind) = self.lower_check_kind(&c.validation_type, &mut p, false, line) {
                 self.finish(p);
@@ -611,13 +641,24 @@ impl Cx {
             return (None, Vec::new());
         };
         for key in raw.unknown.keys() {
-            self.warning(
-                tc_block.line_of_key(key, 0),
-                format!(
-                    "unknown tool call key `{key}` in step {} is ignored",
-                    s.number
-                ),
-            );
+            let line = tc_block.line_of_key(key, 0);
+            if UNSUPPORTED_EXTENSIONS.contains(&key.as_str()) {
+                self.error(
+                    line,
+                    format!(
+                        "`{key}` in step {} is not supported by this version yet",
+                        s.number
+                    ),
+                );
+            } else {
+                self.warning(
+                    line,
+                    format!(
+                        "unknown tool call key `{key}` in step {} is ignored",
+                        s.number
+                    ),
+                );
+            }
         }
         let mut output_variable = None;
         if let Some(v) = &raw.output_variable {
@@ -639,6 +680,7 @@ impl Cx {
             block: tc_block,
             what: format!("{} tool in step {}", raw.tool, s.number),
             line: tc_block.line_of_key("parameters", 0),
+            span: (tc_block.line, tc_block.end_line()),
         };
         let tool = self.lower_tool(&raw.tool, &mut p, s.number, tool_line);
         self.finish(p);
@@ -655,11 +697,14 @@ impl Cx {
             if let Some(raw) = self.yaml::<Option<Vec<RawCheck>>>(vb, &what) {
                 for (i, c) in raw.unwrap_or_default().into_iter().enumerate() {
                     let line = vb.line_of_item(i);
+                    let next = vb.line_of_item(i + 1);
+                    let span = (line, if next > line { next } else { vb.end_line() });
                     let mut p = Params {
                         map: c.parameters,
                         block: vb,
                         what: format!("validation `{}` of step {}", c.kind, s.number),
                         line,
+                        span,
                     };
                     if let Some(t) = tool.as_ref().filter(|t| {
                         c.kind == "command_exit_code" && !matches!(t, Tool::Bash { .. })
@@ -718,10 +763,14 @@ impl Cx {
                                 OnError::Fail
                             }
                         };
-                        if let Some(f) = r.fallback_step
-                            && !numbers.contains_key(&f) {
-                                self.error(eb.line_of_key("fallback_step", 0), format!("fallback_step {f} of step {} does not exist", s.number));
+                        if let Some(f) = r.fallback_step {
+                            let line = eb.line_of_key("fallback_step", 0);
+                            if numbers.contains_key(&f) {
+                                self.error(line, format!("fallback_step in step {} is not supported by this version yet", s.number));
+                            } else {
+                                self.error(line, format!("fallback_step {f} of step {} does not exist", s.number));
                             }
+                        }
                     }
                     Err(e) => self.error(eb.line, format!("invalid {what}: {e}: expected `on_error: {{action, retry_count, delay_seconds}}`")),
                 }
@@ -780,12 +829,12 @@ impl Cx {
             "Bash" => {
                 let command = self.req_template(p, "command")?;
                 let _ = self.opt_string(p, "description");
-                for v in command.variables() {
-                    let quoted = ["'{", "\"{"]
-                        .iter()
-                        .any(|q| command.as_str().contains(&format!("{}{v}}}", q)));
-                    if quoted {
-                        self.warning(p.line_of("command"), format!("`{{{v}}}` is quoted in the command: variables in Bash steps are substituted already shell-quoted, so the quotes become part of the value"));
+                for (v, ctx) in command.shell_contexts() {
+                    if ctx == ShellContext::SingleQuoted {
+                        self.error(
+                            p.line_of("command"),
+                            format!("`{{{v}}}` is inside single quotes in the command, where the shell does not expand it: move it outside the quotes or into double quotes"),
+                        );
                     }
                 }
                 Some(Tool::Bash { command })
@@ -800,13 +849,15 @@ impl Cx {
                 let model = self.opt_string(p, "model");
                 let max_tokens = self
                     .opt_u64(p, "max_tokens")
-                    .map_or(DEFAULT_MAX_TOKENS, |v| v.min(u64::from(u32::MAX)) as u32);
-                if max_tokens == 0 {
+                    .map_or(u64::from(DEFAULT_MAX_TOKENS), |v| v);
+                if !(1..=MAX_MAX_TOKENS).contains(&max_tokens) {
                     self.error(
                         p.line_of("max_tokens"),
-                        "`max_tokens` is 0: expected at least 1",
+                        format!("`max_tokens` is {max_tokens}: expected 1 to {MAX_MAX_TOKENS}"),
                     );
                 }
+                let max_tokens =
+                    u32::try_from(max_tokens.min(MAX_MAX_TOKENS)).unwrap_or(DEFAULT_MAX_TOKENS);
                 let temperature = self.opt_f64(p, "temperature").unwrap_or(0.0) as f32;
                 if !(0.0..=2.0).contains(&temperature) {
                     self.error(
@@ -931,6 +982,10 @@ impl Cx {
                     return None;
                 }
                 CheckKind::RegexMatch { path, pattern }
+            }
+            "command_exit_code" if !in_step => {
+                self.error(line, format!("{}: `command_exit_code` checks a Bash step's exit code: expected it only in a step's validations", p.what));
+                return None;
             }
             "command_exit_code" => {
                 let expected = self
@@ -1089,10 +1144,23 @@ impl Cx {
 
 impl Params<'_> {
     fn line_of(&self, key: &str) -> usize {
-        let l = self.block.line_of_key(key, 0);
-        if l == self.block.line { self.line } else { l }
+        self.block
+            .find_key(key, self.span.0, self.span.1, 0)
+            .unwrap_or(self.line)
     }
 }
+
+/// Trace-language extensions (DESIGN.md) this version refuses rather than ignores.
+const UNSUPPORTED_EXTENSIONS: &[&str] = &[
+    "foreach",
+    "max_parallel",
+    "allowed_commands",
+    "read_paths",
+    "json_schema",
+];
+
+/// Largest `max_tokens` an LLM step may ask for.
+pub const MAX_MAX_TOKENS: u64 = 32_768;
 
 /// The validation types this compiler accepts.
 pub const CHECK_TYPES: &[&str] = &[

@@ -423,6 +423,16 @@ pub enum VerifyError {
         /// The time of the check.
         now: u64,
     },
+    /// The header expires before it was created.
+    #[error(
+        "signed header is created at {created_at} but expires at {expires_at} (unix seconds): expected expiry after creation"
+    )]
+    InvalidValidity {
+        /// Creation time.
+        created_at: u64,
+        /// Expiry time.
+        expires_at: u64,
+    },
     /// The compiled bytes do not decode.
     #[error("signed content is not a valid compiled trace: {0}")]
     Compiled(#[from] DecodeError),
@@ -547,6 +557,12 @@ pub fn verify(
             trusted: trusted_ids.join(", "),
         });
     }
+    if s.header.created_at > s.header.expires_at {
+        return Err(VerifyError::InvalidValidity {
+            created_at: s.header.created_at,
+            expires_at: s.header.expires_at,
+        });
+    }
     if now >= s.header.expires_at {
         return Err(VerifyError::Expired {
             expires_at: s.header.expires_at,
@@ -567,4 +583,109 @@ pub fn verify(
         header: s.header,
         signed_by,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = "---\ntrace_id: t\nversion: \"1.2.3\"\ngoal_signature: g\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo hi\n```\n";
+
+    fn compiled() -> Vec<u8> {
+        let (t, _) = crate::compile_source("t.trace.md", SRC).unwrap();
+        crate::encode_compiled(&t)
+    }
+
+    fn key(seed: u8) -> SecretKey {
+        SecretKey::from_seed(KeyRole::Traces, [seed; 32])
+    }
+
+    fn signed_by(k: &SecretKey, created: u64, expires: u64) -> SignedTrace {
+        sign(&compiled(), k, created, expires).unwrap()
+    }
+
+    #[test]
+    fn valid_signature_verifies() {
+        let k = key(1);
+        let bytes = encode_signed(&signed_by(&k, 100, 200));
+        let v = verify(&bytes, &[k.public()], 1, 150).unwrap();
+        assert_eq!(v.trace.id.as_str(), "t");
+        assert_eq!(v.signed_by, vec![k.public().key_id()]);
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let k = key(1);
+        let other = key(2);
+        let s = signed_by(&k, 100, 200);
+        let err = |s: &SignedTrace, trusted: &[PublicKey], threshold: usize, now: u64| {
+            verify(&encode_signed(s), trusted, threshold, now)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&s, &[other.public()], 1, 150).contains("(untrusted)"));
+        assert!(err(&s, &[k.public()], 1, 200).contains("expired"));
+        // A duplicated signature counts once.
+        let mut dup = s.clone();
+        dup.signatures.push(dup.signatures[0].clone());
+        assert!(err(&dup, &[k.public()], 2, 150).contains("1 valid signature(s)"));
+        // A key of another role does not count.
+        let mut commands = k.public();
+        commands.role = KeyRole::Commands;
+        assert!(err(&s, &[commands], 1, 150).contains("expected at least 1"));
+        // Tampered content.
+        let mut t = s.clone();
+        let last = t.compiled.len() - 1;
+        t.compiled[last] ^= 1;
+        assert!(err(&t, &[k.public()], 1, 150).contains("content hash mismatch"));
+        // Tampered header (signature no longer matches).
+        let mut h = s.clone();
+        h.header.expires_at = 10_000;
+        assert!(err(&h, &[k.public()], 1, 150).contains("(invalid)"));
+        // Created after it expires.
+        let backwards = signed_by(&k, 300, 200);
+        assert!(err(&backwards, &[k.public()], 1, 150).contains("expected expiry after creation"));
+    }
+
+    #[test]
+    fn header_must_name_the_content() {
+        let k = key(1);
+        let mut s = signed_by(&k, 100, 200);
+        s.header.version = "9.9.9".parse().unwrap();
+        s.signatures = vec![SignatureEntry {
+            key_id: k.public().key_id(),
+            signature: k.key.sign(&signing_message(&s.header)).to_bytes().to_vec(),
+        }];
+        let e = verify(&encode_signed(&s), &[k.public()], 1, 150).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("signed header names t 9.9.9 but the content is t 1.2.3"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_files_round_trip_and_refuse_mismatch() {
+        let k = key(3);
+        let p = PublicKey::from_file(&k.public().to_file()).unwrap();
+        assert_eq!(p, k.public());
+        let back = SecretKey::from_file(&k.to_file()).unwrap();
+        assert_eq!(back.public(), k.public());
+        let forged = k
+            .public()
+            .to_file()
+            .replace(&k.public().key_id().to_string(), &"0".repeat(64));
+        assert!(
+            PublicKey::from_file(&forged)
+                .unwrap_err()
+                .to_string()
+                .contains("key_id")
+        );
+        assert!(
+            PublicKey::from_file(&k.to_file())
+                .unwrap_err()
+                .to_string()
+                .contains("expected")
+        );
+    }
 }

@@ -41,19 +41,30 @@ impl Block {
     /// The 1-based source line of the first line in the block matching `key:` (optionally as a
     /// list item), searching from the `skip`-th match; the block's first line when absent.
     pub fn line_of_key(&self, key: &str, skip: usize) -> usize {
-        let mut seen = 0;
-        for (i, l) in self.text.lines().enumerate() {
-            let t = l.trim_start().trim_start_matches("- ").trim_start();
-            if t.strip_prefix(key)
-                .is_some_and(|r| r.trim_start().starts_with(':'))
-            {
-                if seen == skip {
-                    return self.line + i;
-                }
-                seen += 1;
-            }
-        }
-        self.line
+        self.find_key(key, self.line, usize::MAX, skip)
+            .unwrap_or(self.line)
+    }
+
+    /// The 1-based source line of the `skip`-th line matching `key:` among source lines
+    /// `from..to`, if any.
+    pub fn find_key(&self, key: &str, from: usize, to: usize, skip: usize) -> Option<usize> {
+        self.text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (self.line + i, l))
+            .filter(|(n, _)| (from..to).contains(n))
+            .filter(|(_, l)| {
+                let t = l.trim_start().trim_start_matches("- ").trim_start();
+                t.strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            })
+            .nth(skip)
+            .map(|(n, _)| n)
+    }
+
+    /// One past the last source line of the block.
+    pub fn end_line(&self) -> usize {
+        self.line + self.text.lines().count()
     }
 
     /// The 1-based source line of the `n`-th top-level list item (`- `) of the block.
@@ -205,6 +216,7 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
     let mut pending: Option<(Field, usize)> = None;
     let mut code: Option<(Option<usize>, String, bool)> = None; // (first text offset, text, is_fenced)
     let mut meta: Option<(Option<usize>, String)> = None;
+    let mut in_step = false;
 
     for (event, range) in Parser::new_ext(text, opts).into_offset_iter() {
         match event {
@@ -237,7 +249,14 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
             Event::End(pulldown_cmark::TagEnd::Heading(_)) => {
                 if let Some((level, r, t)) = heading.take() {
                     let (line, column) = index.line_col(r.start);
-                    on_heading(&mut out, level, line, column, t.trim());
+                    let started = on_heading(&mut out, level, line, column, t.trim());
+                    // Any other heading at step level or above ends the current step, so later
+                    // fields cannot attach to it silently.
+                    if started {
+                        in_step = true;
+                    } else if level <= HeadingLevel::H3 {
+                        in_step = false;
+                    }
                 }
             }
             Event::Start(Tag::Paragraph) => {
@@ -277,6 +296,7 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                             field,
                             line,
                             rest.trim_start().trim_start_matches(':').trim(),
+                            in_step,
                             &mut pending,
                         );
                     }
@@ -361,12 +381,19 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
     out
 }
 
-fn on_heading(out: &mut SourceTrace, level: HeadingLevel, line: usize, column: usize, text: &str) {
+/// Handles a heading; returns whether it started a step.
+fn on_heading(
+    out: &mut SourceTrace,
+    level: HeadingLevel,
+    line: usize,
+    column: usize,
+    text: &str,
+) -> bool {
     if level == HeadingLevel::H1 && out.title.is_none() {
         out.title = Some(text.to_owned());
     }
     let Some(rest) = strip_prefix_ci(text, "step") else {
-        return;
+        return false;
     };
     if level != HeadingLevel::H3 {
         out.diagnostics.push(Diagnostic {
@@ -376,31 +403,37 @@ fn on_heading(out: &mut SourceTrace, level: HeadingLevel, line: usize, column: u
             column,
             message: format!("step heading at level {level:?}: expected `### Step N: title` (H3); this section is not a step"),
         });
-        return;
+        return false;
     }
     let rest = rest.trim_start();
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     let after = rest[digits.len()..].trim_start();
     let title = after.strip_prefix(':').map(str::trim);
     match (digits.parse::<u32>(), title) {
-        (Ok(number), Some(title)) => out.steps.push(SourceStep {
-            number,
-            title: title.to_owned(),
-            line,
-            tool_call: None,
-            validation: None,
-            error_handling: None,
-            dependencies: None,
-        }),
-        _ => out.diagnostics.push(Diagnostic {
-            severity: Severity::Error,
-            file: out.file.clone(),
-            line,
-            column,
-            message: format!(
-                "malformed step heading {text:?}: expected `### Step N: title` with a decimal N"
-            ),
-        }),
+        (Ok(number), Some(title)) => {
+            out.steps.push(SourceStep {
+                number,
+                title: title.to_owned(),
+                line,
+                tool_call: None,
+                validation: None,
+                error_handling: None,
+                dependencies: None,
+            });
+            true
+        }
+        _ => {
+            out.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                file: out.file.clone(),
+                line,
+                column,
+                message: format!(
+                    "malformed step heading {text:?}: expected `### Step N: title` with a decimal N"
+                ),
+            });
+            false
+        }
     }
 }
 
@@ -409,9 +442,10 @@ fn on_field(
     field: Field,
     line: usize,
     rest: &str,
+    in_step: bool,
     pending: &mut Option<(Field, usize)>,
 ) {
-    let Some(step) = out.steps.last_mut() else {
+    let Some(step) = out.steps.last_mut().filter(|_| in_step) else {
         out.diagnostics.push(Diagnostic {
             severity: Severity::Error,
             file: out.file.clone(),
@@ -440,6 +474,19 @@ fn on_field(
             step.dependencies = Some((rest.to_owned(), line));
         }
     } else {
+        if !rest.is_empty() {
+            let msg = format!(
+                "unexpected text after {}: expected the fenced YAML block on the following lines, found {rest:?}",
+                field.label()
+            );
+            out.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                file: out.file.clone(),
+                line,
+                column: 1,
+                message: msg,
+            });
+        }
         *pending = Some((field, line));
     }
 }
@@ -493,6 +540,33 @@ mod tests {
         // Found by the trace_source fuzz target: a heading whose 4th byte is inside a character.
         let s = parse("x.md", "# St\u{6410}p\n### \u{6410}\n");
         assert!(s.steps.is_empty());
+    }
+
+    #[test]
+    fn fields_after_a_non_step_heading_do_not_attach_to_the_previous_step() {
+        let s = parse(
+            "x.md",
+            "### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\n```\n### Notes\n**Dependencies**: Step 9\n",
+        );
+        assert!(s.steps[0].dependencies.is_none());
+        assert_eq!(s.diagnostics.len(), 1, "{:?}", s.diagnostics);
+        assert!(s.diagnostics[0].message.contains("outside a step"));
+        assert_eq!(s.diagnostics[0].line, 7);
+    }
+
+    #[test]
+    fn text_glued_to_a_block_field_is_reported() {
+        let s = parse(
+            "x.md",
+            "### Step 1: a\n**Error Handling**:\n**Dependencies**: Step 1\n```yaml\non_error: {action: skip}\n```\n",
+        );
+        assert!(
+            s.diagnostics.iter().any(|d| d
+                .message
+                .contains("unexpected text after **Error Handling**:")),
+            "{:?}",
+            s.diagnostics
+        );
     }
 
     #[test]

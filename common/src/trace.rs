@@ -424,40 +424,112 @@ impl Template {
             .collect()
     }
 
-    /// Substitutes every placeholder with `lookup(name)` passed through `quote`.
+    /// Substitutes every placeholder with `lookup(name)` (for text, not shell commands: see
+    /// [`Template::render_shell`]).
     ///
     /// # Errors
-    /// The first name `lookup` does not know (compiled traces have none, but inputs come from
-    /// the command line).
-    pub fn render<'v>(
-        &self,
-        lookup: impl Fn(&str) -> Option<&'v str>,
-        quote: impl Fn(&str) -> String,
-    ) -> Result<String, String> {
+    /// The first name `lookup` does not know.
+    pub fn render<'v>(&self, lookup: impl Fn(&str) -> Option<&'v str>) -> Result<String, String> {
         let mut out = String::with_capacity(self.0.len());
         for p in self.pieces() {
             match p {
                 Piece::Text(t) => out.push_str(&t),
-                Piece::Var(v) => out.push_str(&quote(lookup(v).ok_or_else(|| v.to_owned())?)),
+                Piece::Var(v) => out.push_str(lookup(v).ok_or_else(|| v.to_owned())?),
             }
         }
         Ok(out)
     }
 }
 
-/// Quotes `s` for a POSIX shell: one single-quoted word that the shell passes through verbatim.
-pub fn shell_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(c);
+/// Where a placeholder sits in a shell command, by POSIX quoting rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShellContext {
+    /// Outside quotes: substituted as `"${TF_VAR_name}"`.
+    Unquoted,
+    /// Inside `"…"`: substituted as `${TF_VAR_name}`.
+    DoubleQuoted,
+    /// Inside `'…'`: the shell would not expand it; refused by the compiler.
+    SingleQuoted,
+}
+
+/// The environment variable that carries `{name}` into a Bash step.
+pub fn shell_var_env(name: &str) -> String {
+    format!("TF_VAR_{name}")
+}
+
+impl Template {
+    /// Each placeholder of a shell command with its quoting context.
+    ///
+    /// Tracks `'…'`, `"…"` and backslash escapes across the literal text (heredoc bodies and
+    /// command substitutions count as the context they appear in).
+    pub fn shell_contexts(&self) -> Vec<(&str, ShellContext)> {
+        let mut out = Vec::new();
+        let mut state = ShellContext::Unquoted;
+        for piece in self.pieces() {
+            match piece {
+                Piece::Var(v) => out.push((v, state)),
+                Piece::Text(t) => {
+                    let mut chars = t.chars();
+                    while let Some(c) = chars.next() {
+                        state = match (state, c) {
+                            (ShellContext::Unquoted | ShellContext::DoubleQuoted, '\\') => {
+                                chars.next();
+                                state
+                            }
+                            (ShellContext::Unquoted, '\'') => ShellContext::SingleQuoted,
+                            (ShellContext::Unquoted, '"') => ShellContext::DoubleQuoted,
+                            (ShellContext::SingleQuoted, '\'')
+                            | (ShellContext::DoubleQuoted, '"') => ShellContext::Unquoted,
+                            (s, _) => s,
+                        };
+                    }
+                }
+            }
         }
+        out
     }
-    out.push('\'');
-    out
+
+    /// Renders a shell command without ever splicing a value into shell syntax: each
+    /// `{name}` becomes a reference to the environment variable [`shell_var_env`]`(name)`
+    /// (`"${TF_VAR_name}"` outside quotes, `${TF_VAR_name}` inside double quotes), and the
+    /// values travel in the returned environment. The shell never parses a value as code.
+    ///
+    /// # Errors
+    /// A name `lookup` does not know, or a placeholder inside single quotes.
+    pub fn render_shell<'v>(
+        &self,
+        lookup: impl Fn(&str) -> Option<&'v str>,
+    ) -> Result<(String, Vec<(String, String)>), String> {
+        let contexts = self.shell_contexts();
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (name, ctx) in &contexts {
+            if *ctx == ShellContext::SingleQuoted {
+                return Err(format!(
+                    "`{{{name}}}` is inside single quotes, where the shell does not expand it"
+                ));
+            }
+            let value = lookup(name).ok_or_else(|| (*name).to_owned())?;
+            let key = shell_var_env(name);
+            if !env.iter().any(|(k, _)| *k == key) {
+                env.push((key, value.to_owned()));
+            }
+        }
+        let mut ctx = contexts.iter().map(|(_, c)| *c);
+        let mut out = String::with_capacity(self.0.len());
+        for p in self.pieces() {
+            match p {
+                Piece::Text(t) => out.push_str(&t),
+                Piece::Var(v) => {
+                    let key = shell_var_env(v);
+                    match ctx.next() {
+                        Some(ShellContext::DoubleQuoted) => out.push_str(&format!("${{{key}}}")),
+                        _ => out.push_str(&format!("\"${{{key}}}\"")),
+                    }
+                }
+            }
+        }
+        Ok((out, env))
+    }
 }
 
 /// Built-in variables every trace may use: `{run_id}`, `{trace_id}`, `{base_dir}`,
@@ -480,22 +552,47 @@ mod tests {
         assert!(t("echo ${HOME}").variables().is_empty());
         assert!(t("{{not_a_var}}").variables().is_empty());
         let lookup = |v: &str| (v == "x").then_some("1");
-        assert_eq!(
-            t("{{x}} {x}").render(lookup, str::to_owned).unwrap(),
-            "{x} 1"
-        );
-        assert_eq!(t("a {y}").render(lookup, str::to_owned).unwrap_err(), "y");
+        assert_eq!(t("{{x}} {x}").render(lookup).unwrap(), "{x} 1");
+        assert_eq!(t("a {y}").render(lookup).unwrap_err(), "y");
     }
 
     #[test]
-    fn shell_quoting_survives_hostile_values() {
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's; rm -rf /"), r"'it'\''s; rm -rf /'");
+    fn shell_rendering_never_splices_values_into_syntax() {
+        let hostile = "$(reboot); rm -rf / `id` 'x' \"y\"";
+        let lookup = |_: &str| Some(hostile);
+        let (cmd, env) = t("cat {p} | grep \"Result: {p}\"")
+            .render_shell(lookup)
+            .unwrap();
+        assert_eq!(cmd, "cat \"${TF_VAR_p}\" | grep \"Result: ${TF_VAR_p}\"");
+        assert_eq!(env, vec![("TF_VAR_p".to_owned(), hostile.to_owned())]);
+        let e = t("grep 'a{p}' f").render_shell(lookup).unwrap_err();
+        assert!(e.contains("single quotes"), "{e}");
+        // Escaped quotes do not change the context.
+        let escaped = t("echo \\' {p}");
         assert_eq!(
-            t("cat {p}")
-                .render(|_| Some("$(reboot)"), shell_quote)
-                .unwrap(),
-            "cat '$(reboot)'"
+            escaped.shell_contexts(),
+            vec![("p", ShellContext::Unquoted)]
+        );
+        let awk = t("awk '{print $1}' {p}");
+        assert_eq!(awk.shell_contexts(), vec![("p", ShellContext::Unquoted)]);
+    }
+
+    #[test]
+    fn hostile_values_run_as_data_in_a_real_shell() {
+        let hostile = "$(echo INJECTED); echo INJECTED `echo INJECTED`";
+        let (cmd, env) = t("printf '%s|' {v} \"{v}\"")
+            .render_shell(|_| Some(hostile))
+            .unwrap();
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{hostile}|{hostile}|")
         );
     }
 }

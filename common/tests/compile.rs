@@ -169,3 +169,56 @@ fn trailing_bytes_are_refused() {
             .contains("trailing")
     );
 }
+
+#[test]
+fn placeholder_in_single_quotes_is_an_error() {
+    let src = format!(
+        "{HEAD}inputs:\n  p: x\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: grep 'a{{p}}' f\n```\n"
+    )
+    .replacen("---\ninputs", "inputs", 1);
+    let e = errors_of(&src);
+    assert!(
+        e.iter().any(|m| m.contains("inside single quotes")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn extension_not_supported_yet_is_an_error_not_ignored() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\nforeach: \"*.log\"\n```\n"
+    );
+    let e = errors_of(&src);
+    assert!(
+        e.iter()
+            .any(|m| m.contains(":12:1: error: `foreach` in step 1 is not supported")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn second_validation_parameter_errors_point_at_their_own_line() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\n```\n**Validation**:\n```yaml\n- check: one\n  type: regex_match\n  parameters:\n    pattern: ok\n- check: two\n  type: regex_match\n  parameters:\n    pattern: '('\n```\n"
+    );
+    let e = errors_of(&src);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("bad.trace.md:22:1:"), "{e:?}");
+    assert!(e[0].contains("invalid regular expression"), "{e:?}");
+}
+
+#[test]
+fn preconditions_cannot_use_step_outputs_and_outputs_cannot_shadow() {
+    let src = "---\ntrace_id: t\nversion: \"1.0\"\ngoal_signature: g\npreconditions:\n  - condition: c\n    validation_type: file_exists\n    parameters:\n      path: \"{out}\"\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\noutput_variable: out\n```\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\noutput_variable: base_dir\n```\n";
+    let e = errors_of(src);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("unresolved variable `{out}` in precondition")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("`base_dir` of step 2 shadows a built-in variable")),
+        "{e:?}"
+    );
+}

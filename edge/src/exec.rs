@@ -11,11 +11,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tracefleet::Trace;
+use tracefleet::ids::VarName;
 use tracefleet::report::{
     CheckResult, LlmUsage, MAX_REPORTED_OUTPUT, REPORT_VERSION, Report, RunStatus, StepResult,
     StepStatus, truncate_utf8,
 };
-use tracefleet::trace::{Check, CheckKind, OnError, Step, Template, Tool, shell_quote};
+use tracefleet::trace::{Check, CheckKind, OnError, Step, Template, Tool};
 
 /// What a file path refers to, as seen by checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +91,14 @@ pub trait Host {
     fn write_file(&mut self, path: &str, content: &str) -> Result<(), String>;
     /// What is at `path`.
     fn file_kind(&mut self, path: &str) -> Result<FileKind, String>;
-    /// Runs a shell command in the base directory.
-    fn shell(&mut self, command: &str, timeout: Duration) -> Result<ShellOutput, String>;
+    /// Runs a shell command in the base directory with `env` added to its (scrubbed)
+    /// environment.
+    fn shell(
+        &mut self,
+        command: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<ShellOutput, String>;
     /// Runs the model.
     fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String>;
     /// Waits (retry backoff).
@@ -179,15 +186,28 @@ struct Vars {
 }
 
 impl Vars {
-    fn render(&self, t: &Template, shell: bool) -> Result<String, String> {
-        let lookup = |v: &str| self.values.get(v).map(String::as_str);
-        let r = if shell {
-            t.render(lookup, shell_quote)
-        } else {
-            t.render(lookup, str::to_owned)
-        };
-        r.map_err(|v| format!("variable `{{{v}}}` has no value (its step did not run)"))
+    fn lookup(&self, v: &str) -> Option<&str> {
+        self.values.get(v).map(String::as_str)
     }
+
+    fn render(&self, t: &Template) -> Result<String, String> {
+        t.render(|v| self.lookup(v)).map_err(no_value)
+    }
+
+    /// A shell command and the environment carrying its variables' values.
+    fn render_shell(&self, t: &Template) -> Result<(String, Vec<(String, String)>), String> {
+        t.render_shell(|v| self.lookup(v)).map_err(|e| {
+            if VarName::is_valid(&e) {
+                no_value(e)
+            } else {
+                e
+            }
+        })
+    }
+}
+
+fn no_value(v: String) -> String {
+    format!("variable `{{{v}}}` has no value (its step did not succeed)")
 }
 
 struct Attempt {
@@ -265,12 +285,16 @@ pub fn run(
             report.step_results.push(not_run(step));
             continue;
         }
-        let (result, full_output) = run_step(step, &vars, host);
-        if let Some(llm) = &result.llm {
-            report.prompt_tokens += u64::from(llm.prompt_tokens);
-            report.completion_tokens += u64::from(llm.completion_tokens);
-        }
-        if result.validations.iter().any(|v| !v.passed) {
+        let StepRun {
+            result,
+            full_output,
+            prompt_tokens,
+            completion_tokens,
+        } = run_step(step, &vars, host);
+        report.prompt_tokens += prompt_tokens;
+        report.completion_tokens += completion_tokens;
+        // A step that did not succeed did not pass its validations, whatever stopped it.
+        if result.status != StepStatus::Success {
             report.all_validations_passed = false;
         }
         match result.status {
@@ -287,10 +311,13 @@ pub fn run(
             }
             StepStatus::Skipped | StepStatus::NotRun => {}
         }
-        // Bind the full (untruncated) output for later steps.
-        for (name, n) in &bindings {
-            if *n == step.number {
-                vars.values.insert((*name).to_owned(), full_output.clone());
+        // Bind the full (untruncated) output for later steps, only when the step succeeded:
+        // a skipped step's partial output must not flow on as if it were good.
+        if result.status == StepStatus::Success {
+            for (name, n) in &bindings {
+                if *n == step.number {
+                    vars.values.insert((*name).to_owned(), full_output.clone());
+                }
             }
         }
         on_event(Event::StepFinished(&result));
@@ -339,8 +366,20 @@ fn not_run(step: &Step) -> StepResult {
     }
 }
 
-/// Runs one step; returns its result (output truncated for the report) and the full output.
-fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, String) {
+/// One executed step.
+struct StepRun {
+    /// The record (output truncated for the report; fields of the last attempt).
+    result: StepResult,
+    /// The untruncated output of the last attempt.
+    full_output: String,
+    /// Prompt tokens over all attempts.
+    prompt_tokens: u64,
+    /// Generated tokens over all attempts.
+    completion_tokens: u64,
+}
+
+/// Runs one step with its error policy.
+fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
     let start = host.monotonic();
     let (max_attempts, delay) = match step.on_error {
         OnError::Retry {
@@ -351,9 +390,16 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, Strin
     };
     let timeout = Duration::from_secs(u64::from(step.timeout_secs));
     let mut result = not_run(step);
+    let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
     for attempt in 1..=max_attempts {
         result.attempts = attempt;
+        result.exit_code = None;
+        result.llm = None;
         let outcome = run_tool(step, vars, host, timeout);
+        if let Ok(Attempt { llm: Some(u), .. }) = &outcome {
+            prompt_tokens += u64::from(u.prompt_tokens);
+            completion_tokens += u64::from(u.completion_tokens);
+        }
         let (ok, error) = match outcome {
             Ok(a) => {
                 result.validations = step
@@ -411,9 +457,14 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> (StepResult, Strin
         result.status = StepStatus::Skipped;
     }
     result.duration_secs = (host.monotonic() - start).as_secs_f64();
-    let full = result.output.clone();
+    let full_output = result.output.clone();
     result.output_truncated = truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
-    (result, full)
+    StepRun {
+        result,
+        full_output,
+        prompt_tokens,
+        completion_tokens,
+    }
 }
 
 fn run_tool(
@@ -428,7 +479,7 @@ fn run_tool(
             offset,
             limit,
         } => {
-            let path = vars.render(file_path, false)?;
+            let path = vars.render(file_path)?;
             let output = host.read_file(&path, *offset, *limit)?;
             Ok(Attempt {
                 output,
@@ -437,8 +488,8 @@ fn run_tool(
             })
         }
         Tool::Write { file_path, content } => {
-            let path = vars.render(file_path, false)?;
-            let content = vars.render(content, false)?;
+            let path = vars.render(file_path)?;
+            let content = vars.render(content)?;
             host.write_file(&path, &content)?;
             Ok(Attempt {
                 output: content,
@@ -447,8 +498,8 @@ fn run_tool(
             })
         }
         Tool::Bash { command } => {
-            let command = vars.render(command, true)?;
-            let out = host.shell(&command, timeout)?;
+            let (command, env) = vars.render_shell(command)?;
+            let out = host.shell(&command, &env, timeout)?;
             if out.exit_code.is_none() {
                 return Err(format!(
                     "command was killed by a signal; stderr: {}",
@@ -464,12 +515,8 @@ fn run_tool(
         Tool::Llm(call) => {
             let request = GenerateRequest {
                 model: call.model.clone(),
-                system: call
-                    .system
-                    .as_ref()
-                    .map(|s| vars.render(s, false))
-                    .transpose()?,
-                prompt: vars.render(&call.prompt, false)?,
+                system: call.system.as_ref().map(|s| vars.render(s)).transpose()?,
+                prompt: vars.render(&call.prompt)?,
                 max_tokens: call.max_tokens,
                 temperature: call.temperature,
                 top_p: call.top_p,
@@ -516,7 +563,7 @@ fn subject(
 ) -> Result<String, String> {
     match (path, output) {
         (Some(p), _) => {
-            let p = vars.render(p, false)?;
+            let p = vars.render(p)?;
             host.read_file(&p, None, None)
         }
         (None, Some(o)) => Ok(o.to_owned()),
@@ -533,7 +580,7 @@ fn evaluate(
 ) -> Result<(bool, String), String> {
     Ok(match kind {
         CheckKind::FileExists { path } => {
-            let p = vars.render(path, false)?;
+            let p = vars.render(path)?;
             match host.file_kind(&p)? {
                 FileKind::File(n) => (true, format!("{p} is a file of {n} bytes")),
                 other => (
@@ -543,7 +590,7 @@ fn evaluate(
             }
         }
         CheckKind::DirectoryExists { path } => {
-            let p = vars.render(path, false)?;
+            let p = vars.render(path)?;
             match host.file_kind(&p)? {
                 FileKind::Directory => (true, format!("{p} is a directory")),
                 other => (
@@ -554,7 +601,7 @@ fn evaluate(
         }
         CheckKind::ContentContains { path, text } => {
             let s = subject(path, vars, host, output)?;
-            let t = vars.render(text, false)?;
+            let t = vars.render(text)?;
             let ok = s.contains(&t);
             (
                 ok,
@@ -570,7 +617,7 @@ fn evaluate(
         }
         CheckKind::ContentNotContains { path, text } => {
             let s = subject(path, vars, host, output)?;
-            let t = vars.render(text, false)?;
+            let t = vars.render(text)?;
             let ok = !s.contains(&t);
             (
                 ok,
@@ -624,7 +671,7 @@ fn evaluate(
         CheckKind::FileSizeMinimum { path, bytes } => {
             let size = match path {
                 Some(p) => {
-                    let p = vars.render(p, false)?;
+                    let p = vars.render(p)?;
                     match host.file_kind(&p)? {
                         FileKind::File(n) => n,
                         other => {
@@ -700,5 +747,193 @@ fn describe(k: FileKind) -> &'static str {
         FileKind::File(_) => "a file",
         FileKind::Directory => "a directory",
         FileKind::Other => "a special file",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{HashMap, VecDeque};
+
+    /// A scripted host: shell answers come from a queue; files live in a map.
+    #[derive(Default)]
+    struct FakeHost {
+        shell_answers: VecDeque<ShellOutput>,
+        commands: Vec<(String, Vec<(String, String)>)>,
+        files: HashMap<String, String>,
+        slept: Vec<Duration>,
+        clock: Duration,
+    }
+
+    impl Host for FakeHost {
+        fn read_file(
+            &mut self,
+            path: &str,
+            _: Option<u64>,
+            _: Option<u64>,
+        ) -> Result<String, String> {
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| format!("no file {path}"))
+        }
+        fn write_file(&mut self, path: &str, content: &str) -> Result<(), String> {
+            self.files.insert(path.to_owned(), content.to_owned());
+            Ok(())
+        }
+        fn file_kind(&mut self, path: &str) -> Result<FileKind, String> {
+            Ok(self
+                .files
+                .get(path)
+                .map_or(FileKind::Missing, |c| FileKind::File(c.len() as u64)))
+        }
+        fn shell(
+            &mut self,
+            command: &str,
+            env: &[(String, String)],
+            _: Duration,
+        ) -> Result<ShellOutput, String> {
+            self.commands.push((command.to_owned(), env.to_vec()));
+            self.shell_answers
+                .pop_front()
+                .ok_or_else(|| "no scripted answer".to_owned())
+        }
+        fn generate(&mut self, _: &GenerateRequest) -> Result<Generation, String> {
+            Err("no model in this test".into())
+        }
+        fn sleep(&mut self, d: Duration) {
+            self.slept.push(d);
+            self.clock += d;
+        }
+        fn monotonic(&self) -> Duration {
+            self.clock
+        }
+        fn timestamp(&self) -> String {
+            "2026-11-21T00:00:00Z".into()
+        }
+    }
+
+    fn out(stdout: &str, code: i32) -> ShellOutput {
+        ShellOutput {
+            stdout: stdout.into(),
+            stderr: String::new(),
+            exit_code: Some(code),
+        }
+    }
+
+    fn trace(body: &str) -> Trace {
+        let src = format!("---\ntrace_id: t\nversion: \"1.0\"\ngoal_signature: g\n{body}");
+        tracefleet::compile_source("t.trace.md", &src)
+            .unwrap_or_else(|d| panic!("{d}"))
+            .0
+    }
+
+    fn run_with(t: &Trace, host: &mut FakeHost) -> Report {
+        let cx = RunContext {
+            run_id: "r".into(),
+            device_id: "d".into(),
+            base_dir: "/b".into(),
+        };
+        let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
+        let mut events = 0;
+        let r = run(t, &cx, &inputs, host, &mut |_| events += 1);
+        assert_eq!(
+            events,
+            r.step_results
+                .iter()
+                .filter(|s| s.status != StepStatus::NotRun)
+                .count()
+        );
+        r
+    }
+
+    const STEP: &str = "### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: check\noutput_variable: first\n```\n**Validation**:\n```yaml\n- check: ready\n  type: content_contains\n  parameters:\n    text: ready\n```\n";
+
+    #[test]
+    fn retry_backs_off_exponentially_then_succeeds() {
+        let t = trace(&format!(
+            "---\n{STEP}**Error Handling**:\n```yaml\non_error: {{action: retry, retry_count: 3, delay_seconds: 1}}\n```\n"
+        ));
+        let mut h = FakeHost::default();
+        h.shell_answers = [out("not yet", 0), out("boom", 1), out("ready", 0)].into();
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Success);
+        assert_eq!(r.step_results[0].attempts, 3);
+        assert_eq!(
+            h.slept,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert!(r.all_validations_passed);
+    }
+
+    #[test]
+    fn skip_goes_on_but_never_binds_the_failed_output() {
+        let t = trace(&format!(
+            "---\n{STEP}**Error Handling**:\n```yaml\non_error: {{action: skip}}\n```\n### Step 2: uses it\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: out.txt\n  content: \"{{first}}\"\n```\n"
+        ));
+        let mut h = FakeHost::default();
+        h.shell_answers = [out("not yet", 0)].into();
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.step_results[0].status, StepStatus::Skipped);
+        assert_eq!(r.step_results[1].status, StepStatus::Failed);
+        assert!(
+            r.step_results[1]
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("`{first}` has no value")
+        );
+        assert!(!h.files.contains_key("out.txt"));
+        assert!(!r.all_validations_passed);
+        assert_eq!(r.failed_step, Some(2));
+    }
+
+    #[test]
+    fn failed_precondition_runs_no_step() {
+        let t = trace(&format!(
+            "preconditions:\n  - condition: input exists\n    validation_type: file_exists\n    parameters: {{path: in.txt}}\n---\n{STEP}"
+        ));
+        let mut h = FakeHost::default();
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Failed);
+        assert!(!r.all_preconditions_met);
+        assert_eq!(r.step_results[0].status, StepStatus::NotRun);
+        assert!(h.commands.is_empty());
+    }
+
+    #[test]
+    fn shell_values_travel_in_the_environment() {
+        let t = trace(
+            "inputs:\n  target: \"$(reboot)\"\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: ls {target}\n```\n",
+        );
+        let mut h = FakeHost::default();
+        h.shell_answers = [out("", 0)].into();
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Success);
+        let (cmd, env) = &h.commands[0];
+        assert_eq!(cmd, "ls \"${TF_VAR_target}\"");
+        assert_eq!(
+            env,
+            &vec![("TF_VAR_target".to_owned(), "$(reboot)".to_owned())]
+        );
+    }
+
+    #[test]
+    fn nonzero_exit_fails_unless_expected() {
+        let t = trace(
+            "---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: grep x f\n```\n**Validation**:\n```yaml\n- check: no match is fine\n  type: command_exit_code\n  parameters: {expected: 1}\n```\n### Step 2: t\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: false\n```\n",
+        );
+        let mut h = FakeHost::default();
+        h.shell_answers = [out("", 1), out("", 1)].into();
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.step_results[0].status, StepStatus::Success);
+        assert_eq!(r.step_results[1].status, StepStatus::Failed);
+        assert!(
+            r.step_results[1]
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("exited with status 1")
+        );
     }
 }

@@ -14,10 +14,11 @@ use crate::exec::{FileKind, GenerateRequest, Generation, Host, ShellOutput};
 use crate::infer::Inference;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Largest file a Read step or a check reads (bytes).
@@ -28,6 +29,8 @@ pub const MAX_STDOUT_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_STDERR_BYTES: usize = 64 * 1024;
 /// Time between SIGTERM and SIGKILL when a command times out.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for a finished command's pipes to close.
+const PIPE_GRACE: Duration = Duration::from_secs(1);
 
 /// Read-only roots a trace may read outside its base directory, by default.
 pub const DEFAULT_READ_ROOTS: &[&str] = &["/var/log", "/etc", "/usr/share"];
@@ -111,40 +114,60 @@ impl LocalHost {
         }
     }
 
-    /// Resolves a path for writing: lexically inside the base directory, no `..`, and its
-    /// existing parent canonicalises inside the base directory; the target is not a symlink.
+    /// Resolves a path for writing: lexically inside the base directory, no `..`, no symlink
+    /// on the way or at the target. Missing directories are created one by one, each only
+    /// after its parent was checked, so nothing is ever created outside the base directory.
     fn resolve_write(&self, path: &str) -> Result<PathBuf, String> {
-        let p = Path::new(path);
-        if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        if Path::new(path)
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+        {
             return Err(format!(
                 "write to {path} refused: `..` is not allowed in write paths"
             ));
         }
         let abs = self.absolute(path);
-        if !abs.starts_with(&self.base_dir) {
-            return Err(format!(
+        let rel = abs.strip_prefix(&self.base_dir).map_err(|_| {
+            format!(
                 "write to {path} refused: expected a path inside the base directory {}",
                 self.base_dir.display()
-            ));
+            )
+        })?;
+        let parts: Vec<&std::ffi::OsStr> = rel
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(format!("write to {path} refused: expected a file name"));
+        };
+        let mut cur = self.base_dir.clone();
+        for d in dirs {
+            cur.push(d);
+            match std::fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(format!(
+                        "write to {path} refused: {} is a symbolic link",
+                        cur.display()
+                    ));
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "write to {path} refused: {} is not a directory",
+                        cur.display()
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir(&cur)
+                        .map_err(|e| format!("cannot create {}: {e}", cur.display()))?;
+                }
+                Err(e) => return Err(format!("cannot inspect {}: {e}", cur.display())),
+            }
         }
-        let parent = abs
-            .parent()
-            .ok_or_else(|| format!("write to {path} refused: no parent directory"))?;
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-        let parent_c = parent
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?;
-        if !parent_c.starts_with(&self.base_dir) {
-            return Err(format!(
-                "write to {path} refused: its directory resolves to {}, outside the base directory",
-                parent_c.display()
-            ));
-        }
-        let name = abs
-            .file_name()
-            .ok_or_else(|| format!("write to {path} refused: expected a file name"))?;
-        let target = parent_c.join(name);
+        let target = cur.join(name);
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(format!(
                 "write to {path} refused: the target is a symbolic link"
@@ -162,44 +185,51 @@ impl Host for LocalHost {
         limit: Option<u64>,
     ) -> Result<String, String> {
         let p = self.resolve_read(path)?;
-        let f = std::fs::File::open(&p).map_err(|e| format!("cannot open {path}: {e}"))?;
-        let meta = f
-            .metadata()
-            .map_err(|e| format!("cannot stat {path}: {e}"))?;
+        // Stat before open: opening a FIFO or a device could block or never end.
+        let meta = std::fs::metadata(&p).map_err(|e| format!("cannot stat {path}: {e}"))?;
         if !meta.is_file() {
             return Err(format!("cannot read {path}: expected a regular file"));
         }
-        let windowed = offset.is_some() || limit.is_some();
-        if !windowed && meta.len() > MAX_READ_BYTES {
-            return Err(format!(
-                "{path} is {} bytes: expected at most {MAX_READ_BYTES} (use offset/limit to read a window)",
-                meta.len()
-            ));
-        }
-        let mut bytes = Vec::new();
-        f.take(if windowed {
-            64 * MAX_READ_BYTES
-        } else {
-            MAX_READ_BYTES
-        })
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
-        let text = String::from_utf8_lossy(&bytes);
-        if !windowed {
-            return Ok(text.into_owned());
-        }
-        let skip = usize::try_from(offset.unwrap_or(1).saturating_sub(1)).unwrap_or(usize::MAX);
-        let take = usize::try_from(limit.unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
-        let mut out = String::new();
-        for line in text.split_inclusive('\n').skip(skip).take(take) {
-            if out.len() + line.len() > MAX_READ_BYTES as usize {
+        let f = std::fs::File::open(&p).map_err(|e| format!("cannot open {path}: {e}"))?;
+        if offset.is_none() && limit.is_none() {
+            if meta.len() > MAX_READ_BYTES {
                 return Err(format!(
-                    "the selected lines of {path} exceed {MAX_READ_BYTES} bytes"
+                    "{path} is {} bytes: expected at most {MAX_READ_BYTES} (use offset/limit to read a window)",
+                    meta.len()
                 ));
             }
-            out.push_str(line);
+            let mut bytes = Vec::new();
+            f.take(MAX_READ_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("cannot read {path}: {e}"))?;
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
         }
-        Ok(out)
+        // A window of lines, streamed: memory is bounded by the window, not the file.
+        let skip = offset.unwrap_or(1).saturating_sub(1);
+        let end = skip.saturating_add(limit.unwrap_or(u64::MAX));
+        let mut reader = std::io::BufReader::new(f);
+        let mut out = Vec::new();
+        let mut line = Vec::new();
+        let mut n: u64 = 0;
+        while n < end {
+            line.clear();
+            let got = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| format!("cannot read {path}: {e}"))?;
+            if got == 0 {
+                break;
+            }
+            if n >= skip {
+                if out.len() + line.len() > MAX_READ_BYTES as usize {
+                    return Err(format!(
+                        "the selected lines of {path} exceed {MAX_READ_BYTES} bytes"
+                    ));
+                }
+                out.extend_from_slice(&line);
+            }
+            n += 1;
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     fn write_file(&mut self, path: &str, content: &str) -> Result<(), String> {
@@ -238,8 +268,13 @@ impl Host for LocalHost {
         })
     }
 
-    fn shell(&mut self, command: &str, timeout: Duration) -> Result<ShellOutput, String> {
-        run_shell(command, &self.base_dir, timeout)
+    fn shell(
+        &mut self,
+        command: &str,
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<ShellOutput, String> {
+        run_shell(command, env, &self.base_dir, timeout)
     }
 
     fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String> {
@@ -286,30 +321,51 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     Err(std::io::Error::other("could not create a temporary file"))
 }
 
-fn spawn_reader(
-    mut r: impl Read + Send + 'static,
-    cap: usize,
-) -> std::thread::JoinHandle<(Vec<u8>, bool)> {
+/// Output captured from a pipe so far: the bytes kept (up to the cap) and whether more came.
+type Captured = Arc<Mutex<(Vec<u8>, bool)>>;
+
+/// Reads a pipe on a thread into a shared buffer; the receiver fires at end of file.
+fn spawn_reader(mut r: impl Read + Send + 'static, cap: usize) -> (Captured, mpsc::Receiver<()>) {
+    let captured: Captured = Arc::default();
+    let (done_tx, done) = mpsc::channel();
+    let buf = Arc::clone(&captured);
     std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut buf = [0u8; 8192];
-        let mut truncated = false;
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = cap.saturating_sub(kept.len());
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                    truncated |= n > room;
-                }
+        let mut chunk = [0u8; 8192];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
             }
+            let Ok(mut b) = buf.lock() else { break };
+            let room = cap.saturating_sub(b.0.len());
+            b.0.extend_from_slice(&chunk[..n.min(room)]);
+            b.1 |= n > room;
         }
-        (kept, truncated)
-    })
+        let _ = done_tx.send(());
+    });
+    (captured, done)
+}
+
+/// Takes what a reader captured, waiting up to `grace` for the pipe to close. A process that
+/// left the step's process group (`setsid`) can hold the pipe open; the step does not wait for
+/// it (the reader thread ends when that process does).
+fn collect(reader: Option<(Captured, mpsc::Receiver<()>)>, grace: Duration) -> (Vec<u8>, bool) {
+    let Some((captured, done)) = reader else {
+        return (Vec::new(), false);
+    };
+    let _ = done.recv_timeout(grace);
+    captured
+        .lock()
+        .map(|mut b| (std::mem::take(&mut b.0), b.1))
+        .unwrap_or_default()
 }
 
 /// Runs `/bin/sh -c command` in `dir` with the containment described in the module docs.
-fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput, String> {
+fn run_shell(
+    command: &str,
+    env: &[(String, String)],
+    dir: &Path,
+    timeout: Duration,
+) -> Result<ShellOutput, String> {
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(command)
@@ -323,6 +379,7 @@ fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput
         .env("LANG", "C.UTF-8")
         .env("LC_ALL", "C.UTF-8")
         .env("TRACEFLEET_BASE_DIR", dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -362,8 +419,8 @@ fn run_shell(command: &str, dir: &Path, timeout: Duration) -> Result<ShellOutput
     };
     // Nothing the step started may outlive it (and hold our pipes open).
     let _ = killpg(pgid, Signal::SIGKILL);
-    let (stdout, stdout_truncated) = out.and_then(|h| h.join().ok()).unwrap_or_default();
-    let (stderr, _) = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    let (stdout, stdout_truncated) = collect(out, PIPE_GRACE);
+    let (stderr, _) = collect(err, PIPE_GRACE);
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     if timed_out {
         return Err(format!(
@@ -456,6 +513,7 @@ mod tests {
         let out = h
             .shell(
                 "pwd; echo \"[$CARGO_PKG_NAME]\"; exit 3",
+                &[],
                 Duration::from_secs(10),
             )
             .unwrap();
@@ -472,15 +530,53 @@ mod tests {
             out.stdout
         );
         let t = Instant::now();
-        let e = h.shell("sleep 30", Duration::from_millis(200)).unwrap_err();
+        let e = h
+            .shell("sleep 30", &[], Duration::from_millis(200))
+            .unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(10));
         // A background child holding stdout must not hang the step.
         let t = Instant::now();
         let out = h
-            .shell("sleep 30 & echo started", Duration::from_secs(10))
+            .shell("sleep 30 & echo started", &[], Duration::from_secs(10))
             .unwrap();
         assert_eq!(out.stdout, "started\n");
         assert!(t.elapsed() < Duration::from_secs(10));
+        // Nor one that escaped the process group.
+        let t = Instant::now();
+        let out = h
+            .shell(
+                "setsid sleep 30 & echo escaped",
+                &[],
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        assert_eq!(out.stdout, "escaped\n");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn fifo_is_refused_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        nix::unistd::mkfifo(&d.path().join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = h.read_file("pipe", None, None).unwrap_err();
+        assert!(e.contains("expected a regular file"), "{e}");
+        let e = h.read_file("pipe", Some(1), Some(1)).unwrap_err();
+        assert!(e.contains("expected a regular file"), "{e}");
+    }
+
+    #[test]
+    fn write_through_a_symlinked_directory_creates_nothing_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        std::os::unix::fs::symlink(outside.path(), d.path().join("link")).unwrap();
+        let e = h.write_file("link/new/f.txt", "x").unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert!(
+            !outside.path().join("new").exists(),
+            "created a directory outside"
+        );
     }
 }

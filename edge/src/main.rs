@@ -238,6 +238,15 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// RFC 3339 text for unix seconds; raw seconds past year 9999 (what RFC 3339 can show).
+fn unix_to_rfc3339(t: u64) -> String {
+    const MAX_RFC3339: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if t > MAX_RFC3339 {
+        return format!("{t} (unix seconds)");
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -458,10 +467,7 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
     println!("trace {} {}", trace.id, trace.version);
     println!("goal: {}", trace.goal_signature);
     if let Some(s) = header {
-        let fmt = |t: u64| {
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t))
-                .to_string()
-        };
+        let fmt = unix_to_rfc3339;
         println!(
             "signed: created {}, expires {}, content sha256 {}",
             fmt(s.header.created_at),
