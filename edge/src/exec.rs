@@ -854,8 +854,10 @@ mod tests {
         let t = trace(&format!(
             "---\n{STEP}**Error Handling**:\n```yaml\non_error: {{action: retry, retry_count: 3, delay_seconds: 1}}\n```\n"
         ));
-        let mut h = FakeHost::default();
-        h.shell_answers = [out("not yet", 0), out("boom", 1), out("ready", 0)].into();
+        let mut h = FakeHost {
+            shell_answers: [out("not yet", 0), out("boom", 1), out("ready", 0)].into(),
+            ..FakeHost::default()
+        };
         let r = run_with(&t, &mut h);
         assert_eq!(r.status, RunStatus::Success);
         assert_eq!(r.step_results[0].attempts, 3);
@@ -871,8 +873,10 @@ mod tests {
         let t = trace(&format!(
             "---\n{STEP}**Error Handling**:\n```yaml\non_error: {{action: skip}}\n```\n### Step 2: uses it\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: out.txt\n  content: \"{{first}}\"\n```\n"
         ));
-        let mut h = FakeHost::default();
-        h.shell_answers = [out("not yet", 0)].into();
+        let mut h = FakeHost {
+            shell_answers: [out("not yet", 0)].into(),
+            ..FakeHost::default()
+        };
         let r = run_with(&t, &mut h);
         assert_eq!(r.step_results[0].status, StepStatus::Skipped);
         assert_eq!(r.step_results[1].status, StepStatus::Failed);
@@ -906,8 +910,10 @@ mod tests {
         let t = trace(
             "inputs:\n  target: \"$(reboot)\"\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: ls {target}\n```\n",
         );
-        let mut h = FakeHost::default();
-        h.shell_answers = [out("", 0)].into();
+        let mut h = FakeHost {
+            shell_answers: [out("", 0)].into(),
+            ..FakeHost::default()
+        };
         let r = run_with(&t, &mut h);
         assert_eq!(r.status, RunStatus::Success);
         let (cmd, env) = &h.commands[0];
@@ -923,8 +929,10 @@ mod tests {
         let t = trace(
             "---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: grep x f\n```\n**Validation**:\n```yaml\n- check: no match is fine\n  type: command_exit_code\n  parameters: {expected: 1}\n```\n### Step 2: t\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: false\n```\n",
         );
-        let mut h = FakeHost::default();
-        h.shell_answers = [out("", 1), out("", 1)].into();
+        let mut h = FakeHost {
+            shell_answers: [out("", 1), out("", 1)].into(),
+            ..FakeHost::default()
+        };
         let r = run_with(&t, &mut h);
         assert_eq!(r.step_results[0].status, StepStatus::Success);
         assert_eq!(r.step_results[1].status, StepStatus::Failed);
