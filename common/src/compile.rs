@@ -14,7 +14,8 @@ use crate::ids::{TraceId, VarName, Version};
 use crate::source::{self, Block, SourceStep, SourceTrace};
 use crate::trace::{
     BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS, Dependency,
-    Input, LlmCall, Metadata, OnError, ShellContext, Step, Template, Tool, Trace,
+    GrepOutput, Input, LlmCall, Metadata, OnError, OutputDecl, ShellContext, Step, Template, Tool,
+    Trace,
 };
 use serde::Deserialize;
 use serde_norway::Value;
@@ -148,6 +149,8 @@ struct RawFrontmatter {
     #[serde(default)]
     postconditions: Vec<RawCondition>,
     #[serde(default)]
+    outputs: Vec<RawOutput>,
+    #[serde(default)]
     inputs: BTreeMap<String, RawInput>,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
@@ -179,6 +182,24 @@ struct RawCondition {
     validation_type: String,
     #[serde(default)]
     parameters: BTreeMap<String, Value>,
+}
+
+/// A fenced block outside the steps (`## Post-Execution Validation`, `## Expected Outputs`).
+#[derive(Deserialize)]
+struct RawSection {
+    postconditions: Option<Vec<RawCondition>>,
+    outputs: Option<Vec<RawOutput>>,
+}
+
+#[derive(Deserialize)]
+struct RawOutput {
+    name: String,
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    location: String,
+    #[serde(default)]
+    description: String,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +241,7 @@ struct RawOnError {
     delay_seconds: Option<f64>,
     fallback_step: Option<u32>,
     escalation_message: Option<String>,
+    error_message: Option<String>,
 }
 
 /// Templates a step uses, with the source line of each (for unresolved-variable errors).
@@ -439,16 +461,19 @@ impl Cx {
             lowered.push((s.number, step, uses));
         }
         let inputs_set: BTreeSet<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        let graph = step_graph(src);
+        self.report_cycles(&graph, &numbers);
         for (number, _, uses) in &lowered {
+            let before = ancestors(&graph, *number);
             for (line, t) in uses {
                 for v in t.variables() {
                     let ok = inputs_set.contains(v)
                         || BUILTIN_VARIABLES.contains(&v)
-                        || bound.get(v).is_some_and(|&n| n < *number);
+                        || bound.get(v).is_some_and(|n| before.contains(n));
                     if !ok {
                         let why = match bound.get(v) {
                             Some(n) => format!(
-                                "it is the output of step {n}, which does not run before step {number}"
+                                "it is the output of step {n}, which step {number} does not wait for (add `Step {n}` to its **Dependencies**)"
                             ),
                             None => "not an input, not a step's output_variable, not a built-in"
                                 .to_owned(),
@@ -504,13 +529,47 @@ impl Cx {
             fm_block.line_of_key("preconditions", 0),
             "precondition",
         );
-        let postconditions = self.lower_conditions(&fm.postconditions, fm_block, "postconditions");
+        let mut postconditions =
+            self.lower_conditions(&fm.postconditions, fm_block, "postconditions");
         all_vars(
             self,
             &postconditions,
             fm_block.line_of_key("postconditions", 0),
             "postcondition",
         );
+        let mut raw_outputs: Vec<RawOutput> = fm.outputs;
+        for block in &src.sections {
+            let is_section = serde_norway::from_str::<Value>(&block.text).is_ok_and(|v| {
+                v.as_mapping()
+                    .is_some_and(|m| m.contains_key("postconditions") || m.contains_key("outputs"))
+            });
+            if !is_section {
+                continue; // prose examples and other code are not part of the trace
+            }
+            let Some(section) = self.yaml::<RawSection>(block, "section") else {
+                continue;
+            };
+            if let Some(raw) = section.postconditions {
+                if !postconditions.is_empty() {
+                    self.error(block.line, "postconditions are given twice (frontmatter and a section): expected one list");
+                }
+                let more = self.lower_conditions(&raw, block, "postconditions");
+                all_vars(self, &more, block.line, "postcondition");
+                postconditions.extend(more);
+            }
+            if let Some(outs) = section.outputs {
+                raw_outputs.extend(outs);
+            }
+        }
+        let outputs = raw_outputs
+            .into_iter()
+            .map(|o| OutputDecl {
+                name: o.name,
+                kind: o.kind,
+                location: o.location,
+                description: o.description,
+            })
+            .collect();
 
         let created_at = fm
             .created_at
@@ -541,8 +600,68 @@ impl Cx {
             inputs,
             preconditions,
             postconditions,
+            outputs,
             steps,
         })
+    }
+
+    /// Reports each dependency cycle once, at the line of its lowest-numbered step.
+    fn report_cycles(&mut self, graph: &BTreeMap<u32, Vec<u32>>, numbers: &HashMap<u32, usize>) {
+        // 0 = unvisited, 1 = on the stack, 2 = done.
+        let mut state: BTreeMap<u32, u8> = BTreeMap::new();
+        let mut reported: BTreeSet<Vec<u32>> = BTreeSet::new();
+        for &start in graph.keys() {
+            let mut stack: Vec<(u32, usize)> = vec![(start, 0)];
+            let mut path: Vec<u32> = Vec::new();
+            while let Some((node, i)) = stack.pop() {
+                if i == 0 {
+                    if state.get(&node).copied().unwrap_or(0) != 0 {
+                        continue;
+                    }
+                    state.insert(node, 1);
+                    path.push(node);
+                }
+                let next = graph.get(&node).and_then(|d| d.get(i)).copied();
+                match next {
+                    Some(n) => {
+                        stack.push((node, i + 1));
+                        match state.get(&n).copied().unwrap_or(0) {
+                            0 if graph.contains_key(&n) => stack.push((n, 0)),
+                            1 => {
+                                let from = path.iter().position(|&p| p == n).unwrap_or(0);
+                                let mut cycle: Vec<u32> = path[from..].to_vec();
+                                let lowest = cycle
+                                    .iter()
+                                    .enumerate()
+                                    .min_by_key(|(_, v)| **v)
+                                    .map_or(0, |(i, _)| i);
+                                cycle.rotate_left(lowest);
+                                if reported.insert(cycle.clone()) {
+                                    let shown: Vec<String> = cycle
+                                        .iter()
+                                        .chain(cycle.first())
+                                        .map(|n| format!("step {n}"))
+                                        .collect();
+                                    let line = numbers.get(&cycle[0]).copied().unwrap_or(1);
+                                    self.error(
+                                        line,
+                                        format!(
+                                            "dependency cycle: {} (each waits for the next)",
+                                            shown.join(" → ")
+                                        ),
+                                    );
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    None => {
+                        state.insert(node, 2);
+                        path.pop();
+                    }
+                }
+            }
+        }
     }
 
     fn lower_conditions(&mut self, raw: &[RawCondition], block: &Block, key: &str) -> Vec<Check> {
@@ -598,8 +717,8 @@ impl Cx {
                                 ),
                             );
                             ok = false;
-                        } else if step >= s.number {
-                            self.error(*line, format!("step {} depends on step {step}: expected a dependency on an earlier step (this would be a cycle or a forward reference)", s.number));
+                        } else if step == s.number {
+                            self.error(*line, format!("step {} depends on itself", s.number));
                             ok = false;
                         }
                         let output_variable = match var.map(|v| v.parse::<VarName>()) {
@@ -739,7 +858,15 @@ impl Cx {
                 match serde_norway::from_value::<RawOnError>(inner) {
                     Ok(r) => {
                         let line = eb.line_of_key("action", 0);
-                        let _ = &r.escalation_message;
+                        let fb_line = eb.line_of_key("fallback_step", 0);
+                        if let Some(f) = r.fallback_step {
+                            if !numbers.contains_key(&f) {
+                                self.error(fb_line, format!("fallback_step {f} of step {} does not exist", s.number));
+                            } else if f == s.number {
+                                self.error(fb_line, format!("step {} falls back to itself", s.number));
+                            }
+                        }
+                        let message = r.escalation_message.clone().or_else(|| r.error_message.clone());
                         on_error = match r.action.as_str() {
                             "fail" | "abort" => OnError::Fail,
                             "skip" | "continue" => OnError::Skip,
@@ -752,24 +879,27 @@ impl Cx {
                                 if retry_count > 100 {
                                     self.error(eb.line_of_key("retry_count", 0), format!("`retry_count` is {retry_count}: expected at most 100"));
                                 }
-                                OnError::Retry { retry_count, delay_secs }
+                                OnError::Retry { retry_count, delay_secs, fallback_step: r.fallback_step }
                             }
-                            "fallback" | "fallback_step" | "escalate" | "human_escalate" => {
-                                self.error(line, format!("error action `{}` in step {} is not supported by this version yet: expected retry, skip or fail", r.action, s.number));
-                                OnError::Fail
-                            }
+                            "fallback" | "fallback_step" => match r.fallback_step {
+                                Some(step) => OnError::Fallback { step },
+                                None => {
+                                    self.error(line, format!("error action `{}` in step {} needs `fallback_step`", r.action, s.number));
+                                    OnError::Fail
+                                }
+                            },
+                            "human_escalate" | "escalate" => OnError::Escalate {
+                                message: message.unwrap_or_else(|| format!("step {} ({}) failed", s.number, s.title)),
+                            },
                             other => {
-                                self.error(line, format!("unknown error action `{other}` in step {}: expected retry, skip or fail", s.number));
+                                self.error(line, format!("unknown error action `{other}` in step {}: expected retry, skip, fail, fallback or human_escalate", s.number));
                                 OnError::Fail
                             }
                         };
-                        if let Some(f) = r.fallback_step {
-                            let line = eb.line_of_key("fallback_step", 0);
-                            if numbers.contains_key(&f) {
-                                self.error(line, format!("fallback_step in step {} is not supported by this version yet", s.number));
-                            } else {
-                                self.error(line, format!("fallback_step {f} of step {} does not exist", s.number));
-                            }
+                        if r.fallback_step.is_some()
+                            && !matches!(on_error, OnError::Retry { .. } | OnError::Fallback { .. })
+                        {
+                            self.error(fb_line, format!("`fallback_step` in step {} has no effect with action `{}`: expected action retry or fallback", s.number, r.action));
                         }
                     }
                     Err(e) => self.error(eb.line, format!("invalid {what}: {e}: expected `on_error: {{action, retry_count, delay_seconds}}`")),
@@ -908,12 +1038,72 @@ impl Cx {
                     stop,
                 }))
             }
-            "Grep" | "Glob" | "WebFetch" => {
-                self.error(tool_line, format!("tool `{}` in step {} is not supported by this version yet: expected one of Read, Write, Bash, LLM", tool_name, number));
-                None
+            "Grep" => {
+                let pattern = self.req_string(p, "pattern")?;
+                if let Err(e) = regex::RegexBuilder::new(&pattern)
+                    .size_limit(1 << 20)
+                    .build()
+                {
+                    self.error(
+                        p.line_of("pattern"),
+                        format!("{}: invalid regular expression: {e}", p.what),
+                    );
+                    return None;
+                }
+                let path = self.opt_string(p, "path").map(Template);
+                let glob = self.opt_string(p, "glob");
+                if let Some(g) = &glob
+                    && let Err(e) = glob::Pattern::new(g)
+                {
+                    self.error(
+                        p.line_of("glob"),
+                        format!("{}: invalid glob {g:?}: {e}", p.what),
+                    );
+                }
+                let case_insensitive = self
+                    .opt_bool(p, "-i")
+                    .or_else(|| self.opt_bool(p, "case_insensitive"))
+                    .unwrap_or(false);
+                let output_mode = match self.opt_string(p, "output_mode").as_deref() {
+                    None | Some("content") => GrepOutput::Content,
+                    Some("files_with_matches") => GrepOutput::FilesWithMatches,
+                    Some("count") => GrepOutput::Count,
+                    Some(other) => {
+                        self.error(p.line_of("output_mode"), format!("{}: `output_mode` is {other:?}: expected content, files_with_matches or count", p.what));
+                        return None;
+                    }
+                };
+                Some(Tool::Grep {
+                    pattern,
+                    path,
+                    glob,
+                    case_insensitive,
+                    output_mode,
+                })
+            }
+            "Glob" => {
+                let pattern = self.req_string(p, "pattern")?;
+                if let Err(e) = glob::Pattern::new(&pattern) {
+                    self.error(
+                        p.line_of("pattern"),
+                        format!("{}: invalid glob {pattern:?}: {e}", p.what),
+                    );
+                    return None;
+                }
+                if pattern.starts_with('/') || pattern.split('/').any(|c| c == "..") {
+                    self.error(p.line_of("pattern"), format!("{}: glob {pattern:?} must be relative without `..`: put the directory in `path`", p.what));
+                    return None;
+                }
+                let path = self.opt_string(p, "path").map(Template);
+                Some(Tool::Glob { pattern, path })
+            }
+            "WebFetch" => {
+                let url = self.req_template(p, "url")?;
+                let prompt = self.opt_string(p, "prompt").map(Template);
+                Some(Tool::WebFetch { url, prompt })
             }
             other => {
-                self.error(tool_line, format!("unknown tool `{other}` in step {number}: expected one of Read, Write, Bash, LLM (or LLMunix Task)"));
+                self.error(tool_line, format!("unknown tool `{other}` in step {number}: expected one of {} (or LLMunix Task)", TOOLS.join(", ")));
                 None
             }
         }
@@ -948,6 +1138,7 @@ impl Cx {
                 let path = subject(self, p)?;
                 let text = self
                     .opt_string(p, "text")
+                    .or_else(|| self.opt_string(p, "substring"))
                     .or_else(|| self.opt_string(p, "pattern"))
                     .or_else(|| self.opt_string(p, "value"));
                 let Some(text) = text else {
@@ -1113,6 +1304,24 @@ impl Cx {
         }
     }
 
+    fn opt_bool(&mut self, p: &mut Params<'_>, key: &str) -> Option<bool> {
+        let v = p.map.remove(key)?;
+        match v.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                self.error(
+                    p.line_of(key),
+                    format!(
+                        "{}: parameter `{key}`: expected true or false, found {}",
+                        p.what,
+                        kind_of(&v)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     fn opt_f64(&mut self, p: &mut Params<'_>, key: &str) -> Option<f64> {
         let v = p.map.remove(key)?;
         match v.as_f64() {
@@ -1149,6 +1358,9 @@ impl Params<'_> {
             .unwrap_or(self.line)
     }
 }
+
+/// The tools of the trace language.
+pub const TOOLS: &[&str] = &["Read", "Write", "Bash", "Grep", "Glob", "WebFetch", "LLM"];
 
 /// Trace-language extensions (DESIGN.md) this version refuses rather than ignores.
 const UNSUPPORTED_EXTENSIONS: &[&str] = &[
@@ -1198,14 +1410,47 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
+/// Each step's prerequisites: its parsed **Dependencies** (when the line parses), else the
+/// step before it in source order.
+fn step_graph(src: &SourceTrace) -> BTreeMap<u32, Vec<u32>> {
+    let mut prev = None;
+    let mut g = BTreeMap::new();
+    for s in &src.steps {
+        let deps = match &s.dependencies {
+            Some((text, _)) => parse_dependencies(text)
+                .map(|d| d.into_iter().map(|(n, _)| n).collect())
+                .unwrap_or_default(),
+            None => prev.into_iter().collect(),
+        };
+        g.entry(s.number).or_insert(deps);
+        prev = Some(s.number);
+    }
+    g
+}
+
+/// Every step that must finish before `step` runs.
+fn ancestors(graph: &BTreeMap<u32, Vec<u32>>, step: u32) -> BTreeSet<u32> {
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<u32> = graph.get(&step).cloned().unwrap_or_default();
+    while let Some(n) = todo.pop() {
+        if n != step && seen.insert(n) {
+            todo.extend(graph.get(&n).into_iter().flatten().copied());
+        }
+    }
+    seen
+}
+
 /// Parses `None` or `Step N (output_variable: name), Step M`.
 fn parse_dependencies(text: &str) -> Result<Vec<(u32, Option<String>)>, String> {
     let t = text.trim();
-    if t.is_empty() || t.eq_ignore_ascii_case("none") || t == "-" {
+    // LLMunix writes `None`, `None (first step)`, `None (can run in parallel with Step 1)`.
+    let none = t.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("none"))
+        && t[4..].trim_start().chars().next().is_none_or(|c| c == '(');
+    if t.is_empty() || none || t == "-" {
         return Ok(Vec::new());
     }
     let re = regex::Regex::new(
-        r"^\s*[Ss]tep\s+(\d+)\s*(?:\(\s*output_variable\s*:\s*([^)\s]+)\s*\))?\s*$",
+        r"^\s*[Ss]tep\s+(\d+)\s*(?:\(\s*output_variable\s*:\s*`?([^)`\s]+)`?\s*\))?\s*$",
     )
     .map_err(|e| e.to_string())?;
     t.split(',')

@@ -117,6 +117,9 @@ pub struct SourceTrace {
     pub title: Option<String>,
     /// The step sections in source order.
     pub steps: Vec<SourceStep>,
+    /// Fenced blocks outside any step (for `## Post-Execution Validation` and
+    /// `## Expected Outputs` sections).
+    pub sections: Vec<Block>,
     /// Structural problems found while splitting.
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -184,6 +187,7 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
         frontmatter: None,
         title: None,
         steps: Vec::new(),
+        sections: Vec::new(),
         diagnostics: Vec::new(),
     };
     let err = |out: &mut SourceTrace, line: usize, column: usize, message: String| {
@@ -217,6 +221,9 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
     let mut code: Option<(Option<usize>, String, bool)> = None; // (first text offset, text, is_fenced)
     let mut meta: Option<(Option<usize>, String)> = None;
     let mut in_step = false;
+    // `**Dependencies**:` with nothing after it: the list that follows holds them.
+    let mut deps_pending: Option<usize> = None;
+    let mut deps_list: Option<(usize, Vec<String>)> = None;
 
     for (event, range) in Parser::new_ext(text, opts).into_offset_iter() {
         match event {
@@ -232,7 +239,30 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                     out.frontmatter = Some(Block { text: t, line });
                 }
             }
+            Event::Start(Tag::List(_)) if deps_pending.is_some() && deps_list.is_none() => {
+                deps_list = deps_pending.take().map(|line| (line, Vec::new()));
+            }
+            Event::Start(Tag::Item) if deps_list.is_some() => {
+                if let Some((_, items)) = deps_list.as_mut() {
+                    items.push(String::new());
+                }
+            }
+            Event::End(pulldown_cmark::TagEnd::List(_)) if deps_list.is_some() => {
+                if let Some((line, items)) = deps_list.take() {
+                    let text = items
+                        .iter()
+                        .map(|i| i.trim())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if let Some(step) = out.steps.last_mut().filter(|_| in_step) {
+                        step.dependencies = Some((text, line));
+                    }
+                }
+            }
             Event::Start(Tag::Heading { level, .. }) => {
+                if let Some(line) = deps_pending.take() {
+                    err(&mut out, line, 1, "expected `None` or `Step N (output_variable: name)` items after **Dependencies**:, found a heading".into());
+                }
                 if let Some((field, line)) = pending.take() {
                     err(
                         &mut out,
@@ -259,7 +289,12 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                     }
                 }
             }
+            Event::Start(Tag::Paragraph) if deps_list.is_some() => {}
+            Event::End(pulldown_cmark::TagEnd::Paragraph) if deps_list.is_some() => {}
             Event::Start(Tag::Paragraph) => {
+                if let Some(line) = deps_pending.take() {
+                    err(&mut out, line, 1, "expected `None` or `Step N (output_variable: name)` items after **Dependencies**:, found a paragraph".into());
+                }
                 if let Some((field, line)) = pending.take() {
                     err(
                         &mut out,
@@ -298,6 +333,7 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                             rest.trim_start().trim_start_matches(':').trim(),
                             in_step,
                             &mut pending,
+                            &mut deps_pending,
                         );
                     }
                 }
@@ -310,7 +346,14 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                 ));
             }
             Event::End(pulldown_cmark::TagEnd::CodeBlock) => {
-                if let Some((start, t, _fenced)) = code.take()
+                let block = code.take();
+                // Fenced blocks outside steps may hold `postconditions:` or `outputs:`.
+                let code_outside = if pending.is_none() && !in_step {
+                    block.clone()
+                } else {
+                    None
+                };
+                if let Some((start, t, _fenced)) = block
                     && let Some((field, _)) = pending.take()
                 {
                     let line = start.map_or_else(
@@ -341,6 +384,12 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                     if let Some(msg) = duplicate {
                         err(&mut out, line, 1, msg);
                     }
+                } else if let Some((start, t, true)) = code_outside {
+                    let line = start.map_or_else(
+                        || index.line_col(range.start).0 + 1,
+                        |s| index.line_col(s).0,
+                    );
+                    out.sections.push(Block { text: t, line });
                 }
             }
             Event::Text(t) | Event::Code(t) => {
@@ -350,6 +399,10 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                 } else if let Some(c) = code.as_mut() {
                     c.0.get_or_insert(range.start);
                     c.1.push_str(&t);
+                } else if let Some(item) =
+                    deps_list.as_mut().and_then(|(_, items)| items.last_mut())
+                {
+                    item.push_str(&t);
                 } else if let Some(h) = heading.as_mut() {
                     h.2.push_str(&t);
                 } else if let Some(p) = para.as_mut() {
@@ -377,6 +430,9 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                 field.label()
             ),
         );
+    }
+    if let Some(line) = deps_pending {
+        err(&mut out, line, 1, "expected `None` or `Step N (output_variable: name)` items after **Dependencies**:, found the end of the file".into());
     }
     out
 }
@@ -444,6 +500,7 @@ fn on_field(
     rest: &str,
     in_step: bool,
     pending: &mut Option<(Field, usize)>,
+    deps_pending: &mut Option<usize>,
 ) {
     let Some(step) = out.steps.last_mut().filter(|_| in_step) else {
         out.diagnostics.push(Diagnostic {
@@ -470,6 +527,8 @@ fn on_field(
                     step.number
                 ),
             });
+        } else if rest.is_empty() {
+            *deps_pending = Some(line);
         } else {
             step.dependencies = Some((rest.to_owned(), line));
         }

@@ -36,7 +36,9 @@ pub struct Trace {
     pub preconditions: Vec<Check>,
     /// Checked after the last step.
     pub postconditions: Vec<Check>,
-    /// Steps in execution order (ascending step number).
+    /// What the trace produces (informational).
+    pub outputs: Vec<OutputDecl>,
+    /// Steps in source order (ascending step number); see [`Trace::execution_order`].
     pub steps: Vec<Step>,
 }
 
@@ -56,6 +58,57 @@ impl Trace {
             }
         }
         m
+    }
+
+    /// The steps each step waits for: its `Dependencies` if it has that line, else the step
+    /// before it in source order.
+    pub fn prerequisites(&self) -> Vec<(u32, Vec<u32>)> {
+        let mut prev = None;
+        self.steps
+            .iter()
+            .map(|s| {
+                let deps = if s.explicit_dependencies {
+                    s.dependencies.iter().map(|d| d.step).collect()
+                } else {
+                    prev.into_iter().collect()
+                };
+                prev = Some(s.number);
+                (s.number, deps)
+            })
+            .collect()
+    }
+
+    /// Step indices in an order that respects every prerequisite, lowest step number first
+    /// among those ready (Kahn's algorithm). `None` when the dependencies have a cycle (the
+    /// compiler refuses those) or name a missing step.
+    pub fn execution_order(&self) -> Option<Vec<usize>> {
+        let prereq = self.prerequisites();
+        let index: std::collections::HashMap<u32, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.number, i))
+            .collect();
+        let mut waiting: Vec<usize> = prereq.iter().map(|(_, d)| d.len()).collect();
+        let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); self.steps.len()];
+        for (i, (_, deps)) in prereq.iter().enumerate() {
+            for d in deps {
+                dependants[*index.get(d)?].push(i);
+            }
+        }
+        let mut ready: std::collections::BTreeSet<usize> =
+            (0..self.steps.len()).filter(|&i| waiting[i] == 0).collect();
+        let mut order = Vec::with_capacity(self.steps.len());
+        while let Some(i) = ready.pop_first() {
+            order.push(i);
+            for &j in &dependants[i] {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.insert(j);
+                }
+            }
+        }
+        (order.len() == self.steps.len()).then_some(order)
     }
 
     /// Whether any step runs the model.
@@ -155,8 +208,47 @@ pub enum Tool {
         /// The command line.
         command: Template,
     },
+    /// Search files for a regular expression. Output: matching lines as `path:line:text`
+    /// (`content`), matching file paths (`files_with_matches`) or per-file counts (`count`).
+    Grep {
+        /// Rust `regex` pattern (checked at compile time).
+        pattern: String,
+        /// File or directory to search (default: the base directory).
+        path: Option<Template>,
+        /// Only files whose name matches this glob (e.g. `*.log`).
+        glob: Option<String>,
+        /// Case-insensitive matching.
+        case_insensitive: bool,
+        /// What the output lists.
+        output_mode: GrepOutput,
+    },
+    /// List files matching a glob pattern, sorted. Output: one path per line.
+    Glob {
+        /// The pattern (`*`, `?`, `[…]`, `**`), relative to `path`.
+        pattern: String,
+        /// Directory to search from (default: the base directory).
+        path: Option<Template>,
+    },
+    /// Fetch a URL over HTTP(S). Output: the response body.
+    WebFetch {
+        /// The URL.
+        url: Template,
+        /// What to extract (LLMunix passes this to a model; kept for the report).
+        prompt: Option<Template>,
+    },
     /// Generate text with the device's in-process GGUF model. Output: the generated text.
     Llm(LlmCall),
+}
+
+/// What a Grep step outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GrepOutput {
+    /// Matching lines, `path:line:text`.
+    Content,
+    /// Paths of files with a match.
+    FilesWithMatches,
+    /// `path:count` per file with a match.
+    Count,
 }
 
 impl Tool {
@@ -166,6 +258,9 @@ impl Tool {
             Tool::Read { .. } => "Read",
             Tool::Write { .. } => "Write",
             Tool::Bash { .. } => "Bash",
+            Tool::Grep { .. } => "Grep",
+            Tool::Glob { .. } => "Glob",
+            Tool::WebFetch { .. } => "WebFetch",
             Tool::Llm(_) => "LLM",
         }
     }
@@ -176,6 +271,8 @@ impl Tool {
             Tool::Read { file_path, .. } => vec![file_path],
             Tool::Write { file_path, content } => vec![file_path, content],
             Tool::Bash { command } => vec![command],
+            Tool::Grep { path, .. } | Tool::Glob { path, .. } => path.iter().collect(),
+            Tool::WebFetch { url, prompt } => std::iter::once(url).chain(prompt.iter()).collect(),
             Tool::Llm(c) => {
                 let mut v = vec![&c.prompt];
                 v.extend(c.system.as_ref());
@@ -331,15 +428,52 @@ pub enum OnError {
     /// Fail the run (the default).
     Fail,
     /// Try again up to `retry_count` more times, waiting `delay_secs × 2^(attempt-1)` between
-    /// attempts (exponential backoff); fail the run when every attempt failed.
+    /// attempts (exponential backoff); when every attempt failed, run `fallback_step` if given,
+    /// else fail the run.
     Retry {
         /// Extra attempts after the first.
         retry_count: u32,
         /// Wait before the first retry, in seconds.
         delay_secs: f64,
+        /// Step to run instead once the retries are exhausted.
+        fallback_step: Option<u32>,
     },
     /// Record the failure and go on with the next step.
     Skip,
+    /// Run another step in place of this one (LLMunix `fallback_step`).
+    Fallback {
+        /// The step to run.
+        step: u32,
+    },
+    /// Stop and ask a person (LLMunix `human_escalate`): the run fails with an escalation.
+    Escalate {
+        /// What the person is told.
+        message: String,
+    },
+}
+
+impl OnError {
+    /// The fallback step this policy may run, if any.
+    pub fn fallback_step(&self) -> Option<u32> {
+        match self {
+            OnError::Retry { fallback_step, .. } => *fallback_step,
+            OnError::Fallback { step } => Some(*step),
+            OnError::Fail | OnError::Skip | OnError::Escalate { .. } => None,
+        }
+    }
+}
+
+/// A declared output of the trace (LLMunix `outputs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputDecl {
+    /// Name.
+    pub name: String,
+    /// `file`, `directory`, `variable` or `metric` (as written).
+    pub kind: String,
+    /// Where to find it.
+    pub location: String,
+    /// What it is.
+    pub description: String,
 }
 
 /// Text with `{variable}` placeholders.

@@ -86,19 +86,42 @@ fn unknown_validation_type_and_missing_parameter_are_reported_together() {
 }
 
 #[test]
-fn unresolved_variable_and_forward_dependency() {
+fn dependency_cycle_and_unresolved_variable() {
+    // Step 2 has no Dependencies line, so it waits for step 1, which waits for step 2.
     let src = format!(
         "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: cat {{later}} {{nowhere}}\n```\n**Dependencies**: Step 2 (output_variable: later)\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\n```\n"
     );
     let e = errors_of(&src);
     assert!(
-        e.iter()
-            .any(|m| m.contains("depends on step 2: expected a dependency on an earlier step")),
+        e.iter().any(|m| m
+            .starts_with("bad.trace.md:6:1: error: dependency cycle: step 1 → step 2 → step 1")),
         "{e:?}"
     );
     assert!(
         e.iter()
             .any(|m| m.contains("unresolved variable `{nowhere}`")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn forward_dependency_without_cycle_runs_in_dependency_order() {
+    let src = format!(
+        "{HEAD}### Step 1: uses b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo {{b_out}}\n```\n**Dependencies**: Step 2 (output_variable: b_out)\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo b\n```\n**Dependencies**: None (first step)\n"
+    );
+    let (trace, _) = compile_source("ok.trace.md", &src).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(trace.execution_order(), Some(vec![1, 0]));
+}
+
+#[test]
+fn output_of_a_step_not_waited_for_is_unresolved() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\noutput_variable: a_out\n```\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo {{a_out}}\n```\n**Dependencies**: None\n"
+    );
+    let e = errors_of(&src);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("which step 2 does not wait for")),
         "{e:?}"
     );
 }

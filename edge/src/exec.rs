@@ -16,7 +16,7 @@ use tracefleet::report::{
     CheckResult, LlmUsage, MAX_REPORTED_OUTPUT, REPORT_VERSION, Report, RunStatus, StepResult,
     StepStatus, truncate_utf8,
 };
-use tracefleet::trace::{Check, CheckKind, OnError, Step, Template, Tool};
+use tracefleet::trace::{Check, CheckKind, GrepOutput, OnError, Step, Template, Tool};
 
 /// What a file path refers to, as seen by checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,10 @@ pub trait Host {
     fn write_file(&mut self, path: &str, content: &str) -> Result<(), String>;
     /// What is at `path`.
     fn file_kind(&mut self, path: &str) -> Result<FileKind, String>;
+    /// Every regular file under directory `dir`, recursively, as paths relative to `dir`
+    /// (`/`-separated), sorted; symbolic links are not followed. At most
+    /// [`MAX_LISTED_FILES`].
+    fn list_files(&mut self, dir: &str) -> Result<Vec<String>, String>;
     /// Runs a shell command in the base directory with `env` added to its (scrubbed)
     /// environment.
     fn shell(
@@ -280,7 +284,11 @@ pub fn run(
         report.error = Some(format!("precondition failed: {}", failed.join("; ")));
     }
 
-    for step in &trace.steps {
+    // The compiler refuses cycles; a trace without a valid order still runs in source order.
+    let order = trace
+        .execution_order()
+        .unwrap_or_else(|| (0..trace.steps.len()).collect());
+    for step in order.into_iter().filter_map(|i| trace.steps.get(i)) {
         if report.status == RunStatus::Failed {
             report.step_results.push(not_run(step));
             continue;
@@ -323,6 +331,8 @@ pub fn run(
         on_event(Event::StepFinished(&result));
         report.step_results.push(result);
     }
+
+    report.step_results.sort_by_key(|r| r.step);
 
     if report.status == RunStatus::Success {
         report.postconditions = trace
@@ -385,8 +395,11 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
         OnError::Retry {
             retry_count,
             delay_secs,
+            ..
         } => (retry_count.saturating_add(1), delay_secs),
-        OnError::Fail | OnError::Skip => (1, 0.0),
+        OnError::Fail | OnError::Skip | OnError::Fallback { .. } | OnError::Escalate { .. } => {
+            (1, 0.0)
+        }
     };
     let timeout = Duration::from_secs(u64::from(step.timeout_secs));
     let mut result = not_run(step);
@@ -512,6 +525,38 @@ fn run_tool(
                 llm: None,
             })
         }
+        Tool::Grep {
+            pattern,
+            path,
+            glob,
+            case_insensitive,
+            output_mode,
+        } => {
+            let root = path.as_ref().map(|p| vars.render(p)).transpose()?;
+            let output = grep(
+                host,
+                pattern,
+                root.as_deref(),
+                glob.as_deref(),
+                *case_insensitive,
+                *output_mode,
+            )?;
+            Ok(Attempt {
+                output,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::Glob { pattern, path } => {
+            let root = path.as_ref().map(|p| vars.render(p)).transpose()?;
+            let output = glob_files(host, pattern, root.as_deref())?;
+            Ok(Attempt {
+                output,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::WebFetch { .. } => Err(UNSUPPORTED_WEBFETCH.into()),
         Tool::Llm(call) => {
             let request = GenerateRequest {
                 model: call.model.clone(),
@@ -533,6 +578,142 @@ fn run_tool(
             })
         }
     }
+}
+
+const UNSUPPORTED_WEBFETCH: &str =
+    "WebFetch is not supported by this follower version (it runs offline)";
+
+/// Refuses, before anything runs, a trace that uses what this follower cannot execute yet.
+///
+/// # Errors
+/// What is unsupported and where (step number).
+pub fn check_supported(trace: &Trace) -> Result<(), String> {
+    for s in &trace.steps {
+        if matches!(s.tool, Tool::WebFetch { .. }) {
+            return Err(format!("step {}: {UNSUPPORTED_WEBFETCH}", s.number));
+        }
+        match &s.on_error {
+            OnError::Fallback { .. }
+            | OnError::Retry {
+                fallback_step: Some(_),
+                ..
+            } => {
+                return Err(format!(
+                    "step {}: fallback_step is not supported by this follower version yet",
+                    s.number
+                ));
+            }
+            OnError::Escalate { .. } => {
+                return Err(format!(
+                    "step {}: human_escalate is not supported by this follower version yet",
+                    s.number
+                ));
+            }
+            OnError::Fail | OnError::Skip | OnError::Retry { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Most files a Grep or Glob step looks at.
+pub const MAX_LISTED_FILES: usize = 100_000;
+
+/// Lists the files a search covers: `root` itself when it is a file, else every file under
+/// it (the base directory when `None`), as paths the host resolves.
+fn search_files(host: &mut dyn Host, root: Option<&str>) -> Result<Vec<String>, String> {
+    let root = root.unwrap_or(".");
+    match host.file_kind(root)? {
+        FileKind::File(_) => Ok(vec![root.to_owned()]),
+        FileKind::Directory => Ok(host
+            .list_files(root)?
+            .into_iter()
+            .map(|rel| {
+                if root == "." {
+                    rel
+                } else {
+                    format!("{}/{rel}", root.trim_end_matches('/'))
+                }
+            })
+            .collect()),
+        FileKind::Missing => Err(format!(
+            "expected a file or directory at {root}, found nothing"
+        )),
+        FileKind::Other => Err(format!(
+            "expected a file or directory at {root}, found a special file"
+        )),
+    }
+}
+
+fn grep(
+    host: &mut dyn Host,
+    pattern: &str,
+    root: Option<&str>,
+    name_glob: Option<&str>,
+    case_insensitive: bool,
+    mode: GrepOutput,
+) -> Result<String, String> {
+    let re = regex::RegexBuilder::new(pattern)
+        .case_insensitive(case_insensitive)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))?;
+    let name_glob = name_glob
+        .map(glob::Pattern::new)
+        .transpose()
+        .map_err(|e| format!("invalid glob: {e}"))?;
+    let mut out = String::new();
+    for file in search_files(host, root)? {
+        let name = file.rsplit('/').next().unwrap_or(&file);
+        if name_glob.as_ref().is_some_and(|g| !g.matches(name)) {
+            continue;
+        }
+        // Unreadable or oversize files are skipped, as grep -s does.
+        let Ok(text) = host.read_file(&file, None, None) else {
+            continue;
+        };
+        let mut count = 0usize;
+        for (n, line) in text.lines().enumerate() {
+            if re.is_match(line) {
+                count += 1;
+                if mode == GrepOutput::Content {
+                    out.push_str(&format!("{file}:{}:{line}\n", n + 1));
+                }
+            }
+        }
+        match mode {
+            GrepOutput::FilesWithMatches if count > 0 => out.push_str(&format!("{file}\n")),
+            GrepOutput::Count if count > 0 => out.push_str(&format!("{file}:{count}\n")),
+            _ => {}
+        }
+        if out.len() > crate::host::MAX_STDOUT_BYTES {
+            return Err(format!(
+                "Grep output exceeds {} bytes: narrow the pattern or path",
+                crate::host::MAX_STDOUT_BYTES
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn glob_files(host: &mut dyn Host, pattern: &str, root: Option<&str>) -> Result<String, String> {
+    let g = glob::Pattern::new(pattern).map_err(|e| format!("invalid glob {pattern:?}: {e}"))?;
+    let opts = glob::MatchOptions {
+        require_literal_separator: true,
+        ..glob::MatchOptions::new()
+    };
+    let root = root.unwrap_or(".");
+    let mut out = String::new();
+    for rel in host.list_files(root)? {
+        if g.matches_with(&rel, opts) {
+            if root == "." {
+                out.push_str(&rel);
+            } else {
+                out.push_str(&format!("{}/{rel}", root.trim_end_matches('/')));
+            }
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }
 
 /// Evaluates one check. `output`/`exit_code` are the step's (absent for pre/postconditions).
@@ -781,7 +962,29 @@ mod tests {
             self.files.insert(path.to_owned(), content.to_owned());
             Ok(())
         }
+        fn list_files(&mut self, dir: &str) -> Result<Vec<String>, String> {
+            let prefix = if dir == "." {
+                String::new()
+            } else {
+                format!("{dir}/")
+            };
+            let mut v: Vec<String> = self
+                .files
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+                .collect();
+            v.sort();
+            Ok(v)
+        }
         fn file_kind(&mut self, path: &str) -> Result<FileKind, String> {
+            if path == "."
+                || self
+                    .files
+                    .keys()
+                    .any(|k| k.starts_with(&format!("{path}/")))
+            {
+                return Ok(FileKind::Directory);
+            }
             Ok(self
                 .files
                 .get(path)

@@ -10,7 +10,7 @@
 //! a scrubbed environment, stdin from /dev/null, capped output and a timeout (SIGTERM to the
 //! group, then SIGKILL after a grace period). Processes the step leaves behind are killed.
 
-use crate::exec::{FileKind, GenerateRequest, Generation, Host, ShellOutput};
+use crate::exec::{FileKind, GenerateRequest, Generation, Host, MAX_LISTED_FILES, ShellOutput};
 use crate::infer::Inference;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -266,6 +266,42 @@ impl Host for LocalHost {
         } else {
             FileKind::Other
         })
+    }
+
+    fn list_files(&mut self, dir: &str) -> Result<Vec<String>, String> {
+        let root = self.resolve_read(dir)?;
+        if !root.is_dir() {
+            return Err(format!("cannot list {dir}: expected a directory"));
+        }
+        let mut out = Vec::new();
+        let mut todo = vec![(root, String::new())];
+        while let Some((abs, rel)) = todo.pop() {
+            let entries = std::fs::read_dir(&abs)
+                .map_err(|e| format!("cannot list {}: {e}", abs.display()))?;
+            for entry in entries.flatten() {
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                if kind.is_dir() {
+                    todo.push((entry.path(), child));
+                } else if kind.is_file() {
+                    out.push(child);
+                    if out.len() > MAX_LISTED_FILES {
+                        return Err(format!(
+                            "{dir} holds more than {MAX_LISTED_FILES} files: narrow the path"
+                        ));
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     fn shell(
@@ -553,6 +589,21 @@ mod tests {
             .unwrap();
         assert_eq!(out.stdout, "escaped\n");
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn list_files_is_recursive_sorted_and_does_not_follow_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        h.write_file("b/x.log", "1").unwrap();
+        h.write_file("a.txt", "2").unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("etc-link")).unwrap();
+        assert_eq!(h.list_files(".").unwrap(), vec!["a.txt", "b/x.log"]);
+        assert!(
+            h.list_files("/proc")
+                .unwrap_err()
+                .contains("outside the allowed roots")
+        );
     }
 
     #[test]

@@ -307,6 +307,7 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
 
 fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     let (trace, provenance) = load_trace(state_dir, &args.trace, args.allow_unsigned)?;
+    exec::check_supported(&trace).map_err(|e| anyhow!("cannot run trace {}: {e}", trace.id))?;
     let given: BTreeMap<String, String> = args.vars.into_iter().collect();
     let inputs =
         exec::resolve_inputs(&trace, &given).with_context(|| format!("trace {}", trace.id))?;
