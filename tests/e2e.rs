@@ -202,7 +202,13 @@ fn unsigned_inputs_are_refused_unless_the_author_allows_them() {
 fn compile_errors_exit_2_with_file_and_line() {
     let ws = Workspace::new();
     let src = tracefleet_e2e::repo_root().join("traces/fixtures/unknown-tool.trace.md");
-    let r = ws.learner(&["compile", src.to_str().unwrap(), "--check"]);
+    let r = ws.learner(&[
+        "compile",
+        src.to_str().unwrap(),
+        "--check",
+        "--message-format",
+        "short",
+    ]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(
         r.stderr
@@ -210,6 +216,16 @@ fn compile_errors_exit_2_with_file_and_line() {
         "{}",
         r.stderr
     );
+    // The default format shows the source line with a caret under it.
+    let r = ws.learner(&["compile", src.to_str().unwrap(), "--check"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("unknown-tool.trace.md:11:1\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("11 │ tool: Teleport\n"), "{}", r.stderr);
+    assert!(r.stderr.contains("1 error found"), "{}", r.stderr);
 }
 
 #[test]

@@ -32,6 +32,10 @@ enum Command {
         /// Only check; write nothing.
         #[arg(long)]
         check: bool,
+        /// How to print diagnostics: `human` (source line and caret) or `short`
+        /// (`file:line:col: error: message`, one per line).
+        #[arg(long, value_enum, default_value = "human")]
+        message_format: MessageFormat,
     },
     /// Manage signing keys.
     #[command(subcommand)]
@@ -63,6 +67,12 @@ enum KeysCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MessageFormat {
+    Human,
+    Short,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -108,7 +118,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             sources,
             output,
             check,
-        } => compile_all(&sources, output.as_deref(), check),
+            message_format,
+        } => compile_all(&sources, output.as_deref(), check, message_format),
         Command::Keys(KeysCommand::Generate { role, out }) => {
             let role = match role {
                 Role::Root => KeyRole::Root,
@@ -168,7 +179,12 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-fn compile_all(sources: &[PathBuf], output: Option<&Path>, check: bool) -> Result<()> {
+fn compile_all(
+    sources: &[PathBuf],
+    output: Option<&Path>,
+    check: bool,
+    format: MessageFormat,
+) -> Result<()> {
     let mut failed = 0usize;
     for src in sources {
         let shown = src.display().to_string();
@@ -177,12 +193,17 @@ fn compile_all(sources: &[PathBuf], output: Option<&Path>, check: bool) -> Resul
             .map_err(|e| anyhow!("{shown}: not UTF-8 (byte {})", e.utf8_error().valid_up_to()))?;
         match compile::compile_source(&shown, &text) {
             Err(diags) => {
-                eprintln!("{diags}");
+                match format {
+                    MessageFormat::Human => eprint!("{}", diags.render(&text)),
+                    MessageFormat::Short => eprintln!("{diags}"),
+                }
                 failed += 1;
             }
             Ok((trace, warnings)) => {
-                for w in &warnings {
-                    eprintln!("{w}");
+                let warnings = tracefleet::Diagnostics(warnings);
+                match format {
+                    MessageFormat::Human => eprint!("{}", warnings.render(&text)),
+                    MessageFormat::Short => warnings.0.iter().for_each(|w| eprintln!("{w}")),
                 }
                 if check {
                     println!(

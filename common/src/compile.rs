@@ -1104,6 +1104,7 @@ impl Cx {
             }
             other => {
                 self.error(tool_line, format!("unknown tool `{other}` in step {number}: expected one of {} (or LLMunix Task)", TOOLS.join(", ")));
+                p.map.clear(); // its parameters cannot be judged
                 None
             }
         }

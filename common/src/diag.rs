@@ -65,6 +65,47 @@ impl Diagnostics {
     }
 }
 
+impl Diagnostics {
+    /// Renders every diagnostic like a compiler, with the offending source line and a caret
+    /// under the reported column (codespan-reporting), followed by the error count. `source`
+    /// is the text the diagnostics were produced from.
+    pub fn render(&self, source: &str) -> String {
+        use codespan_reporting::diagnostic::{Diagnostic as Cs, Label};
+        use codespan_reporting::files::SimpleFile;
+        use codespan_reporting::term::{Config, emit_into_string};
+        let index = crate::source::LineIndex::new(source);
+        let mut out = String::new();
+        for d in &self.0 {
+            let file = SimpleFile::new(d.file.as_str(), source);
+            let mut start = index.offset(d.line, d.column).min(source.len());
+            while !source.is_char_boundary(start) {
+                start -= 1;
+            }
+            let end = source[start..]
+                .find('\n')
+                .map_or(source.len(), |n| start + n);
+            let cs = match d.severity {
+                Severity::Error => Cs::error(),
+                Severity::Warning => Cs::warning(),
+            }
+            .with_message(&d.message)
+            .with_labels(vec![Label::primary((), start..end.max(start))]);
+            match emit_into_string(&Config::default(), &file, &cs) {
+                Ok(text) => out.push_str(&text),
+                Err(_) => out.push_str(&format!("{d}\n")),
+            }
+        }
+        let errors = self.error_count();
+        if errors > 0 {
+            out.push_str(&format!(
+                "{errors} error{} found\n",
+                if errors == 1 { "" } else { "s" }
+            ));
+        }
+        out
+    }
+}
+
 impl fmt::Display for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for d in &self.0 {
@@ -83,3 +124,33 @@ impl fmt::Display for Diagnostics {
 }
 
 impl std::error::Error for Diagnostics {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_the_line_and_a_caret() {
+        let src = "line one\ntool: Teleport\n";
+        let d = Diagnostics(vec![Diagnostic {
+            severity: Severity::Error,
+            file: "x.trace.md".into(),
+            line: 2,
+            column: 7,
+            message: "unknown tool `Teleport`".into(),
+        }]);
+        let r = d.render(src);
+        assert!(r.contains("error: unknown tool `Teleport`"), "{r}");
+        assert!(r.contains("x.trace.md:2:7"), "{r}");
+        assert!(r.contains("tool: Teleport"), "{r}");
+        assert!(r.contains("^^^^^^^^"), "{r}");
+        assert!(r.ends_with("1 error found\n"), "{r}");
+        // Positions past the text or inside a character do not panic.
+        let odd = Diagnostics(vec![Diagnostic {
+            line: 99,
+            column: 3,
+            ..d.0[0].clone()
+        }]);
+        assert!(odd.render("é").contains("unknown tool"));
+    }
+}

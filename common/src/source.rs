@@ -170,6 +170,13 @@ impl LineIndex {
         Self { starts }
     }
 
+    /// Byte offset of 1-based (line, column); the end of the text past the last line.
+    pub(crate) fn offset(&self, line: usize, column: usize) -> usize {
+        self.starts
+            .get(line.saturating_sub(1))
+            .map_or(usize::MAX, |s| s + column.saturating_sub(1))
+    }
+
     pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
         let line = self.starts.partition_point(|&s| s <= offset);
         let col = offset - self.starts[line - 1] + 1;

@@ -297,8 +297,8 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
             e.utf8_error().valid_up_to()
         )
     })?;
-    let (trace, warnings) =
-        compile::compile_source(&shown.to_string(), &text).map_err(|d| anyhow!("{d}"))?;
+    let (trace, warnings) = compile::compile_source(&shown.to_string(), &text)
+        .map_err(|d| anyhow!("{}", d.render(&text).trim_end()))?;
     for w in warnings {
         eprintln!("{w}");
     }
@@ -456,7 +456,7 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
         })?;
         (
             compile::compile_source(&shown, &text)
-                .map_err(|d| anyhow!("{d}"))?
+                .map_err(|d| anyhow!("{}", d.render(&text).trim_end()))?
                 .0,
             None,
         )
