@@ -201,7 +201,7 @@ fn unsigned_inputs_are_refused_unless_the_author_allows_them() {
 #[test]
 fn compile_errors_exit_2_with_file_and_line() {
     let ws = Workspace::new();
-    let src = tracefleet_e2e::repo_root().join("traces/fixtures/unknown-tool.trace.md");
+    let src = tracefleet_e2e::repo_root().join("traces/fixtures/broken/unknown-tool.trace.md");
     let r = ws.learner(&[
         "compile",
         src.to_str().unwrap(),
@@ -247,4 +247,41 @@ fn a_broken_model_file_is_refused_before_any_step() {
     let r = ws.follower(&["run", &signed, "--base-dir", "w"]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("no model is configured"), "{}", r.stderr);
+}
+
+#[test]
+fn every_example_trace_runs_signed_on_this_machine() {
+    let ws = Workspace::new();
+    let key = ws.key("traces");
+    ws.trust(&key);
+    let model = model();
+    let dir = tracefleet_e2e::repo_root().join("traces");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".trace.md"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "{names:?}");
+    for name in names {
+        let signed = ws.sign(&name, &key);
+        let base = name.trim_end_matches(".trace.md").to_owned();
+        let report = format!("{base}.json");
+        let r = ws.follower(&[
+            "run",
+            &signed,
+            "--model",
+            model.to_str().unwrap(),
+            "--threads",
+            "2",
+            "--base-dir",
+            &base,
+            "--output",
+            &report,
+        ]);
+        assert_eq!(r.code, Some(0), "{name}: {}{}", r.stdout, r.stderr);
+        let report = ws.json(&report);
+        assert_eq!(report["status"], "success", "{name}");
+        assert_eq!(report["completed_steps"], report["total_steps"], "{name}");
+    }
 }

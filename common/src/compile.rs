@@ -133,6 +133,7 @@ pub fn compile_source(file: &str, text: &str) -> Result<(Trace, Vec<Diagnostic>)
 #[derive(Deserialize, Default)]
 struct RawFrontmatter {
     trace_id: Option<String>,
+    experience_id: Option<String>,
     goal_signature: Option<String>,
     confidence: Option<f64>,
     estimated_cost: Option<f64>,
@@ -589,6 +590,7 @@ impl Cx {
             estimated_cost: fm.estimated_cost.unwrap_or(0.0),
             estimated_time_secs: fm.estimated_time_secs.unwrap_or(0.0),
             created_at,
+            experience_id: fm.experience_id.unwrap_or_default(),
             metadata: Metadata {
                 task_type: fm.metadata.task_type,
                 domain: fm.metadata.domain,

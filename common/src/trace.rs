@@ -28,6 +28,8 @@ pub struct Trace {
     pub estimated_time_secs: f64,
     /// When the trace was learned (RFC 3339 text as written by the author; may be empty).
     pub created_at: String,
+    /// The learner's memory entry this trace came from (LLMunix `experience_id`; may be empty).
+    pub experience_id: String,
     /// Descriptive metadata.
     pub metadata: Metadata,
     /// Named inputs, set with `--var NAME=VALUE`.
