@@ -14,8 +14,8 @@ use crate::ids::{TraceId, VarName, Version};
 use crate::source::{self, Block, SourceStep, SourceTrace};
 use crate::trace::{
     BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS, Dependency,
-    GrepOutput, Input, LlmCall, Metadata, OnError, OutputDecl, ShellContext, Step, Template, Tool,
-    Trace,
+    Foreach, ForeachSource, GrepOutput, Input, LlmCall, Metadata, OnError, OutputDecl,
+    ShellContext, Step, Template, Tool, Trace,
 };
 use serde::Deserialize;
 use serde_norway::Value;
@@ -151,6 +151,8 @@ struct RawFrontmatter {
     postconditions: Vec<RawCondition>,
     #[serde(default)]
     outputs: Vec<RawOutput>,
+    max_parallel: Option<u32>,
+    read_paths: Option<Vec<String>>,
     #[serde(default)]
     inputs: BTreeMap<String, RawInput>,
     #[serde(flatten)]
@@ -221,6 +223,8 @@ struct RawToolCall {
     parameters: BTreeMap<String, Value>,
     output_variable: Option<String>,
     timeout_secs: Option<u32>,
+    foreach: Option<Value>,
+    allowed_commands: Option<Vec<String>>,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
@@ -457,8 +461,12 @@ impl Cx {
         let mut bound: BTreeMap<String, u32> = BTreeMap::new();
         let mut steps = Vec::new();
         let mut lowered: Vec<(u32, Option<Step>, TemplateUses)> = Vec::new();
+        let mut item_vars: HashMap<u32, String> = HashMap::new();
         for s in &src.steps {
-            let (step, uses) = self.lower_step(s, &numbers, &mut bound);
+            let (step, uses, item) = self.lower_step(s, &numbers, &mut bound);
+            if let Some(item) = item {
+                item_vars.insert(s.number, item);
+            }
             lowered.push((s.number, step, uses));
         }
         let inputs_set: BTreeSet<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
@@ -470,6 +478,7 @@ impl Cx {
                 for v in t.variables() {
                     let ok = inputs_set.contains(v)
                         || BUILTIN_VARIABLES.contains(&v)
+                        || item_vars.get(number).is_some_and(|i| i == v)
                         || bound.get(v).is_some_and(|n| before.contains(n));
                     if !ok {
                         let why = match bound.get(v) {
@@ -572,6 +581,30 @@ impl Cx {
             })
             .collect();
 
+        let max_parallel = match fm.max_parallel {
+            Some(0) => {
+                self.error(
+                    fm_block.line_of_key("max_parallel", 0),
+                    "`max_parallel` is 0: expected at least 1",
+                );
+                1
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        let read_paths = fm.read_paths.clone().unwrap_or_default();
+        for r in &read_paths {
+            let p = std::path::Path::new(r);
+            if !p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                self.error(
+                    fm_block.line_of_key("read_paths", 0),
+                    format!("read path {r:?}: expected an absolute path without `..`"),
+                );
+            }
+        }
         let created_at = fm
             .created_at
             .as_ref()
@@ -603,6 +636,8 @@ impl Cx {
             preconditions,
             postconditions,
             outputs,
+            max_parallel,
+            read_paths,
             steps,
         })
     }
@@ -701,8 +736,9 @@ impl Cx {
         s: &SourceStep,
         numbers: &HashMap<u32, usize>,
         bound: &mut BTreeMap<String, u32>,
-    ) -> (Option<Step>, TemplateUses) {
+    ) -> (Option<Step>, TemplateUses, Option<String>) {
         let mut ok = true;
+        let mut item_var: Option<String> = None;
         // Dependencies.
         let mut dependencies = Vec::new();
         let explicit = s.dependencies.is_some();
@@ -754,12 +790,12 @@ impl Cx {
         // Tool call.
         let Some(tc_block) = &s.tool_call else {
             self.error(s.line, format!("step {} has no **Tool Call**: block: expected a fenced YAML block with `tool` and `parameters`", s.number));
-            return (None, Vec::new());
+            return (None, Vec::new(), None);
         };
         let Some(raw) =
             self.yaml::<RawToolCall>(tc_block, &format!("tool call of step {}", s.number))
         else {
-            return (None, Vec::new());
+            return (None, Vec::new(), None);
         };
         for key in raw.unknown.keys() {
             let line = tc_block.line_of_key(key, 0);
@@ -909,6 +945,31 @@ impl Cx {
             }
         }
 
+        let foreach = raw.foreach.as_ref().and_then(|v| {
+            let line = tc_block.line_of_key("foreach", 0);
+            let f = self.lower_foreach(v, line, s.number)?;
+            // The item variable is in scope in this step's templates and validations.
+            item_var = Some(f.var.to_string());
+            Some(f)
+        });
+        let allowed_commands = raw.allowed_commands.clone();
+        if let Some(cmds) = &allowed_commands {
+            let line = tc_block.line_of_key("allowed_commands", 0);
+            if !matches!(tool.as_ref(), Some(Tool::Bash { .. })) {
+                self.error(
+                    line,
+                    format!(
+                        "`allowed_commands` in step {}: expected it only on Bash steps",
+                        s.number
+                    ),
+                );
+            }
+            for c in cmds {
+                if c.is_empty() || c.contains(|ch: char| ch.is_whitespace() || ch == '/') {
+                    self.error(line, format!("`allowed_commands` entry {c:?} in step {}: expected a command name (no spaces, no path)", s.number));
+                }
+            }
+        }
         let timeout_secs = match raw.timeout_secs {
             Some(0) => {
                 self.error(
@@ -932,8 +993,58 @@ impl Cx {
             explicit_dependencies: explicit,
             timeout_secs,
             output_variable,
+            foreach,
+            allowed_commands,
         });
-        (step, uses)
+        (step, uses, item_var)
+    }
+
+    fn lower_foreach(&mut self, v: &Value, line: usize, number: u32) -> Option<Foreach> {
+        const EXPECTED: &str = "expected `foreach: \"GLOB\"` or a mapping with one of `glob`, `lines`, `json` and an optional `as`";
+        let (over, var) = match v {
+            Value::String(g) => (ForeachSource::Glob(g.clone()), None),
+            Value::Mapping(m) => {
+                let get = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+                let var_source = |cx: &mut Cx, name: String| match name.parse::<VarName>() {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        cx.error(line, format!("foreach in step {number}: {e}"));
+                        None
+                    }
+                };
+                let over = match (get("glob"), get("lines"), get("json")) {
+                    (Some(g), None, None) => ForeachSource::Glob(g),
+                    (None, Some(l), None) => ForeachSource::Lines(var_source(self, l)?),
+                    (None, None, Some(j)) => ForeachSource::JsonArray(var_source(self, j)?),
+                    _ => {
+                        self.error(line, format!("foreach in step {number}: {EXPECTED}"));
+                        return None;
+                    }
+                };
+                (over, get("as"))
+            }
+            _ => {
+                self.error(line, format!("foreach in step {number}: {EXPECTED}"));
+                return None;
+            }
+        };
+        if let ForeachSource::Glob(g) = &over
+            && let Err(e) = glob::Pattern::new(g)
+        {
+            self.error(
+                line,
+                format!("foreach in step {number}: invalid glob {g:?}: {e}"),
+            );
+            return None;
+        }
+        let var = match var.unwrap_or_else(|| "item".into()).parse::<VarName>() {
+            Ok(v) => v,
+            Err(e) => {
+                self.error(line, format!("foreach in step {number}: {e}"));
+                return None;
+            }
+        };
+        Some(Foreach { over, var })
     }
 
     fn lower_tool(
@@ -1008,6 +1119,9 @@ impl Cx {
                     .opt_u64(p, "seed")
                     .unwrap_or(0)
                     .min(u64::from(u32::MAX)) as u32;
+                if p.map.remove("json_schema").is_some() {
+                    self.error(p.line_of("json_schema"), format!("{}: `json_schema` constrained output is not supported by this version yet: expected a GBNF `grammar`", p.what));
+                }
                 let grammar = self.opt_string(p, "grammar");
                 if let Some(g) = &grammar
                     && !g
@@ -1224,8 +1338,37 @@ impl Cx {
                 }
             }
             "json_schema" => {
-                self.error(line, format!("validation type `json_schema` is not supported by this version yet: expected one of {}", CHECK_TYPES.join(", ")));
-                return None;
+                let path = subject(self, p)?;
+                let Some(schema) = p.map.remove("schema") else {
+                    self.error(p.line, format!("{}: missing required parameter `schema` (a JSON Schema, as YAML or JSON text)", p.what));
+                    return None;
+                };
+                let schema = match &schema {
+                    Value::String(text) => {
+                        serde_json::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())
+                    }
+                    other => serde_json::to_value(other).map_err(|e| e.to_string()),
+                };
+                match schema {
+                    Ok(v) if v.is_object() || v.is_boolean() => CheckKind::JsonSchema {
+                        path,
+                        schema: v.to_string(),
+                    },
+                    Ok(_) => {
+                        self.error(
+                            p.line_of("schema"),
+                            format!("{}: `schema` must be a JSON Schema object", p.what),
+                        );
+                        return None;
+                    }
+                    Err(e) => {
+                        self.error(
+                            p.line_of("schema"),
+                            format!("{}: `schema` is not valid JSON: {e}", p.what),
+                        );
+                        return None;
+                    }
+                }
             }
             other => {
                 self.error(
@@ -1366,13 +1509,7 @@ impl Params<'_> {
 pub const TOOLS: &[&str] = &["Read", "Write", "Bash", "Grep", "Glob", "WebFetch", "LLM"];
 
 /// Trace-language extensions (DESIGN.md) this version refuses rather than ignores.
-const UNSUPPORTED_EXTENSIONS: &[&str] = &[
-    "foreach",
-    "max_parallel",
-    "allowed_commands",
-    "read_paths",
-    "json_schema",
-];
+const UNSUPPORTED_EXTENSIONS: &[&str] = &["json_schema"];
 
 /// Largest `max_tokens` an LLM step may ask for.
 pub const MAX_MAX_TOKENS: u64 = 32_768;
@@ -1388,6 +1525,7 @@ pub const CHECK_TYPES: &[&str] = &[
     "command_exit_code",
     "file_size_minimum",
     "json_valid",
+    "json_schema",
     "content_structure_check",
 ];
 

@@ -228,6 +228,7 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
     let mut code: Option<(Option<usize>, String, bool)> = None; // (first text offset, text, is_fenced)
     let mut meta: Option<(Option<usize>, String)> = None;
     let mut in_step = false;
+    let mut step_level = HeadingLevel::H3;
     // `**Dependencies**:` with nothing after it: the list that follows holds them.
     let mut deps_pending: Option<usize> = None;
     let mut deps_list: Option<(usize, Vec<String>)> = None;
@@ -291,7 +292,8 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                     // fields cannot attach to it silently.
                     if started {
                         in_step = true;
-                    } else if level <= HeadingLevel::H3 {
+                        step_level = level;
+                    } else if level <= step_level {
                         in_step = false;
                     }
                 }
@@ -458,13 +460,14 @@ fn on_heading(
     let Some(rest) = strip_prefix_ci(text, "step") else {
         return false;
     };
-    if level != HeadingLevel::H3 {
+    // LLMunix documents `### Step N:`; some of its examples use `## Step N:`.
+    if !matches!(level, HeadingLevel::H2 | HeadingLevel::H3) {
         out.diagnostics.push(Diagnostic {
             severity: Severity::Warning,
             file: out.file.clone(),
             line,
             column,
-            message: format!("step heading at level {level:?}: expected `### Step N: title` (H3); this section is not a step"),
+            message: format!("step heading at level {level:?}: expected `### Step N: title` (or `##`); this section is not a step"),
         });
         return false;
     }
@@ -633,6 +636,17 @@ mod tests {
             "{:?}",
             s.diagnostics
         );
+    }
+
+    #[test]
+    fn h2_step_headings_are_steps_and_h3_inside_them_do_not_close_them() {
+        let s = parse(
+            "x.md",
+            "## Step 1: a\n### Notes\n**Tool Call**:\n```yaml\ntool: Bash\n```\n## Step 2: b\n",
+        );
+        assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+        assert_eq!(s.steps.len(), 2);
+        assert!(s.steps[0].tool_call.is_some());
     }
 
     #[test]

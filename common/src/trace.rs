@@ -40,6 +40,11 @@ pub struct Trace {
     pub postconditions: Vec<Check>,
     /// What the trace produces (informational).
     pub outputs: Vec<OutputDecl>,
+    /// Most steps the follower may run at once (≥ 1).
+    pub max_parallel: u32,
+    /// Absolute directories the trace reads outside its base directory; narrows the device's
+    /// read-only roots (empty: the device's defaults).
+    pub read_paths: Vec<String>,
     /// Steps in source order (ascending step number); see [`Trace::execution_order`].
     pub steps: Vec<Step>,
 }
@@ -171,6 +176,30 @@ pub struct Step {
     pub timeout_secs: u32,
     /// `{name}` bound to this step's output by `output_variable:` in its tool call.
     pub output_variable: Option<VarName>,
+    /// Run the tool once per item; zero items is a successful no-op.
+    pub foreach: Option<Foreach>,
+    /// For Bash steps: the only commands the shell may run (by name).
+    pub allowed_commands: Option<Vec<String>>,
+}
+
+/// A step repeated over items, each bound to `{var}` in the step's templates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Foreach {
+    /// Where the items come from.
+    pub over: ForeachSource,
+    /// The variable holding the current item (default `item`).
+    pub var: VarName,
+}
+
+/// The items of a [`Foreach`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForeachSource {
+    /// Files matching a glob, relative to the base directory.
+    Glob(String),
+    /// The non-empty lines of a variable.
+    Lines(VarName),
+    /// The elements of a variable holding a JSON array.
+    JsonArray(VarName),
 }
 
 /// Default per-attempt step timeout in seconds when the trace sets none.
@@ -379,6 +408,13 @@ pub enum CheckKind {
         /// File or output.
         path: Subject,
     },
+    /// The content is JSON that validates against a JSON Schema.
+    JsonSchema {
+        /// File or output.
+        path: Subject,
+        /// The schema, as JSON text.
+        schema: String,
+    },
     /// The content has every heading in `required_sections` (Markdown `#` lines; the text
     /// after the hashes is compared, trimmed).
     ContentStructureCheck {
@@ -402,6 +438,7 @@ impl CheckKind {
             CheckKind::CommandExitCode { .. } => "command_exit_code",
             CheckKind::FileSizeMinimum { .. } => "file_size_minimum",
             CheckKind::JsonValid { .. } => "json_valid",
+            CheckKind::JsonSchema { .. } => "json_schema",
             CheckKind::ContentStructureCheck { .. } => "content_structure_check",
         }
     }
@@ -418,6 +455,7 @@ impl CheckKind {
             | CheckKind::RegexMatch { path, .. }
             | CheckKind::FileSizeMinimum { path, .. }
             | CheckKind::JsonValid { path }
+            | CheckKind::JsonSchema { path, .. }
             | CheckKind::ContentStructureCheck { path, .. } => path.iter().collect(),
             CheckKind::CommandExitCode { .. } => vec![],
         }

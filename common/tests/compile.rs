@@ -209,12 +209,32 @@ fn placeholder_in_single_quotes_is_an_error() {
 #[test]
 fn extension_not_supported_yet_is_an_error_not_ignored() {
     let src = format!(
-        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\nforeach: \"*.log\"\n```\n"
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: hi\n  json_schema: {{type: object}}\n```\n"
     );
     let e = errors_of(&src);
+    assert_eq!(e.len(), 1, "{e:?}");
     assert!(
-        e.iter()
-            .any(|m| m.contains(":12:1: error: `foreach` in step 1 is not supported")),
+        e[0].contains(
+            ":12:1: error: LLM tool in step 1: `json_schema` constrained output is not supported"
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn foreach_allowed_commands_max_parallel_and_read_paths_compile() {
+    let src = "---\ntrace_id: t\nversion: \"1.0\"\ngoal_signature: g\nmax_parallel: 4\nread_paths: [/var/log]\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: wc -l {file}\nforeach:\n  glob: \"*.log\"\n  as: file\nallowed_commands: [wc]\n```\n";
+    let (t, _) = compile_source("ok.trace.md", src).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(t.max_parallel, 4);
+    assert_eq!(t.read_paths, vec!["/var/log".to_owned()]);
+    let f = t.steps[0].foreach.as_ref().unwrap();
+    assert_eq!(f.var.as_str(), "file");
+    assert_eq!(t.steps[0].allowed_commands, Some(vec!["wc".to_owned()]));
+    // The item variable is only in scope in its own step.
+    let bad = src.replace("wc -l {file}", "wc -l {item}");
+    let e = errors_of(&bad);
+    assert!(
+        e.iter().any(|m| m.contains("unresolved variable `{item}`")),
         "{e:?}"
     );
 }

@@ -592,6 +592,27 @@ pub fn check_supported(trace: &Trace) -> Result<(), String> {
         if matches!(s.tool, Tool::WebFetch { .. }) {
             return Err(format!("step {}: {UNSUPPORTED_WEBFETCH}", s.number));
         }
+        if s.foreach.is_some() {
+            return Err(format!(
+                "step {}: foreach is not supported by this follower version yet",
+                s.number
+            ));
+        }
+        if s.allowed_commands.is_some() {
+            return Err(format!(
+                "step {}: allowed_commands cannot be enforced by this follower version yet (refusing rather than running unrestricted)",
+                s.number
+            ));
+        }
+        if s.validations
+            .iter()
+            .any(|c| matches!(c.kind, CheckKind::JsonSchema { .. }))
+        {
+            return Err(format!(
+                "step {}: json_schema validation is not supported by this follower version yet",
+                s.number
+            ));
+        }
         match &s.on_error {
             OnError::Fallback { .. }
             | OnError::Retry {
@@ -888,6 +909,11 @@ fn evaluate(
                     ),
                 ),
             }
+        }
+        CheckKind::JsonSchema { .. } => {
+            return Err(
+                "json_schema validation is not supported by this follower version yet".into(),
+            );
         }
         CheckKind::ContentStructureCheck {
             path,

@@ -330,10 +330,32 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     let base_dir = args
         .base_dir
         .unwrap_or_else(|| state_dir.join("runs").join(&run_id));
-    let read_roots: Vec<PathBuf> = if args.read_roots.is_empty() {
+    let device_roots: Vec<PathBuf> = if args.read_roots.is_empty() {
         DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()
     } else {
         args.read_roots
+    };
+    // A trace may narrow the device's read roots, never widen them.
+    let read_roots: Vec<PathBuf> = if trace.read_paths.is_empty() {
+        device_roots
+    } else {
+        let mut narrowed = Vec::new();
+        for r in &trace.read_paths {
+            let p = PathBuf::from(r);
+            if !device_roots.iter().any(|d| p.starts_with(d)) {
+                bail!(
+                    "cannot run trace {}: it reads {r}, outside this device's read roots [{}]",
+                    trace.id,
+                    device_roots
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            narrowed.push(p);
+        }
+        narrowed
     };
     let mut host = LocalHost::new(&base_dir, &read_roots, inference)
         .with_context(|| format!("base directory {}", base_dir.display()))?;
