@@ -293,9 +293,10 @@ impl Cx {
         match serde_norway::from_str::<T>(&block.text) {
             Ok(v) => Some(v),
             Err(e) => {
-                let (line, column) = e
-                    .location()
-                    .map_or((block.line, 1), |l| (block.line + l.line() - 1, l.column()));
+                let (line, column) = match e.location() {
+                    Some(l) if !block.synthetic => (block.line + l.line() - 1, l.column()),
+                    _ => (block.line, 1),
+                };
                 let msg = e.to_string();
                 // serde_norway appends " at line L column C" relative to the block; drop it.
                 let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
@@ -1309,6 +1310,7 @@ impl Cx {
                 let Some(bytes) = self
                     .opt_u64(p, "bytes")
                     .or_else(|| self.opt_u64(p, "min_bytes"))
+                    .or_else(|| self.opt_u64(p, "minimum_bytes"))
                 else {
                     self.error(
                         p.line,

@@ -10,6 +10,7 @@
 //! It knows nothing of MQTT clients, SQLite, llama.cpp or a device's file system layout:
 //! it takes bytes (and the time, where it matters) and returns values or typed errors.
 
+mod bold;
 pub mod compile;
 pub mod diag;
 pub mod ids;

@@ -35,6 +35,9 @@ pub struct Block {
     pub text: String,
     /// 1-based line of the block's first content line.
     pub line: usize,
+    /// Built from Markdown fields (the bold-field variant) rather than written as YAML: every
+    /// position inside it is reported at `line`.
+    pub synthetic: bool,
 }
 
 impl Block {
@@ -48,6 +51,14 @@ impl Block {
     /// The 1-based source line of the `skip`-th line matching `key:` among source lines
     /// `from..to`, if any.
     pub fn find_key(&self, key: &str, from: usize, to: usize, skip: usize) -> Option<usize> {
+        if self.synthetic {
+            let present = self.text.lines().any(|l| {
+                let t = l.trim_start().trim_start_matches("- ").trim_start();
+                t.strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
+            return (present && skip == 0).then_some(self.line);
+        }
         self.text
             .lines()
             .enumerate()
@@ -64,11 +75,17 @@ impl Block {
 
     /// One past the last source line of the block.
     pub fn end_line(&self) -> usize {
+        if self.synthetic {
+            return self.line + 1;
+        }
         self.line + self.text.lines().count()
     }
 
     /// The 1-based source line of the `n`-th top-level list item (`- `) of the block.
     pub fn line_of_item(&self, n: usize) -> usize {
+        if self.synthetic {
+            return self.line;
+        }
         let indent = self
             .text
             .lines()
@@ -218,6 +235,9 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
         );
         return out;
     }
+    if crate::bold::is_bold_variant(text) {
+        return crate::bold::parse(file, text);
+    }
     let index = LineIndex::new(text);
     let opts = Options::ENABLE_YAML_STYLE_METADATA_BLOCKS | Options::ENABLE_TABLES;
 
@@ -244,7 +264,11 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                         || index.line_col(range.start).0 + 1,
                         |s| index.line_col(s).0,
                     );
-                    out.frontmatter = Some(Block { text: t, line });
+                    out.frontmatter = Some(Block {
+                        text: t,
+                        line,
+                        synthetic: false,
+                    });
                 }
             }
             Event::Start(Tag::List(_)) if deps_pending.is_some() && deps_list.is_none() => {
@@ -369,7 +393,11 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                         || index.line_col(range.start).0 + 1,
                         |s| index.line_col(s).0,
                     );
-                    let block = Block { text: t, line };
+                    let block = Block {
+                        text: t,
+                        line,
+                        synthetic: false,
+                    };
                     let mut duplicate = None;
                     if let Some(step) = out.steps.last_mut() {
                         let slot = match field {
@@ -398,7 +426,11 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
                         || index.line_col(range.start).0 + 1,
                         |s| index.line_col(s).0,
                     );
-                    out.sections.push(Block { text: t, line });
+                    out.sections.push(Block {
+                        text: t,
+                        line,
+                        synthetic: false,
+                    });
                 }
             }
             Event::Text(t) | Event::Code(t) => {

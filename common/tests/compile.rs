@@ -265,3 +265,25 @@ fn preconditions_cannot_use_step_outputs_and_outputs_cannot_shadow() {
         "{e:?}"
     );
 }
+
+#[test]
+fn bold_field_variant_compiles_to_the_same_ir_and_reports_field_lines() {
+    let bold = "# T\n\n**Trace ID**: t\n**Goal**: g\n**Version**: 1.0\n\n## Step 1: a\n\n**Tool**: Bash\n\n**Parameters**:\n| Parameter | Value |\n|---|---|\n| command | echo hi |\n\n**Validations**:\n1. **says hi**\n   - Type: content_contains\n   - Text: hi\n";
+    let (b, _) = compile_source("b.trace.md", bold).unwrap_or_else(|d| panic!("{d}"));
+    let yaml = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo hi\n```\n**Validation**:\n```yaml\n- check: says hi\n  type: content_contains\n  parameters:\n    text: hi\n```\n"
+    )
+    .replace("goal_signature: g", "goal_signature: g");
+    let (y, _) = compile_source("y.trace.md", &yaml).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(b.steps[0].tool, y.steps[0].tool);
+    assert_eq!(b.steps[0].validations, y.steps[0].validations);
+    assert_eq!(b.goal_signature, "g");
+
+    let broken = bold.replace("content_contains", "looks_right");
+    let e = errors_of(&broken);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("bad.trace.md:16:1: error: unknown validation type `looks_right`"),
+        "{e:?}"
+    );
+}
