@@ -13,7 +13,18 @@ use tracefleet::{compile, source};
 
 /// Compile, sign and (later) roll out tracefleet traces.
 #[derive(Parser)]
-#[command(name = "learner", version, about, long_about = None)]
+#[command(
+    name = "learner",
+    version,
+    about,
+    long_about = None,
+    after_help = "A trace from source to a device:\n  \
+        learner keys generate --out traces.key          # traces.key (0600) + traces.key.pub\n  \
+        learner compile my.trace.md -o my.tfc            # check; errors show file:line:col\n  \
+        learner sign my.tfc --key traces.key -o my.tfs   # sign (expires in 365d by default)\n  \
+        follower trust init traces.key.pub && follower run my.tfs\n\n\
+        The trace format: docs/trace-language.md. Exit codes: 0 ok, 2 bad input."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -19,7 +19,19 @@ use tracefleet::{Trace, compile};
 
 /// Verify and execute signed traces on this device, offline.
 #[derive(Parser)]
-#[command(name = "follower", version, about, long_about = None)]
+#[command(
+    name = "follower",
+    version,
+    about,
+    long_about = None,
+    after_help = "On a device:\n  \
+        follower trust init traces.key.pub                       # trust a trace-signing key\n  \
+        follower inspect my.tfs                                  # what a signed trace holds\n  \
+        follower run my.tfs --model model.gguf --output report.json\n  \
+        follower runs list\n\n\
+        Exit codes: 0 the run succeeded; 1 the run executed and failed; 2 bad input, refused\n\
+        verification or a usage error (nothing ran)."
+)]
 struct Cli {
     /// Where the follower keeps its state (trusted keys, runs).
     /// Default: /var/lib/tracefleet as root, else $XDG_STATE_HOME/tracefleet or ~/.local/state/tracefleet.
