@@ -345,6 +345,14 @@ impl Cx {
                 None
             }
         };
+        if let Some(Value::Number(n)) = &fm.version {
+            self.warning(
+                fm_block.line_of_key("version", 0),
+                format!(
+                    "`version` is written as the number {n}: quote it (YAML reads 1.10 as 1.1)"
+                ),
+            );
+        }
         let version = match fm.version.as_ref().map(scalar_text) {
             Some(Some(v)) => match v.parse::<Version>() {
                 Ok(v) => Some(v),

@@ -287,3 +287,16 @@ fn bold_field_variant_compiles_to_the_same_ir_and_reports_field_lines() {
         "{e:?}"
     );
 }
+
+#[test]
+fn numeric_version_is_accepted_with_a_warning() {
+    let src = "---\ntrace_id: t\nversion: 1.2\ngoal_signature: g\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\n```\n";
+    let (t, warnings) = compile_source("w.trace.md", src).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(t.version.to_string(), "1.2.0");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0]
+            .to_string()
+            .starts_with("w.trace.md:3:1: warning: `version` is written as the number 1.2")
+    );
+}
