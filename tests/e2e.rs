@@ -137,17 +137,13 @@ fn trace_signed_by_an_untrusted_key_is_refused() {
 }
 
 #[test]
-fn no_trusted_key_means_no_run() {
+fn no_trust_root_means_no_run() {
     let ws = Workspace::new();
     let key = ws.key("traces");
     let signed = ws.sign("fixtures/write-marker.trace.md", &key);
     let r = ws.follower(&["run", &signed, "--base-dir", "w"]);
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr.contains("trusts no trace-signing key"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("has no trust root yet"), "{}", r.stderr);
     assert!(!ws.path("w").exists());
 }
 
@@ -284,4 +280,214 @@ fn every_example_trace_runs_signed_on_this_machine() {
         assert_eq!(report["status"], "success", "{name}");
         assert_eq!(report["completed_steps"], report["total_steps"], "{name}");
     }
+}
+
+/// The installed-trace table and the newest root, as the follower reports them.
+fn store_state(ws: &Workspace) -> (String, String) {
+    let traces = ws.follower(&["traces", "list", "--json"]);
+    let root = ws.follower(&["trust", "show"]);
+    (traces.stdout, root.stdout)
+}
+
+/// Compiles `src` with its `version:` replaced, signs it with `keys` (several for a
+/// threshold) and an expiry, returns the signed file name.
+fn signed_version(
+    ws: &Workspace,
+    version: &str,
+    keys: &[&str],
+    expires: &str,
+    name: &str,
+) -> String {
+    let src = std::fs::read_to_string(
+        tracefleet_e2e::repo_root().join("traces/fixtures/write-marker.trace.md"),
+    )
+    .unwrap();
+    let src = src.replace("version: \"1.0.0\"", &format!("version: \"{version}\""));
+    std::fs::write(ws.path(&format!("{name}.trace.md")), src).unwrap();
+    let r = ws.learner(&[
+        "compile",
+        &format!("{name}.trace.md"),
+        "-o",
+        &format!("{name}.tfc"),
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let out = format!("{name}.tfs");
+    let tfc = format!("{name}.tfc");
+    let mut args = vec![
+        "sign",
+        tfc.as_str(),
+        "--expires",
+        expires,
+        "-o",
+        out.as_str(),
+    ];
+    for k in keys {
+        args.extend(["--key", k]);
+    }
+    let r = ws.learner(&args);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    out
+}
+
+#[test]
+fn install_refusal_matrix_leaves_the_store_unchanged() {
+    let ws = Workspace::new();
+    let (a, b, stranger) = (ws.key("a"), ws.key("b"), ws.key("stranger"));
+    ws.provision(&[&a, &b], 2); // two of two trace keys must sign
+    let good = signed_version(&ws, "1.0.0", &[&a, &b], "30d", "good");
+    let r = ws.follower(&["install", &good]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let before = store_state(&ws);
+    assert!(before.0.contains("\"version\": \"1.0.0\""), "{before:?}");
+
+    let refuse = |file: &str, why: &str| {
+        let r = ws.follower(&["install", file]);
+        assert_eq!(r.code, Some(2), "{file}: {r:?}");
+        assert!(
+            r.stderr.contains(why),
+            "{file}: expected {why:?} in {}",
+            r.stderr
+        );
+        assert_eq!(store_state(&ws), before, "{file}: the store changed");
+    };
+
+    // Too few signatures, and one key signing twice to fake a threshold.
+    refuse(
+        &signed_version(&ws, "1.1.0", &[&a], "30d", "one-sig"),
+        "1 valid signature(s) from trusted trace-signing keys, expected at least 2",
+    );
+    refuse(
+        &signed_version(&ws, "1.1.0", &[&a, &a], "30d", "same-twice"),
+        "1 valid signature(s) from trusted trace-signing keys, expected at least 2",
+    );
+    // An unknown key.
+    refuse(
+        &signed_version(&ws, "1.1.0", &[&a, &stranger], "30d", "stranger"),
+        "(untrusted)",
+    );
+    // A flipped byte anywhere in the file.
+    let flipped_bytes = std::fs::read(ws.path(&good)).unwrap();
+    for (i, at) in [4usize, flipped_bytes.len() / 2, flipped_bytes.len() - 1]
+        .into_iter()
+        .enumerate()
+    {
+        let mut b = flipped_bytes.clone();
+        b[at] ^= 0x20;
+        let name = format!("flip-{i}.tfs");
+        std::fs::write(ws.path(&name), b).unwrap();
+        refuse(&name, "refusing");
+    }
+    // Expired signature.
+    refuse(
+        &signed_version(&ws, "1.1.0", &[&a, &b], "0s", "expired"),
+        "signed trace expired at",
+    );
+    // Equal and older versions (rollback).
+    refuse(&good, "versions never go backwards");
+    refuse(
+        &signed_version(&ws, "0.9.0", &[&a, &b], "30d", "older"),
+        "versions never go backwards",
+    );
+    // Unsigned and oversize inputs.
+    refuse("good.tfc", "not a signed trace");
+    std::fs::write(ws.path("huge.tfs"), vec![b'T'; 2 * 1024 * 1024]).unwrap();
+    refuse("huge.tfs", "expected at most");
+
+    // A newer version signed by both keys installs.
+    let newer = signed_version(&ws, "1.1.0", &[&a, &b], "30d", "newer");
+    let r = ws.follower(&["install", &newer]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(store_state(&ws).0.contains("\"version\": \"1.1.0\""));
+    // The refusals were logged, and the database is sound.
+    let r = ws.follower(&["run", "write-marker", "--base-dir", "ran"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("write-marker 1.1.0 (installed, verified)"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn root_rotation_revokes_by_omission_and_needs_the_old_keys() {
+    let ws = Workspace::new();
+    let (old_t, new_t) = (ws.key("old-traces"), ws.key("new-traces"));
+    ws.provision(&[&old_t], 1);
+    let r = ws.learner(&["keys", "generate", "--role", "root", "--out", "root2.key"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let create_v2 = |signers: &[&str], out: &str| {
+        let mut args = vec![
+            "trust",
+            "create",
+            "--version",
+            "2",
+            "--root-key",
+            "root2.key.pub",
+            "--traces-key",
+            "new-traces.key.pub",
+            "-o",
+            out,
+        ];
+        for s in signers {
+            args.extend(["--sign", s]);
+        }
+        let r = ws.learner(&args);
+        assert_eq!(r.code, Some(0), "{r:?}");
+    };
+    // Signed only by the new root key: refused, the device stays on v1.
+    create_v2(&["root2.key"], "v2-new-only.tfr");
+    let r = ws.follower(&["trust", "update", "v2-new-only.tfr"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("not signed by the current root keys (v1)"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        ws.follower(&["trust", "show"])
+            .stdout
+            .contains("trust root v1")
+    );
+
+    // Signed by old and new root keys: accepted.
+    create_v2(&["root.key", "root2.key"], "v2.tfr");
+    let r = ws.follower(&["trust", "update", "v2.tfr"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        ws.follower(&["trust", "show"])
+            .stdout
+            .contains("trust root v2")
+    );
+
+    // The old trace key is revoked by omission; the new one verifies.
+    let old_signed = signed_version(&ws, "1.0.0", &[&old_t], "30d", "by-old");
+    let r = ws.follower(&["install", &old_signed]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("(untrusted)"), "{}", r.stderr);
+    let new_signed = signed_version(&ws, "1.0.0", &[&new_t], "30d", "by-new");
+    let r = ws.follower(&["install", &new_signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // A second provisioning is refused.
+    let r = ws.follower(&["trust", "init", "v2.tfr"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("already provisioned"), "{}", r.stderr);
+}
+
+#[test]
+fn an_expired_trust_root_vouches_for_nothing() {
+    let ws = Workspace::new();
+    let key = ws.key("traces");
+    let root = ws.root_v1(&[&key], 1, "2s");
+    let r = ws.follower(&["trust", "init", &root]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let signed = ws.sign("fixtures/write-marker.trace.md", &key);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let r = ws.follower(&["install", &signed]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("trust root v1 expired"), "{}", r.stderr);
+    let r = ws.follower(&["run", &signed, "--base-dir", "w"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(!ws.path("w").exists());
 }

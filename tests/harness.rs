@@ -147,10 +147,51 @@ impl Workspace {
         signed
     }
 
-    /// Trusts the public half of `key` on this workspace's follower.
+    /// Provisions this workspace's follower with a trust root (v1, signed by a fresh root key
+    /// `root.key`) whose trace-signing role is `key` alone, threshold 1.
     pub fn trust(&self, key: &str) {
-        let r = self.follower(&["trust", "init", &format!("{key}.pub")]);
+        self.provision(&[key], 1);
+    }
+
+    /// Provisions the follower with a trust root v1 naming `trace_keys` with `threshold`.
+    pub fn provision(&self, trace_keys: &[&str], threshold: u32) {
+        let root = self.root_v1(trace_keys, threshold, "365d");
+        let r = self.follower(&["trust", "init", &root]);
         assert_eq!(r.code, Some(0), "{r:?}");
+    }
+
+    /// Creates (without installing) `root-v1.tfr`, signed by `root.key` (created if missing).
+    pub fn root_v1(&self, trace_keys: &[&str], threshold: u32, expires: &str) -> String {
+        if !self.path("root.key").exists() {
+            let r = self.learner(&["keys", "generate", "--role", "root", "--out", "root.key"]);
+            assert_eq!(r.code, Some(0), "{r:?}");
+        }
+        let mut args = vec![
+            "trust",
+            "create",
+            "--version",
+            "1",
+            "--expires",
+            expires,
+            "--root-key",
+            "root.key.pub",
+        ];
+        let pubs: Vec<String> = trace_keys.iter().map(|k| format!("{k}.pub")).collect();
+        for p in &pubs {
+            args.extend(["--traces-key", p.as_str()]);
+        }
+        let t = threshold.to_string();
+        args.extend([
+            "--traces-threshold",
+            &t,
+            "--sign",
+            "root.key",
+            "-o",
+            "root-v1.tfr",
+        ]);
+        let r = self.learner(&args);
+        assert_eq!(r.code, Some(0), "{r:?}");
+        "root-v1.tfr".into()
     }
 
     /// Reads a JSON file from the workspace.

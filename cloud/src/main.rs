@@ -8,7 +8,8 @@ use learner::keys;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tracefleet::signed::{self, KeyRole};
+use tracefleet::signed::{self, KeyRole, PublicKey, SecretKey};
+use tracefleet::trust::{RoleKey, RoleKeys, TrustRoot, sign_root};
 use tracefleet::{compile, source};
 
 /// Compile, sign and (later) roll out tracefleet traces.
@@ -51,18 +52,72 @@ enum Command {
     /// Manage signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Sign a compiled trace.
+    /// Sign a compiled trace (with several `--key`s to reach a threshold).
     Sign {
         /// The compiled trace (from `learner compile`).
         compiled: PathBuf,
-        /// The secret trace-signing key.
-        #[arg(long, value_name = "KEY")]
-        key: PathBuf,
+        /// Secret trace-signing key(s).
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
         /// How long the signature stays valid (e.g. `90d`, `12h`).
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         expires: Duration,
         /// The signed trace to write.
         #[arg(short, long, value_name = "SIGNED")]
+        output: PathBuf,
+    },
+    /// Add a signature to a signed trace (each holder of a threshold key adds theirs).
+    Cosign {
+        /// The signed trace.
+        signed: PathBuf,
+        /// The secret trace-signing key.
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// Where to write the result (default: in place).
+        #[arg(short, long, value_name = "SIGNED")]
+        output: Option<PathBuf>,
+    },
+    /// Manage trust roots.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Create and sign a trust root naming the root, trace-signing and command-signing keys.
+    ///
+    /// For a rotation, give the next version and sign with a threshold of the current root's
+    /// keys and a threshold of the new root's keys.
+    Create {
+        /// Root version (1 for a new fleet; current + 1 for a rotation).
+        #[arg(long, default_value_t = 1)]
+        version: u32,
+        /// How long the root stays valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// Root public keys (`.pub`).
+        #[arg(long = "root-key", value_name = "PUB", required = true)]
+        root_keys: Vec<PathBuf>,
+        /// Root signatures needed to accept a later root.
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u32,
+        /// Trace-signing public keys.
+        #[arg(long = "traces-key", value_name = "PUB", required = true)]
+        traces_keys: Vec<PathBuf>,
+        /// Trace signatures a device needs.
+        #[arg(long, default_value_t = 1)]
+        traces_threshold: u32,
+        /// Command-signing public keys (default: the trace-signing keys).
+        #[arg(long = "commands-key", value_name = "PUB")]
+        commands_keys: Vec<PathBuf>,
+        /// Command signatures a device needs.
+        #[arg(long, default_value_t = 1)]
+        commands_threshold: u32,
+        /// Secret root keys that sign this root (for a rotation: old and new root keys).
+        #[arg(long = "sign", value_name = "KEY", required = true)]
+        signers: Vec<PathBuf>,
+        /// The root file to write.
+        #[arg(short, long, value_name = "ROOT.tfr")]
         output: PathBuf,
     },
 }
@@ -145,36 +200,147 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Sign {
             compiled,
-            key,
+            keys: key_files,
             expires,
             output,
         } => {
-            let secret = keys::read_secret(&key)?;
-            if secret.role != KeyRole::Traces {
-                bail!(
-                    "{}: a {} key: expected a trace-signing key (role traces)",
-                    key.display(),
-                    secret.role
-                );
-            }
+            let secrets = key_files
+                .iter()
+                .map(|k| trace_key(k))
+                .collect::<Result<Vec<_>>>()?;
             let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let signed = signed::sign(&bytes, &secret, now, now.saturating_add(expires.as_secs()))
-                .with_context(|| format!("{}", compiled.display()))?;
+            let now = unix_now();
+            let mut signed = signed::sign(
+                &bytes,
+                &secrets[0],
+                now,
+                now.saturating_add(expires.as_secs()),
+            )
+            .with_context(|| format!("{}", compiled.display()))?;
+            for k in &secrets[1..] {
+                signed::add_signature(&mut signed, k);
+            }
             std::fs::write(&output, signed::encode_signed(&signed))
                 .with_context(|| format!("writing {}", output.display()))?;
+            let ids: Vec<String> = secrets
+                .iter()
+                .map(|k| k.public().key_id().to_string())
+                .collect();
             println!(
-                "signed {} {} with key {} → {}",
+                "signed {} {} with {} → {}",
                 signed.header.trace_id,
                 signed.header.version,
-                secret.public().key_id(),
+                ids.join(", "),
                 output.display()
             );
             Ok(())
         }
+        Command::Cosign {
+            signed: file,
+            key,
+            output,
+        } => {
+            let secret = trace_key(&key)?;
+            let bytes = read_limited(&file, signed::MAX_SIGNED_BYTES as u64)?;
+            let mut s =
+                signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
+            signed::add_signature(&mut s, &secret);
+            let out = output.unwrap_or(file);
+            std::fs::write(&out, signed::encode_signed(&s))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{} now carries {} signature(s)",
+                out.display(),
+                s.signatures.len()
+            );
+            Ok(())
+        }
+        Command::Trust(TrustCommand::Create {
+            version,
+            expires,
+            root_keys,
+            root_threshold,
+            traces_keys,
+            traces_threshold,
+            commands_keys,
+            commands_threshold,
+            signers,
+            output,
+        }) => {
+            let now = unix_now();
+            let expires_at = now.saturating_add(expires.as_secs());
+            let role = |files: &[PathBuf], want: KeyRole, threshold: u32| -> Result<RoleKeys> {
+                let keys = files
+                    .iter()
+                    .map(|f| {
+                        let text = std::fs::read_to_string(f)
+                            .with_context(|| format!("reading {}", f.display()))?;
+                        let k = PublicKey::from_file(&text)
+                            .with_context(|| format!("{}", f.display()))?;
+                        if k.role != want {
+                            bail!("{}: a {} key: expected a {want} key", f.display(), k.role);
+                        }
+                        Ok(RoleKey {
+                            public_key: k.to_bytes(),
+                            expires_at,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(RoleKeys { threshold, keys })
+            };
+            let commands = if commands_keys.is_empty() {
+                // Commands default to the trace-signing keys' material under the commands role.
+                let mut r = role(&traces_keys, KeyRole::Traces, commands_threshold)?;
+                r.threshold = commands_threshold;
+                r
+            } else {
+                role(&commands_keys, KeyRole::Commands, commands_threshold)?
+            };
+            let root = TrustRoot {
+                version,
+                created_at: now,
+                expires_at,
+                root: role(&root_keys, KeyRole::Root, root_threshold)?,
+                traces: role(&traces_keys, KeyRole::Traces, traces_threshold)?,
+                commands,
+            };
+            let secrets = signers
+                .iter()
+                .map(|f| keys::read_secret(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<&SecretKey> = secrets.iter().collect();
+            let bytes = sign_root(&root, &refs)?;
+            std::fs::write(&output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "trust root v{version} → {} (root {root_threshold}/{}, traces {traces_threshold}/{}, {} signature(s))",
+                output.display(),
+                root.root.keys.len(),
+                root.traces.keys.len(),
+                refs.len()
+            );
+            Ok(())
+        }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads a secret key that must be a trace-signing key.
+fn trace_key(path: &Path) -> Result<SecretKey> {
+    let secret = keys::read_secret(path)?;
+    if secret.role != KeyRole::Traces {
+        bail!(
+            "{}: a {} key: expected a trace-signing key (role traces)",
+            path.display(),
+            secret.role
+        );
+    }
+    Ok(secret)
 }
 
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {

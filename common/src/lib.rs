@@ -18,6 +18,7 @@ pub mod report;
 pub mod signed;
 pub mod source;
 pub mod trace;
+pub mod trust;
 
 pub use compile::{compile_source, decode_compiled, encode_compiled};
 pub use diag::{Diagnostic, Diagnostics, Severity};

@@ -423,6 +423,18 @@ pub enum VerifyError {
         /// The time of the check.
         now: u64,
     },
+    /// The trust root that would vouch for it has expired.
+    #[error(
+        "the device's trust root v{version} expired at {expires_at} (unix seconds); now is {now}: install a newer trust root"
+    )]
+    RootExpired {
+        /// Root version.
+        version: u32,
+        /// Its expiry.
+        expires_at: u64,
+        /// The time of the check.
+        now: u64,
+    },
     /// The header expires before it was created.
     #[error(
         "signed header is created at {created_at} but expires at {expires_at} (unix seconds): expected expiry after creation"
@@ -450,6 +462,89 @@ pub enum VerifyError {
         /// Version in the content.
         content_version: Version,
     },
+}
+
+/// Why a set of signatures did not reach its threshold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThresholdFailure {
+    /// Distinct trusted keys whose signature verified.
+    pub valid: usize,
+    /// Needed.
+    pub threshold: usize,
+    /// Key ids in the envelope, marked `(untrusted)` or `(invalid)`.
+    pub signers: String,
+    /// Key ids trusted for the role.
+    pub trusted: String,
+}
+
+/// Counts distinct keys of `role` in `trusted` with a valid ed25519 (`verify_strict`)
+/// signature over `message`; a key id listed twice counts once. At least one is always
+/// required, whatever `threshold` says.
+///
+/// # Errors
+/// [`ThresholdFailure`] when fewer than `threshold` keys signed.
+pub fn check_threshold(
+    message: &[u8],
+    signatures: &[SignatureEntry],
+    trusted: &[PublicKey],
+    role: KeyRole,
+    threshold: usize,
+) -> Result<Vec<KeyId>, ThresholdFailure> {
+    let mut signed_by: Vec<KeyId> = Vec::new();
+    let mut signers = Vec::new();
+    for entry in signatures {
+        let key = trusted
+            .iter()
+            .find(|k| k.role == role && k.key_id() == entry.key_id);
+        let valid = key.is_some_and(|k| {
+            <[u8; 64]>::try_from(entry.signature.as_slice())
+                .ok()
+                .is_some_and(|b| {
+                    k.key
+                        .verify_strict(message, &ed25519_dalek::Signature::from_bytes(&b))
+                        .is_ok()
+                })
+        });
+        let mark = match (key.is_some(), valid) {
+            (false, _) => " (untrusted)",
+            (true, false) => " (invalid)",
+            (true, true) => "",
+        };
+        signers.push(format!("{}{mark}", entry.key_id));
+        if valid && !signed_by.contains(&entry.key_id) {
+            signed_by.push(entry.key_id);
+        }
+    }
+    let threshold = threshold.max(1);
+    if signed_by.len() < threshold {
+        return Err(ThresholdFailure {
+            valid: signed_by.len(),
+            threshold,
+            signers: signers.join(", "),
+            trusted: trusted
+                .iter()
+                .filter(|k| k.role == role)
+                .map(|k| k.key_id().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok(signed_by)
+}
+
+/// Signs `message` with `key` (for envelopes other than signed traces).
+pub fn sign_message(message: &[u8], key: &SecretKey) -> SignatureEntry {
+    SignatureEntry {
+        key_id: key.public().key_id(),
+        signature: key.key.sign(message).to_bytes().to_vec(),
+    }
+}
+
+/// Adds `key`'s signature to a signed trace (threshold signing: each key holder adds one).
+pub fn add_signature(signed: &mut SignedTrace, key: &SecretKey) {
+    let entry = sign_message(&signing_message(&signed.header), key);
+    signed.signatures.retain(|e| e.key_id != entry.key_id);
+    signed.signatures.push(entry);
 }
 
 /// Decodes the envelope without verifying it (for `inspect`).
@@ -482,6 +577,27 @@ pub fn decode_signed(bytes: &[u8]) -> Result<SignedTrace, VerifyError> {
         });
     }
     Ok(s)
+}
+
+/// Verifies a signed trace against a trust root: its unexpired trace-signing keys and their
+/// threshold; a root past its expiry vouches for nothing.
+///
+/// # Errors
+/// [`VerifyError::RootExpired`], or what [`verify`] refuses.
+pub fn verify_with_root(
+    bytes: &[u8],
+    root: &crate::trust::TrustRoot,
+    now: u64,
+) -> Result<Verified, VerifyError> {
+    if now >= root.expires_at {
+        return Err(VerifyError::RootExpired {
+            version: root.version,
+            expires_at: root.expires_at,
+            now,
+        });
+    }
+    let (keys, threshold) = root.trusted(KeyRole::Traces, now);
+    verify(bytes, &keys, threshold, now)
 }
 
 /// A signed trace that passed [`verify`].
@@ -518,45 +634,13 @@ pub fn verify(
         });
     }
     let message = signing_message(&s.header);
-    let mut signed_by: Vec<KeyId> = Vec::new();
-    let mut signers = Vec::new();
-    for entry in &s.signatures {
-        let key = trusted
-            .iter()
-            .find(|k| k.role == KeyRole::Traces && k.key_id() == entry.key_id);
-        let valid = key.is_some_and(|k| {
-            <[u8; 64]>::try_from(entry.signature.as_slice())
-                .ok()
-                .is_some_and(|b| {
-                    k.key
-                        .verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&b))
-                        .is_ok()
-                })
-        });
-        let mark = match (key.is_some(), valid) {
-            (false, _) => " (untrusted)",
-            (true, false) => " (invalid)",
-            (true, true) => "",
-        };
-        signers.push(format!("{}{mark}", entry.key_id));
-        if valid && !signed_by.contains(&entry.key_id) {
-            signed_by.push(entry.key_id);
-        }
-    }
-    let threshold = threshold.max(1);
-    if signed_by.len() < threshold {
-        let trusted_ids: Vec<String> = trusted
-            .iter()
-            .filter(|k| k.role == KeyRole::Traces)
-            .map(|k| k.key_id().to_string())
-            .collect();
-        return Err(VerifyError::Threshold {
-            valid: signed_by.len(),
-            threshold,
-            signers: signers.join(", "),
-            trusted: trusted_ids.join(", "),
-        });
-    }
+    let signed_by = check_threshold(&message, &s.signatures, trusted, KeyRole::Traces, threshold)
+        .map_err(|t| VerifyError::Threshold {
+        valid: t.valid,
+        threshold: t.threshold,
+        signers: t.signers,
+        trusted: t.trusted,
+    })?;
     if s.header.created_at > s.header.expires_at {
         return Err(VerifyError::InvalidValidity {
             created_at: s.header.created_at,

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracefleet::report::{Report, RunStatus, StepStatus};
-use tracefleet::signed::{self, PublicKey, SIGNED_MAGIC};
+use tracefleet::signed::{self, SIGNED_MAGIC};
+use tracefleet::trust;
 use tracefleet::{Trace, compile};
 
 /// Verify and execute signed traces on this device, offline.
@@ -54,7 +55,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Verify and run a signed trace.
+    /// Verify and install a signed trace (versions never go backwards).
+    Install {
+        /// A signed trace (`.tfs` from `learner sign`).
+        file: PathBuf,
+    },
+    /// Installed traces.
+    #[command(subcommand)]
+    Traces(TracesCommand),
+    /// Verify and run a signed trace (an installed trace id or a signed file).
     Run(RunArgs),
     /// Inspect recorded runs.
     #[command(subcommand)]
@@ -63,13 +72,31 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TrustCommand {
-    /// Trust a trace-signing public key (a `.pub` file from `learner keys generate`).
+    /// Provision this device with its first trust root (a `.tfr` file from `learner trust
+    /// create`); it must be signed by a threshold of its own root keys.
     Init {
-        /// The public key file.
-        key: PathBuf,
+        /// The trust-root file.
+        root: PathBuf,
     },
-    /// List trusted keys.
+    /// Rotate to newer trust roots, given in version order; each must be signed by a threshold
+    /// of the previous root's keys and of its own.
+    Update {
+        /// Trust-root files, oldest first.
+        #[arg(required = true)]
+        roots: Vec<PathBuf>,
+    },
+    /// Show the trust root: version, expiry, keys and thresholds per role.
     Show,
+}
+
+#[derive(Subcommand)]
+enum TracesCommand {
+    /// List installed traces.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,7 +116,8 @@ enum RunsCommand {
 
 #[derive(Args)]
 struct RunArgs {
-    /// A signed trace file (from `learner sign`). A trace source (`.trace.md`) only with --allow-unsigned.
+    /// An installed trace id, or a signed trace file (from `learner sign`). A trace source
+    /// (`.trace.md`) only with --allow-unsigned.
     trace: PathBuf,
     /// Set an input of the trace (repeatable).
     #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_var)]
@@ -177,31 +205,67 @@ fn now_rfc3339() -> String {
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let state_dir = cli.state_dir.unwrap_or_else(default_state_dir);
     match cli.command {
-        Command::Trust(TrustCommand::Init { key }) => {
-            let text = read_limited(&key, 64 * 1024)?;
-            let text = String::from_utf8(text)
-                .map_err(|_| anyhow!("{}: expected a UTF-8 key file", key.display()))?;
-            let pk = PublicKey::from_file(&text).with_context(|| format!("{}", key.display()))?;
-            if pk.role != signed::KeyRole::Traces {
+        Command::Trust(TrustCommand::Init { root }) => {
+            let bytes = read_limited(&root, trust::MAX_ROOT_BYTES as u64)?;
+            let mut store = Store::open(&state_dir)?;
+            if let Some((current, _)) = store.trust_root()? {
                 bail!(
-                    "{}: a {} key: expected a trace-signing key (role traces)",
-                    key.display(),
-                    pk.role
+                    "this device is already provisioned with trust root v{}: use `follower trust update` to rotate",
+                    current.version
                 );
             }
-            let store = Store::open(&state_dir)?;
-            store.trust_key(&pk, &now_rfc3339())?;
-            println!("trusted trace-signing key {}", pk.key_id());
+            let accepted = trust::verify_initial(&bytes, unix_now())
+                .with_context(|| format!("refusing {}", root.display()))?;
+            store.add_trust_roots(&[(accepted.version, &bytes)], &now_rfc3339())?;
+            println!("trust root v{} installed", accepted.version);
+            print_root(&accepted);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trust(TrustCommand::Update { roots }) => {
+            let mut store = Store::open(&state_dir)?;
+            let (current, _) = store.trust_root()?.ok_or_else(|| {
+                anyhow!("this device has no trust root yet: run `follower trust init ROOT`")
+            })?;
+            let files: Vec<Vec<u8>> = roots
+                .iter()
+                .map(|r| read_limited(r, trust::MAX_ROOT_BYTES as u64))
+                .collect::<Result<_>>()?;
+            let slices: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+            let chain = trust::verify_chain(&current, &slices, unix_now())
+                .context("refusing the trust-root update")?;
+            let rows: Vec<(u32, &[u8])> = chain.iter().map(|(r, b)| (r.version, *b)).collect();
+            store.add_trust_roots(&rows, &now_rfc3339())?;
+            if let Some((newest, _)) = chain.last() {
+                println!("trust root v{} → v{}", current.version, newest.version);
+                print_root(newest);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Trust(TrustCommand::Show) => {
             let store = Store::open(&state_dir)?;
-            let keys = store.trusted_keys()?;
-            if keys.is_empty() {
-                println!("no trusted keys (run `follower trust init KEY.pub`)");
+            match store.trust_root()? {
+                None => println!("no trust root (run `follower trust init ROOT.tfr`)"),
+                Some((root, _)) => {
+                    println!("trust root v{}", root.version);
+                    print_root(&root);
+                }
             }
-            for k in keys {
-                println!("{}  {}", k.key_id(), k.role);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Install { file } => install(&state_dir, &file),
+        Command::Traces(TracesCommand::List { json }) => {
+            let store = Store::open(&state_dir)?;
+            let rows = store.installed_traces()?;
+            if json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(id, version, _)| serde_json::json!({"trace_id": id, "version": version.to_string()}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (id, version, _) in rows {
+                    println!("{id} {version}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -266,19 +330,82 @@ fn unix_now() -> u64 {
 }
 
 /// Loads the trace to run: verified when signed; sources and compiled traces only for authors.
+/// Verifies a signed trace against the device's trust root.
+fn verify_signed(state_dir: &Path, bytes: &[u8]) -> Result<signed::Verified> {
+    let store = Store::open(state_dir)?;
+    let (root, _) = store.trust_root()?.ok_or_else(|| {
+        anyhow!("this device has no trust root yet (run `follower trust init ROOT.tfr`)")
+    })?;
+    Ok(signed::verify_with_root(bytes, &root, unix_now())?)
+}
+
+fn print_root(root: &trust::TrustRoot) {
+    println!("  expires {}", unix_to_rfc3339(root.expires_at));
+    for role in [
+        signed::KeyRole::Root,
+        signed::KeyRole::Traces,
+        signed::KeyRole::Commands,
+    ] {
+        let r = root.role(role);
+        println!("  {role}: {} of {} keys", r.threshold, r.keys.len());
+        for k in &r.keys {
+            let id = signed::PublicKey::from_bytes(role, &k.public_key)
+                .map(|p| p.key_id().to_string())
+                .unwrap_or_default();
+            println!("    {id}  expires {}", unix_to_rfc3339(k.expires_at));
+        }
+    }
+}
+
+/// `follower install FILE`: verify, refuse rollback, store atomically.
+fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
+    let shown = file.display().to_string();
+    let bytes = read_limited(file, signed::MAX_SIGNED_BYTES as u64)?;
+    if !bytes.starts_with(SIGNED_MAGIC) {
+        bail!("refusing {shown}: not a signed trace (expected the \"TFS\" magic)");
+    }
+    let verified = match verify_signed(state_dir, &bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            let store = Store::open(state_dir)?;
+            store.log_refusal("trace", &shown, &format!("{e:#}"), &now_rfc3339())?;
+            return Err(e.context(format!("refusing {shown}")));
+        }
+    };
+    let mut store = Store::open(state_dir)?;
+    let id = verified.trace.id.to_string();
+    match store.install_trace(&id, verified.trace.version, &bytes, &now_rfc3339()) {
+        Ok(()) => {
+            println!("installed {id} {}", verified.trace.version);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            store.log_refusal("trace", &id, &e.to_string(), &now_rfc3339())?;
+            Err(e.into())
+        }
+    }
+}
+
 fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Trace, String)> {
+    // An installed trace id (that is not also a file here) runs the installed version, verified
+    // again: the root may have rotated or the signature expired since it was installed.
+    if !path.exists()
+        && let Some(id) = path
+            .to_str()
+            .and_then(|p| p.parse::<tracefleet::ids::TraceId>().ok())
+    {
+        let store = Store::open(state_dir)?;
+        if let Some(bytes) = store.installed_signed(id.as_str())? {
+            let v = verify_signed(state_dir, &bytes)
+                .with_context(|| format!("refusing installed trace {id}"))?;
+            return Ok((v.trace, "installed, verified".into()));
+        }
+        bail!("no installed trace {id} and no such file (see `follower traces list`)");
+    }
     let bytes = read_limited(path, signed::MAX_SIGNED_BYTES as u64)?;
     let shown = path.display();
     if bytes.starts_with(SIGNED_MAGIC) {
-        let store = Store::open(state_dir)?;
-        let keys = store.trusted_keys()?;
-        if keys.is_empty() {
-            bail!(
-                "refusing {shown}: this device trusts no trace-signing key yet (run `follower trust init KEY.pub`)"
-            );
-        }
-        let v = signed::verify(&bytes, &keys, 1, unix_now())
-            .with_context(|| format!("refusing {shown}"))?;
+        let v = verify_signed(state_dir, &bytes).with_context(|| format!("refusing {shown}"))?;
         let by = v
             .signed_by
             .iter()

@@ -7,8 +7,9 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 use std::path::Path;
+use tracefleet::ids::Version;
 use tracefleet::report::{Report, StepResult};
-use tracefleet::signed::{KeyRole, PublicKey};
+use tracefleet::trust::{TrustRoot, decode_root};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,18 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The offered version is not above the installed one.
+    #[error(
+        "refusing {trace_id} {offered}: version {installed} is installed, and versions never go backwards (re-sign older content under a newer version to roll back)"
+    )]
+    Rollback {
+        /// The trace.
+        trace_id: String,
+        /// Installed version.
+        installed: Version,
+        /// Offered version.
+        offered: Version,
+    },
     /// A stored row does not decode.
     #[error("state database holds a corrupt {what}: {detail}")]
     Corrupt {
@@ -38,8 +51,9 @@ pub enum StoreError {
     },
 }
 
-const MIGRATIONS: &[M<'static>] = &[M::up(
-    "CREATE TABLE trusted_keys (
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(
+        "CREATE TABLE trusted_keys (
         key_id     TEXT PRIMARY KEY,
         role       TEXT NOT NULL,
         public_key BLOB NOT NULL,
@@ -62,7 +76,34 @@ const MIGRATIONS: &[M<'static>] = &[M::up(
         result_json TEXT NOT NULL,
         PRIMARY KEY (run_id, step)
     );",
-)];
+    ),
+    // The trust root replaces the list of trusted keys (no device was provisioned with it).
+    M::up(
+        "DROP TABLE trusted_keys;
+    CREATE TABLE trust_roots (
+        version      INTEGER PRIMARY KEY,
+        root_file    BLOB NOT NULL,
+        installed_at TEXT NOT NULL
+    );
+    CREATE TABLE installed_traces (
+        trace_id     TEXT PRIMARY KEY,
+        major        INTEGER NOT NULL,
+        minor        INTEGER NOT NULL,
+        patch        INTEGER NOT NULL,
+        signed       BLOB NOT NULL,
+        installed_at TEXT NOT NULL
+    );
+    CREATE TABLE install_log (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      TEXT NOT NULL,
+        kind    TEXT NOT NULL,
+        name    TEXT NOT NULL,
+        version TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail  TEXT NOT NULL
+    );",
+    ),
+];
 
 /// A summary row of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,43 +144,183 @@ impl Store {
         Ok(Self { conn })
     }
 
-    /// Adds (or replaces) a trusted key.
+    /// The newest installed trust root (decoded) and its file bytes.
+    ///
+    /// # Errors
+    /// On SQLite failure or a stored root that no longer decodes.
+    pub fn trust_root(&self) -> Result<Option<(TrustRoot, Vec<u8>)>, StoreError> {
+        let row: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT root_file FROM trust_roots ORDER BY version DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        row.map(|bytes| {
+            decode_root(&bytes)
+                .map(|(_, root)| (root, bytes))
+                .map_err(|e| StoreError::Corrupt {
+                    what: "trust root",
+                    detail: e.to_string(),
+                })
+        })
+        .transpose()
+    }
+
+    /// Stores verified trust roots (oldest first) in one transaction.
+    ///
+    /// # Errors
+    /// On SQLite failure (nothing is stored then).
+    pub fn add_trust_roots(&mut self, roots: &[(u32, &[u8])], now: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for (version, bytes) in roots {
+            tx.execute(
+                "INSERT INTO trust_roots (version, root_file, installed_at) VALUES (?1, ?2, ?3)",
+                params![version, bytes, now],
+            )?;
+            tx.execute(
+                "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trust_root', 'root', ?2, 'installed', '')",
+                params![now, version.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The installed version of a trace.
     ///
     /// # Errors
     /// On SQLite failure.
-    pub fn trust_key(&self, key: &PublicKey, now: &str) -> Result<(), StoreError> {
+    pub fn installed_version(&self, trace_id: &str) -> Result<Option<Version>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
+                [trace_id],
+                |r| {
+                    Ok(Version {
+                        major: r.get(0)?,
+                        minor: r.get(1)?,
+                        patch: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Installs a verified signed trace, refusing a version that is not above the installed
+    /// one. The check and the write are one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Rollback`] or an SQLite failure; the store is unchanged then.
+    pub fn install_trace(
+        &mut self,
+        trace_id: &str,
+        version: Version,
+        signed: &[u8],
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let installed: Option<Version> = tx
+            .query_row(
+                "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
+                [trace_id],
+                |r| {
+                    Ok(Version {
+                        major: r.get(0)?,
+                        minor: r.get(1)?,
+                        patch: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?;
+        if let Some(have) = installed
+            && version <= have
+        {
+            return Err(StoreError::Rollback {
+                trace_id: trace_id.to_owned(),
+                installed: have,
+                offered: version,
+            });
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO installed_traces (trace_id, major, minor, patch, signed, installed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![trace_id, version.major, version.minor, version.patch, signed, now],
+        )?;
+        tx.execute(
+            "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trace', ?2, ?3, 'installed', '')",
+            params![now, trace_id, version.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a refused install (the refusal itself changes nothing else).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn log_refusal(
+        &self,
+        kind: &str,
+        name: &str,
+        detail: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO trusted_keys (key_id, role, public_key, added_at) VALUES (?1, ?2, ?3, ?4)",
-            params![key.key_id().to_string(), key.role.to_string(), key.to_bytes().as_slice(), now],
+            "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, ?2, ?3, '', 'refused', ?4)",
+            params![now, kind, name, detail],
         )?;
         Ok(())
     }
 
-    /// Every trusted key.
+    /// Installed traces: (id, version, signed bytes), by id.
     ///
     /// # Errors
-    /// On SQLite failure or a corrupt row.
-    pub fn trusted_keys(&self) -> Result<Vec<PublicKey>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT role, public_key FROM trusted_keys ORDER BY added_at")?;
+    /// On SQLite failure.
+    pub fn installed_traces(&self) -> Result<Vec<(String, Version, Vec<u8>)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT trace_id, major, minor, patch, signed FROM installed_traces ORDER BY trace_id",
+        )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            Ok((
+                r.get(0)?,
+                Version {
+                    major: r.get(1)?,
+                    minor: r.get(2)?,
+                    patch: r.get(3)?,
+                },
+                r.get(4)?,
+            ))
         })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (role, bytes) = row?;
-            let corrupt = |detail: String| StoreError::Corrupt {
-                what: "trusted key",
-                detail,
-            };
-            let role: KeyRole = role.parse().map_err(corrupt)?;
-            let arr: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| corrupt("key is not 32 bytes".into()))?;
-            out.push(PublicKey::from_bytes(role, &arr).map_err(|e| corrupt(e.to_string()))?);
-        }
-        Ok(out)
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The signed bytes of an installed trace.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn installed_signed(&self, trace_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT signed FROM installed_traces WHERE trace_id = ?1",
+                [trace_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// SQLite's own consistency check (`PRAGMA integrity_check`): `ok` when sound.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
     }
 
     /// Records the start of a run.
