@@ -491,3 +491,307 @@ fn an_expired_trust_root_vouches_for_nothing() {
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(!ws.path("w").exists());
 }
+
+/// A file that passes the follower's GGUF header check (not a usable model).
+fn fake_gguf(ws: &Workspace, name: &str, size: usize) -> String {
+    let mut b = b"GGUF\x03\x00\x00\x00".to_vec();
+    b.resize(size, 7);
+    std::fs::write(ws.path(name), b).unwrap();
+    name.into()
+}
+
+fn bundle(ws: &Workspace, out: &str, items: &[&str], extra: &[&str]) -> tracefleet_e2e::Run {
+    let mut args = vec![
+        "bundle",
+        "create",
+        "-o",
+        out,
+        "--trust-root",
+        "root-v1.tfr",
+        "--key",
+        "a.key",
+    ];
+    args.extend(extra);
+    args.extend(items);
+    ws.learner(&args)
+}
+
+#[test]
+fn bundles_install_whole_or_not_at_all() {
+    let ws = Workspace::new();
+    let a = ws.key("a");
+    ws.provision(&[&a], 1);
+    let t1 = signed_version(&ws, "1.1.0", &[&a], "30d", "t1");
+    let other = ws.sign("fixtures/failing-validation.trace.md", &a);
+    let model = fake_gguf(&ws, "tiny.gguf", 300_000);
+    let r = bundle(&ws, "good.tfb", &[&t1, &other], &["--model", &model]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let before = store_state(&ws);
+
+    let refuse = |file: &str, why: &str| {
+        let r = ws.follower(&["install", file]);
+        assert_eq!(r.code, Some(2), "{file}: {r:?}");
+        assert!(
+            r.stderr.contains(why),
+            "{file}: expected {why:?} in {}",
+            r.stderr
+        );
+        assert_eq!(store_state(&ws), before, "{file}: the store changed");
+        assert!(
+            !ws.state_dir().join("models/tiny.gguf").exists(),
+            "{file}: a model was placed"
+        );
+    };
+    let good = std::fs::read(ws.path("good.tfb")).unwrap();
+    // Truncated (partial copy from a USB stick) and with data appended.
+    std::fs::write(ws.path("truncated.tfb"), &good[..good.len() - 1000]).unwrap();
+    refuse("truncated.tfb", "truncated");
+    let mut longer = good.clone();
+    longer.extend_from_slice(b"extra");
+    std::fs::write(ws.path("longer.tfb"), &longer).unwrap();
+    refuse("longer.tfb", "after the last entry");
+    // A flipped byte in an entry, and in the signed manifest.
+    let mut flipped = good.clone();
+    let at = flipped.len() - 10;
+    flipped[at] ^= 1;
+    std::fs::write(ws.path("flipped.tfb"), &flipped).unwrap();
+    refuse("flipped.tfb", "does not match the manifest");
+    let mut header_flip = good.clone();
+    header_flip[40] ^= 1;
+    std::fs::write(ws.path("header.tfb"), &header_flip).unwrap();
+    refuse("header.tfb", "refusing header.tfb");
+    // Mix and match: this bundle's manifest with another bundle's contents.
+    let t1b = signed_version(&ws, "1.1.1", &[&a], "30d", "t1b");
+    let r = bundle(&ws, "other.tfb", &[&t1b, &other], &["--model", &model]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let other_bytes = std::fs::read(ws.path("other.tfb")).unwrap();
+    let payload: usize = 300_000
+        + std::fs::metadata(ws.path(&other)).unwrap().len() as usize
+        + std::fs::metadata(ws.path(&t1b)).unwrap().len() as usize;
+    let mut mixed = good[..good.len() - payload].to_vec();
+    mixed.extend_from_slice(&other_bytes[other_bytes.len() - payload..]);
+    std::fs::write(ws.path("mixed.tfb"), &mixed).unwrap();
+    refuse("mixed.tfb", "mixed with another bundle");
+    // Signed by a key the root does not name.
+    let stranger = ws.key("stranger");
+    let r = ws.learner(&[
+        "bundle",
+        "create",
+        "-o",
+        "stranger.tfb",
+        "--trust-root",
+        "root-v1.tfr",
+        "--key",
+        &stranger,
+        &t1,
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    refuse("stranger.tfb", "(untrusted)");
+    // The learner will not make a bundle that outlives its root.
+    let r = bundle(&ws, "frozen.tfb", &[&t1], &["--expires", "400d"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("must not outlive"), "{}", r.stderr);
+
+    // The good bundle installs everything at once.
+    let r = ws.follower(&["install", "good.tfb"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let (traces, _) = store_state(&ws);
+    assert!(
+        traces.contains("\"write-marker\"") && traces.contains("\"failing-validation\""),
+        "{traces}"
+    );
+    assert_eq!(
+        std::fs::read(ws.state_dir().join("models/tiny.gguf"))
+            .unwrap()
+            .len(),
+        300_000
+    );
+    // Installing it again is a rollback of every trace in it: refused, nothing changes.
+    let now = store_state(&ws);
+    let r = ws.follower(&["install", "good.tfb"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert_eq!(store_state(&ws), now);
+}
+
+#[test]
+fn a_device_refuses_a_bundle_that_outlives_its_root() {
+    let ws = Workspace::new();
+    let a = ws.key("a");
+    // The device's root expires in 2 days; the bundle was made against a longer-lived root.
+    let short = ws.root_v1(&[&a], 1, "2d");
+    std::fs::rename(ws.path(&short), ws.path("short.tfr")).unwrap();
+    let r = ws.follower(&["trust", "init", "short.tfr"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    ws.root_v1(&[&a], 1, "365d");
+    let t = signed_version(&ws, "1.0.0", &[&a], "30d", "t");
+    let r = bundle(&ws, "long.tfb", &[&t], &["--expires", "10d"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.follower(&["install", "long.tfb"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("must not outlive its metadata"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_bundle_can_carry_a_root_rotation_and_traces_signed_by_the_new_key() {
+    let ws = Workspace::new();
+    let (a, b) = (ws.key("a"), ws.key("b"));
+    ws.provision(&[&a], 1);
+    let r = ws.learner(&[
+        "trust",
+        "create",
+        "--version",
+        "2",
+        "--root-key",
+        "root.key.pub",
+        "--traces-key",
+        "b.key.pub",
+        "--sign",
+        "root.key",
+        "-o",
+        "root-v2.tfr",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let t = signed_version(&ws, "2.0.0", &[&b], "30d", "t");
+    let r = ws.learner(&[
+        "bundle",
+        "create",
+        "-o",
+        "rot.tfb",
+        "--root",
+        "root-v2.tfr",
+        "--trust-root",
+        "root-v2.tfr",
+        "--key",
+        &b,
+        &t,
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.follower(&["install", "rot.tfb"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("trust root v2 installed")
+            && r.stdout.contains("installed write-marker 2.0.0"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        ws.follower(&["trust", "show"])
+            .stdout
+            .contains("trust root v2")
+    );
+}
+
+/// Like `signed_version`, for any fixture.
+fn signed_fixture_version(
+    ws: &Workspace,
+    fixture: &str,
+    version: &str,
+    key: &str,
+    name: &str,
+) -> String {
+    let src = std::fs::read_to_string(
+        tracefleet_e2e::repo_root()
+            .join("traces/fixtures")
+            .join(fixture),
+    )
+    .unwrap();
+    let src = src.replace("version: \"1.0.0\"", &format!("version: \"{version}\""));
+    std::fs::write(ws.path(&format!("{name}.trace.md")), src).unwrap();
+    let r = ws.learner(&[
+        "compile",
+        &format!("{name}.trace.md"),
+        "-o",
+        &format!("{name}.tfc"),
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let out = format!("{name}.tfs");
+    let r = ws.learner(&["sign", &format!("{name}.tfc"), "--key", key, "-o", &out]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    out
+}
+
+/// SIGKILL `follower install` at random moments, 200 times, and check after each kill that
+/// the store is sound and never holds half a bundle (both traces always at the same version).
+#[test]
+fn install_survives_sigkill_at_any_point() {
+    let ws = Workspace::new();
+    let a = ws.key("a");
+    ws.provision(&[&a], 1);
+    let model = fake_gguf(&ws, "m.gguf", 2 << 20);
+    let bundles: Vec<String> = (1..=60)
+        .map(|i| {
+            let v = format!("1.0.{i}");
+            let x = signed_fixture_version(&ws, "write-marker.trace.md", &v, &a, &format!("x{i}"));
+            let y = signed_fixture_version(
+                &ws,
+                "failing-validation.trace.md",
+                &v,
+                &a,
+                &format!("y{i}"),
+            );
+            let out = format!("b{i}.tfb");
+            let r = bundle(&ws, &out, &[&x, &y], &["--model", &model]);
+            assert_eq!(r.code, Some(0), "{r:?}");
+            out
+        })
+        .collect();
+    let follower = tracefleet_e2e::bin("follower");
+    let mut seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut next = 0usize;
+    let (mut killed, mut completed) = (0, 0);
+    for _ in 0..200 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = std::time::Duration::from_micros(seed % 130_000);
+        let mut child = std::process::Command::new(&follower)
+            .args(["install", &bundles[next.min(bundles.len() - 1)]])
+            .current_dir(ws.path("."))
+            .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        match child.try_wait().unwrap() {
+            Some(_) => completed += 1,
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                killed += 1;
+            }
+        }
+        child.wait().unwrap();
+        let check = ws.follower(&["check"]);
+        assert_eq!(check.code, Some(0), "{check:?}");
+        let listed: serde_json::Value =
+            serde_json::from_str(&ws.follower(&["traces", "list", "--json"]).stdout).unwrap();
+        let versions: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["version"].as_str().unwrap())
+            .collect();
+        assert!(
+            versions.is_empty() || (versions.len() == 2 && versions[0] == versions[1]),
+            "half a bundle: {listed}"
+        );
+        if let Some(v) = versions.first() {
+            next = v.rsplit('.').next().unwrap().parse::<usize>().unwrap();
+        }
+    }
+    eprintln!(
+        "install under SIGKILL: {killed} killed, {completed} finished, reached bundle {next}"
+    );
+    assert!(
+        killed > 20,
+        "the loop should kill many installs mid-way ({killed})"
+    );
+}

@@ -80,6 +80,39 @@ enum Command {
     /// Manage trust roots.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// Build bundles for sideloading (USB).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Pack signed traces (and optionally model files and trust-root updates) into one signed
+    /// bundle file.
+    Create {
+        /// The bundle to write.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Signed traces (`.tfs`).
+        #[arg(required = true)]
+        signed: Vec<PathBuf>,
+        /// GGUF model files to carry.
+        #[arg(long = "model", value_name = "GGUF")]
+        models: Vec<PathBuf>,
+        /// Trust-root updates to carry (oldest first); devices apply them before the traces.
+        #[arg(long = "root", value_name = "ROOT.tfr")]
+        roots: Vec<PathBuf>,
+        /// The trust root devices will verify the bundle with (the newest `--root` if given):
+        /// the bundle may not outlive it.
+        #[arg(long, value_name = "ROOT.tfr")]
+        trust_root: PathBuf,
+        /// Secret trace-signing key(s) that sign the manifest.
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
+        /// How long the bundle stays valid (capped by the trust root's expiry).
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +288,23 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bundle(BundleCommand::Create {
+            output,
+            signed: signed_files,
+            models,
+            roots,
+            trust_root,
+            keys: key_files,
+            expires,
+        }) => bundle_create(
+            &output,
+            &signed_files,
+            &models,
+            &roots,
+            &trust_root,
+            &key_files,
+            expires,
+        ),
         Command::Trust(TrustCommand::Create {
             version,
             expires,
@@ -322,6 +372,112 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bundle_create(
+    output: &Path,
+    signed_files: &[PathBuf],
+    models: &[PathBuf],
+    roots: &[PathBuf],
+    trust_root: &Path,
+    key_files: &[PathBuf],
+    expires: Duration,
+) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    use tracefleet::bundle::{EntryKind, EntryName, Manifest, ManifestEntry};
+    let secrets = key_files
+        .iter()
+        .map(|k| trace_key(k))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&SecretKey> = secrets.iter().collect();
+    let root_bytes = read_limited(trust_root, tracefleet::trust::MAX_ROOT_BYTES as u64)?;
+    let (_, root) = tracefleet::trust::decode_root(&root_bytes)
+        .with_context(|| format!("{}", trust_root.display()))?;
+    let now = unix_now();
+    let expires_at = now.saturating_add(expires.as_secs());
+    if expires_at > root.expires_at {
+        bail!(
+            "the bundle would expire after trust root v{} (in {} s): a bundle must not outlive its metadata; pass a shorter --expires",
+            root.version,
+            root.expires_at.saturating_sub(now)
+        );
+    }
+    // (file, kind, entry name)
+    let mut items: Vec<(PathBuf, EntryKind, String)> = Vec::new();
+    for f in signed_files {
+        let bytes = read_limited(f, signed::MAX_SIGNED_BYTES as u64)?;
+        let s = signed::decode_signed(&bytes).with_context(|| format!("{}", f.display()))?;
+        items.push((
+            f.clone(),
+            EntryKind::Trace,
+            format!("{}-{}.tfs", s.header.trace_id, s.header.version),
+        ));
+    }
+    for m in models {
+        let name = m
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        items.push((m.clone(), EntryKind::Model, name));
+    }
+    let mut entries = Vec::new();
+    for (path, kind, name) in &items {
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut h = Sha256::new();
+        let mut size = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
+        }
+        entries.push(ManifestEntry {
+            name: EntryName::try_from(name.clone())?,
+            kind: *kind,
+            size,
+            sha256: h.finalize().into(),
+        });
+    }
+    let root_files = roots
+        .iter()
+        .map(|r| read_limited(r, tracefleet::trust::MAX_ROOT_BYTES as u64))
+        .collect::<Result<Vec<_>>>()?;
+    let manifest = Manifest {
+        created_at: now,
+        expires_at,
+        entries,
+    };
+    let header = tracefleet::bundle::encode_header(root_files, &manifest, &refs)?;
+    let tmp = output.with_extension("part");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+    );
+    out.write_all(&header)?;
+    for (path, _, _) in &items {
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        std::io::copy(&mut f, &mut out).with_context(|| format!("copying {}", path.display()))?;
+    }
+    out.into_inner()
+        .map_err(|e| anyhow!("writing {}: {e}", tmp.display()))?
+        .sync_all()?;
+    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "bundle {} ({} traces, {} models, {} root updates), expires in {}",
+        output.display(),
+        signed_files.len(),
+        models.len(),
+        roots.len(),
+        humantime::format_duration(expires)
+    );
+    Ok(())
 }
 
 fn unix_now() -> u64 {

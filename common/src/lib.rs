@@ -11,6 +11,7 @@
 //! it takes bytes (and the time, where it matters) and returns values or typed errors.
 
 mod bold;
+pub mod bundle;
 pub mod compile;
 pub mod diag;
 pub mod ids;

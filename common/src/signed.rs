@@ -317,6 +317,12 @@ fn signing_message(header: &SignedHeader) -> Vec<u8> {
     postcard::to_extend(header, SIGNING_CONTEXT.to_vec()).unwrap_or_default()
 }
 
+/// The exact bytes the signatures of a signed trace cover (for benchmarks and other
+/// verifiers): the domain tag followed by the postcard encoding of the header.
+pub fn signing_message_for(header: &SignedHeader) -> Vec<u8> {
+    signing_message(header)
+}
+
 /// Signs compiled bytes.
 ///
 /// # Errors

@@ -8,4 +8,5 @@
 pub mod exec;
 pub mod host;
 pub mod infer;
+pub mod install;
 pub mod store;

@@ -55,9 +55,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Verify and install a signed trace (versions never go backwards).
+    /// Verify and install a signed trace or a bundle (versions never go backwards; a bundle
+    /// installs whole or not at all).
     Install {
-        /// A signed trace (`.tfs` from `learner sign`).
+        /// A signed trace (`.tfs`) or a bundle (`.tfb`, from `learner bundle create`).
         file: PathBuf,
     },
     /// Installed traces.
@@ -68,6 +69,8 @@ enum Command {
     /// Inspect recorded runs.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Check the device store: SQLite integrity, and every installed trace still verifies.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -253,6 +256,44 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Install { file } => install(&state_dir, &file),
+        Command::Check => {
+            let store = Store::open(&state_dir)?;
+            let integrity = store.integrity_check()?;
+            let mut problems = Vec::new();
+            if integrity != "ok" {
+                problems.push(format!("SQLite integrity check: {integrity}"));
+            }
+            let root = store.trust_root()?;
+            let traces = store.installed_traces()?;
+            for (id, version, bytes) in &traces {
+                match &root {
+                    None => problems.push(format!(
+                        "{id} {version} is installed but there is no trust root"
+                    )),
+                    Some((r, _)) => match signed::verify_with_root(bytes, r, unix_now()) {
+                        Ok(v) if v.trace.id.as_str() == id && v.trace.version == *version => {}
+                        Ok(v) => problems.push(format!(
+                            "{id} {version}: stored bytes hold {} {}",
+                            v.trace.id, v.trace.version
+                        )),
+                        Err(e) => problems.push(format!("{id} {version}: {e}")),
+                    },
+                }
+            }
+            if problems.is_empty() {
+                println!(
+                    "ok: integrity ok, trust root {}, {} installed trace(s) verify",
+                    root.map_or("none".into(), |(r, _)| format!("v{}", r.version)),
+                    traces.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &problems {
+                    println!("problem: {p}");
+                }
+                Ok(ExitCode::from(1))
+            }
+        }
         Command::Traces(TracesCommand::List { json }) => {
             let store = Store::open(&state_dir)?;
             let rows = store.installed_traces()?;
@@ -360,9 +401,18 @@ fn print_root(root: &trust::TrustRoot) {
 /// `follower install FILE`: verify, refuse rollback, store atomically.
 fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
     let shown = file.display().to_string();
+    let mut magic = [0u8; 3];
+    std::fs::File::open(file)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .with_context(|| format!("cannot read {shown}"))?;
+    if &magic == tracefleet::bundle::BUNDLE_MAGIC {
+        return install_bundle(state_dir, file);
+    }
     let bytes = read_limited(file, signed::MAX_SIGNED_BYTES as u64)?;
     if !bytes.starts_with(SIGNED_MAGIC) {
-        bail!("refusing {shown}: not a signed trace (expected the \"TFS\" magic)");
+        bail!(
+            "refusing {shown}: not a signed trace or bundle (expected the \"TFS\" or \"TFB\" magic)"
+        );
     }
     let verified = match verify_signed(state_dir, &bytes) {
         Ok(v) => v,
@@ -382,6 +432,59 @@ fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
         Err(e) => {
             store.log_refusal("trace", &id, &e.to_string(), &now_rfc3339())?;
             Err(e.into())
+        }
+    }
+}
+
+/// `follower install BUNDLE`, with a progress bar for large bundles on a terminal.
+fn install_bundle(state_dir: &Path, file: &Path) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+    let shown = file.display().to_string();
+    let mut store = Store::open(state_dir)?;
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let bar = (size > 8 << 20 && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(size);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message("verifying");
+        b
+    });
+    let mut progress = |done: u64, _total: u64| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    };
+    let result = follower::install::install_bundle(
+        &mut store,
+        state_dir,
+        file,
+        unix_now(),
+        &now_rfc3339(),
+        &mut progress,
+    );
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match result {
+        Ok(done) => {
+            for v in &done.roots {
+                println!("trust root v{v} installed");
+            }
+            for (id, v) in &done.traces {
+                println!("installed {id} {v}");
+            }
+            for m in &done.models {
+                println!("model {m} placed in {}", state_dir.join("models").display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            store.log_refusal("bundle", &shown, &e.to_string(), &now_rfc3339())?;
+            Err(anyhow!(e).context(format!("refusing {shown}")))
         }
     }
 }

@@ -258,6 +258,62 @@ impl Store {
         Ok(())
     }
 
+    /// Installs trust roots and traces together: every trace version must be above the
+    /// installed one, or nothing is written.
+    ///
+    /// # Errors
+    /// [`StoreError::Rollback`] or an SQLite failure; the store is unchanged then.
+    pub fn install_all(
+        &mut self,
+        roots: &[(u32, &[u8])],
+        traces: &[(&str, Version, &[u8])],
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (version, bytes) in roots {
+            tx.execute(
+                "INSERT INTO trust_roots (version, root_file, installed_at) VALUES (?1, ?2, ?3)",
+                params![version, bytes, now],
+            )?;
+        }
+        for (trace_id, version, signed) in traces {
+            let installed: Option<Version> = tx
+                .query_row(
+                    "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
+                    [trace_id],
+                    |r| {
+                        Ok(Version {
+                            major: r.get(0)?,
+                            minor: r.get(1)?,
+                            patch: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()?;
+            if let Some(have) = installed
+                && *version <= have
+            {
+                return Err(StoreError::Rollback {
+                    trace_id: (*trace_id).to_owned(),
+                    installed: have,
+                    offered: *version,
+                });
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO installed_traces (trace_id, major, minor, patch, signed, installed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![trace_id, version.major, version.minor, version.patch, signed, now],
+            )?;
+            tx.execute(
+                "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trace', ?2, ?3, 'installed', 'bundle')",
+                params![now, trace_id, version.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records a refused install (the refusal itself changes nothing else).
     ///
     /// # Errors

@@ -1,0 +1,221 @@
+//! Installing what arrives from outside: signed traces and bundles.
+//!
+//! A bundle is streamed: its header is verified first (trust-root updates it carries, then the
+//! manifest's signatures, expiry and freeze rule), then every entry is copied into a staging
+//! directory beside the store while it is hashed, and checked against the manifest. Only when
+//! every entry is verified are models moved into place and the trust roots and traces written
+//! to the store in one SQLite transaction: after a crash at any point the device holds the old
+//! state or the new one, never a mix. The staging directory is removed on every path.
+
+use crate::store::{Store, StoreError};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use tracefleet::bundle::{self, BundleError, EntryKind};
+use tracefleet::ids::Version;
+use tracefleet::signed;
+use tracefleet::trust::{self, TrustError};
+
+/// Why an install was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    /// The bundle's format, signatures, expiry or contents.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// A trust-root update inside the bundle.
+    #[error("trust-root update in the bundle: {0}")]
+    Trust(#[from] TrustError),
+    /// A signed trace inside the bundle.
+    #[error("{name}: {source}")]
+    Trace {
+        /// The entry.
+        name: String,
+        /// Why.
+        source: signed::VerifyError,
+    },
+    /// The device store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The device has no trust root.
+    #[error("this device has no trust root yet (run `follower trust init ROOT.tfr`)")]
+    NoRoot,
+    /// Reading or staging files.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InstallError {
+    let what = what.into();
+    move |source| InstallError::Io { what, source }
+}
+
+/// What a bundle install changed.
+#[derive(Debug, Default)]
+pub struct Installed {
+    /// Trust-root versions applied.
+    pub roots: Vec<u32>,
+    /// Traces installed.
+    pub traces: Vec<(String, Version)>,
+    /// Model files placed in `<state-dir>/models/`.
+    pub models: Vec<String>,
+}
+
+/// Removes the staging directory whatever happens.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Verifies and installs a bundle. `progress(done, total)` is called as entry bytes are
+/// copied.
+///
+/// # Errors
+/// See [`InstallError`]; nothing is installed then.
+pub fn install_bundle(
+    store: &mut Store,
+    state_dir: &Path,
+    file: &Path,
+    now: u64,
+    now_text: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Installed, InstallError> {
+    let shown = file.display().to_string();
+    let f = std::fs::File::open(file).map_err(io(format!("cannot open {shown}")))?;
+    let file_len = f
+        .metadata()
+        .map_err(io(format!("cannot stat {shown}")))?
+        .len();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+    let (header, manifest, header_len) = bundle::read_header(&mut r)?;
+
+    // Trust-root updates first: the manifest is verified by the newest root.
+    let (current, _) = store.trust_root()?.ok_or(InstallError::NoRoot)?;
+    let slices: Vec<&[u8]> = header.roots.iter().map(Vec::as_slice).collect();
+    let chain = if slices.is_empty() {
+        Vec::new()
+    } else {
+        trust::verify_chain(&current, &slices, now)?
+    };
+    let root = chain.last().map_or(current, |(r, _)| r.clone());
+    bundle::verify_manifest(&header, &manifest, &root, now)?;
+
+    // The sizes must add up to the file: fewer bytes is a truncated bundle, more is data the
+    // manifest does not vouch for.
+    let payload: u64 = manifest.entries.iter().map(|e| e.size).sum();
+    if header_len + payload != file_len {
+        let detail = if header_len + payload > file_len {
+            format!(
+                "truncated: the manifest lists {payload} bytes of entries, the file holds {}",
+                file_len.saturating_sub(header_len)
+            )
+        } else {
+            format!(
+                "{} bytes after the last entry: expected none",
+                file_len - header_len - payload
+            )
+        };
+        return Err(BundleError::Format(detail).into());
+    }
+
+    // Staging left behind by an install that was killed is garbage: nothing points at it.
+    let _ = std::fs::remove_dir_all(state_dir.join("staging"));
+    let staging_dir = state_dir
+        .join("staging")
+        .join(uuid::Uuid::now_v7().simple().to_string());
+    std::fs::create_dir_all(&staging_dir)
+        .map_err(io(format!("cannot create {}", staging_dir.display())))?;
+    let staging = Staging(staging_dir);
+    let mut done = 0u64;
+    let mut traces = Vec::new();
+    let mut models = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for entry in &manifest.entries {
+        let path = staging.0.join(entry.name.as_str());
+        let mut out =
+            std::fs::File::create(&path).map_err(io(format!("cannot stage {}", entry.name)))?;
+        let mut hasher = Sha256::new();
+        let mut left = entry.size;
+        while left > 0 {
+            let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = r
+                .read(&mut buf[..want])
+                .map_err(io(format!("reading {shown}")))?;
+            if n == 0 {
+                return Err(BundleError::Entry {
+                    name: entry.name.to_string(),
+                    detail: format!("truncated: {left} of {} bytes missing", entry.size),
+                }
+                .into());
+            }
+            hasher.update(&buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n])
+                .map_err(io(format!("staging {}", entry.name)))?;
+            left -= n as u64;
+            done += n as u64;
+            progress(done, payload);
+        }
+        out.sync_all()
+            .map_err(io(format!("staging {}", entry.name)))?;
+        let digest: [u8; 32] = hasher.finalize().into();
+        if digest != entry.sha256 {
+            return Err(BundleError::Entry {
+                name: entry.name.to_string(),
+                detail: format!("sha256 {} does not match the manifest's {} (tampered or mixed with another bundle)", hex::encode(digest), hex::encode(entry.sha256)),
+            }
+            .into());
+        }
+        match entry.kind {
+            EntryKind::Trace => {
+                let bytes =
+                    std::fs::read(&path).map_err(io(format!("reading staged {}", entry.name)))?;
+                let v = signed::verify_with_root(&bytes, &root, now).map_err(|source| {
+                    InstallError::Trace {
+                        name: entry.name.to_string(),
+                        source,
+                    }
+                })?;
+                traces.push((v.trace.id.to_string(), v.trace.version, bytes));
+            }
+            EntryKind::Model => {
+                crate::infer::check_gguf_header(&path).map_err(|e| BundleError::Entry {
+                    name: entry.name.to_string(),
+                    detail: e.to_string(),
+                })?;
+                models.push((entry.name.to_string(), path));
+            }
+        }
+    }
+    let mut extra = [0u8; 1];
+    if r.read(&mut extra).map_err(io(format!("reading {shown}")))? != 0 {
+        return Err(BundleError::Format("bytes after the last entry: expected none".into()).into());
+    }
+
+    // Everything verified: place models, then commit roots and traces together.
+    let models_dir = state_dir.join("models");
+    std::fs::create_dir_all(&models_dir)
+        .map_err(io(format!("cannot create {}", models_dir.display())))?;
+    for (name, path) in &models {
+        std::fs::rename(path, models_dir.join(name))
+            .map_err(io(format!("cannot place model {name}")))?;
+    }
+    let roots: Vec<(u32, &[u8])> = chain.iter().map(|(r, b)| (r.version, *b)).collect();
+    let rows: Vec<(&str, Version, &[u8])> = traces
+        .iter()
+        .map(|(id, v, b)| (id.as_str(), *v, b.as_slice()))
+        .collect();
+    store.install_all(&roots, &rows, now_text)?;
+    Ok(Installed {
+        roots: roots.iter().map(|(v, _)| *v).collect(),
+        traces: traces.into_iter().map(|(id, v, _)| (id, v)).collect(),
+        models: models.into_iter().map(|(n, _)| n).collect(),
+    })
+}
