@@ -46,6 +46,16 @@ fn bench(c: &mut Criterion) {
     g.bench_function("signed::verify + decode", |b| {
         b.iter(|| signed::verify(black_box(&bytes), std::slice::from_ref(&public), 1, 2).unwrap())
     });
+    g.bench_function("part: sha256 of the compiled trace", |b| {
+        use sha2::Digest;
+        b.iter(|| sha2::Sha256::digest(black_box(&compiled)))
+    });
+    g.bench_function("part: decode the compiled trace", |b| {
+        b.iter(|| tracefleet::decode_compiled(black_box(&compiled)).unwrap())
+    });
+    g.bench_function("part: decode the envelope", |b| {
+        b.iter(|| signed::decode_signed(black_box(&bytes)).unwrap())
+    });
     g.finish();
 }
 

@@ -110,6 +110,7 @@ pub struct BundleHeader {
     /// Trust-root files to apply before verifying the manifest, oldest first.
     pub roots: Vec<Vec<u8>>,
     /// Canonical postcard bytes of the [`Manifest`].
+    #[serde(with = "serde_bytes")]
     pub manifest: Vec<u8>,
     /// Signatures by trace-signing keys over the manifest.
     pub signatures: Vec<SignatureEntry>,

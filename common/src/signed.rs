@@ -298,6 +298,7 @@ pub struct SignatureEntry {
     /// Which key signed.
     pub key_id: KeyId,
     /// The 64-byte ed25519 signature.
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
 
@@ -306,7 +307,9 @@ pub struct SignatureEntry {
 pub struct SignedTrace {
     /// What is signed.
     pub header: SignedHeader,
-    /// The compiled trace bytes (see [`crate::compile`]).
+    /// The compiled trace bytes (see [`crate::compile`]). Decoded as one byte string (same
+    /// postcard wire format as a sequence of `u8`, decoded as a copy instead of byte by byte).
+    #[serde(with = "serde_bytes")]
     pub compiled: Vec<u8>,
     /// Signatures over the header.
     pub signatures: Vec<SignatureEntry>,

@@ -149,6 +149,7 @@ impl TrustRoot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRoot {
     /// Canonical postcard bytes of the [`TrustRoot`].
+    #[serde(with = "serde_bytes")]
     pub root: Vec<u8>,
     /// Signatures by root keys.
     pub signatures: Vec<SignatureEntry>,
