@@ -703,8 +703,50 @@ fn print_summary(r: &Report, provenance: &str, output: Option<&Path>) {
 }
 
 fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
-    let bytes = read_limited(file, signed::MAX_SIGNED_BYTES as u64)?;
     let shown = file.display().to_string();
+    let mut magic = [0u8; 3];
+    let _ =
+        std::fs::File::open(file).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+    if &magic == tracefleet::bundle::BUNDLE_MAGIC {
+        let mut f =
+            std::io::BufReader::new(std::fs::File::open(file).with_context(|| shown.clone())?);
+        let (header, manifest, _) =
+            tracefleet::bundle::read_header(&mut f).with_context(|| shown.clone())?;
+        println!(
+            "bundle {shown}: {} entries, {} trust-root update(s), {} signature(s)",
+            manifest.entries.len(),
+            header.roots.len(),
+            header.signatures.len()
+        );
+        println!(
+            "  created {}, expires {}",
+            unix_to_rfc3339(manifest.created_at),
+            unix_to_rfc3339(manifest.expires_at)
+        );
+        for e in &manifest.entries {
+            println!(
+                "  {:?} {} ({} bytes, sha256 {})",
+                e.kind,
+                e.name,
+                e.size,
+                hex::encode(e.sha256)
+            );
+        }
+        println!("(signatures not verified by inspect; `follower install` verifies)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if &magic == trust::ROOT_MAGIC {
+        let bytes = read_limited(file, trust::MAX_ROOT_BYTES as u64)?;
+        let (signed_root, root) = trust::decode_root(&bytes).with_context(|| shown.clone())?;
+        println!(
+            "trust root v{} ({} signature(s), not verified by inspect)",
+            root.version,
+            signed_root.signatures.len()
+        );
+        print_root(&root);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bytes = read_limited(file, signed::MAX_SIGNED_BYTES as u64)?;
     let (trace, header) = if bytes.starts_with(SIGNED_MAGIC) {
         let s = signed::decode_signed(&bytes).with_context(|| shown.clone())?;
         let t = compile::decode_compiled(&s.compiled).with_context(|| shown.clone())?;
