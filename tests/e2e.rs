@@ -527,6 +527,14 @@ fn bundles_install_whole_or_not_at_all() {
     let r = bundle(&ws, "good.tfb", &[&t1, &other], &["--model", &model]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let before = store_state(&ws);
+    let shown = ws.follower(&["inspect", "good.tfb"]);
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    assert!(
+        shown.stdout.contains("3 entries")
+            && shown.stdout.contains("Model tiny.gguf (300000 bytes"),
+        "{}",
+        shown.stdout
+    );
 
     let refuse = |file: &str, why: &str| {
         let r = ws.follower(&["install", file]);
