@@ -399,6 +399,15 @@ fn install_refusal_matrix_leaves_the_store_unchanged() {
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(store_state(&ws).0.contains("\"version\": \"1.1.0\""));
     // The refusals were logged, and the database is sound.
+    // Running an older signed file than the installed version is a rollback too.
+    let older = ws.follower(&["run", "older.tfs", "--base-dir", "old"]);
+    assert_eq!(older.code, Some(2), "{older:?}");
+    assert!(
+        older.stderr.contains("older than the installed 1.1.0"),
+        "{}",
+        older.stderr
+    );
+    assert!(!ws.path("old").exists());
     let r = ws.follower(&["run", "write-marker", "--base-dir", "ran"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(
@@ -619,6 +628,23 @@ fn bundles_install_whole_or_not_at_all() {
     let r = ws.follower(&["install", "good.tfb"]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert_eq!(store_state(&ws), now);
+    // A refused bundle places no model either: an old bundle carrying another tiny.gguf.
+    std::fs::write(ws.path("tiny.gguf"), b"GGUF\x03\x00\x00\x00 other content").unwrap();
+    let r = bundle(&ws, "replay.tfb", &[&t1], &["--model", "tiny.gguf"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.follower(&["install", "replay.tfb"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("versions never go backwards"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read(ws.state_dir().join("models/tiny.gguf"))
+            .unwrap()
+            .len(),
+        300_000
+    );
 }
 
 #[test]

@@ -27,6 +27,8 @@ pub const BUNDLE_FORMAT_VERSION: u8 = 1;
 pub const MAX_HEADER_BYTES: u32 = 4 * 1024 * 1024;
 /// Most entries in a bundle.
 pub const MAX_ENTRIES: usize = 1024;
+/// Most trust-root updates a bundle may carry.
+pub const MAX_ROOT_UPDATES: usize = 64;
 /// Largest single entry (bytes): 64 GiB.
 pub const MAX_ENTRY_BYTES: u64 = 64 << 30;
 const SIGNING_CONTEXT: &[u8] = b"tracefleet/v1/bundle-manifest\0";
@@ -261,6 +263,19 @@ pub fn read_header(
     if !rest.is_empty() {
         return Err(f("trailing bytes after the manifest: expected none".into()));
     }
+    if header.signatures.len() > crate::signed::MAX_SIGNATURES {
+        return Err(f(format!(
+            "{} signatures: expected at most {}",
+            header.signatures.len(),
+            crate::signed::MAX_SIGNATURES
+        )));
+    }
+    if header.roots.len() > MAX_ROOT_UPDATES {
+        return Err(f(format!(
+            "{} trust-root updates: expected at most {MAX_ROOT_UPDATES}",
+            header.roots.len()
+        )));
+    }
     if manifest.entries.len() > MAX_ENTRIES {
         return Err(f(format!(
             "{} entries: expected at most {MAX_ENTRIES}",
@@ -268,6 +283,16 @@ pub fn read_header(
         )));
     }
     for (i, e) in manifest.entries.iter().enumerate() {
+        if e.kind == EntryKind::Trace && e.size > crate::signed::MAX_SIGNED_BYTES as u64 {
+            return Err(BundleError::Entry {
+                name: e.name.to_string(),
+                detail: format!(
+                    "a signed trace of {} bytes: expected at most {}",
+                    e.size,
+                    crate::signed::MAX_SIGNED_BYTES
+                ),
+            });
+        }
         if e.size > MAX_ENTRY_BYTES {
             return Err(BundleError::Entry {
                 name: e.name.to_string(),

@@ -29,6 +29,19 @@ pub enum StepStatus {
     Skipped,
     /// Not reached.
     NotRun,
+    /// Failed, and its fallback step succeeded in its place.
+    Recovered,
+}
+
+/// A step that asked for a person (`human_escalate`), for the fleet link to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Escalation {
+    /// The step.
+    pub step: u32,
+    /// The trace's escalation message.
+    pub message: String,
+    /// Why the step failed.
+    pub error: String,
 }
 
 /// The outcome of one validation, precondition or postcondition.
@@ -91,6 +104,8 @@ pub struct StepResult {
     pub validations: Vec<CheckResult>,
     /// Model accounting for LLM steps.
     pub llm: Option<LlmUsage>,
+    /// For `foreach` steps: how many items there were.
+    pub items: Option<u32>,
 }
 
 /// Step outputs longer than this (bytes) are truncated in reports.
@@ -143,6 +158,8 @@ pub struct Report {
     pub postconditions: Vec<CheckResult>,
     /// Whether every postcondition held.
     pub all_postconditions_met: bool,
+    /// Steps that asked for a person.
+    pub escalations: Vec<Escalation>,
     /// Total prompt tokens over model steps.
     pub prompt_tokens: u64,
     /// Total generated tokens over model steps.

@@ -285,6 +285,13 @@ pub fn decode_root(bytes: &[u8]) -> Result<(SignedRoot, TrustRoot), TrustError> 
             rest.len()
         )));
     }
+    if signed.signatures.len() > crate::signed::MAX_SIGNATURES {
+        return Err(f(format!(
+            "{} signatures: expected at most {}",
+            signed.signatures.len(),
+            crate::signed::MAX_SIGNATURES
+        )));
+    }
     root.validate()?;
     Ok((signed, root))
 }
@@ -338,7 +345,7 @@ pub fn verify_initial(bytes: &[u8], now: u64) -> Result<TrustRoot, TrustError> {
 /// See [`TrustError`].
 pub fn verify_update(current: &TrustRoot, bytes: &[u8]) -> Result<TrustRoot, TrustError> {
     let (signed, new) = decode_root(bytes)?;
-    if new.version != current.version.saturating_add(1) {
+    if current.version.checked_add(1) != Some(new.version) {
         return Err(TrustError::Version {
             current: current.version,
             found: new.version,

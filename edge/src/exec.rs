@@ -12,11 +12,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tracefleet::Trace;
 use tracefleet::ids::VarName;
+use tracefleet::report::Escalation;
 use tracefleet::report::{
     CheckResult, LlmUsage, MAX_REPORTED_OUTPUT, REPORT_VERSION, Report, RunStatus, StepResult,
     StepStatus, truncate_utf8,
 };
-use tracefleet::trace::{Check, CheckKind, GrepOutput, OnError, Step, Template, Tool};
+use tracefleet::trace::{
+    Check, CheckKind, Foreach, ForeachSource, GrepOutput, OnError, Step, Template, Tool,
+};
 
 /// What a file path refers to, as seen by checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +266,7 @@ pub fn run(
         all_validations_passed: true,
         postconditions: Vec::new(),
         all_postconditions_met: true,
+        escalations: Vec::new(),
         prompt_tokens: 0,
         completion_tokens: 0,
     };
@@ -288,25 +292,68 @@ pub fn run(
     let order = trace
         .execution_order()
         .unwrap_or_else(|| (0..trace.steps.len()).collect());
+    // Steps named as another step's fallback run only in that role.
+    let fallback_only: std::collections::BTreeSet<u32> = trace
+        .steps
+        .iter()
+        .filter_map(|s| s.on_error.fallback_step())
+        .collect();
+    let mut fallback_results: Vec<StepResult> = Vec::new();
     for step in order.into_iter().filter_map(|i| trace.steps.get(i)) {
-        if report.status == RunStatus::Failed {
-            report.step_results.push(not_run(step));
+        if report.status == RunStatus::Failed || fallback_only.contains(&step.number) {
+            if !fallback_results.iter().any(|r| r.step == step.number) {
+                report.step_results.push(not_run(step));
+            }
             continue;
         }
         let StepRun {
-            result,
-            full_output,
+            mut result,
+            mut full_output,
             prompt_tokens,
             completion_tokens,
         } = run_step(step, &vars, host);
         report.prompt_tokens += prompt_tokens;
         report.completion_tokens += completion_tokens;
+        if result.status == StepStatus::Failed {
+            match &step.on_error {
+                OnError::Escalate { message } => report.escalations.push(Escalation {
+                    step: step.number,
+                    message: message.clone(),
+                    error: result.error.clone().unwrap_or_default(),
+                }),
+                policy => {
+                    if let Some(fb) = policy
+                        .fallback_step()
+                        .and_then(|n| trace.steps.iter().find(|s| s.number == n))
+                    {
+                        let fallback = run_step(fb, &vars, host);
+                        report.prompt_tokens += fallback.prompt_tokens;
+                        report.completion_tokens += fallback.completion_tokens;
+                        let recovered = fallback.result.status == StepStatus::Success;
+                        on_event(Event::StepFinished(&fallback.result));
+                        fallback_results.retain(|r| r.step != fb.number);
+                        fallback_results.push(fallback.result);
+                        if recovered {
+                            result.status = StepStatus::Recovered;
+                            result.error = Some(format!(
+                                "recovered by fallback step {}: {}",
+                                fb.number,
+                                result.error.clone().unwrap_or_default()
+                            ));
+                            result.output = fallback.full_output.clone();
+                            truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
+                            full_output = fallback.full_output;
+                        }
+                    }
+                }
+            }
+        }
         // A step that did not succeed did not pass its validations, whatever stopped it.
         if result.status != StepStatus::Success {
             report.all_validations_passed = false;
         }
         match result.status {
-            StepStatus::Success => report.completed_steps += 1,
+            StepStatus::Success | StepStatus::Recovered => report.completed_steps += 1,
             StepStatus::Failed => {
                 report.status = RunStatus::Failed;
                 report.failed_step = Some(step.number);
@@ -319,9 +366,9 @@ pub fn run(
             }
             StepStatus::Skipped | StepStatus::NotRun => {}
         }
-        // Bind the full (untruncated) output for later steps, only when the step succeeded:
-        // a skipped step's partial output must not flow on as if it were good.
-        if result.status == StepStatus::Success {
+        // Bind the full (untruncated) output for later steps, only when the step succeeded
+        // (or its fallback did): a skipped step's partial output must not flow on as if good.
+        if matches!(result.status, StepStatus::Success | StepStatus::Recovered) {
             for (name, n) in &bindings {
                 if *n == step.number {
                     vars.values.insert((*name).to_owned(), full_output.clone());
@@ -332,6 +379,11 @@ pub fn run(
         report.step_results.push(result);
     }
 
+    // A fallback step's own record replaces its "not run" placeholder.
+    for fb in fallback_results {
+        report.step_results.retain(|r| r.step != fb.step);
+        report.step_results.push(fb);
+    }
     report.step_results.sort_by_key(|r| r.step);
 
     if report.status == RunStatus::Success {
@@ -373,6 +425,7 @@ fn not_run(step: &Step) -> StepResult {
         duration_secs: 0.0,
         validations: Vec::new(),
         llm: None,
+        items: None,
     }
 }
 
@@ -388,9 +441,106 @@ struct StepRun {
     completion_tokens: u64,
 }
 
-/// Runs one step with its error policy.
+/// Runs one step with its error policy: once, or once per `foreach` item (each item bound to
+/// the step's item variable; zero items is a successful no-op; the first item that fails after
+/// its retries fails the step). A foreach step's output is its items' outputs, one per line.
 fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
     let start = host.monotonic();
+    let mut run = match &step.foreach {
+        None => run_item(step, vars, host),
+        Some(each) => match foreach_items(each, vars, host) {
+            Err(e) => {
+                let mut result = not_run(step);
+                result.status = StepStatus::Failed;
+                result.attempts = 1;
+                result.error = Some(format!("foreach: {e}"));
+                StepRun {
+                    result,
+                    full_output: String::new(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                }
+            }
+            Ok(items) => {
+                let mut outputs = Vec::with_capacity(items.len());
+                let mut total = StepRun {
+                    result: StepResult {
+                        status: StepStatus::Success,
+                        ..not_run(step)
+                    },
+                    full_output: String::new(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                };
+                for item in &items {
+                    let mut item_vars = Vars {
+                        values: vars.values.clone(),
+                    };
+                    item_vars.values.insert(each.var.to_string(), item.clone());
+                    let r = run_item(step, &item_vars, host);
+                    total.prompt_tokens += r.prompt_tokens;
+                    total.completion_tokens += r.completion_tokens;
+                    let ok = r.result.status == StepStatus::Success;
+                    outputs.push(r.full_output.trim_end_matches('\n').to_owned());
+                    total.result = r.result;
+                    if !ok {
+                        total.result.error = Some(format!(
+                            "item {item:?}: {}",
+                            total.result.error.clone().unwrap_or_default()
+                        ));
+                        break;
+                    }
+                }
+                total.result.items = Some(u32::try_from(items.len()).unwrap_or(u32::MAX));
+                total.full_output = outputs.join("\n");
+                total.result.output = total.full_output.clone();
+                total
+            }
+        },
+    };
+    if run.result.status == StepStatus::Failed && step.on_error == OnError::Skip {
+        run.result.status = StepStatus::Skipped;
+    }
+    run.result.duration_secs = (host.monotonic() - start).as_secs_f64();
+    run.result.output_truncated = truncate_utf8(&mut run.result.output, MAX_REPORTED_OUTPUT);
+    run
+}
+
+/// The items a `foreach` runs over.
+fn foreach_items(each: &Foreach, vars: &Vars, host: &mut dyn Host) -> Result<Vec<String>, String> {
+    let value = |v: &VarName| {
+        vars.lookup(v.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("variable `{{{v}}}` has no value (its step did not succeed)"))
+    };
+    match &each.over {
+        ForeachSource::Lines(v) => Ok(value(v)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        ForeachSource::JsonArray(v) => {
+            let text = value(v)?;
+            let parsed: serde_json::Value = serde_json::from_str(text.trim())
+                .map_err(|e| format!("`{{{v}}}` is not JSON: {e}"))?;
+            let items = parsed
+                .as_array()
+                .ok_or_else(|| format!("`{{{v}}}` is JSON but not an array"))?;
+            Ok(items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                .collect())
+        }
+        ForeachSource::Glob(pattern) => {
+            glob_files(host, pattern, None).map(|out| out.lines().map(str::to_owned).collect())
+        }
+    }
+}
+
+/// Runs one step's tool and validations under its retry policy (no skip conversion, no
+/// timing: [`run_step`] does those).
+fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
     let (max_attempts, delay) = match step.on_error {
         OnError::Retry {
             retry_count,
@@ -466,12 +616,7 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
             host.sleep(Duration::from_secs_f64(backoff.min(3600.0)));
         }
     }
-    if result.status == StepStatus::Failed && step.on_error == OnError::Skip {
-        result.status = StepStatus::Skipped;
-    }
-    result.duration_secs = (host.monotonic() - start).as_secs_f64();
     let full_output = result.output.clone();
-    result.output_truncated = truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
     StepRun {
         result,
         full_output,
@@ -592,12 +737,6 @@ pub fn check_supported(trace: &Trace) -> Result<(), String> {
         if matches!(s.tool, Tool::WebFetch { .. }) {
             return Err(format!("step {}: {UNSUPPORTED_WEBFETCH}", s.number));
         }
-        if s.foreach.is_some() {
-            return Err(format!(
-                "step {}: foreach is not supported by this follower version yet",
-                s.number
-            ));
-        }
         if s.allowed_commands.is_some() {
             return Err(format!(
                 "step {}: allowed_commands cannot be enforced by this follower version yet (refusing rather than running unrestricted)",
@@ -612,25 +751,6 @@ pub fn check_supported(trace: &Trace) -> Result<(), String> {
                 "step {}: json_schema validation is not supported by this follower version yet",
                 s.number
             ));
-        }
-        match &s.on_error {
-            OnError::Fallback { .. }
-            | OnError::Retry {
-                fallback_step: Some(_),
-                ..
-            } => {
-                return Err(format!(
-                    "step {}: fallback_step is not supported by this follower version yet",
-                    s.number
-                ));
-            }
-            OnError::Escalate { .. } => {
-                return Err(format!(
-                    "step {}: human_escalate is not supported by this follower version yet",
-                    s.number
-                ));
-            }
-            OnError::Fail | OnError::Skip | OnError::Retry { .. } => {}
         }
     }
     Ok(())
@@ -1172,5 +1292,115 @@ mod tests {
                 .unwrap_or("")
                 .contains("exited with status 1")
         );
+    }
+
+    #[test]
+    fn foreach_runs_each_line_and_zero_items_is_a_no_op() {
+        let t = trace(
+            "inputs:\n  names: \"a\\nb\\n\\nc\"\n---\n### Step 1: each\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo {n}\nforeach: {lines: names, as: n}\n```\n",
+        );
+        let mut h = FakeHost {
+            shell_answers: [out("A\n", 0), out("B\n", 0), out("C\n", 0)].into(),
+            ..FakeHost::default()
+        };
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Success);
+        assert_eq!(r.step_results[0].items, Some(3));
+        assert_eq!(r.step_results[0].output, "A\nB\nC");
+        let items: Vec<&str> = h
+            .commands
+            .iter()
+            .map(|(_, env)| env[0].1.as_str())
+            .collect();
+        assert_eq!(items, vec!["a", "b", "c"]);
+
+        let mut empty = BTreeMap::new();
+        empty.insert("names".to_owned(), "\n\n".to_owned());
+        let inputs = resolve_inputs(&t, &empty).unwrap();
+        let cx = RunContext {
+            run_id: "r".into(),
+            device_id: "d".into(),
+            base_dir: "/b".into(),
+        };
+        let mut h = FakeHost::default();
+        let r = run(&t, &cx, &inputs, &mut h, &mut |_| {});
+        assert_eq!(r.status, RunStatus::Success);
+        assert_eq!(r.step_results[0].items, Some(0));
+        assert!(h.commands.is_empty());
+    }
+
+    #[test]
+    fn foreach_over_a_glob_and_a_failing_item() {
+        let t = trace(
+            "---\n### Step 1: each log\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: wc -l {f}\nforeach: {glob: \"*.log\", as: f}\n```\n",
+        );
+        let mut h = FakeHost {
+            shell_answers: [out("1\n", 0), out("", 2)].into(),
+            ..FakeHost::default()
+        };
+        h.files.insert("a.log".into(), "x".into());
+        h.files.insert("b.log".into(), "y".into());
+        h.files.insert("c.txt".into(), "z".into());
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Failed);
+        assert!(
+            r.step_results[0]
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("item \"b.log\""),
+            "{:?}",
+            r.step_results[0].error
+        );
+        assert_eq!(h.commands.len(), 2);
+    }
+
+    #[test]
+    fn fallback_recovers_and_the_fallback_step_runs_only_in_that_role() {
+        let t = trace(
+            "---\n### Step 1: primary\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: primary\noutput_variable: got\n```\n**Error Handling**:\n```yaml\non_error: {action: retry, retry_count: 1, fallback_step: 3}\n```\n### Step 2: uses it\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: out.txt\n  content: \"{got}\"\n```\n**Dependencies**: Step 1\n### Step 3: plan b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: plan-b\n```\n**Dependencies**: None\n",
+        );
+        let mut h = FakeHost {
+            shell_answers: [out("", 1), out("", 1), out("from b", 0)].into(),
+            ..FakeHost::default()
+        };
+        let r = run_with_events(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+        assert_eq!(r.step_results[0].status, StepStatus::Recovered);
+        assert_eq!(r.step_results[0].attempts, 2);
+        assert_eq!(r.step_results[2].status, StepStatus::Success);
+        assert_eq!(h.files.get("out.txt").map(String::as_str), Some("from b"));
+        let cmds: Vec<&str> = h.commands.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            cmds,
+            vec!["primary", "primary", "plan-b"],
+            "plan b ran once, as the fallback"
+        );
+    }
+
+    #[test]
+    fn escalation_fails_the_run_and_is_reported() {
+        let t = trace(
+            "---\n### Step 1: needs a human\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: check\n```\n**Error Handling**:\n```yaml\non_error: {action: human_escalate, escalation_message: \"call the site engineer\"}\n```\n",
+        );
+        let mut h = FakeHost {
+            shell_answers: [out("", 3)].into(),
+            ..FakeHost::default()
+        };
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Failed);
+        assert_eq!(r.escalations.len(), 1);
+        assert_eq!(r.escalations[0].message, "call the site engineer");
+        assert!(r.escalations[0].error.contains("status 3"));
+    }
+
+    fn run_with_events(t: &Trace, host: &mut FakeHost) -> Report {
+        let cx = RunContext {
+            run_id: "r".into(),
+            device_id: "d".into(),
+            base_dir: "/b".into(),
+        };
+        let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
+        run(t, &cx, &inputs, host, &mut |_| {})
     }
 }

@@ -99,6 +99,7 @@ pub fn install_bundle(
 
     // Trust-root updates first: the manifest is verified by the newest root.
     let (current, _) = store.trust_root()?.ok_or(InstallError::NoRoot)?;
+    let base = Some(current.version);
     let slices: Vec<&[u8]> = header.roots.iter().map(Vec::as_slice).collect();
     let chain = if slices.is_empty() {
         Vec::new()
@@ -127,7 +128,8 @@ pub fn install_bundle(
     }
 
     // Staging left behind by an install that was killed is garbage: nothing points at it.
-    let _ = std::fs::remove_dir_all(state_dir.join("staging"));
+    // Only directories older than an hour go, so a concurrent install keeps its own.
+    remove_stale(&state_dir.join("staging"));
     let staging_dir = state_dir
         .join("staging")
         .join(uuid::Uuid::now_v7().simple().to_string());
@@ -199,23 +201,49 @@ pub fn install_bundle(
         return Err(BundleError::Format("bytes after the last entry: expected none".into()).into());
     }
 
-    // Everything verified: place models, then commit roots and traces together.
+    // Everything verified. In one transaction: re-check the root, check every version, write
+    // the rows, place the models, commit. A refused bundle places no model.
     let models_dir = state_dir.join("models");
-    std::fs::create_dir_all(&models_dir)
-        .map_err(io(format!("cannot create {}", models_dir.display())))?;
-    for (name, path) in &models {
-        std::fs::rename(path, models_dir.join(name))
-            .map_err(io(format!("cannot place model {name}")))?;
-    }
     let roots: Vec<(u32, &[u8])> = chain.iter().map(|(r, b)| (r.version, *b)).collect();
     let rows: Vec<(&str, Version, &[u8])> = traces
         .iter()
         .map(|(id, v, b)| (id.as_str(), *v, b.as_slice()))
         .collect();
-    store.install_all(&roots, &rows, now_text)?;
+    let mut place_models = || -> Result<(), StoreError> {
+        std::fs::create_dir_all(&models_dir).map_err(|e| {
+            StoreError::Files(format!("cannot create {}: {e}", models_dir.display()))
+        })?;
+        for (name, path) in &models {
+            std::fs::rename(path, models_dir.join(name))
+                .map_err(|e| StoreError::Files(format!("cannot place model {name}: {e}")))?;
+        }
+        if let Ok(dir) = std::fs::File::open(&models_dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    };
+    store.install_all(base, &roots, &rows, now_text, &mut place_models)?;
     Ok(Installed {
         roots: roots.iter().map(|(v, _)| *v).collect(),
         traces: traces.into_iter().map(|(id, v, _)| (id, v)).collect(),
         models: models.into_iter().map(|(n, _)| n).collect(),
     })
+}
+
+/// Removes staging directories not modified for an hour.
+fn remove_stale(staging: &Path) {
+    let Ok(entries) = std::fs::read_dir(staging) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if old {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }

@@ -219,7 +219,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             let accepted = trust::verify_initial(&bytes, unix_now())
                 .with_context(|| format!("refusing {}", root.display()))?;
-            store.add_trust_roots(&[(accepted.version, &bytes)], &now_rfc3339())?;
+            store.add_trust_roots(None, &[(accepted.version, &bytes)], &now_rfc3339())?;
             println!("trust root v{} installed", accepted.version);
             print_root(&accepted);
             Ok(ExitCode::SUCCESS)
@@ -237,7 +237,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let chain = trust::verify_chain(&current, &slices, unix_now())
                 .context("refusing the trust-root update")?;
             let rows: Vec<(u32, &[u8])> = chain.iter().map(|(r, b)| (r.version, *b)).collect();
-            store.add_trust_roots(&rows, &now_rfc3339())?;
+            store.add_trust_roots(Some(current.version), &rows, &now_rfc3339())?;
             if let Some((newest, _)) = chain.last() {
                 println!("trust root v{} → v{}", current.version, newest.version);
                 print_root(newest);
@@ -372,12 +372,16 @@ fn unix_now() -> u64 {
 
 /// Loads the trace to run: verified when signed; sources and compiled traces only for authors.
 /// Verifies a signed trace against the device's trust root.
-fn verify_signed(state_dir: &Path, bytes: &[u8]) -> Result<signed::Verified> {
+/// Verifies a signed trace against the device's trust root; also returns that root's version.
+fn verify_signed(state_dir: &Path, bytes: &[u8]) -> Result<(signed::Verified, u32)> {
     let store = Store::open(state_dir)?;
     let (root, _) = store.trust_root()?.ok_or_else(|| {
         anyhow!("this device has no trust root yet (run `follower trust init ROOT.tfr`)")
     })?;
-    Ok(signed::verify_with_root(bytes, &root, unix_now())?)
+    Ok((
+        signed::verify_with_root(bytes, &root, unix_now())?,
+        root.version,
+    ))
 }
 
 fn print_root(root: &trust::TrustRoot) {
@@ -414,7 +418,7 @@ fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
             "refusing {shown}: not a signed trace or bundle (expected the \"TFS\" or \"TFB\" magic)"
         );
     }
-    let verified = match verify_signed(state_dir, &bytes) {
+    let (verified, root_version) = match verify_signed(state_dir, &bytes) {
         Ok(v) => v,
         Err(e) => {
             let store = Store::open(state_dir)?;
@@ -424,7 +428,13 @@ fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
     };
     let mut store = Store::open(state_dir)?;
     let id = verified.trace.id.to_string();
-    match store.install_trace(&id, verified.trace.version, &bytes, &now_rfc3339()) {
+    match store.install_trace(
+        Some(root_version),
+        &id,
+        verified.trace.version,
+        &bytes,
+        &now_rfc3339(),
+    ) {
         Ok(()) => {
             println!("installed {id} {}", verified.trace.version);
             Ok(ExitCode::SUCCESS)
@@ -490,25 +500,39 @@ fn install_bundle(state_dir: &Path, file: &Path) -> Result<ExitCode> {
 }
 
 fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Trace, String)> {
-    // An installed trace id (that is not also a file here) runs the installed version, verified
-    // again: the root may have rotated or the signature expired since it was installed.
-    if !path.exists()
-        && let Some(id) = path
-            .to_str()
-            .and_then(|p| p.parse::<tracefleet::ids::TraceId>().ok())
+    // An installed trace id runs the installed version, verified again (the root may have
+    // rotated or the signature expired since it was installed) — even if a file of that name
+    // happens to exist here; a file is named with a path separator or an extension.
+    if let Some(id) = path
+        .to_str()
+        .and_then(|p| p.parse::<tracefleet::ids::TraceId>().ok())
     {
         let store = Store::open(state_dir)?;
         if let Some(bytes) = store.installed_signed(id.as_str())? {
-            let v = verify_signed(state_dir, &bytes)
+            let (v, _) = verify_signed(state_dir, &bytes)
                 .with_context(|| format!("refusing installed trace {id}"))?;
             return Ok((v.trace, "installed, verified".into()));
         }
-        bail!("no installed trace {id} and no such file (see `follower traces list`)");
+        if !path.exists() {
+            bail!("no installed trace {id} and no such file (see `follower traces list`)");
+        }
     }
     let bytes = read_limited(path, signed::MAX_SIGNED_BYTES as u64)?;
     let shown = path.display();
     if bytes.starts_with(SIGNED_MAGIC) {
-        let v = verify_signed(state_dir, &bytes).with_context(|| format!("refusing {shown}"))?;
+        let (v, _) =
+            verify_signed(state_dir, &bytes).with_context(|| format!("refusing {shown}"))?;
+        // Versions never go backwards, for runs from files too.
+        let store = Store::open(state_dir)?;
+        if let Some(installed) = store.installed_version(v.trace.id.as_str())?
+            && v.trace.version < installed
+        {
+            bail!(
+                "refusing {shown}: {} {} is older than the installed {installed}, and versions never go backwards",
+                v.trace.id,
+                v.trace.version
+            );
+        }
         let by = v
             .signed_by
             .iter()
@@ -675,8 +699,12 @@ fn print_summary(r: &Report, provenance: &str, output: Option<&Path>) {
             StepStatus::Failed => "FAILED",
             StepStatus::Skipped => "skipped",
             StepStatus::NotRun => "not run",
+            StepStatus::Recovered => "recovered by its fallback",
         };
         let mut line = format!("  step {} [{}] {}: {st}", s.step, s.tool, s.title);
+        if let Some(n) = s.items {
+            line.push_str(&format!(" ({n} items)"));
+        }
         if s.attempts > 1 {
             line.push_str(&format!(" after {} attempts", s.attempts));
         }
@@ -690,6 +718,12 @@ fn print_summary(r: &Report, provenance: &str, output: Option<&Path>) {
         if let Some(e) = &s.error {
             println!("      {e}");
         }
+    }
+    for e in &r.escalations {
+        println!(
+            "  escalation from step {}: {} ({})",
+            e.step, e.message, e.error
+        );
     }
     for c in r.postconditions.iter().filter(|c| !c.passed) {
         println!("  postcondition failed: {} — {}", c.check, c.detail);

@@ -29,6 +29,19 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The trust root changed while this install was being verified.
+    #[error(
+        "the trust root changed during the install (verified against v{expected:?}, now v{found:?}): run the install again"
+    )]
+    RootChanged {
+        /// The root version the verification used.
+        expected: Option<u32>,
+        /// The newest stored version now.
+        found: Option<u32>,
+    },
+    /// Placing files before the commit failed.
+    #[error("{0}")]
+    Files(String),
     /// The offered version is not above the installed one.
     #[error(
         "refusing {trace_id} {offered}: version {installed} is installed, and versions never go backwards (re-sign older content under a newer version to roll back)"
@@ -172,8 +185,16 @@ impl Store {
     ///
     /// # Errors
     /// On SQLite failure (nothing is stored then).
-    pub fn add_trust_roots(&mut self, roots: &[(u32, &[u8])], now: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+    pub fn add_trust_roots(
+        &mut self,
+        base: Option<u32>,
+        roots: &[(u32, &[u8])],
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        check_base(&tx, base)?;
         for (version, bytes) in roots {
             tx.execute(
                 "INSERT INTO trust_roots (version, root_file, installed_at) VALUES (?1, ?2, ?3)",
@@ -216,6 +237,7 @@ impl Store {
     /// [`StoreError::Rollback`] or an SQLite failure; the store is unchanged then.
     pub fn install_trace(
         &mut self,
+        base: Option<u32>,
         trace_id: &str,
         version: Version,
         signed: &[u8],
@@ -224,6 +246,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        check_base(&tx, base)?;
         let installed: Option<Version> = tx
             .query_row(
                 "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
@@ -265,13 +288,16 @@ impl Store {
     /// [`StoreError::Rollback`] or an SQLite failure; the store is unchanged then.
     pub fn install_all(
         &mut self,
+        base: Option<u32>,
         roots: &[(u32, &[u8])],
         traces: &[(&str, Version, &[u8])],
         now: &str,
+        before_commit: &mut dyn FnMut() -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        check_base(&tx, base)?;
         for (version, bytes) in roots {
             tx.execute(
                 "INSERT INTO trust_roots (version, root_file, installed_at) VALUES (?1, ?2, ?3)",
@@ -310,6 +336,8 @@ impl Store {
                 params![now, trace_id, version.to_string()],
             )?;
         }
+        // Every check passed and the rows are written: place files, then commit.
+        before_commit()?;
         tx.commit()?;
         Ok(())
     }
@@ -465,5 +493,19 @@ impl Store {
                 |r| r.get::<_, Option<String>>(0),
             )
             .optional()?)
+    }
+}
+
+/// Refuses to write when the newest stored trust root is not the one a verification used.
+fn check_base(tx: &rusqlite::Transaction<'_>, base: Option<u32>) -> Result<(), StoreError> {
+    let found: Option<u32> =
+        tx.query_row("SELECT MAX(version) FROM trust_roots", [], |r| r.get(0))?;
+    if found == base {
+        Ok(())
+    } else {
+        Err(StoreError::RootChanged {
+            expected: base,
+            found,
+        })
     }
 }
