@@ -298,8 +298,22 @@ fn signed_version(
     expires: &str,
     name: &str,
 ) -> String {
+    signed_fixture_version(ws, "write-marker.trace.md", version, keys, expires, name)
+}
+
+/// Compiles `traces/fixtures/<fixture>` with its `version:` replaced and signs it with `keys`.
+fn signed_fixture_version(
+    ws: &Workspace,
+    fixture: &str,
+    version: &str,
+    keys: &[&str],
+    expires: &str,
+    name: &str,
+) -> String {
     let src = std::fs::read_to_string(
-        tracefleet_e2e::repo_root().join("traces/fixtures/write-marker.trace.md"),
+        tracefleet_e2e::repo_root()
+            .join("traces/fixtures")
+            .join(fixture),
     )
     .unwrap();
     let src = src.replace("version: \"1.0.0\"", &format!("version: \"{version}\""));
@@ -719,35 +733,6 @@ fn a_bundle_can_carry_a_root_rotation_and_traces_signed_by_the_new_key() {
     );
 }
 
-/// Like `signed_version`, for any fixture.
-fn signed_fixture_version(
-    ws: &Workspace,
-    fixture: &str,
-    version: &str,
-    key: &str,
-    name: &str,
-) -> String {
-    let src = std::fs::read_to_string(
-        tracefleet_e2e::repo_root()
-            .join("traces/fixtures")
-            .join(fixture),
-    )
-    .unwrap();
-    let src = src.replace("version: \"1.0.0\"", &format!("version: \"{version}\""));
-    std::fs::write(ws.path(&format!("{name}.trace.md")), src).unwrap();
-    let r = ws.learner(&[
-        "compile",
-        &format!("{name}.trace.md"),
-        "-o",
-        &format!("{name}.tfc"),
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let out = format!("{name}.tfs");
-    let r = ws.learner(&["sign", &format!("{name}.tfc"), "--key", key, "-o", &out]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    out
-}
-
 /// SIGKILL `follower install` at random moments, 200 times, and check after each kill that
 /// the store is sound and never holds half a bundle (both traces always at the same version).
 #[test]
@@ -759,12 +744,20 @@ fn install_survives_sigkill_at_any_point() {
     let bundles: Vec<String> = (1..=60)
         .map(|i| {
             let v = format!("1.0.{i}");
-            let x = signed_fixture_version(&ws, "write-marker.trace.md", &v, &a, &format!("x{i}"));
+            let x = signed_fixture_version(
+                &ws,
+                "write-marker.trace.md",
+                &v,
+                &[&a],
+                "30d",
+                &format!("x{i}"),
+            );
             let y = signed_fixture_version(
                 &ws,
                 "failing-validation.trace.md",
                 &v,
-                &a,
+                &[&a],
+                "30d",
                 &format!("y{i}"),
             );
             let out = format!("b{i}.tfb");

@@ -271,21 +271,12 @@ pub fn run(
         completion_tokens: 0,
     };
 
-    report.preconditions = trace
-        .preconditions
-        .iter()
-        .map(|c| check(c, &vars, host, None, None))
-        .collect();
-    report.all_preconditions_met = report.preconditions.iter().all(|c| c.passed);
-    if !report.all_preconditions_met {
+    let (results, failed) = conditions(&trace.preconditions, &vars, host, "precondition");
+    report.preconditions = results;
+    report.all_preconditions_met = failed.is_none();
+    if let Some(error) = failed {
         report.status = RunStatus::Failed;
-        let failed: Vec<&str> = report
-            .preconditions
-            .iter()
-            .filter(|c| !c.passed)
-            .map(|c| c.check.as_str())
-            .collect();
-        report.error = Some(format!("precondition failed: {}", failed.join("; ")));
+        report.error = Some(error);
     }
 
     // The compiler refuses cycles; a trace without a valid order still runs in source order.
@@ -387,21 +378,12 @@ pub fn run(
     report.step_results.sort_by_key(|r| r.step);
 
     if report.status == RunStatus::Success {
-        report.postconditions = trace
-            .postconditions
-            .iter()
-            .map(|c| check(c, &vars, host, None, None))
-            .collect();
-        report.all_postconditions_met = report.postconditions.iter().all(|c| c.passed);
-        if !report.all_postconditions_met {
+        let (results, failed) = conditions(&trace.postconditions, &vars, host, "postcondition");
+        report.postconditions = results;
+        report.all_postconditions_met = failed.is_none();
+        if let Some(error) = failed {
             report.status = RunStatus::Failed;
-            let failed: Vec<&str> = report
-                .postconditions
-                .iter()
-                .filter(|c| !c.passed)
-                .map(|c| c.check.as_str())
-                .collect();
-            report.error = Some(format!("postcondition failed: {}", failed.join("; ")));
+            report.error = Some(error);
         }
     } else {
         report.all_postconditions_met = false;
@@ -427,6 +409,26 @@ fn not_run(step: &Step) -> StepResult {
         llm: None,
         items: None,
     }
+}
+
+/// Evaluates pre- or postconditions; the error names the ones that failed.
+fn conditions(
+    checks: &[Check],
+    vars: &Vars,
+    host: &mut dyn Host,
+    what: &str,
+) -> (Vec<CheckResult>, Option<String>) {
+    let results: Vec<CheckResult> = checks
+        .iter()
+        .map(|c| check(c, vars, host, None, None))
+        .collect();
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.check.as_str())
+        .collect();
+    let error = (!failed.is_empty()).then(|| format!("{what} failed: {}", failed.join("; ")));
+    (results, error)
 }
 
 /// One executed step.

@@ -214,20 +214,7 @@ impl Store {
     /// # Errors
     /// On SQLite failure.
     pub fn installed_version(&self, trace_id: &str) -> Result<Option<Version>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
-                [trace_id],
-                |r| {
-                    Ok(Version {
-                        major: r.get(0)?,
-                        minor: r.get(1)?,
-                        patch: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?)
+        Ok(installed_version_in(&self.conn, trace_id)?)
     }
 
     /// Installs a verified signed trace, refusing a version that is not above the installed
@@ -243,42 +230,9 @@ impl Store {
         signed: &[u8],
         now: &str,
     ) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        check_base(&tx, base)?;
-        let installed: Option<Version> = tx
-            .query_row(
-                "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
-                [trace_id],
-                |r| {
-                    Ok(Version {
-                        major: r.get(0)?,
-                        minor: r.get(1)?,
-                        patch: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?;
-        if let Some(have) = installed
-            && version <= have
-        {
-            return Err(StoreError::Rollback {
-                trace_id: trace_id.to_owned(),
-                installed: have,
-                offered: version,
-            });
-        }
-        tx.execute(
-            "INSERT OR REPLACE INTO installed_traces (trace_id, major, minor, patch, signed, installed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![trace_id, version.major, version.minor, version.patch, signed, now],
-        )?;
-        tx.execute(
-            "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trace', ?2, ?3, 'installed', '')",
-            params![now, trace_id, version.to_string()],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.install_all(base, &[], &[(trace_id, version, signed)], now, &mut || {
+            Ok(())
+        })
     }
 
     /// Installs trust roots and traces together: every trace version must be above the
@@ -305,19 +259,7 @@ impl Store {
             )?;
         }
         for (trace_id, version, signed) in traces {
-            let installed: Option<Version> = tx
-                .query_row(
-                    "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
-                    [trace_id],
-                    |r| {
-                        Ok(Version {
-                            major: r.get(0)?,
-                            minor: r.get(1)?,
-                            patch: r.get(2)?,
-                        })
-                    },
-                )
-                .optional()?;
+            let installed = installed_version_in(&tx, trace_id)?;
             if let Some(have) = installed
                 && *version <= have
             {
@@ -332,7 +274,7 @@ impl Store {
                 params![trace_id, version.major, version.minor, version.patch, signed, now],
             )?;
             tx.execute(
-                "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trace', ?2, ?3, 'installed', 'bundle')",
+                "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trace', ?2, ?3, 'installed', '')",
                 params![now, trace_id, version.to_string()],
             )?;
         }
@@ -508,4 +450,20 @@ fn check_base(tx: &rusqlite::Transaction<'_>, base: Option<u32>) -> Result<(), S
             found,
         })
     }
+}
+
+/// The installed version of a trace, read through `conn` (a transaction derefs to one).
+fn installed_version_in(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<Version>> {
+    conn.query_row(
+        "SELECT major, minor, patch FROM installed_traces WHERE trace_id = ?1",
+        [trace_id],
+        |r| {
+            Ok(Version {
+                major: r.get(0)?,
+                minor: r.get(1)?,
+                patch: r.get(2)?,
+            })
+        },
+    )
+    .optional()
 }
