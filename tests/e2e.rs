@@ -822,3 +822,82 @@ fn install_survives_sigkill_at_any_point() {
         "the loop should kill many installs mid-way ({killed})"
     );
 }
+
+#[test]
+fn goal_runs_need_earned_confidence_and_escalate_otherwise() {
+    let ws = Workspace::new();
+    let key = ws.key("traces");
+    ws.trust(&key);
+    for fixture in [
+        "fixtures/write-marker.trace.md",
+        "fixtures/failing-validation.trace.md",
+    ] {
+        let signed = ws.sign(fixture, &key);
+        let r = ws.follower(&["install", &signed]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    let goal = [
+        "run",
+        "--goal",
+        "write the marker file that proves a run happened",
+    ];
+    // A new trace starts at confidence 0.75: not on its own.
+    let r = ws.follower(&goal);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("not running write-marker 1.0.0 on its own: confidence 0.750"),
+        "{}",
+        r.stderr
+    );
+    let r = ws.follower(&["run", "--goal", "reboot the reactor"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("no installed trace matches"),
+        "{}",
+        r.stderr
+    );
+    let esc = ws.follower(&["escalations"]).stdout;
+    assert!(
+        esc.contains("write-marker: not running write-marker 1.0.0 on its own"),
+        "{esc}"
+    );
+    assert!(
+        esc.contains("-: no installed trace matches the goal \"reboot the reactor\""),
+        "{esc}"
+    );
+
+    // Supervised runs by id build confidence (LLMunix rule: c += (1 - c) * 0.1).
+    for i in 0..9 {
+        let r = ws.follower(&["run", "write-marker", "--base-dir", &format!("w{i}")]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    let r = ws.follower(&["run", "failing-validation", "--base-dir", "f"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ws.follower(&["traces", "list", "--json"]).stdout).unwrap();
+    let by_id = |id: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["trace_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let wm = by_id("write-marker");
+    assert_eq!(wm["usage_count"], 9);
+    let c = wm["confidence"].as_f64().unwrap();
+    assert!((c - (1.0 - 0.25 * 0.9f64.powi(9))).abs() < 1e-9, "{c}");
+    let fv = by_id("failing-validation");
+    assert!(
+        (fv["confidence"].as_f64().unwrap() - 0.525).abs() < 1e-9,
+        "{fv}"
+    );
+
+    // Now the goal runs it on its own.
+    let r = ws.follower(&[goal[0], goal[1], goal[2], "--base-dir", "auto"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("selected for the goal"), "{}", r.stdout);
+    assert!(ws.path("auto/marker.txt").is_file());
+}

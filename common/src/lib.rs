@@ -13,6 +13,7 @@
 mod bold;
 pub mod bundle;
 pub mod compile;
+pub mod confidence;
 pub mod diag;
 pub mod ids;
 pub mod report;

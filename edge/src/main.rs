@@ -71,6 +71,8 @@ enum Command {
     Runs(RunsCommand),
     /// Check the device store: SQLite integrity, and every installed trace still verifies.
     Check,
+    /// Escalations recorded on this device (for the fleet link to send), oldest first.
+    Escalations,
 }
 
 #[derive(Subcommand)]
@@ -121,7 +123,13 @@ enum RunsCommand {
 struct RunArgs {
     /// An installed trace id, or a signed trace file (from `learner sign`). A trace source
     /// (`.trace.md`) only with --allow-unsigned.
-    trace: PathBuf,
+    #[arg(required_unless_present = "goal")]
+    trace: Option<PathBuf>,
+    /// Instead of naming a trace: pick the installed trace whose goal signature matches this
+    /// text best, and run it only if it has earned autonomy (confidence ≥ 0.9, success rate >
+    /// 0.85 on this device); otherwise say why and record an escalation.
+    #[arg(long, conflicts_with = "trace", value_name = "TEXT")]
+    goal: Option<String>,
     /// Set an input of the trace (repeatable).
     #[arg(long = "var", value_name = "KEY=VALUE", value_parser = parse_var)]
     vars: Vec<(String, String)>,
@@ -256,6 +264,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Install { file } => install(&state_dir, &file),
+        Command::Escalations => {
+            let store = Store::open(&state_dir)?;
+            for (trace_id, reason) in store.escalations()? {
+                println!("{trace_id}: {reason}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check => {
             let store = Store::open(&state_dir)?;
             let integrity = store.integrity_check()?;
@@ -297,15 +312,34 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Traces(TracesCommand::List { json }) => {
             let store = Store::open(&state_dir)?;
             let rows = store.installed_traces()?;
+            let mut listed = Vec::new();
+            for (id, version, _) in &rows {
+                let (stats, last_used) = store.stats(id, &version.to_string())?;
+                listed.push((id, version, stats, last_used));
+            }
             if json {
-                let v: Vec<serde_json::Value> = rows
+                let v: Vec<serde_json::Value> = listed
                     .iter()
-                    .map(|(id, version, _)| serde_json::json!({"trace_id": id, "version": version.to_string()}))
+                    .map(|(id, version, stats, last_used)| {
+                        serde_json::json!({
+                            "trace_id": id,
+                            "version": version.to_string(),
+                            "usage_count": stats.usage_count,
+                            "success_rate": stats.success_rate(),
+                            "confidence": stats.confidence,
+                            "last_used": last_used,
+                        })
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for (id, version, _) in rows {
-                    println!("{id} {version}");
+                for (id, version, stats, _) in listed {
+                    println!(
+                        "{id} {version}  confidence {:.3}, {} run(s), success rate {:.2}",
+                        stats.confidence,
+                        stats.usage_count,
+                        stats.success_rate()
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -571,8 +605,50 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
     Ok((trace, "UNSIGNED trace source".into()))
 }
 
+/// Least goal similarity for `--goal` to pick a trace.
+const MIN_GOAL_SIMILARITY: f64 = 0.25;
+
+/// `run --goal`: the best-matching installed trace that verifies, if it may run on its own.
+fn select_by_goal(state_dir: &Path, goal: &str) -> Result<(Trace, String)> {
+    use tracefleet::confidence::goal_similarity;
+    let store = Store::open(state_dir)?;
+    let mut best: Option<(f64, Trace)> = None;
+    for (id, _, bytes) in store.installed_traces()? {
+        let Ok((v, _)) = verify_signed(state_dir, &bytes) else {
+            tracing::warn!(trace = %id, "installed trace no longer verifies; not considered");
+            continue;
+        };
+        let score = goal_similarity(goal, &v.trace.goal_signature);
+        if best.as_ref().is_none_or(|(b, _)| score > *b) {
+            best = Some((score, v.trace));
+        }
+    }
+    let now = now_rfc3339();
+    let Some((score, trace)) = best.filter(|(s, _)| *s >= MIN_GOAL_SIMILARITY) else {
+        let reason = format!("no installed trace matches the goal {goal:?}");
+        store.record_escalation("-", None, &reason, &now)?;
+        bail!("{reason} (similarity below {MIN_GOAL_SIMILARITY}); escalation recorded");
+    };
+    let (stats, _) = store.stats(trace.id.as_str(), &trace.version.to_string())?;
+    if let Some(why) = stats.autonomy_refusal() {
+        let reason = format!(
+            "not running {} {} on its own: {why}",
+            trace.id, trace.version
+        );
+        store.record_escalation(trace.id.as_str(), None, &reason, &now)?;
+        bail!("{reason}; escalation recorded (run it by id to build confidence under supervision)");
+    }
+    let how = format!("selected for the goal (similarity {score:.2}), verified");
+    Ok((trace, how))
+}
+
 fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
-    let (trace, provenance) = load_trace(state_dir, &args.trace, args.allow_unsigned)?;
+    let (trace, provenance) = match (&args.goal, &args.trace) {
+        (Some(goal), _) => select_by_goal(state_dir, goal)?,
+        (None, Some(path)) => load_trace(state_dir, path, args.allow_unsigned)?,
+        (None, None) => bail!("name a trace or give --goal TEXT"),
+    };
+    let signed_trace = !provenance.starts_with("UNSIGNED");
     exec::check_supported(&trace).map_err(|e| anyhow!("cannot run trace {}: {e}", trace.id))?;
     let given: BTreeMap<String, String> = args.vars.into_iter().collect();
     let inputs =
@@ -654,6 +730,26 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         }
     });
     store.finish_run(&report)?;
+    // Statistics are kept for verified traces only: author runs of sources do not count.
+    if signed_trace {
+        let mut store = Store::open(state_dir)?;
+        let success = report.status == RunStatus::Success;
+        store.record_outcome(
+            &report.trace_id,
+            &report.trace_version,
+            success,
+            &now_rfc3339(),
+        )?;
+        for e in &report.escalations {
+            let reason = format!("step {}: {} ({})", e.step, e.message, e.error);
+            store.record_escalation(
+                &report.trace_id,
+                Some(&report.run_id),
+                &reason,
+                &now_rfc3339(),
+            )?;
+        }
+    }
     if let Some(e) = journal_error {
         return Err(e).context("journaling the run");
     }

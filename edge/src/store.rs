@@ -7,6 +7,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 use std::path::Path;
+use tracefleet::confidence::Stats;
 use tracefleet::ids::Version;
 use tracefleet::report::{Report, StepResult};
 use tracefleet::trust::{TrustRoot, decode_root};
@@ -114,6 +115,24 @@ const MIGRATIONS: &[M<'static>] = &[
         version TEXT NOT NULL,
         outcome TEXT NOT NULL,
         detail  TEXT NOT NULL
+    );",
+    ),
+    M::up(
+        "CREATE TABLE trace_stats (
+        trace_id      TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        usage_count   INTEGER NOT NULL,
+        success_count INTEGER NOT NULL,
+        confidence    REAL NOT NULL,
+        last_used     TEXT NOT NULL,
+        PRIMARY KEY (trace_id, version)
+    );
+    CREATE TABLE escalations (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        at       TEXT NOT NULL,
+        trace_id TEXT NOT NULL,
+        run_id   TEXT,
+        reason   TEXT NOT NULL
     );",
     ),
 ];
@@ -349,6 +368,94 @@ impl Store {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
     }
 
+    /// Statistics of a trace version (the defaults when it never ran here).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn stats(
+        &self,
+        trace_id: &str,
+        version: &str,
+    ) -> Result<(Stats, Option<String>), StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT usage_count, success_count, confidence, last_used FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                params![trace_id, version],
+                |r| Ok((stats_from_row(r)?, r.get::<_, String>(3)?)),
+            )
+            .optional()?;
+        Ok(row.map_or((Stats::default(), None), |(s, at)| (s, Some(at))))
+    }
+
+    /// Records a finished run in its trace version's statistics (LLMunix confidence rule).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn record_outcome(
+        &mut self,
+        trace_id: &str,
+        version: &str,
+        success: bool,
+        now: &str,
+    ) -> Result<Stats, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let before = tx
+            .query_row(
+                "SELECT usage_count, success_count, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                params![trace_id, version],
+                stats_from_row,
+            )
+            .optional()?
+            .unwrap_or_default();
+        let after = before.record(success);
+        tx.execute(
+            "INSERT OR REPLACE INTO trace_stats (trace_id, version, usage_count, success_count, confidence, last_used) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                trace_id,
+                version,
+                i64::try_from(after.usage_count).unwrap_or(i64::MAX),
+                i64::try_from(after.success_count).unwrap_or(i64::MAX),
+                after.confidence,
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// Records an escalation for the fleet link to send.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn record_escalation(
+        &self,
+        trace_id: &str,
+        run_id: Option<&str>,
+        reason: &str,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO escalations (at, trace_id, run_id, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![now, trace_id, run_id, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Escalations recorded, oldest first: (trace id, reason).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn escalations(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT trace_id, reason FROM escalations ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Records the start of a run.
     ///
     /// # Errors
@@ -466,4 +573,15 @@ fn installed_version_in(conn: &Connection, trace_id: &str) -> rusqlite::Result<O
         },
     )
     .optional()
+}
+
+/// Stats from the first three columns (usage_count, success_count, confidence).
+fn stats_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stats> {
+    let count =
+        |i: usize| -> rusqlite::Result<u64> { Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0)) };
+    Ok(Stats {
+        usage_count: count(0)?,
+        success_count: count(1)?,
+        confidence: r.get(2)?,
+    })
 }
