@@ -210,22 +210,7 @@ impl Store {
         roots: &[(u32, &[u8])],
         now: &str,
     ) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        check_base(&tx, base)?;
-        for (version, bytes) in roots {
-            tx.execute(
-                "INSERT INTO trust_roots (version, root_file, installed_at) VALUES (?1, ?2, ?3)",
-                params![version, bytes, now],
-            )?;
-            tx.execute(
-                "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trust_root', 'root', ?2, 'installed', '')",
-                params![now, version.to_string()],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.install_all(base, roots, &[], now, &mut || Ok(()))
     }
 
     /// The installed version of a trace.
@@ -275,6 +260,10 @@ impl Store {
             tx.execute(
                 "INSERT INTO trust_roots (version, root_file, installed_at) VALUES (?1, ?2, ?3)",
                 params![version, bytes, now],
+            )?;
+            tx.execute(
+                "INSERT INTO install_log (at, kind, name, version, outcome, detail) VALUES (?1, 'trust_root', 'root', ?2, 'installed', '')",
+                params![now, version.to_string()],
             )?;
         }
         for (trace_id, version, signed) in traces {
