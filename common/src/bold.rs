@@ -352,14 +352,7 @@ fn block(value: &Value, line: usize) -> Block {
 
 /// Translates a bold-field trace into a [`SourceTrace`].
 pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
-    let mut out = SourceTrace {
-        file: file.to_owned(),
-        frontmatter: None,
-        title: None,
-        steps: Vec::new(),
-        sections: Vec::new(),
-        diagnostics: Vec::new(),
-    };
+    let mut out = SourceTrace::empty(file);
     let mut header = Mapping::new();
     let mut metadata = Mapping::new();
     let mut header_line = 1;
@@ -387,15 +380,7 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
                 if matches!(level, HeadingLevel::H2 | HeadingLevel::H3)
                     && let Some((number, title)) = step
                 {
-                    out.steps.push(SourceStep {
-                        number,
-                        title: title.to_owned(),
-                        line: *line,
-                        tool_call: None,
-                        validation: None,
-                        error_handling: None,
-                        dependencies: None,
-                    });
+                    out.steps.push(SourceStep::new(number, title, *line));
                     section = "step".into();
                     continue;
                 }

@@ -141,6 +141,35 @@ pub struct SourceTrace {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+impl SourceStep {
+    /// A step section with no fields yet.
+    pub fn new(number: u32, title: &str, line: usize) -> Self {
+        Self {
+            number,
+            title: title.to_owned(),
+            line,
+            tool_call: None,
+            validation: None,
+            error_handling: None,
+            dependencies: None,
+        }
+    }
+}
+
+impl SourceTrace {
+    /// A source with nothing found yet.
+    pub fn empty(file: &str) -> Self {
+        Self {
+            file: file.to_owned(),
+            frontmatter: None,
+            title: None,
+            steps: Vec::new(),
+            sections: Vec::new(),
+            diagnostics: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Field {
     ToolCall,
@@ -206,14 +235,7 @@ impl LineIndex {
 /// Never fails: problems (a field without its block, a malformed step heading, a source over
 /// [`MAX_SOURCE_BYTES`]) are returned in [`SourceTrace::diagnostics`] with their positions.
 pub fn parse(file: &str, text: &str) -> SourceTrace {
-    let mut out = SourceTrace {
-        file: file.to_owned(),
-        frontmatter: None,
-        title: None,
-        steps: Vec::new(),
-        sections: Vec::new(),
-        diagnostics: Vec::new(),
-    };
+    let mut out = SourceTrace::empty(file);
     let err = |out: &mut SourceTrace, line: usize, column: usize, message: String| {
         out.diagnostics.push(Diagnostic {
             severity: Severity::Error,
@@ -509,15 +531,7 @@ fn on_heading(
     let title = after.strip_prefix(':').map(str::trim);
     match (digits.parse::<u32>(), title) {
         (Ok(number), Some(title)) => {
-            out.steps.push(SourceStep {
-                number,
-                title: title.to_owned(),
-                line,
-                tool_call: None,
-                validation: None,
-                error_handling: None,
-                dependencies: None,
-            });
+            out.steps.push(SourceStep::new(number, title, line));
             true
         }
         _ => {
