@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// Magic bytes at the start of a compiled trace.
 pub const COMPILED_MAGIC: &[u8; 3] = b"TFC";
 /// The compiled format version this build writes and reads.
-pub const COMPILED_FORMAT_VERSION: u8 = 1;
+pub const COMPILED_FORMAT_VERSION: u8 = 2;
 /// Largest compiled trace accepted by [`decode_compiled`] (bytes).
 pub const MAX_COMPILED_BYTES: usize = 1024 * 1024;
 
@@ -225,6 +225,8 @@ struct RawToolCall {
     timeout_secs: Option<u32>,
     foreach: Option<Value>,
     allowed_commands: Option<Vec<String>>,
+    #[serde(default)]
+    allow_command_substitution: bool,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
@@ -979,6 +981,28 @@ impl Cx {
                 }
             }
         }
+        if raw.allow_command_substitution && !matches!(tool.as_ref(), Some(Tool::Bash { .. })) {
+            self.error(
+                tc_block.line_of_key("allow_command_substitution", 0),
+                format!(
+                    "`allow_command_substitution` in step {}: expected it only on Bash steps",
+                    s.number
+                ),
+            );
+        }
+        if let Some(Tool::Bash { command }) = tool.as_ref() {
+            let (text, _) = command.render_shell(|_| Some("")).unwrap_or_default();
+            if let Err(e) = crate::shell::check(
+                &text,
+                allowed_commands.as_deref(),
+                raw.allow_command_substitution,
+            ) {
+                self.error(
+                    tc_block.line_of_key("command", 0),
+                    format!("step {}: {e}", s.number),
+                );
+            }
+        }
         let timeout_secs = match raw.timeout_secs {
             Some(0) => {
                 self.error(
@@ -1004,6 +1028,7 @@ impl Cx {
             output_variable,
             foreach,
             allowed_commands,
+            command_substitution: raw.allow_command_substitution,
         });
         (step, uses, item_var)
     }

@@ -5,7 +5,8 @@
 //! - [`compile`]: checks and lowering to the typed IR in [`trace`], and the postcard-encoded
 //!   compiled form with its format version byte;
 //! - [`signed`]: ed25519 keys, key files and the signed-trace envelope with its verification;
-//! - [`report`]: the run report (a superset of the LLMunix follower report).
+//! - [`report`]: the run report (a superset of the LLMunix follower report);
+//! - [`shell`]: a Bash step's shell policy (allowed commands, command substitution).
 //!
 //! It knows nothing of MQTT clients, SQLite, llama.cpp or a device's file system layout:
 //! it takes bytes (and the time, where it matters) and returns values or typed errors.
@@ -17,6 +18,7 @@ pub mod confidence;
 pub mod diag;
 pub mod ids;
 pub mod report;
+pub mod shell;
 pub mod signed;
 pub mod source;
 pub mod trace;

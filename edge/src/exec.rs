@@ -739,11 +739,11 @@ pub fn check_supported(trace: &Trace) -> Result<(), String> {
         if matches!(s.tool, Tool::WebFetch { .. }) {
             return Err(format!("step {}: {UNSUPPORTED_WEBFETCH}", s.number));
         }
-        if s.allowed_commands.is_some() {
-            return Err(format!(
-                "step {}: allowed_commands cannot be enforced by this follower version yet (refusing rather than running unrestricted)",
-                s.number
-            ));
+        if let Tool::Bash { command } = &s.tool {
+            // The compiler checked this too; the follower does not rely on it.
+            let (text, _) = command.render_shell(|_| Some("")).unwrap_or_default();
+            tracefleet::shell::check(&text, s.allowed_commands.as_deref(), s.command_substitution)
+                .map_err(|e| format!("step {}: {e}", s.number))?;
         }
         if s.validations
             .iter()
@@ -1177,6 +1177,31 @@ mod tests {
         tracefleet::compile_source("t.trace.md", &src)
             .unwrap_or_else(|d| panic!("{d}"))
             .0
+    }
+
+    #[test]
+    fn shell_policy_is_enforced_even_when_the_compiler_was_bypassed() {
+        let mut t = trace(
+            "---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: grep x f\nallowed_commands: [grep]\n```\n",
+        );
+        assert_eq!(check_supported(&t), Ok(()));
+        for (command, expected) in [
+            (
+                "grep x f | rm -rf /",
+                "command `rm` is not in allowed_commands [grep]",
+            ),
+            ("grep x \"$(cat /etc/shadow)\"", "command substitution '$('"),
+            ("grep x `id`", "command substitution '`'"),
+        ] {
+            t.steps[0].tool = Tool::Bash {
+                command: Template(command.into()),
+            };
+            let e = check_supported(&t).unwrap_err();
+            assert!(e.starts_with("step 1: ") && e.contains(expected), "{e}");
+        }
+        t.steps[0].allowed_commands = None;
+        t.steps[0].command_substitution = true;
+        assert_eq!(check_supported(&t), Ok(()));
     }
 
     fn run_with(t: &Trace, host: &mut FakeHost) -> Report {

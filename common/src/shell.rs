@@ -1,0 +1,574 @@
+//! The shell policy of a Bash step: which commands its command line may run, and whether it
+//! may use command substitution.
+//!
+//! A Bash step's command is fixed when the trace is signed: values reach it only through
+//! environment variables (see [`crate::trace::Template::render_shell`]), so the set of commands
+//! it can run is a static property of its text. [`check`] establishes it with a real POSIX shell
+//! parser ([brush-parser](https://docs.rs/brush-parser), in `sh` mode): every simple command
+//! anywhere in the program — pipelines, lists, `if`/`while`/`for`/`case` bodies, brace groups,
+//! subshells and, where allowed, command substitutions — must be named literally and appear in
+//! the step's `allowed_commands` (or be one of [`ALWAYS_ALLOWED`]).
+//!
+//! Command substitution (`$(…)`, backticks, process substitution `<(…)`) is refused unless
+//! the step sets `allow_command_substitution: true`. That check is lexical and conservative:
+//! a `$(` or backtick outside single quotes counts wherever it is (a heredoc with a quoted
+//! delimiter or a comment included), so it can refuse a command the shell would accept, never
+//! the other way round.
+//!
+//! Both the compiler (at authoring time, with the source line) and the follower (before
+//! anything runs) call [`check`].
+
+use brush_parser::ast::{
+    Command, CommandPrefixOrSuffixItem, CompoundCommand, CompoundList, IoFileRedirectTarget,
+    IoRedirect, Pipeline, Program, SimpleCommand, Word,
+};
+use brush_parser::word::{WordPiece, WordPieceWithSource};
+use brush_parser::{ParserOptions, SourceInfo};
+
+/// Shell builtins a step may always use: they cannot run another program or evaluate text as
+/// code. (`eval`, `exec`, `.`, `source`, `command`, `builtin` and `trap` can, so they must be
+/// listed in `allowed_commands` like any program.)
+pub const ALWAYS_ALLOWED: &[&str] = &[
+    ":", "true", "false", "test", "[", "echo", "printf", "cd", "pwd", "exit", "return", "break",
+    "continue", "shift", "read", "set", "unset", "export", "local", "wait",
+];
+
+/// Deepest nesting of command substitutions [`check`] follows.
+const MAX_DEPTH: usize = 16;
+
+/// Why a command line breaks its step's shell policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShellError {
+    /// `$(…)`, a backtick or `<(…)` without `allow_command_substitution`.
+    #[error(
+        "command substitution '{found}' at line {line}, column {column} of the command: expected none (set `allow_command_substitution: true` on the tool call to allow it)"
+    )]
+    Substitution {
+        /// What was found (`$(`, `` ` ``, `<(`, `>(`).
+        found: String,
+        /// 1-based line in the command text.
+        line: usize,
+        /// 1-based column in the command text.
+        column: usize,
+    },
+    /// A command not in `allowed_commands`.
+    #[error("command `{name}` is not in allowed_commands [{allowed}]")]
+    NotAllowed {
+        /// The command's name as written.
+        name: String,
+        /// The step's list, comma-separated.
+        allowed: String,
+    },
+    /// A command name that is computed when the shell runs (`$X`, `"${TF_VAR_x}"`, …).
+    #[error(
+        "command name `{word}` is computed when the shell runs: expected a literal name from allowed_commands"
+    )]
+    ComputedName {
+        /// The word as written.
+        word: String,
+    },
+    /// A construct whose commands cannot be checked statically.
+    #[error("{what}: its commands cannot be checked against allowed_commands")]
+    Unchecked {
+        /// The construct.
+        what: String,
+    },
+    /// The text is not a shell program.
+    #[error("cannot parse the command as POSIX shell: {0}")]
+    Syntax(String),
+}
+
+/// Checks `command` (a Bash step's command line with its placeholders rendered as environment
+/// references) against the step's policy: `allowed` (`None` = any command) and whether
+/// command substitution is allowed.
+///
+/// # Errors
+/// The first violation found, as a [`ShellError`].
+pub fn check(
+    command: &str,
+    allowed: Option<&[String]>,
+    allow_substitution: bool,
+) -> Result<(), ShellError> {
+    if !allow_substitution && let Some((found, offset)) = find_substitution(command) {
+        let before = &command[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        return Err(ShellError::Substitution {
+            found: found.to_owned(),
+            line,
+            column,
+        });
+    }
+    let Some(allowed) = allowed else {
+        return Ok(());
+    };
+    Checker {
+        allowed,
+        options: ParserOptions {
+            sh_mode: true,
+            posix_mode: true,
+            ..ParserOptions::default()
+        },
+    }
+    .program(command, 0)
+}
+
+/// The first command substitution in `text` outside single quotes: what it starts with and its
+/// byte offset. Backslash escapes are honoured outside single quotes; `$((` (arithmetic) is not
+/// a substitution itself, but what it contains is scanned.
+fn find_substitution(text: &str) -> Option<(&'static str, usize)> {
+    #[derive(PartialEq)]
+    enum Q {
+        None,
+        Single,
+        Double,
+    }
+    let bytes = text.as_bytes();
+    let mut q = Q::None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match q {
+            Q::Single => {
+                if b == b'\'' {
+                    q = Q::None;
+                }
+            }
+            Q::None | Q::Double => match b {
+                b'\\' => i += 1,
+                b'\'' if q == Q::None => q = Q::Single,
+                b'"' => q = if q == Q::Double { Q::None } else { Q::Double },
+                b'`' => return Some(("`", i)),
+                b'$' if bytes.get(i + 1) == Some(&b'(') => {
+                    if bytes.get(i + 2) == Some(&b'(') {
+                        i += 2;
+                    } else {
+                        return Some(("$(", i));
+                    }
+                }
+                b'<' | b'>' if q == Q::None && bytes.get(i + 1) == Some(&b'(') => {
+                    return Some((if b == b'<' { "<(" } else { ">(" }, i));
+                }
+                _ => {}
+            },
+        }
+        i += 1;
+    }
+    None
+}
+
+/// A run of 10 or more digits right before `<` or `>` (a redirection's file descriptor).
+fn oversized_io_number(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    let mut start = None;
+    for (i, b) in bytes.iter().enumerate() {
+        match (b.is_ascii_digit(), start) {
+            (true, None) => start = Some(i),
+            (true, Some(_)) => {}
+            (false, Some(s)) => {
+                if i - s >= 10 && matches!(b, b'<' | b'>') {
+                    return Some(&text[s..i]);
+                }
+                start = None;
+            }
+            (false, None) => {}
+        }
+    }
+    None
+}
+
+struct Checker<'a> {
+    allowed: &'a [String],
+    options: ParserOptions,
+}
+
+impl Checker<'_> {
+    fn program(&self, text: &str, depth: usize) -> Result<(), ShellError> {
+        if depth > MAX_DEPTH {
+            return Err(ShellError::Unchecked {
+                what: format!("command substitutions nested deeper than {MAX_DEPTH}"),
+            });
+        }
+        if let Some(fd) = oversized_io_number(text) {
+            // brush-parser 0.3 panics on these (it unwraps the number's parse).
+            return Err(ShellError::Syntax(format!(
+                "file descriptor number {fd}: expected at most 9 digits"
+            )));
+        }
+        let tokens =
+            brush_parser::tokenize_str(text).map_err(|e| ShellError::Syntax(e.to_string()))?;
+        let program: Program = brush_parser::parse_tokens(
+            &tokens,
+            &self.options,
+            &SourceInfo {
+                source: "command".into(),
+            },
+        )
+        .map_err(|e| ShellError::Syntax(e.to_string()))?;
+        for c in &program.complete_commands {
+            self.list(c, depth)?;
+        }
+        Ok(())
+    }
+
+    fn list(&self, list: &CompoundList, depth: usize) -> Result<(), ShellError> {
+        for item in &list.0 {
+            let and_or = &item.0;
+            self.pipeline(&and_or.first, depth)?;
+            for next in &and_or.additional {
+                let (brush_parser::ast::AndOr::And(p) | brush_parser::ast::AndOr::Or(p)) = next;
+                self.pipeline(p, depth)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pipeline(&self, p: &Pipeline, depth: usize) -> Result<(), ShellError> {
+        p.seq.iter().try_for_each(|c| self.command(c, depth))
+    }
+
+    fn command(&self, c: &Command, depth: usize) -> Result<(), ShellError> {
+        match c {
+            Command::Simple(s) => self.simple(s, depth),
+            Command::Compound(cc, redirects) => {
+                self.compound(cc, depth)?;
+                if let Some(r) = redirects {
+                    r.0.iter().try_for_each(|r| self.redirect(r, depth))?;
+                }
+                Ok(())
+            }
+            Command::Function(f) => Err(ShellError::Unchecked {
+                what: format!("function definition `{}`", f.fname.value),
+            }),
+            Command::ExtendedTest(_) => Err(ShellError::Unchecked {
+                what: "`[[ … ]]` (not POSIX sh)".into(),
+            }),
+        }
+    }
+
+    fn compound(&self, cc: &CompoundCommand, depth: usize) -> Result<(), ShellError> {
+        match cc {
+            CompoundCommand::Arithmetic(a) => self.raw(&a.expr.value, "arithmetic command"),
+            CompoundCommand::ArithmeticForClause(f) => {
+                for e in [&f.initializer, &f.condition, &f.updater]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.raw(&e.value, "arithmetic `for`")?;
+                }
+                self.list(&f.body.list, depth)
+            }
+            CompoundCommand::BraceGroup(b) => self.list(&b.list, depth),
+            CompoundCommand::Subshell(s) => self.list(&s.list, depth),
+            CompoundCommand::ForClause(f) => {
+                for w in f.values.iter().flatten() {
+                    self.word(w, depth)?;
+                }
+                self.list(&f.body.list, depth)
+            }
+            CompoundCommand::CaseClause(c) => {
+                self.word(&c.value, depth)?;
+                for item in &c.cases {
+                    for p in &item.patterns {
+                        self.word(p, depth)?;
+                    }
+                    if let Some(body) = &item.cmd {
+                        self.list(body, depth)?;
+                    }
+                }
+                Ok(())
+            }
+            CompoundCommand::IfClause(i) => {
+                self.list(&i.condition, depth)?;
+                self.list(&i.then, depth)?;
+                for e in i.elses.iter().flatten() {
+                    if let Some(c) = &e.condition {
+                        self.list(c, depth)?;
+                    }
+                    self.list(&e.body, depth)?;
+                }
+                Ok(())
+            }
+            CompoundCommand::WhileClause(w) | CompoundCommand::UntilClause(w) => {
+                self.list(&w.0, depth)?;
+                self.list(&w.1.list, depth)
+            }
+        }
+    }
+
+    fn simple(&self, s: &SimpleCommand, depth: usize) -> Result<(), ShellError> {
+        let items = s
+            .prefix
+            .iter()
+            .flat_map(|p| p.0.iter())
+            .chain(s.suffix.iter().flat_map(|p| p.0.iter()));
+        for item in items {
+            match item {
+                CommandPrefixOrSuffixItem::IoRedirect(r) => self.redirect(r, depth)?,
+                CommandPrefixOrSuffixItem::Word(w) => self.word(w, depth)?,
+                CommandPrefixOrSuffixItem::AssignmentWord(_, w) => self.word(w, depth)?,
+                CommandPrefixOrSuffixItem::ProcessSubstitution(_, sub) => {
+                    self.list(&sub.list, depth)?;
+                }
+            }
+        }
+        let Some(name) = &s.word_or_name else {
+            return Ok(()); // Only assignments or redirections.
+        };
+        self.word(name, depth)?;
+        let literal = self.literal(name).ok_or_else(|| ShellError::ComputedName {
+            word: name.value.clone(),
+        })?;
+        if ALWAYS_ALLOWED.contains(&literal.as_str()) || self.allowed.contains(&literal) {
+            Ok(())
+        } else {
+            Err(ShellError::NotAllowed {
+                name: literal,
+                allowed: self.allowed.join(", "),
+            })
+        }
+    }
+
+    fn redirect(&self, r: &IoRedirect, depth: usize) -> Result<(), ShellError> {
+        match r {
+            IoRedirect::File(_, _, target) => match target {
+                IoFileRedirectTarget::Filename(w) | IoFileRedirectTarget::Duplicate(w) => {
+                    self.word(w, depth)
+                }
+                IoFileRedirectTarget::Fd(_) => Ok(()),
+                IoFileRedirectTarget::ProcessSubstitution(_, sub) => self.list(&sub.list, depth),
+            },
+            IoRedirect::HereDocument(_, doc) => {
+                if doc.requires_expansion {
+                    self.word(&doc.doc, depth)
+                } else {
+                    Ok(())
+                }
+            }
+            IoRedirect::HereString(_, w) | IoRedirect::OutputAndError(w, _) => self.word(w, depth),
+        }
+    }
+
+    /// Checks the commands inside a word's substitutions.
+    fn word(&self, w: &Word, depth: usize) -> Result<(), ShellError> {
+        if find_substitution(&w.value).is_none() {
+            return Ok(());
+        }
+        let pieces = brush_parser::word::parse(&w.value, &self.options)
+            .map_err(|e| ShellError::Syntax(e.to_string()))?;
+        self.pieces(&pieces, &w.value, depth)
+    }
+
+    fn pieces(
+        &self,
+        pieces: &[WordPieceWithSource],
+        whole: &str,
+        depth: usize,
+    ) -> Result<(), ShellError> {
+        for WordPieceWithSource { piece, .. } in pieces {
+            match piece {
+                WordPiece::CommandSubstitution(inner) => self.program(inner, depth + 1)?,
+                WordPiece::BackquotedCommandSubstitution(inner) => {
+                    self.program(&unescape_backquoted(inner), depth + 1)?;
+                }
+                WordPiece::DoubleQuotedSequence(seq)
+                | WordPiece::GettextDoubleQuotedSequence(seq) => {
+                    self.pieces(seq, whole, depth)?;
+                }
+                WordPiece::ParameterExpansion(_) | WordPiece::ArithmeticExpression(_) => {
+                    // Their operands may hold substitutions the walk above does not reach.
+                    let text = piece_text(piece);
+                    if text
+                        .as_deref()
+                        .is_none_or(|t| find_substitution(t).is_some())
+                    {
+                        return Err(ShellError::Unchecked {
+                            what: format!("a substitution inside an expansion in `{whole}`"),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn raw(&self, text: &str, what: &str) -> Result<(), ShellError> {
+        match find_substitution(text) {
+            None => Ok(()),
+            Some(_) => Err(ShellError::Unchecked {
+                what: format!("a substitution inside an {what}"),
+            }),
+        }
+    }
+
+    /// The word's value when it has no expansion at all (quotes removed).
+    fn literal(&self, w: &Word) -> Option<String> {
+        let pieces = brush_parser::word::parse(&w.value, &self.options).ok()?;
+        let mut out = String::new();
+        for p in &pieces {
+            literal_piece(&p.piece, &mut out)?;
+        }
+        Some(out)
+    }
+}
+
+fn literal_piece(piece: &WordPiece, out: &mut String) -> Option<()> {
+    match piece {
+        WordPiece::Text(t) | WordPiece::SingleQuotedText(t) => out.push_str(t),
+        WordPiece::EscapeSequence(e) => out.push_str(e.strip_prefix('\\').unwrap_or(e)),
+        WordPiece::DoubleQuotedSequence(seq) => {
+            for p in seq {
+                literal_piece(&p.piece, out)?;
+            }
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+/// The source text of an expansion piece, when the parser kept it.
+fn piece_text(piece: &WordPiece) -> Option<String> {
+    match piece {
+        WordPiece::ArithmeticExpression(e) => Some(e.value.clone()),
+        WordPiece::ParameterExpansion(p) => Some(format!("{p:?}")),
+        _ => None,
+    }
+}
+
+/// Inside backquotes `\\`, `` \` `` and `\$` stand for the character itself (POSIX 2.6.3).
+fn unescape_backquoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' && matches!(chars.peek(), Some('\\' | '`' | '$')) {
+            out.extend(chars.next());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn pipelines_lists_and_compound_commands_are_walked() {
+        let ok = allowed(&["grep", "tail", "sort", "uniq", "awk"]);
+        for cmd in [
+            "awk '{print $3}' \"${TF_VAR_log}\" | sort | uniq -c | sort -rn",
+            "{ grep -E ' (install|remove) ' \"${TF_VAR_log}\" || true; } | tail -n 5 > out.txt",
+            "if grep -q x f; then echo yes; else sort f; fi",
+            "for f in a b; do grep x \"$f\"; done",
+            "case $1 in a) sort f ;; *) tail f ;; esac",
+            "while false; do :; done; (cd sub && sort f)",
+            "X=1 grep x f 2>/dev/null",
+        ] {
+            assert_eq!(check(cmd, Some(&ok), false), Ok(()), "{cmd}");
+        }
+        for (cmd, bad) in [
+            ("grep x f | rm -rf /", "rm"),
+            ("grep x f && curl http://x", "curl"),
+            ("if true; then wget x; fi", "wget"),
+            ("for f in *; do shred \"$f\"; done", "shred"),
+            ("(sort f; nc -l 9)", "nc"),
+            ("grep x f; eval \"$CMD\"", "eval"),
+            ("'r''m' -rf x", "rm"),
+            ("/bin/rm x", "/bin/rm"),
+        ] {
+            match check(cmd, Some(&ok), false) {
+                Err(ShellError::NotAllowed { name, .. }) => assert_eq!(name, bad, "{cmd}"),
+                other => panic!("{cmd}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn computed_command_names_are_refused() {
+        let ok = allowed(&["grep"]);
+        for cmd in ["\"${TF_VAR_tool}\" x", "$CMD", "g${X}rep x"] {
+            assert!(
+                matches!(
+                    check(cmd, Some(&ok), false),
+                    Err(ShellError::ComputedName { .. })
+                ),
+                "{cmd}"
+            );
+        }
+    }
+
+    #[test]
+    fn substitution_is_refused_unless_allowed_and_then_checked_inside() {
+        for (cmd, found) in [
+            ("echo $(id)", "$("),
+            ("echo \"$(id)\"", "$("),
+            ("echo `id`", "`"),
+            ("sort <(ls)", "<("),
+            ("echo ok\necho \"${X:-$(id)}\"", "$("),
+        ] {
+            match check(cmd, None, false) {
+                Err(ShellError::Substitution { found: f, .. }) => assert_eq!(f, found, "{cmd}"),
+                other => panic!("{cmd}: {other:?}"),
+            }
+        }
+        let e = check("echo ok\n  x=$(id)", None, false).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ShellError::Substitution {
+                    line: 2,
+                    column: 5,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // Quoted text is data, not a substitution.
+        for cmd in [
+            "echo '$(id)' '`id`'",
+            "echo \\$(id)",
+            "echo $((1 + 2))",
+            "echo \"it's\"",
+        ] {
+            assert_eq!(check(cmd, None, false), Ok(()), "{cmd}");
+        }
+        let ok = allowed(&["date", "wc"]);
+        assert_eq!(check("echo \"$(date) `wc -l f`\"", Some(&ok), true), Ok(()));
+        assert!(matches!(
+            check("echo \"$(date; rm x)\"", Some(&ok), true),
+            Err(ShellError::NotAllowed { name, .. }) if name == "rm"
+        ));
+        assert!(matches!(
+            check("echo `rm x`", Some(&ok), true),
+            Err(ShellError::NotAllowed { name, .. }) if name == "rm"
+        ));
+        assert!(matches!(
+            check("echo \"${X:-$(rm x)}\"", Some(&ok), true),
+            Err(ShellError::Unchecked { .. })
+        ));
+        // Without allowed_commands an allowed substitution runs anything.
+        assert_eq!(check("echo $(id)", None, true), Ok(()));
+    }
+
+    #[test]
+    fn functions_and_syntax_errors_are_refused() {
+        let ok = allowed(&["grep"]);
+        assert!(matches!(
+            check("f() { rm x; }; f", Some(&ok), false),
+            Err(ShellError::Unchecked { .. })
+        ));
+        for bad in ["grep x f |", "00222222222222<,", "grep x 99999999999>f"] {
+            assert!(
+                matches!(check(bad, Some(&ok), false), Err(ShellError::Syntax(_))),
+                "{bad}"
+            );
+        }
+    }
+}
