@@ -13,8 +13,11 @@ use serde::{Deserialize, Serialize};
 pub enum RunStatus {
     /// Every step succeeded (or was skipped by its error policy) and every check passed.
     Success,
-    /// A precondition, step or postcondition failed.
+    /// A precondition, step or postcondition failed (or the run timed out).
     Failed,
+    /// Stopped on request (SIGINT/SIGTERM, or the fleet's `stop`) before every step ran;
+    /// `follower resume RUN_ID` continues it from the last completed step.
+    Stopped,
 }
 
 /// Outcome of one step.
@@ -164,6 +167,23 @@ pub struct Report {
     pub prompt_tokens: u64,
     /// Total generated tokens over model steps.
     pub completion_tokens: u64,
+    /// The containment that was in force (path policy, shell policy, rlimits, Landlock, …).
+    #[serde(default)]
+    pub protections: Vec<Protection>,
+    /// How many times this run was resumed after a stop or a crash (`follower resume`).
+    #[serde(default)]
+    pub resumes: u32,
+}
+
+/// One layer of containment and whether it was in force for the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protection {
+    /// Short name (`landlock`, `rlimits`, `allowed_commands`, …).
+    pub name: String,
+    /// Whether it was in force.
+    pub active: bool,
+    /// What it allowed, or why it was not in force.
+    pub detail: String,
 }
 
 /// The report schema version written by this build.

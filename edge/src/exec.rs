@@ -114,6 +114,29 @@ pub trait Host {
     fn monotonic(&self) -> Duration;
     /// Wall-clock time as RFC 3339 UTC text.
     fn timestamp(&self) -> String;
+    /// Whether the run must end before its next step (and no further retry starts), and why.
+    fn interruption(&self) -> Option<Interruption> {
+        None
+    }
+}
+
+/// Why a run ends early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interruption {
+    /// A stop was requested (SIGINT/SIGTERM, or the fleet): the run ends `stopped` and can be
+    /// resumed; a step aborted by a second request is run again on resume.
+    Stop,
+    /// The run's time limit passed: the run fails with this message.
+    Deadline(String),
+}
+
+/// A step finished in an earlier attempt of the same run (from the journal).
+#[derive(Debug, Clone)]
+pub struct Completed {
+    /// Its record.
+    pub result: StepResult,
+    /// Its full output (what later steps bind).
+    pub output: String,
 }
 
 /// What the run is and where it happens.
@@ -130,8 +153,8 @@ pub struct RunContext {
 /// Progress of a run, for journaling.
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
-    /// A step finished (successfully or not).
-    StepFinished(&'a StepResult),
+    /// A step finished (successfully or not), with its full output.
+    StepFinished(&'a StepResult, &'a str),
 }
 
 /// Why a run could not start.
@@ -231,6 +254,31 @@ pub fn run(
     host: &mut dyn Host,
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Report {
+    resume(trace, cx, inputs, &BTreeMap::new(), host, on_event)
+}
+
+/// Executes `trace` like [`run`], taking the steps in `done` (by step number) as already
+/// completed: a step that succeeded, was recovered by its fallback or was skipped is not run
+/// again — its record and output are reused and no event is emitted for it. Anything else in
+/// `done` (a failed or aborted step) runs again.
+pub fn resume(
+    trace: &Trace,
+    cx: &RunContext,
+    inputs: &BTreeMap<String, String>,
+    done: &BTreeMap<u32, Completed>,
+    host: &mut dyn Host,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Report {
+    let done: BTreeMap<u32, &Completed> = done
+        .iter()
+        .filter(|(_, c)| {
+            matches!(
+                c.result.status,
+                StepStatus::Success | StepStatus::Recovered | StepStatus::Skipped
+            )
+        })
+        .map(|(n, c)| (*n, c))
+        .collect();
     let started = host.monotonic();
     let started_at = host.timestamp();
     let mut vars = Vars {
@@ -269,6 +317,8 @@ pub fn run(
         escalations: Vec::new(),
         prompt_tokens: 0,
         completion_tokens: 0,
+        protections: Vec::new(),
+        resumes: 0,
     };
 
     let (results, failed) = conditions(&trace.preconditions, &vars, host, "precondition");
@@ -289,12 +339,33 @@ pub fn run(
         .iter()
         .filter_map(|s| s.on_error.fallback_step())
         .collect();
-    let mut fallback_results: Vec<StepResult> = Vec::new();
+    let mut fallback_results: Vec<StepResult> = done
+        .values()
+        .filter(|c| fallback_only.contains(&c.result.step))
+        .map(|c| c.result.clone())
+        .collect();
     for step in order.into_iter().filter_map(|i| trace.steps.get(i)) {
-        if report.status == RunStatus::Failed || fallback_only.contains(&step.number) {
+        if report.status == RunStatus::Success
+            && let Some(why) = host.interruption()
+        {
+            interrupt(&mut report, why);
+        }
+        if report.status != RunStatus::Success || fallback_only.contains(&step.number) {
             if !fallback_results.iter().any(|r| r.step == step.number) {
                 report.step_results.push(not_run(step));
             }
+            continue;
+        }
+        if let Some(c) = done.get(&step.number) {
+            if c.result.status != StepStatus::Skipped {
+                report.completed_steps += 1;
+                for (name, n) in &bindings {
+                    if *n == step.number {
+                        vars.values.insert((*name).to_owned(), c.output.clone());
+                    }
+                }
+            }
+            report.step_results.push(c.result.clone());
             continue;
         }
         let StepRun {
@@ -303,6 +374,20 @@ pub fn run(
             prompt_tokens,
             completion_tokens,
         } = run_step(step, &vars, host);
+        if result.status == StepStatus::Failed
+            && let Some(why) = host.interruption()
+        {
+            // Aborted (or cut short by the deadline): no error policy; journaled as failed,
+            // so a resume runs it again.
+            result.error = Some(format!(
+                "interrupted: {}",
+                result.error.clone().unwrap_or_default()
+            ));
+            on_event(Event::StepFinished(&result, &full_output));
+            report.step_results.push(result);
+            interrupt(&mut report, why);
+            continue;
+        }
         report.prompt_tokens += prompt_tokens;
         report.completion_tokens += completion_tokens;
         if result.status == StepStatus::Failed {
@@ -321,7 +406,7 @@ pub fn run(
                         report.prompt_tokens += fallback.prompt_tokens;
                         report.completion_tokens += fallback.completion_tokens;
                         let recovered = fallback.result.status == StepStatus::Success;
-                        on_event(Event::StepFinished(&fallback.result));
+                        on_event(Event::StepFinished(&fallback.result, &fallback.full_output));
                         fallback_results.retain(|r| r.step != fb.number);
                         fallback_results.push(fallback.result);
                         if recovered {
@@ -366,7 +451,7 @@ pub fn run(
                 }
             }
         }
-        on_event(Event::StepFinished(&result));
+        on_event(Event::StepFinished(&result, &full_output));
         report.step_results.push(result);
     }
 
@@ -391,6 +476,20 @@ pub fn run(
     report.finished_at = host.timestamp();
     report.execution_time_secs = (host.monotonic() - started).as_secs_f64();
     report
+}
+
+/// Ends the run early for `why`.
+fn interrupt(report: &mut Report, why: Interruption) {
+    match why {
+        Interruption::Stop => {
+            report.status = RunStatus::Stopped;
+            report.error = Some("stopped on request before every step ran".into());
+        }
+        Interruption::Deadline(message) => {
+            report.status = RunStatus::Failed;
+            report.error = Some(message);
+        }
+    }
 }
 
 fn not_run(step: &Step) -> StepResult {
@@ -475,6 +574,11 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
                     completion_tokens: 0,
                 };
                 for item in &items {
+                    if host.interruption().is_some() {
+                        total.result.status = StepStatus::Failed;
+                        total.result.error = Some(format!("interrupted before item {item:?}"));
+                        break;
+                    }
                     let mut item_vars = Vars {
                         values: vars.values.clone(),
                     };
@@ -613,7 +717,7 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
         }
         result.status = StepStatus::Failed;
         result.error = error;
-        if attempt < max_attempts {
+        if attempt < max_attempts && host.interruption().is_none() {
             let backoff = delay * f64::from(2u32.saturating_pow(attempt - 1));
             host.sleep(Duration::from_secs_f64(backoff.min(3600.0)));
         }

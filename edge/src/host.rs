@@ -9,15 +9,26 @@
 //! Shell commands run as `/bin/sh -c` in the base directory, in their own process group, with
 //! a scrubbed environment, stdin from /dev/null, capped output and a timeout (SIGTERM to the
 //! group, then SIGKILL after a grace period). Processes the step leaves behind are killed.
+//! Each gets the run's [`ResourceLimits`] (`setrlimit(2)` between fork and exec) and the
+//! caller's thread's Landlock domain (see [`crate::sandbox`]).
+//!
+//! Interruption: a [`Stopper`] shared with the signal handler. One request (`stop`) ends the
+//! run before its next step; a second (`abort`) also ends the running command (SIGTERM to its
+//! group, SIGKILL after the grace period). A run deadline ends the run the same way.
 
-use crate::exec::{FileKind, GenerateRequest, Generation, Host, MAX_LISTED_FILES, ShellOutput};
+use crate::exec::{
+    FileKind, GenerateRequest, Generation, Host, Interruption, MAX_LISTED_FILES, ShellOutput,
+};
 use crate::infer::Inference;
+use crate::sandbox::ResourceLimits;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::io::{BufRead, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,12 +46,37 @@ const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// Read-only roots a trace may read outside its base directory, by default.
 pub const DEFAULT_READ_ROOTS: &[&str] = &["/var/log", "/etc", "/usr/share"];
 
+/// Stop requests for a run, shared between the run and whoever asks (a signal handler, the
+/// fleet link): 0 = none, 1 = stop after the current step, 2 or more = abort the current step.
+#[derive(Debug, Clone, Default)]
+pub struct Stopper(Arc<AtomicU8>);
+
+impl Stopper {
+    /// Asks once more: the first call stops, the second aborts.
+    pub fn request(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_add(1))
+            });
+    }
+
+    /// The requests so far (0, 1, or 2 and more).
+    pub fn level(&self) -> u8 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// The host of one run.
 pub struct LocalHost {
     base_dir: PathBuf,
     read_roots: Vec<PathBuf>,
     inference: Option<Inference>,
     origin: Instant,
+    limits: ResourceLimits,
+    stopper: Stopper,
+    /// The run's deadline and its length (for the message).
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl LocalHost {
@@ -65,7 +101,32 @@ impl LocalHost {
             read_roots,
             inference,
             origin: Instant::now(),
+            limits: ResourceLimits::default(),
+            stopper: Stopper::default(),
+            deadline: None,
         })
+    }
+
+    /// Applies `limits` to every shell command.
+    #[must_use]
+    pub fn with_limits(mut self, limits: ResourceLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Ends the run (and its running command) on `stopper`'s requests.
+    #[must_use]
+    pub fn with_stopper(mut self, stopper: Stopper) -> Self {
+        self.stopper = stopper;
+        self
+    }
+
+    /// Ends the run `limit` from now: no step starts after it, and a running command is
+    /// aborted at it.
+    #[must_use]
+    pub fn with_deadline(mut self, limit: Duration) -> Self {
+        self.deadline = Some((Instant::now() + limit, limit));
+        self
     }
 
     /// The canonical base directory.
@@ -310,7 +371,18 @@ impl Host for LocalHost {
         env: &[(String, String)],
         timeout: Duration,
     ) -> Result<ShellOutput, String> {
-        run_shell(command, env, &self.base_dir, timeout)
+        let timeout = match self.deadline {
+            Some((at, _)) => timeout.min(at.saturating_duration_since(Instant::now())),
+            None => timeout,
+        };
+        run_shell(
+            command,
+            env,
+            &self.base_dir,
+            timeout,
+            self.limits,
+            &self.stopper,
+        )
     }
 
     fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String> {
@@ -322,7 +394,28 @@ impl Host for LocalHost {
     }
 
     fn sleep(&mut self, duration: Duration) {
-        std::thread::sleep(duration);
+        // In slices, so that a stop request or the deadline ends a long backoff.
+        let end = Instant::now() + duration;
+        while self.interruption().is_none() {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    fn interruption(&self) -> Option<Interruption> {
+        if self.stopper.level() > 0 {
+            return Some(Interruption::Stop);
+        }
+        match self.deadline {
+            Some((at, limit)) if Instant::now() >= at => Some(Interruption::Deadline(format!(
+                "the run exceeded its time limit of {}",
+                humantime::format_duration(limit)
+            ))),
+            _ => None,
+        }
     }
 
     fn monotonic(&self) -> Duration {
@@ -331,6 +424,36 @@ impl Host for LocalHost {
 
     fn timestamp(&self) -> String {
         humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+    }
+}
+
+/// Sets `limits` (and death with the follower's run thread) in the child between fork and
+/// exec.
+#[allow(unsafe_code)]
+fn apply_limits(cmd: &mut Command, limits: ResourceLimits) {
+    // Never above the current hard limit (raising it needs privilege); computed before fork.
+    let values = [
+        (Resource::RLIMIT_CPU, limits.cpu_secs),
+        (Resource::RLIMIT_AS, limits.address_space_bytes),
+        (Resource::RLIMIT_FSIZE, limits.file_size_bytes),
+        (Resource::RLIMIT_NPROC, limits.processes),
+    ]
+    .map(|(r, v)| (r, getrlimit(r).map_or(v, |(_, hard)| v.min(hard))));
+    let hook = move || -> std::io::Result<()> {
+        for (r, v) in values {
+            setrlimit(r, v, v).map_err(std::io::Error::from)?;
+        }
+        // If the follower dies (SIGKILL, power management), its step dies with it rather
+        // than running on beside a resumed run.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+        Ok(())
+    };
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // functions may be called: it iterates over a copied array and calls setrlimit(2) and
+    // prctl(2) (plain system calls through nix: no allocation, no locks); on failure it builds
+    // an io::Error from the errno (a raw OS error, no allocation).
+    unsafe {
+        cmd.pre_exec(hook);
     }
 }
 
@@ -401,8 +524,12 @@ fn run_shell(
     env: &[(String, String)],
     dir: &Path,
     timeout: Duration,
+    limits: ResourceLimits,
+    stopper: &Stopper,
 ) -> Result<ShellOutput, String> {
-    let mut child = Command::new("/bin/sh")
+    let mut cmd = Command::new("/bin/sh");
+    apply_limits(&mut cmd, limits);
+    let mut child = cmd
         .arg("-c")
         .arg(command)
         .current_dir(dir)
@@ -415,6 +542,7 @@ fn run_shell(
         .env("LANG", "C.UTF-8")
         .env("LC_ALL", "C.UTF-8")
         .env("TRACEFLEET_BASE_DIR", dir)
+        .env("TMPDIR", dir)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -432,8 +560,11 @@ fn run_shell(
         .stderr
         .take()
         .map(|e| spawn_reader(e, MAX_STDERR_BYTES));
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
     let mut timed_out = false;
+    let mut aborted = false;
+    // Poll quickly at first (most commands are short), then back off to 5 ms.
+    let mut poll = Duration::from_micros(50);
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break s,
@@ -441,6 +572,10 @@ fn run_shell(
             Err(e) => return Err(format!("cannot wait for the command: {e}")),
         }
         let now = Instant::now();
+        if !aborted && !timed_out && stopper.level() >= 2 {
+            aborted = true;
+            deadline = now;
+        }
         if now >= deadline && !timed_out {
             timed_out = true;
             let _ = killpg(pgid, Signal::SIGTERM);
@@ -451,13 +586,20 @@ fn run_shell(
                 .wait()
                 .map_err(|e| format!("cannot wait for the command: {e}"))?;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(Duration::from_millis(5));
     };
     // Nothing the step started may outlive it (and hold our pipes open).
     let _ = killpg(pgid, Signal::SIGKILL);
     let (stdout, stdout_truncated) = collect(out, PIPE_GRACE);
     let (stderr, _) = collect(err, PIPE_GRACE);
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    if aborted {
+        return Err(format!(
+            "command aborted on request (SIGTERM to its process group); stderr: {}",
+            stderr.trim()
+        ));
+    }
     if timed_out {
         return Err(format!(
             "command timed out after {} s and was killed; stderr: {}",

@@ -1,7 +1,7 @@
 //! `follower`: the tracefleet runtime on an edge device.
 //!
 //! It verifies signed traces against the device's trusted keys and executes them offline:
-//! deterministic tool steps directly ([`host`]), judgement steps with a GGUF model in-process
+//! deterministic tool steps directly ([`host`], contained by [`sandbox`]), judgement steps with a GGUF model in-process
 //! ([`infer`]). The interpreter ([`exec`]) is a functional core over the [`exec::Host`] trait;
 //! runs are journaled step by step in the device store ([`store`]).
 
@@ -9,4 +9,5 @@ pub mod exec;
 pub mod host;
 pub mod infer;
 pub mod install;
+pub mod sandbox;
 pub mod store;

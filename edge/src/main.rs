@@ -6,14 +6,15 @@
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use follower::exec::{self, Event, RunContext};
-use follower::host::{DEFAULT_READ_ROOTS, LocalHost};
+use follower::host::{DEFAULT_READ_ROOTS, LocalHost, Stopper};
 use follower::infer::{InferConfig, Inference};
-use follower::store::Store;
+use follower::sandbox::{self, ResourceLimits};
+use follower::store::{NewRun, Store};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tracefleet::report::{Report, RunStatus, StepStatus};
+use tracefleet::report::{Protection, Report, RunStatus, StepStatus};
 use tracefleet::signed::{self, SIGNED_MAGIC};
 use tracefleet::trust;
 use tracefleet::{Trace, compile};
@@ -64,8 +65,22 @@ enum Command {
     /// Installed traces.
     #[command(subcommand)]
     Traces(TracesCommand),
-    /// Verify and run a signed trace (an installed trace id or a signed file).
+    /// Verify and run a signed trace (an installed trace id or a signed file). A run of the
+    /// same trace version with the same inputs that a crash left unfinished is resumed instead
+    /// (--fresh starts a new one). SIGINT/SIGTERM: stop after the current step (a second one
+    /// aborts the step); a stopped run can be resumed.
     Run(RunArgs),
+    /// Continue a stopped or interrupted run from its last completed step (completed steps
+    /// are not run again).
+    Resume {
+        /// The run id (see `follower runs list`).
+        run_id: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+        /// Needed again when the run was of an unsigned trace.
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
     /// Inspect recorded runs.
     #[command(subcommand)]
     Runs(RunsCommand),
@@ -137,6 +152,19 @@ struct RunArgs {
     /// Default: <state-dir>/runs/<run-id>.
     #[arg(long, value_name = "DIR")]
     base_dir: Option<PathBuf>,
+    /// Start a new run even if a crash left a run of this trace unfinished.
+    #[arg(long)]
+    fresh: bool,
+    /// For trace authors: run a trace source or an unsigned compiled trace without verification.
+    #[arg(long)]
+    allow_unsigned: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+/// How a run executes (for `run` and `resume`).
+#[derive(Args)]
+struct ExecArgs {
     /// Also write the report (JSON) to this file.
     #[arg(long, value_name = "REPORT.json")]
     output: Option<PathBuf>,
@@ -155,9 +183,10 @@ struct RunArgs {
     /// Directories a trace may read outside its base directory (repeatable; default /var/log, /etc, /usr/share).
     #[arg(long = "read-root", value_name = "DIR")]
     read_roots: Vec<PathBuf>,
-    /// For trace authors: run a trace source or an unsigned compiled trace without verification.
-    #[arg(long)]
-    allow_unsigned: bool,
+    /// Time limit for the whole run (e.g. `90s`, `10m`): no step starts after it and the
+    /// running one is aborted; the run fails.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
@@ -346,6 +375,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Inspect { file, json } => inspect(&file, json),
         Command::Run(args) => run(&state_dir, args),
+        Command::Resume {
+            run_id,
+            exec,
+            allow_unsigned,
+        } => resume(&state_dir, &run_id, exec, allow_unsigned),
         Command::Runs(RunsCommand::List { limit }) => {
             let store = Store::open(&state_dir)?;
             for r in store.runs(limit)? {
@@ -533,7 +567,37 @@ fn install_bundle(state_dir: &Path, file: &Path) -> Result<ExitCode> {
     }
 }
 
-fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Trace, String)> {
+/// A trace ready to run: the trace, how it was obtained, and the file to keep with the run
+/// for a resume (the signed trace, or the compiled form of an unsigned one).
+struct Loaded {
+    trace: Trace,
+    provenance: String,
+    file: Vec<u8>,
+    signed: bool,
+}
+
+impl Loaded {
+    fn signed(trace: Trace, provenance: String, file: Vec<u8>) -> Self {
+        Self {
+            trace,
+            provenance,
+            file,
+            signed: true,
+        }
+    }
+
+    fn unsigned(trace: Trace, provenance: &str) -> Self {
+        let file = compile::encode_compiled(&trace);
+        Self {
+            trace,
+            provenance: provenance.into(),
+            file,
+            signed: false,
+        }
+    }
+}
+
+fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<Loaded> {
     // An installed trace id runs the installed version, verified again (the root may have
     // rotated or the signature expired since it was installed) — even if a file of that name
     // happens to exist here; a file is named with a path separator or an extension.
@@ -545,7 +609,7 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
         if let Some(bytes) = store.installed_signed(id.as_str())? {
             let (v, _) = verify_signed(state_dir, &bytes)
                 .with_context(|| format!("refusing installed trace {id}"))?;
-            return Ok((v.trace, "installed, verified".into()));
+            return Ok(Loaded::signed(v.trace, "installed, verified".into(), bytes));
         }
         if !path.exists() {
             bail!("no installed trace {id} and no such file (see `follower traces list`)");
@@ -573,7 +637,11 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        return Ok((v.trace, format!("verified, signed by {by}")));
+        return Ok(Loaded::signed(
+            v.trace,
+            format!("verified, signed by {by}"),
+            bytes,
+        ));
     }
     if !allow_unsigned {
         if bytes.starts_with(compile::COMPILED_MAGIC) {
@@ -586,9 +654,9 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
         );
     }
     if bytes.starts_with(compile::COMPILED_MAGIC) {
-        return Ok((
+        return Ok(Loaded::unsigned(
             compile::decode_compiled(&bytes).with_context(|| format!("{shown}"))?,
-            "UNSIGNED compiled trace".into(),
+            "UNSIGNED compiled trace",
         ));
     }
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -602,29 +670,29 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<(Tr
     for w in warnings {
         eprintln!("{w}");
     }
-    Ok((trace, "UNSIGNED trace source".into()))
+    Ok(Loaded::unsigned(trace, "UNSIGNED trace source"))
 }
 
 /// Least goal similarity for `--goal` to pick a trace.
 const MIN_GOAL_SIMILARITY: f64 = 0.25;
 
 /// `run --goal`: the best-matching installed trace that verifies, if it may run on its own.
-fn select_by_goal(state_dir: &Path, goal: &str) -> Result<(Trace, String)> {
+fn select_by_goal(state_dir: &Path, goal: &str) -> Result<Loaded> {
     use tracefleet::confidence::goal_similarity;
     let store = Store::open(state_dir)?;
-    let mut best: Option<(f64, Trace)> = None;
+    let mut best: Option<(f64, Trace, Vec<u8>)> = None;
     for (id, _, bytes) in store.installed_traces()? {
         let Ok((v, _)) = verify_signed(state_dir, &bytes) else {
             tracing::warn!(trace = %id, "installed trace no longer verifies; not considered");
             continue;
         };
         let score = goal_similarity(goal, &v.trace.goal_signature);
-        if best.as_ref().is_none_or(|(b, _)| score > *b) {
-            best = Some((score, v.trace));
+        if best.as_ref().is_none_or(|(b, _, _)| score > *b) {
+            best = Some((score, v.trace, bytes));
         }
     }
     let now = now_rfc3339();
-    let Some((score, trace)) = best.filter(|(s, _)| *s >= MIN_GOAL_SIMILARITY) else {
+    let Some((score, trace, file)) = best.filter(|(s, _, _)| *s >= MIN_GOAL_SIMILARITY) else {
         let reason = format!("no installed trace matches the goal {goal:?}");
         store.record_escalation("-", None, &reason, &now)?;
         bail!("{reason} (similarity below {MIN_GOAL_SIMILARITY}); escalation recorded");
@@ -639,21 +707,186 @@ fn select_by_goal(state_dir: &Path, goal: &str) -> Result<(Trace, String)> {
         bail!("{reason}; escalation recorded (run it by id to build confidence under supervision)");
     }
     let how = format!("selected for the goal (similarity {score:.2}), verified");
-    Ok((trace, how))
+    Ok(Loaded::signed(trace, how, file))
 }
 
 fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
-    let (trace, provenance) = match (&args.goal, &args.trace) {
+    let loaded = match (&args.goal, &args.trace) {
         (Some(goal), _) => select_by_goal(state_dir, goal)?,
         (None, Some(path)) => load_trace(state_dir, path, args.allow_unsigned)?,
         (None, None) => bail!("name a trace or give --goal TEXT"),
     };
-    let signed_trace = !provenance.starts_with("UNSIGNED");
-    exec::check_supported(&trace).map_err(|e| anyhow!("cannot run trace {}: {e}", trace.id))?;
+    let trace = &loaded.trace;
+    exec::check_supported(trace).map_err(|e| anyhow!("cannot run trace {}: {e}", trace.id))?;
     let given: BTreeMap<String, String> = args.vars.into_iter().collect();
     let inputs =
-        exec::resolve_inputs(&trace, &given).with_context(|| format!("trace {}", trace.id))?;
+        exec::resolve_inputs(trace, &given).with_context(|| format!("trace {}", trace.id))?;
 
+    // After a crash (power loss, SIGKILL): continue the unfinished run instead of repeating
+    // its completed steps. A run still going in another process holds its lock.
+    if !args.fresh && args.base_dir.is_none() {
+        let store = Store::open(state_dir)?;
+        let version = trace.version.to_string();
+        for id in store.running_like(trace.id.as_str(), &version, &inputs)? {
+            if let Some(lock) = RunLock::try_acquire(state_dir, &id)? {
+                let Some(unfinished) = store.unfinished(&id)? else {
+                    continue;
+                };
+                eprintln!(
+                    "resuming run {id}: it did not finish (the follower was killed or the device lost power); --fresh starts a new run"
+                );
+                let resumes = store.mark_resumed(&id)?;
+                drop(store);
+                let plan = Plan {
+                    run_id: id,
+                    base_dir: PathBuf::from(unfinished.base_dir),
+                    inputs: unfinished.inputs,
+                    done: unfinished.done,
+                    resumes,
+                    loaded,
+                };
+                return execute(state_dir, plan, args.exec, lock);
+            }
+        }
+    }
+
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let base_dir = args
+        .base_dir
+        .unwrap_or_else(|| state_dir.join("runs").join(&run_id));
+    let lock = RunLock::try_acquire(state_dir, &run_id)?
+        .ok_or_else(|| anyhow!("run {run_id} is locked by another process"))?;
+    let plan = Plan {
+        run_id,
+        base_dir,
+        inputs,
+        done: BTreeMap::new(),
+        resumes: 0,
+        loaded,
+    };
+    execute(state_dir, plan, args.exec, lock)
+}
+
+fn resume(
+    state_dir: &Path,
+    run_id: &str,
+    args: ExecArgs,
+    allow_unsigned: bool,
+) -> Result<ExitCode> {
+    let store = Store::open(state_dir)?;
+    let Some(unfinished) = store.unfinished(run_id)? else {
+        bail!(
+            "no stopped or interrupted run {run_id}: a finished run cannot be resumed (see `follower runs list`)"
+        );
+    };
+    let lock = RunLock::try_acquire(state_dir, run_id)?
+        .ok_or_else(|| anyhow!("run {run_id} is still running in another follower process"))?;
+    let loaded = if unfinished.signed {
+        // Verified again: the root may have rotated or the signature expired since.
+        let (v, _) = verify_signed(state_dir, &unfinished.trace_file)
+            .with_context(|| format!("refusing to resume run {run_id}"))?;
+        Loaded::signed(
+            v.trace,
+            "resumed, verified".into(),
+            unfinished.trace_file.clone(),
+        )
+    } else {
+        if !allow_unsigned {
+            bail!("run {run_id} is of an unsigned trace: resuming it needs --allow-unsigned again");
+        }
+        let trace = compile::decode_compiled(&unfinished.trace_file)
+            .with_context(|| format!("the trace stored with run {run_id}"))?;
+        Loaded::unsigned(trace, "resumed, UNSIGNED")
+    };
+    if loaded.trace.id.as_str() != unfinished.trace_id
+        || loaded.trace.version.to_string() != unfinished.trace_version
+    {
+        bail!(
+            "run {run_id} ran {} {}, but its stored trace is {} {}",
+            unfinished.trace_id,
+            unfinished.trace_version,
+            loaded.trace.id,
+            loaded.trace.version
+        );
+    }
+    exec::check_supported(&loaded.trace)
+        .map_err(|e| anyhow!("cannot run trace {}: {e}", loaded.trace.id))?;
+    let resumes = store.mark_resumed(run_id)?;
+    drop(store);
+    let plan = Plan {
+        run_id: run_id.to_owned(),
+        base_dir: PathBuf::from(unfinished.base_dir),
+        inputs: unfinished.inputs,
+        done: unfinished.done,
+        resumes,
+        loaded,
+    };
+    execute(state_dir, plan, args, lock)
+}
+
+/// An exclusive lock on a run, held by the process executing it (`flock(2)` on
+/// `<state-dir>/locks/<run-id>`): a run whose lock is free and whose status is `running` was
+/// left by a process that ended without finishing it.
+struct RunLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// The lock, or `None` when another process holds it.
+    fn try_acquire(state_dir: &Path, run_id: &str) -> Result<Option<Self>> {
+        let dir = state_dir.join("locks");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(run_id);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(Self { _lock: lock, path })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(anyhow!("locking {}: {e}", path.display())),
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A run about to execute, new or resumed.
+struct Plan {
+    run_id: String,
+    base_dir: PathBuf,
+    inputs: BTreeMap<String, String>,
+    /// Steps journaled by an earlier attempt of this run.
+    done: BTreeMap<u32, exec::Completed>,
+    resumes: u32,
+    loaded: Loaded,
+}
+
+/// A journal entry on its way from the sandboxed run thread to the store, with the channel
+/// that tells the run thread it was written.
+type JournalEntry = (
+    tracefleet::report::StepResult,
+    String,
+    std::sync::mpsc::SyncSender<()>,
+);
+
+fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Result<ExitCode> {
+    let Plan {
+        run_id,
+        base_dir,
+        inputs,
+        done,
+        resumes,
+        loaded,
+    } = plan;
+    let trace = &loaded.trace;
     let inference = match trace.llm_steps().next() {
         None => None,
         Some(step) => {
@@ -667,11 +900,6 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
             Some(Inference::start(config)?)
         }
     };
-
-    let run_id = uuid::Uuid::now_v7().to_string();
-    let base_dir = args
-        .base_dir
-        .unwrap_or_else(|| state_dir.join("runs").join(&run_id));
     let device_roots: Vec<PathBuf> = if args.read_roots.is_empty() {
         DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()
     } else {
@@ -699,8 +927,15 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         }
         narrowed
     };
+    let limits = ResourceLimits::default();
+    let stopper = Stopper::default();
     let mut host = LocalHost::new(&base_dir, &read_roots, inference)
-        .with_context(|| format!("base directory {}", base_dir.display()))?;
+        .with_context(|| format!("base directory {}", base_dir.display()))?
+        .with_limits(limits)
+        .with_stopper(stopper.clone());
+    if let Some(t) = args.timeout {
+        host = host.with_deadline(t);
+    }
     let device_id = args.device_id.unwrap_or_else(|| {
         nix::unistd::gethostname()
             .ok()
@@ -712,26 +947,91 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         device_id,
         base_dir: host.base_dir().display().to_string(),
     };
+    let policy = sandbox::Policy {
+        base_dir: host.base_dir().to_owned(),
+        read_roots: read_roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .collect(),
+        network: trace.metadata.requires_internet,
+    };
+    let mut protections = static_protections(trace, &policy, limits, args.timeout);
 
     let store = Store::open(state_dir)?;
-    store.begin_run(
-        &run_id,
-        trace.id.as_str(),
-        &trace.version.to_string(),
-        &now_rfc3339(),
-        &cx.base_dir,
-    )?;
-    let mut journal_error = None;
-    let report = exec::run(&trace, &cx, &inputs, &mut host, &mut |event| match event {
-        Event::StepFinished(result) => {
-            if let Err(e) = store.record_step(&run_id, result) {
-                journal_error.get_or_insert(e);
-            }
+    if resumes == 0 {
+        store.begin_run(&NewRun {
+            run_id: &run_id,
+            trace_id: trace.id.as_str(),
+            version: &trace.version.to_string(),
+            started_at: &now_rfc3339(),
+            base_dir: &cx.base_dir,
+            trace_file: &loaded.file,
+            signed: loaded.signed,
+            inputs: &inputs,
+        })?;
+    }
+
+    // SIGINT/SIGTERM: the first stops after the current step, the second aborts it.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing the signal handlers")?;
+    let signals_handle = signals.handle();
+    let on_signal = stopper.clone();
+    let signal_thread = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            on_signal.request();
+            let what = if on_signal.level() == 1 {
+                "stopping after the current step (send it again to abort the step)"
+            } else {
+                "aborting the current step"
+            };
+            eprintln!("follower: signal {sig}: {what}");
         }
     });
+
+    // The trace runs on its own thread, restricted by Landlock (with every process it starts);
+    // the journal is written here, outside the sandbox, before the run goes on.
+    let (journal_tx, journal_rx) = std::sync::mpsc::channel::<JournalEntry>();
+    let mut journal_error = None;
+    let (mut report, landlock) = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let landlock = sandbox::restrict_current_thread(&policy);
+            let journal_tx = journal_tx;
+            let report = exec::resume(trace, &cx, &inputs, &done, &mut host, &mut |event| {
+                let Event::StepFinished(result, output) = event;
+                let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                if journal_tx
+                    .send((result.clone(), output.to_owned(), ack_tx))
+                    .is_ok()
+                {
+                    let _ = ack_rx.recv();
+                }
+            });
+            (report, landlock)
+        });
+        for (result, output, ack) in journal_rx {
+            if let Err(e) = store.record_step(&run_id, &result, &output) {
+                // Without a journal the run could not be resumed faithfully: stop it.
+                stopper.request();
+                journal_error.get_or_insert(e);
+            }
+            let _ = ack.send(());
+        }
+        worker.join()
+    })
+    .map_err(|_| anyhow!("the run thread panicked"))?;
+    signals_handle.close();
+    let _ = signal_thread.join();
+
+    protections.extend(landlock);
+    report.protections = protections;
+    report.resumes = resumes;
     store.finish_run(&report)?;
-    // Statistics are kept for verified traces only: author runs of sources do not count.
-    if signed_trace {
+    // Statistics are kept for verified traces only: author runs of sources do not count, and
+    // a stopped run is not an outcome.
+    if loaded.signed && report.status != RunStatus::Stopped {
         let mut store = Store::open(state_dir)?;
         let success = report.status == RunStatus::Success;
         store.record_outcome(
@@ -762,12 +1062,79 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     if args.json {
         println!("{json}");
     } else {
-        print_summary(&report, &provenance, args.output.as_deref());
+        print_summary(&report, &loaded.provenance, args.output.as_deref());
     }
     Ok(match report.status {
         RunStatus::Success => ExitCode::SUCCESS,
-        RunStatus::Failed => ExitCode::from(1),
+        RunStatus::Failed | RunStatus::Stopped => ExitCode::from(1),
     })
+}
+
+/// The protections that do not depend on the kernel, for the report.
+fn static_protections(
+    trace: &Trace,
+    policy: &sandbox::Policy,
+    limits: ResourceLimits,
+    timeout: Option<std::time::Duration>,
+) -> Vec<Protection> {
+    let bash: Vec<&tracefleet::trace::Step> = trace
+        .steps
+        .iter()
+        .filter(|s| matches!(s.tool, tracefleet::trace::Tool::Bash { .. }))
+        .collect();
+    let restricted = bash.iter().filter(|s| s.allowed_commands.is_some()).count();
+    let no_subst = bash.iter().filter(|s| !s.command_substitution).count();
+    let p = |name: &str, active: bool, detail: String| Protection {
+        name: name.into(),
+        active,
+        detail,
+    };
+    vec![
+        p(
+            "path policy",
+            true,
+            format!(
+                "writes inside {}; reads there and in [{}]; `..` and symlink escapes refused",
+                policy.base_dir.display(),
+                policy
+                    .read_roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        p(
+            "scrubbed environment",
+            true,
+            "Bash steps see PATH, HOME, LANG, LC_ALL, TMPDIR, TRACEFLEET_BASE_DIR and their TF_VAR_* values only".into(),
+        ),
+        p(
+            "allowed_commands",
+            restricted > 0,
+            format!(
+                "{restricted} of {} Bash steps restricted to their allowed commands (checked with a POSIX shell parser)",
+                bash.len()
+            ),
+        ),
+        p(
+            "no command substitution",
+            no_subst > 0,
+            format!("refused in {no_subst} of {} Bash steps", bash.len()),
+        ),
+        limits.protection(),
+        p(
+            "timeouts",
+            true,
+            match timeout {
+                Some(t) => format!(
+                    "per step (the trace's timeout_secs); whole run {}",
+                    humantime::format_duration(t)
+                ),
+                None => "per step (the trace's timeout_secs); no run limit".into(),
+            },
+        ),
+    ]
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -780,6 +1147,7 @@ fn print_summary(r: &Report, provenance: &str, output: Option<&Path>) {
     let status = match r.status {
         RunStatus::Success => "SUCCESS",
         RunStatus::Failed => "FAILED",
+        RunStatus::Stopped => "STOPPED (resume with `follower resume RUN_ID`)",
     };
     println!("trace {} {} ({provenance})", r.trace_id, r.trace_version);
     println!(

@@ -1,0 +1,407 @@
+//! The execution engine across real processes: sandbox escapes, signals, run time limits,
+//! and resuming a run after SIGKILL.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tracefleet_e2e::{Workspace, bin};
+
+/// Writes a trace source into the workspace with the given steps (Bash commands).
+fn trace(ws: &Workspace, name: &str, steps: &[&str]) -> String {
+    let mut src = format!(
+        "---\ntrace_id: {name}\nversion: \"1.0.0\"\ngoal_signature: engine test {name}\n---\n"
+    );
+    for (i, cmd) in steps.iter().enumerate() {
+        let cmd = cmd.replace('\\', "\\\\").replace('"', "\\\"");
+        src.push_str(&format!(
+            "### Step {n}: step {n}\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{cmd}\"\ntimeout_secs: 20\n```\n",
+            n = i + 1
+        ));
+    }
+    let file = format!("{name}.trace.md");
+    std::fs::write(ws.path(&file), src).expect("write trace");
+    file
+}
+
+/// Starts `follower run` in the background.
+fn spawn_run(ws: &Workspace, args: &[&str]) -> Child {
+    Command::new(bin("follower"))
+        .arg("run")
+        .args(args)
+        .current_dir(ws.path("."))
+        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn follower")
+}
+
+/// Waits until `path` exists (a step got there).
+fn wait_for(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+}
+
+fn report(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "report: {e}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn statuses(r: &serde_json::Value) -> Vec<String> {
+    r["step_results"]
+        .as_array()
+        .expect("step_results")
+        .iter()
+        .map(|s| s["status"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The only run's id.
+fn only_run_id(ws: &Workspace) -> String {
+    let r = ws.follower(&["runs", "list"]);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{r:?}");
+    lines[0]
+        .split_whitespace()
+        .next()
+        .expect("run id")
+        .to_owned()
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_and_runs_each_completed_step_exactly_once() {
+    let ws = Workspace::new();
+    let steps = [
+        "echo 1 >> steps.log",
+        "echo 2 >> steps.log",
+        "echo 3 >> steps.log",
+        // Step 4 signals that it started, then waits for the test.
+        "touch step4-started; while [ ! -f go ]; do sleep 0.05; done; echo 4 >> steps.log",
+        "echo 5 >> steps.log",
+        "echo 6 >> steps.log",
+    ];
+    let src = trace(&ws, "six-steps", &steps);
+    let mut child = spawn_run(&ws, &[&src, "--allow-unsigned", "--json"]);
+    let id = {
+        // The run's base directory is <state>/runs/<run-id>.
+        let runs = ws.state_dir().join("runs");
+        let start = Instant::now();
+        loop {
+            let found = std::fs::read_dir(&runs)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned());
+            if let Some(id) = found {
+                break id;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no run started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let base = ws.state_dir().join("runs").join(&id);
+    wait_for(&base.join("step4-started"));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert_eq!(
+        std::fs::read_to_string(base.join("steps.log")).unwrap(),
+        "1\n2\n3\n"
+    );
+    // The journal knows the run did not finish.
+    let list = ws.follower(&["runs", "list"]);
+    assert!(list.stdout.contains("running"), "{list:?}");
+
+    std::fs::write(base.join("go"), "").unwrap();
+    let r = Command::new(bin("follower"))
+        .args(["resume", &id, "--allow-unsigned", "--json"])
+        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(0), "{r:?}");
+    let rep = report(&r);
+    assert_eq!(rep["run_id"], id.as_str());
+    assert_eq!(rep["status"], "success");
+    assert_eq!(rep["resumes"], 1);
+    assert_eq!(rep["completed_steps"], 6);
+    assert_eq!(statuses(&rep), vec!["success"; 6]);
+    // Each completed step ran exactly once; the interrupted one ran again, to completion.
+    assert_eq!(
+        std::fs::read_to_string(base.join("steps.log")).unwrap(),
+        "1\n2\n3\n4\n5\n6\n"
+    );
+    // A finished run cannot be resumed again.
+    let again = ws.follower(&["resume", &id, "--allow-unsigned"]);
+    assert_eq!(again.code, Some(2), "{again:?}");
+    assert!(again.stderr.contains("cannot be resumed"), "{again:?}");
+}
+
+#[test]
+fn follower_run_after_a_crash_continues_the_unfinished_run() {
+    let ws = Workspace::new();
+    let src = trace(
+        &ws,
+        "crash-then-run",
+        &[
+            "echo a >> steps.log",
+            "touch started; while [ ! -f go ]; do sleep 0.05; done; echo b >> steps.log",
+            "echo c >> steps.log",
+        ],
+    );
+    let mut child = spawn_run(&ws, &[&src, "--allow-unsigned", "--json"]);
+    let id = loop {
+        if let Some(Ok(e)) = std::fs::read_dir(ws.state_dir().join("runs"))
+            .ok()
+            .and_then(|mut d| d.next())
+        {
+            break e.file_name().to_string_lossy().into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let base = ws.state_dir().join("runs").join(&id);
+    wait_for(&base.join("started"));
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::fs::write(base.join("go"), "").unwrap();
+
+    let r = ws.follower(&["run", &src, "--allow-unsigned"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains(&format!("resuming run {id}")), "{r:?}");
+    assert_eq!(only_run_id(&ws), id);
+    assert_eq!(
+        std::fs::read_to_string(base.join("steps.log")).unwrap(),
+        "a\nb\nc\n"
+    );
+    let list = ws.follower(&["runs", "list"]);
+    assert!(list.stdout.contains("success"), "{list:?}");
+}
+
+#[test]
+fn sigterm_stops_after_the_current_step_and_a_second_aborts_it() {
+    // One signal: the running step finishes, nothing after it starts; resume finishes.
+    let ws = Workspace::new();
+    let src = trace(
+        &ws,
+        "stoppable",
+        &[
+            "touch started; while [ ! -f go ]; do sleep 0.05; done; echo 1 >> steps.log",
+            "echo 2 >> steps.log",
+        ],
+    );
+    let child = spawn_run(
+        &ws,
+        &[&src, "--allow-unsigned", "--json", "--base-dir", "w"],
+    );
+    wait_for(&ws.path("w/started"));
+    signal(&child, "TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(ws.path("w/go"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let rep = report(&out);
+    assert_eq!(rep["status"], "stopped");
+    assert_eq!(statuses(&rep), vec!["success", "not_run"]);
+    assert_eq!(
+        std::fs::read_to_string(ws.path("w/steps.log")).unwrap(),
+        "1\n"
+    );
+    let id = rep["run_id"].as_str().unwrap().to_owned();
+    let r = ws.follower(&["resume", &id, "--allow-unsigned"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(ws.path("w/steps.log")).unwrap(),
+        "1\n2\n"
+    );
+
+    // Two signals: the running step is aborted (its process group killed) and runs again on
+    // resume.
+    let ws = Workspace::new();
+    let src = trace(
+        &ws,
+        "abortable",
+        &[
+            "touch started; sleep 600 & wait; echo 1 >> steps.log",
+            "echo 2 >> steps.log",
+        ],
+    );
+    let child = spawn_run(
+        &ws,
+        &[&src, "--allow-unsigned", "--json", "--base-dir", "w"],
+    );
+    wait_for(&ws.path("w/started"));
+    let t = Instant::now();
+    signal(&child, "TERM");
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&child, "INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "abort took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let rep = report(&out);
+    assert_eq!(rep["status"], "stopped");
+    assert_eq!(statuses(&rep), vec!["failed", "not_run"]);
+    assert!(
+        rep["step_results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("aborted on request"),
+        "{rep}"
+    );
+    assert!(!ws.path("w/steps.log").exists());
+    // No `sleep 600` survived the abort.
+    let ps = Command::new("pgrep").args(["-f", "sleep 600"]).output();
+    if let Ok(ps) = ps {
+        let pids = String::from_utf8_lossy(&ps.stdout);
+        for pid in pids.split_whitespace() {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            assert!(
+                !cwd.starts_with(ws.path(".")),
+                "sleep {pid} of the aborted step survived"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_run_past_its_time_limit_fails_and_its_step_is_killed() {
+    let ws = Workspace::new();
+    let src = trace(&ws, "slow", &["sleep 600", "echo never > never.txt"]);
+    let t = Instant::now();
+    let r = Command::new(bin("follower"))
+        .args([
+            "run",
+            &src,
+            "--allow-unsigned",
+            "--json",
+            "--base-dir",
+            "w",
+            "--timeout",
+            "1s",
+        ])
+        .current_dir(ws.path("."))
+        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+        .output()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(r.status.code(), Some(1));
+    let rep = report(&r);
+    assert_eq!(rep["status"], "failed");
+    assert!(
+        rep["error"].as_str().unwrap().contains("time limit of 1s"),
+        "{rep}"
+    );
+    assert_eq!(statuses(&rep), vec!["failed", "not_run"]);
+    assert!(!ws.path("w/never.txt").exists());
+}
+
+#[test]
+fn sandbox_escapes_are_refused_and_the_report_lists_the_protections() {
+    let ws = Workspace::new();
+    std::fs::create_dir_all(ws.path("outside")).unwrap();
+    let outside = ws.path("outside");
+    let outside = outside.to_str().unwrap();
+    // Each attempt must fail; `|| true` keeps the step going so that every one is tried,
+    // and the step's output records what happened.
+    let src = trace(
+        &ws,
+        "escapes",
+        &[&format!(
+            "(echo x > {outside}/abs.txt) 2>/dev/null && echo WROTE-ABS || echo refused-abs; \
+             (echo x > ../../escape.txt) 2>/dev/null && echo WROTE-DOTDOT || echo refused-dotdot; \
+             ln -s {outside} link && (echo x > link/sym.txt) 2>/dev/null && echo WROTE-SYMLINK || echo refused-symlink; \
+             cat ../../follower.db >/dev/null 2>&1 && echo READ-STORE || echo refused-store; \
+             env"
+        )],
+    );
+    let r = Command::new(bin("follower"))
+        .args(["run", &src, "--allow-unsigned", "--json"])
+        .current_dir(ws.path("."))
+        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+        .env("SECRET_TOKEN", "hunter2")
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(0), "{r:?}");
+    let rep = report(&r);
+    let out = rep["step_results"][0]["output"].as_str().unwrap();
+    for refused in [
+        "refused-abs",
+        "refused-dotdot",
+        "refused-symlink",
+        "refused-store",
+    ] {
+        assert!(out.contains(refused), "{refused}: {out}");
+    }
+    assert!(!out.contains("hunter2"), "environment leaked: {out}");
+    assert!(!out.contains("TRACEFLEET_STATE_DIR"), "{out}");
+    assert_eq!(std::fs::read_dir(ws.path("outside")).unwrap().count(), 0);
+    assert!(!ws.state_dir().join("escape.txt").exists());
+
+    let protections = rep["protections"].as_array().unwrap();
+    let active = |name: &str| {
+        protections
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {protections:?}"))["active"]
+            == true
+    };
+    for p in [
+        "path policy",
+        "scrubbed environment",
+        "rlimits",
+        "landlock",
+        "landlock network",
+        "timeouts",
+    ] {
+        assert!(active(p), "{p} inactive: {protections:?}");
+    }
+
+    // The file tools refuse the same escapes through the host's path policy.
+    let src = "---\ntrace_id: file-escape\nversion: \"1.0.0\"\ngoal_signature: g\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: ../../escape.txt\n  content: x\n```\n";
+    std::fs::write(ws.path("fe.trace.md"), src).unwrap();
+    let r = ws.follower(&["run", "fe.trace.md", "--allow-unsigned"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(!ws.state_dir().join("escape.txt").exists());
+
+    // Disallowed commands and substitutions never start.
+    for (cmd, extra, expected) in [
+        (
+            "cat x | nc -l 9",
+            "allowed_commands: [cat]\n",
+            "command `nc` is not in allowed_commands",
+        ),
+        ("echo $(id)", "", "command substitution '$('"),
+        ("echo `id`", "", "command substitution '`'"),
+    ] {
+        let src = format!(
+            "---\ntrace_id: policy\nversion: \"1.0.0\"\ngoal_signature: g\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{cmd}\"\n{extra}```\n"
+        );
+        std::fs::write(ws.path("p.trace.md"), src).unwrap();
+        let r = ws.follower(&["run", "p.trace.md", "--allow-unsigned", "--base-dir", "pw"]);
+        assert_eq!(r.code, Some(2), "{cmd}: {r:?}");
+        assert!(r.stderr.contains(expected), "{cmd}: {r:?}");
+        assert!(!ws.path("pw").exists(), "{cmd}: the run started");
+    }
+}
