@@ -6,17 +6,33 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tracefleet_e2e::{Workspace, bin};
 
-/// Writes a trace source into the workspace with the given steps (Bash commands).
+/// Writes a trace source into the workspace with the given steps (Bash commands, each
+/// waiting for the one before it).
 fn trace(ws: &Workspace, name: &str, steps: &[&str]) -> String {
+    let steps: Vec<(&str, Option<&str>, u32)> = steps.iter().map(|c| (*c, None, 20)).collect();
+    write_trace(ws, name, 1, &steps)
+}
+
+/// Writes a trace source with `max_parallel` and steps of (command, `Dependencies` line,
+/// timeout in seconds).
+fn write_trace(
+    ws: &Workspace,
+    name: &str,
+    max_parallel: u32,
+    steps: &[(&str, Option<&str>, u32)],
+) -> String {
     let mut src = format!(
-        "---\ntrace_id: {name}\nversion: \"1.0.0\"\ngoal_signature: engine test {name}\n---\n"
+        "---\ntrace_id: {name}\nversion: \"1.0.0\"\ngoal_signature: engine test {name}\nmax_parallel: {max_parallel}\n---\n"
     );
-    for (i, cmd) in steps.iter().enumerate() {
+    for (i, (cmd, deps, timeout)) in steps.iter().enumerate() {
         let cmd = cmd.replace('\\', "\\\\").replace('"', "\\\"");
         src.push_str(&format!(
-            "### Step {n}: step {n}\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{cmd}\"\ntimeout_secs: 20\n```\n",
+            "### Step {n}: step {n}\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{cmd}\"\ntimeout_secs: {timeout}\n```\n",
             n = i + 1
         ));
+        if let Some(d) = deps {
+            src.push_str(&format!("**Dependencies**: {d}\n"));
+        }
     }
     let file = format!("{name}.trace.md");
     std::fs::write(ws.path(&file), src).expect("write trace");
@@ -404,4 +420,105 @@ fn sandbox_escapes_are_refused_and_the_report_lists_the_protections() {
         assert!(r.stderr.contains(expected), "{cmd}: {r:?}");
         assert!(!ws.path("pw").exists(), "{cmd}: the run started");
     }
+}
+
+#[test]
+fn independent_steps_run_in_parallel_up_to_max_parallel() {
+    // Steps 1 and 2 each wait for the other to have started: only concurrent execution
+    // finishes them. Step 3 waits for both.
+    let meet = [
+        (
+            "touch a; while [ ! -f b ]; do sleep 0.01; done",
+            Some("None"),
+            3,
+        ),
+        (
+            "touch b; while [ ! -f a ]; do sleep 0.01; done",
+            Some("None"),
+            3,
+        ),
+        ("echo both > c", Some("Step 1, Step 2"), 3),
+    ];
+    let ws = Workspace::new();
+    let src = write_trace(&ws, "meet", 2, &meet);
+    let r = ws.follower(&["run", &src, "--allow-unsigned", "--base-dir", "w"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(std::fs::read_to_string(ws.path("w/c")).unwrap(), "both\n");
+
+    // The same trace one step at a time cannot meet: step 1 times out.
+    let src = write_trace(&ws, "meet-serial", 1, &meet);
+    let r = ws.follower(&[
+        "run",
+        &src,
+        "--allow-unsigned",
+        "--base-dir",
+        "w1",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(!ws.path("w1/c").exists());
+
+    // Never more than max_parallel at once: each step counts the steps running beside it.
+    let count = "touch run.$$; sleep 0.4; ls run.* | wc -l > seen.$$; sleep 0.4; rm run.$$";
+    let src = write_trace(
+        &ws,
+        "capped",
+        2,
+        &[
+            (count, Some("None"), 10),
+            (count, Some("None"), 10),
+            (count, Some("None"), 10),
+            (count, Some("None"), 10),
+        ],
+    );
+    let r = ws.follower(&["run", &src, "--allow-unsigned", "--base-dir", "w2"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let seen: Vec<u32> = std::fs::read_dir(ws.path("w2"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("seen."))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(
+        seen.iter().all(|&n| n <= 2),
+        "more than 2 at once: {seen:?}"
+    );
+    assert!(seen.contains(&2), "never 2 at once: {seen:?}");
+}
+
+#[test]
+fn a_failure_in_a_parallel_branch_stops_new_steps_and_lets_running_ones_finish() {
+    let ws = Workspace::new();
+    let src = write_trace(
+        &ws,
+        "branch-fails",
+        2,
+        &[
+            ("sleep 0.3; echo slow-done > slow", Some("None"), 10),
+            ("exit 3", Some("None"), 10),
+            ("echo never > never", Some("Step 1, Step 2"), 10),
+        ],
+    );
+    let r = Command::new(bin("follower"))
+        .args(["run", &src, "--allow-unsigned", "--base-dir", "w", "--json"])
+        .current_dir(ws.path("."))
+        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let rep = report(&r);
+    assert_eq!(rep["failed_step"], 2);
+    assert_eq!(statuses(&rep), vec!["success", "failed", "not_run"]);
+    assert_eq!(
+        std::fs::read_to_string(ws.path("w/slow")).unwrap(),
+        "slow-done\n"
+    );
+    assert!(!ws.path("w/never").exists());
 }

@@ -118,6 +118,11 @@ pub trait Host {
     fn interruption(&self) -> Option<Interruption> {
         None
     }
+    /// Another handle on the same host for a step that runs concurrently (`max_parallel`
+    /// above 1); `None` (the default) runs steps one at a time.
+    fn fork(&self) -> Option<Box<dyn Host + Send>> {
+        None
+    }
 }
 
 /// Why a run ends early.
@@ -329,131 +334,30 @@ pub fn resume(
         report.error = Some(error);
     }
 
-    // The compiler refuses cycles; a trace without a valid order still runs in source order.
-    let order = trace
-        .execution_order()
-        .unwrap_or_else(|| (0..trace.steps.len()).collect());
     // Steps named as another step's fallback run only in that role.
     let fallback_only: std::collections::BTreeSet<u32> = trace
         .steps
         .iter()
         .filter_map(|s| s.on_error.fallback_step())
         .collect();
-    let mut fallback_results: Vec<StepResult> = done
+    let fallback_results: Vec<StepResult> = done
         .values()
         .filter(|c| fallback_only.contains(&c.result.step))
         .map(|c| c.result.clone())
         .collect();
-    for step in order.into_iter().filter_map(|i| trace.steps.get(i)) {
-        if report.status == RunStatus::Success
-            && let Some(why) = host.interruption()
-        {
-            interrupt(&mut report, why);
-        }
-        if report.status != RunStatus::Success || fallback_only.contains(&step.number) {
-            if !fallback_results.iter().any(|r| r.step == step.number) {
-                report.step_results.push(not_run(step));
-            }
-            continue;
-        }
-        if let Some(c) = done.get(&step.number) {
-            if c.result.status != StepStatus::Skipped {
-                report.completed_steps += 1;
-                for (name, n) in &bindings {
-                    if *n == step.number {
-                        vars.values.insert((*name).to_owned(), c.output.clone());
-                    }
-                }
-            }
-            report.step_results.push(c.result.clone());
-            continue;
-        }
-        let StepRun {
-            mut result,
-            mut full_output,
-            prompt_tokens,
-            completion_tokens,
-        } = run_step(step, &vars, host);
-        if result.status == StepStatus::Failed
-            && let Some(why) = host.interruption()
-        {
-            // Aborted (or cut short by the deadline): no error policy; journaled as failed,
-            // so a resume runs it again.
-            result.error = Some(format!(
-                "interrupted: {}",
-                result.error.clone().unwrap_or_default()
-            ));
-            on_event(Event::StepFinished(&result, &full_output));
-            report.step_results.push(result);
-            interrupt(&mut report, why);
-            continue;
-        }
-        report.prompt_tokens += prompt_tokens;
-        report.completion_tokens += completion_tokens;
-        if result.status == StepStatus::Failed {
-            match &step.on_error {
-                OnError::Escalate { message } => report.escalations.push(Escalation {
-                    step: step.number,
-                    message: message.clone(),
-                    error: result.error.clone().unwrap_or_default(),
-                }),
-                policy => {
-                    if let Some(fb) = policy
-                        .fallback_step()
-                        .and_then(|n| trace.steps.iter().find(|s| s.number == n))
-                    {
-                        let fallback = run_step(fb, &vars, host);
-                        report.prompt_tokens += fallback.prompt_tokens;
-                        report.completion_tokens += fallback.completion_tokens;
-                        let recovered = fallback.result.status == StepStatus::Success;
-                        on_event(Event::StepFinished(&fallback.result, &fallback.full_output));
-                        fallback_results.retain(|r| r.step != fb.number);
-                        fallback_results.push(fallback.result);
-                        if recovered {
-                            result.status = StepStatus::Recovered;
-                            result.error = Some(format!(
-                                "recovered by fallback step {}: {}",
-                                fb.number,
-                                result.error.clone().unwrap_or_default()
-                            ));
-                            result.output = fallback.full_output.clone();
-                            truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
-                            full_output = fallback.full_output;
-                        }
-                    }
-                }
-            }
-        }
-        // A step that did not succeed did not pass its validations, whatever stopped it.
-        if result.status != StepStatus::Success {
-            report.all_validations_passed = false;
-        }
-        match result.status {
-            StepStatus::Success | StepStatus::Recovered => report.completed_steps += 1,
-            StepStatus::Failed => {
-                report.status = RunStatus::Failed;
-                report.failed_step = Some(step.number);
-                report.error = Some(format!(
-                    "step {} ({}) failed: {}",
-                    step.number,
-                    step.title,
-                    result.error.clone().unwrap_or_default()
-                ));
-            }
-            StepStatus::Skipped | StepStatus::NotRun => {}
-        }
-        // Bind the full (untruncated) output for later steps, only when the step succeeded
-        // (or its fallback did): a skipped step's partial output must not flow on as if good.
-        if matches!(result.status, StepStatus::Success | StepStatus::Recovered) {
-            for (name, n) in &bindings {
-                if *n == step.number {
-                    vars.values.insert((*name).to_owned(), full_output.clone());
-                }
-            }
-        }
-        on_event(Event::StepFinished(&result, &full_output));
-        report.step_results.push(result);
-    }
+    let mut progress = Progress {
+        report,
+        vars,
+        fallback_results,
+        bindings,
+    };
+    schedule(trace, &done, &fallback_only, &mut progress, host, on_event);
+    let Progress {
+        mut report,
+        vars,
+        fallback_results,
+        ..
+    } = progress;
 
     // A fallback step's own record replaces its "not run" placeholder.
     for fb in fallback_results {
@@ -476,6 +380,240 @@ pub fn resume(
     report.finished_at = host.timestamp();
     report.execution_time_secs = (host.monotonic() - started).as_secs_f64();
     report
+}
+
+/// What the run has produced so far, updated as steps finish.
+struct Progress<'t> {
+    report: Report,
+    vars: Vars,
+    fallback_results: Vec<StepResult>,
+    bindings: BTreeMap<&'t str, u32>,
+}
+
+/// Runs the steps as a DAG: a step starts when its prerequisites (its `Dependencies`, else the
+/// step before it) have finished, lowest position in [`Trace::execution_order`] first, up to
+/// `max_parallel` at once when the host can [`Host::fork`] handles for concurrent steps (else
+/// one at a time). Results are processed one by one on this thread, in completion order: error
+/// policy, bindings, journal event. After a failure or an interruption no step starts; those
+/// running finish and are recorded.
+fn schedule(
+    trace: &Trace,
+    done: &BTreeMap<u32, &Completed>,
+    fallback_only: &std::collections::BTreeSet<u32>,
+    p: &mut Progress<'_>,
+    host: &mut dyn Host,
+    on_event: &mut dyn FnMut(Event<'_>),
+) {
+    let n = trace.steps.len();
+    // The compiler refuses cycles; a trace without a valid order still runs in source order.
+    let order = trace.execution_order().unwrap_or_else(|| (0..n).collect());
+    let index: std::collections::HashMap<u32, usize> = trace
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.number, i))
+        .collect();
+    let prerequisites: Vec<Vec<usize>> = trace
+        .prerequisites()
+        .into_iter()
+        .map(|(_, deps)| deps.iter().filter_map(|d| index.get(d).copied()).collect())
+        .collect();
+    let mut finished = vec![false; n];
+    let mut started = vec![false; n];
+    for (i, s) in trace.steps.iter().enumerate() {
+        if fallback_only.contains(&s.number) {
+            // Never run in order; its dependants do not wait for it.
+            finished[i] = true;
+            started[i] = true;
+        }
+    }
+    let limit = usize::try_from(trace.max_parallel).unwrap_or(1).max(1);
+    let mut pool: Vec<Box<dyn Host + Send>> = if limit > 1 {
+        (0..limit).map_while(|_| host.fork()).collect()
+    } else {
+        Vec::new()
+    };
+    let parallel = limit > 1 && pool.len() == limit;
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, StepRun, Box<dyn Host + Send>)>();
+    let mut running = 0usize;
+    std::thread::scope(|scope| {
+        loop {
+            // Start what is ready.
+            while running < limit {
+                if p.report.status == RunStatus::Success
+                    && let Some(why) = host.interruption()
+                {
+                    interrupt(&mut p.report, why);
+                }
+                if p.report.status != RunStatus::Success {
+                    break;
+                }
+                let Some(i) = order
+                    .iter()
+                    .copied()
+                    .find(|&i| !started[i] && prerequisites[i].iter().all(|&d| finished[d]))
+                else {
+                    break;
+                };
+                started[i] = true;
+                let step = &trace.steps[i];
+                if let Some(c) = done.get(&step.number) {
+                    reuse(p, step, c);
+                    finished[i] = true;
+                    continue;
+                }
+                if parallel && let Some(mut h) = pool.pop() {
+                    let vars = Vars {
+                        values: p.vars.values.clone(),
+                    };
+                    let tx = tx.clone();
+                    scope.spawn(move || {
+                        let run = run_step(step, &vars, &mut *h);
+                        let _ = tx.send((i, run, h));
+                    });
+                    running += 1;
+                } else {
+                    let run = run_step(step, &p.vars, host);
+                    complete(p, trace, step, run, host, on_event);
+                    finished[i] = true;
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((i, run, h)) = rx.recv() else { break };
+            pool.push(h);
+            running -= 1;
+            complete(p, trace, &trace.steps[i], run, host, on_event);
+            finished[i] = true;
+        }
+    });
+    // What never started is reported as not run (a fallback step's own record replaces it).
+    for (i, step) in trace.steps.iter().enumerate() {
+        let recorded = p.report.step_results.iter().any(|r| r.step == step.number)
+            || p.fallback_results.iter().any(|r| r.step == step.number);
+        if (!started[i] || fallback_only.contains(&step.number)) && !recorded {
+            p.report.step_results.push(not_run(step));
+        }
+    }
+}
+
+/// Takes a step's result from an earlier attempt of the run.
+fn reuse(p: &mut Progress<'_>, step: &Step, c: &Completed) {
+    if c.result.status != StepStatus::Skipped {
+        p.report.completed_steps += 1;
+        for (name, n) in &p.bindings {
+            if *n == step.number {
+                p.vars.values.insert((*name).to_owned(), c.output.clone());
+            }
+        }
+    }
+    p.report.step_results.push(c.result.clone());
+}
+
+/// Records a finished step: interruption, error policy (escalation, fallback), counters,
+/// bindings, the journal event.
+fn complete(
+    p: &mut Progress<'_>,
+    trace: &Trace,
+    step: &Step,
+    run: StepRun,
+    host: &mut dyn Host,
+    on_event: &mut dyn FnMut(Event<'_>),
+) {
+    let StepRun {
+        mut result,
+        mut full_output,
+        prompt_tokens,
+        completion_tokens,
+    } = run;
+    let report = &mut p.report;
+    if result.status == StepStatus::Failed
+        && let Some(why) = host.interruption()
+    {
+        // Aborted (or cut short by the deadline): no error policy; journaled as failed,
+        // so a resume runs it again.
+        result.error = Some(format!(
+            "interrupted: {}",
+            result.error.clone().unwrap_or_default()
+        ));
+        on_event(Event::StepFinished(&result, &full_output));
+        report.step_results.push(result);
+        if report.status == RunStatus::Success {
+            interrupt(report, why);
+        }
+        return;
+    }
+    report.prompt_tokens += prompt_tokens;
+    report.completion_tokens += completion_tokens;
+    if result.status == StepStatus::Failed {
+        match &step.on_error {
+            OnError::Escalate { message } => report.escalations.push(Escalation {
+                step: step.number,
+                message: message.clone(),
+                error: result.error.clone().unwrap_or_default(),
+            }),
+            policy => {
+                if let Some(fb) = policy
+                    .fallback_step()
+                    .and_then(|n| trace.steps.iter().find(|s| s.number == n))
+                {
+                    let fallback = run_step(fb, &p.vars, host);
+                    report.prompt_tokens += fallback.prompt_tokens;
+                    report.completion_tokens += fallback.completion_tokens;
+                    let recovered = fallback.result.status == StepStatus::Success;
+                    on_event(Event::StepFinished(&fallback.result, &fallback.full_output));
+                    p.fallback_results.retain(|r| r.step != fb.number);
+                    p.fallback_results.push(fallback.result);
+                    if recovered {
+                        result.status = StepStatus::Recovered;
+                        result.error = Some(format!(
+                            "recovered by fallback step {}: {}",
+                            fb.number,
+                            result.error.clone().unwrap_or_default()
+                        ));
+                        result.output = fallback.full_output.clone();
+                        truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
+                        full_output = fallback.full_output;
+                    }
+                }
+            }
+        }
+    }
+    // A step that did not succeed did not pass its validations, whatever stopped it.
+    if result.status != StepStatus::Success {
+        report.all_validations_passed = false;
+    }
+    match result.status {
+        StepStatus::Success | StepStatus::Recovered => report.completed_steps += 1,
+        StepStatus::Failed => {
+            // With steps in parallel the first failure is the one reported.
+            if report.status != RunStatus::Failed {
+                report.status = RunStatus::Failed;
+                report.failed_step = Some(step.number);
+                report.error = Some(format!(
+                    "step {} ({}) failed: {}",
+                    step.number,
+                    step.title,
+                    result.error.clone().unwrap_or_default()
+                ));
+            }
+        }
+        StepStatus::Skipped | StepStatus::NotRun => {}
+    }
+    // Bind the full (untruncated) output for later steps, only when the step succeeded
+    // (or its fallback did): a skipped step's partial output must not flow on as if good.
+    if matches!(result.status, StepStatus::Success | StepStatus::Recovered) {
+        for (name, n) in &p.bindings {
+            if *n == step.number {
+                p.vars
+                    .values
+                    .insert((*name).to_owned(), full_output.clone());
+            }
+        }
+    }
+    on_event(Event::StepFinished(&result, &full_output));
+    report.step_results.push(result);
 }
 
 /// Ends the run early for `why`.

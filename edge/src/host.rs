@@ -71,7 +71,7 @@ impl Stopper {
 pub struct LocalHost {
     base_dir: PathBuf,
     read_roots: Vec<PathBuf>,
-    inference: Option<Inference>,
+    inference: Option<Arc<Inference>>,
     origin: Instant,
     limits: ResourceLimits,
     stopper: Stopper,
@@ -99,7 +99,7 @@ impl LocalHost {
         Ok(Self {
             base_dir,
             read_roots,
-            inference,
+            inference: inference.map(Arc::new),
             origin: Instant::now(),
             limits: ResourceLimits::default(),
             stopper: Stopper::default(),
@@ -403,6 +403,18 @@ impl Host for LocalHost {
             }
             std::thread::sleep(left.min(Duration::from_millis(50)));
         }
+    }
+
+    fn fork(&self) -> Option<Box<dyn Host + Send>> {
+        Some(Box::new(Self {
+            base_dir: self.base_dir.clone(),
+            read_roots: self.read_roots.clone(),
+            inference: self.inference.clone(),
+            origin: self.origin,
+            limits: self.limits,
+            stopper: self.stopper.clone(),
+            deadline: self.deadline,
+        }))
     }
 
     fn interruption(&self) -> Option<Interruption> {
