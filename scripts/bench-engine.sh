@@ -69,7 +69,7 @@ for _ in $(seq "$n"); do
   echo $(((t1 - t0) / 1000)) >> "$w/follower.t"
   echo $(((t2 - t1) / 1000)) >> "$w/script.t"
 done
-median() { sort -n "$1" | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+median() { sort -n "$1" | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2))}'; }
 mf=$(median "$w/follower.t"); ms=$(median "$w/script.t")
 echo "20-step Bash trace, $n interleaved runs each (median wall time):"
 echo "  follower run : $((mf / 1000)).$(printf '%03d' $((mf % 1000))) ms"

@@ -436,6 +436,7 @@ fn schedule(
     let parallel = limit > 1 && pool.len() == limit;
     let (tx, rx) = std::sync::mpsc::channel::<(usize, StepRun, Box<dyn Host + Send>)>();
     let mut running = 0usize;
+    let mut cursor = 0usize;
     std::thread::scope(|scope| {
         loop {
             // Start what is ready.
@@ -448,7 +449,11 @@ fn schedule(
                 if p.report.status != RunStatus::Success {
                     break;
                 }
-                let Some(i) = order
+                // Everything before `cursor` in `order` has started.
+                while cursor < order.len() && started[order[cursor]] {
+                    cursor += 1;
+                }
+                let Some(i) = order[cursor..]
                     .iter()
                     .copied()
                     .find(|&i| !started[i] && prerequisites[i].iter().all(|&d| finished[d]))

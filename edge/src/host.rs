@@ -575,14 +575,13 @@ fn run_shell(
     let mut deadline = Instant::now() + timeout;
     let mut timed_out = false;
     let mut aborted = false;
-    // Poll quickly at first (most commands are short), then back off to 5 ms.
-    let mut poll = Duration::from_micros(50);
+    // A waiter thread blocks in wait(2), so a finished command is noticed at once; this
+    // thread wakes at least every 20 ms to act on a stop request or the deadline.
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
     let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) => {}
-            Err(e) => return Err(format!("cannot wait for the command: {e}")),
-        }
         let now = Instant::now();
         if !aborted && !timed_out && stopper.level() >= 2 {
             aborted = true;
@@ -594,12 +593,22 @@ fn run_shell(
         }
         if timed_out && now >= deadline + KILL_GRACE {
             let _ = killpg(pgid, Signal::SIGKILL);
-            break child
-                .wait()
-                .map_err(|e| format!("cannot wait for the command: {e}"))?;
         }
-        std::thread::sleep(poll);
-        poll = (poll * 2).min(Duration::from_millis(5));
+        let wake = if timed_out {
+            deadline + KILL_GRACE
+        } else {
+            deadline
+        };
+        let slice = wake
+            .saturating_duration_since(now)
+            .clamp(Duration::from_millis(1), Duration::from_millis(20));
+        match done_rx.recv_timeout(slice) {
+            Ok(status) => break status.map_err(|e| format!("cannot wait for the command: {e}"))?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("lost track of the command's process".into());
+            }
+        }
     };
     // Nothing the step started may outlive it (and hold our pipes open).
     let _ = killpg(pgid, Signal::SIGKILL);
