@@ -1385,10 +1385,21 @@ impl Cx {
                     other => serde_json::to_value(other).map_err(|e| e.to_string()),
                 };
                 match schema {
-                    Ok(v) if v.is_object() || v.is_boolean() => CheckKind::JsonSchema {
-                        path,
-                        schema: v.to_string(),
-                    },
+                    Ok(v) if v.is_object() || v.is_boolean() => {
+                        // The follower builds the same validator; a schema it could not use is
+                        // an authoring error. No remote `$ref`: nothing is fetched.
+                        if let Err(e) = jsonschema::validator_for(&v) {
+                            self.error(
+                                p.line_of("schema"),
+                                format!("{}: `schema` is not a usable JSON Schema: {e}", p.what),
+                            );
+                            return None;
+                        }
+                        CheckKind::JsonSchema {
+                            path,
+                            schema: v.to_string(),
+                        }
+                    }
                     Ok(_) => {
                         self.error(
                             p.line_of("schema"),

@@ -281,6 +281,19 @@ fn shell_policy_is_checked_at_the_command_line() {
 }
 
 #[test]
+fn an_unusable_json_schema_is_an_error_at_its_line() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: cat f\n```\n**Validation**:\n```yaml\n- type: json_schema\n  parameters:\n    schema: {{type: 12}}\n```\n"
+    );
+    let e = errors_of(&src);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains(":17:1: error:") && e[0].contains("`schema` is not a usable JSON Schema"),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn second_validation_parameter_errors_point_at_their_own_line() {
     let src = format!(
         "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo\n```\n**Validation**:\n```yaml\n- check: one\n  type: regex_match\n  parameters:\n    pattern: ok\n- check: two\n  type: regex_match\n  parameters:\n    pattern: '('\n```\n"

@@ -992,18 +992,12 @@ pub fn check_supported(trace: &Trace) -> Result<(), String> {
             tracefleet::shell::check(&text, s.allowed_commands.as_deref(), s.command_substitution)
                 .map_err(|e| format!("step {}: {e}", s.number))?;
         }
-        if s.validations
-            .iter()
-            .any(|c| matches!(c.kind, CheckKind::JsonSchema { .. }))
-        {
-            return Err(format!(
-                "step {}: json_schema validation is not supported by this follower version yet",
-                s.number
-            ));
-        }
     }
     Ok(())
 }
+
+/// Most schema violations a json_schema check reports.
+const MAX_SCHEMA_ERRORS: usize = 5;
 
 /// Most files a Grep or Glob step looks at.
 pub const MAX_LISTED_FILES: usize = 100_000;
@@ -1279,10 +1273,41 @@ fn evaluate(
                 ),
             }
         }
-        CheckKind::JsonSchema { .. } => {
-            return Err(
-                "json_schema validation is not supported by this follower version yet".into(),
-            );
+        CheckKind::JsonSchema { path, schema } => {
+            let s = subject(path, vars, host, output)?;
+            let instance = match serde_json::from_str::<serde_json::Value>(s.trim()) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Ok((
+                        false,
+                        format!(
+                            "expected JSON, found an error at line {} column {}: {e}",
+                            e.line(),
+                            e.column()
+                        ),
+                    ));
+                }
+            };
+            let schema: serde_json::Value = serde_json::from_str(schema)
+                .map_err(|e| format!("the trace's schema is not JSON: {e}"))?;
+            let validator = jsonschema::validator_for(&schema)
+                .map_err(|e| format!("the trace's schema is not usable: {e}"))?;
+            let errors: Vec<String> = validator
+                .iter_errors(&instance)
+                .take(MAX_SCHEMA_ERRORS)
+                .map(|e| {
+                    let at = e.instance_path().to_string();
+                    format!("at {}: {e}", if at.is_empty() { "/" } else { &at })
+                })
+                .collect();
+            if errors.is_empty() {
+                (true, "valid against the schema".into())
+            } else {
+                (
+                    false,
+                    format!("expected JSON matching the schema: {}", errors.join("; ")),
+                )
+            }
         }
         CheckKind::ContentStructureCheck {
             path,
@@ -1545,6 +1570,33 @@ mod tests {
             env,
             &vec![("TF_VAR_target".to_owned(), "$(reboot)".to_owned())]
         );
+    }
+
+    #[test]
+    fn json_schema_validation_passes_and_fails_with_the_instance_path() {
+        let t = trace(
+            "---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: cat r.json\n```\n**Validation**:\n```yaml\n- check: the risk record\n  type: json_schema\n  parameters:\n    schema:\n      type: object\n      required: [risk]\n      properties:\n        risk: {enum: [low, medium, high]}\n        count: {type: integer, minimum: 0}\n```\n",
+        );
+        for (answer, ok, detail) in [
+            (
+                r#"{"risk": "low", "count": 3}"#,
+                true,
+                "valid against the schema",
+            ),
+            (r#"{"risk": "extreme"}"#, false, "at /risk:"),
+            (r#"{"count": -1, "risk": "low"}"#, false, "at /count:"),
+            (r#"{"count": 1}"#, false, "\"risk\" is a required property"),
+            ("not json", false, "expected JSON, found an error at line 1"),
+        ] {
+            let mut h = FakeHost {
+                shell_answers: [out(answer, 0)].into(),
+                ..FakeHost::default()
+            };
+            let r = run_with(&t, &mut h);
+            let v = &r.step_results[0].validations[0];
+            assert_eq!(v.passed, ok, "{answer}: {v:?}");
+            assert!(v.detail.contains(detail), "{answer}: {}", v.detail);
+        }
     }
 
     #[test]
