@@ -522,3 +522,134 @@ fn a_failure_in_a_parallel_branch_stops_new_steps_and_lets_running_ones_finish()
     );
     assert!(!ws.path("w/never").exists());
 }
+
+/// A real HTTP/1.1 server on a loopback port: `GET /ok.json` answers 200 with a JSON body,
+/// anything else 404. Counts the requests it served.
+fn http_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let (status, body) = if request.starts_with("GET /ok.json ") {
+                ("200 OK", r#"{"ok": true, "fleet": "pi-lab"}"#)
+            } else {
+                ("404 Not Found", "no such page")
+            };
+            let mut s = stream;
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, served)
+}
+
+fn fetch_trace(ws: &Workspace, name: &str, url: &str, internet: bool) -> String {
+    let src = format!(
+        "---\ntrace_id: {name}\nversion: \"1.0.0\"\ngoal_signature: g\nmetadata:\n  requires_internet: {internet}\n---\n### Step 1: fetch\n**Tool Call**:\n```yaml\ntool: WebFetch\nparameters:\n  url: \"{url}\"\ntimeout_secs: 10\n```\n**Validation**:\n```yaml\n- type: json_schema\n  parameters:\n    schema: {{type: object, required: [ok]}}\n```\n"
+    );
+    let file = format!("{name}.trace.md");
+    std::fs::write(ws.path(&file), src).expect("write trace");
+    file
+}
+
+#[test]
+fn webfetch_needs_declared_internet_fails_offline_fast_and_fetches_over_real_http() {
+    let ws = Workspace::new();
+    let (port, served) = http_server();
+    let run = |file: &str| {
+        let out = Command::new(bin("follower"))
+            .args(["run", file, "--allow-unsigned", "--json", "--fresh"])
+            .current_dir(ws.path("."))
+            .env("TRACEFLEET_STATE_DIR", ws.state_dir())
+            .output()
+            .unwrap();
+        (out.status.code(), report(&out))
+    };
+
+    // Declared and reachable: fetched, validated.
+    let ok = fetch_trace(
+        &ws,
+        "fetch-ok",
+        &format!("http://127.0.0.1:{port}/ok.json"),
+        true,
+    );
+    let (code, rep) = run(&ok);
+    assert_eq!(code, Some(0), "{rep}");
+    assert!(
+        rep["step_results"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("pi-lab")
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A 404 fails the step and names the status.
+    let missing = fetch_trace(
+        &ws,
+        "fetch-404",
+        &format!("http://127.0.0.1:{port}/gone"),
+        true,
+    );
+    let (code, rep) = run(&missing);
+    assert_eq!(code, Some(1), "{rep}");
+    assert!(
+        rep["step_results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 404"),
+        "{rep}"
+    );
+
+    // Not declared: a precondition failure, and nothing is requested.
+    let before = served.load(std::sync::atomic::Ordering::SeqCst);
+    let undeclared = fetch_trace(
+        &ws,
+        "fetch-undeclared",
+        &format!("http://127.0.0.1:{port}/ok.json"),
+        false,
+    );
+    let (code, rep) = run(&undeclared);
+    assert_eq!(code, Some(1), "{rep}");
+    assert_eq!(rep["all_preconditions_met"], false);
+    assert!(
+        rep["error"].as_str().unwrap().contains("requires_internet"),
+        "{rep}"
+    );
+    assert_eq!(statuses(&rep), vec!["not_run"]);
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), before);
+
+    // A host that cannot be resolved (offline, or no such name): a precondition failure
+    // within the resolution limit, not a hang.
+    let t = Instant::now();
+    let offline = fetch_trace(
+        &ws,
+        "fetch-offline",
+        "https://tracefleet-test.invalid/x.json",
+        true,
+    );
+    let (code, rep) = run(&offline);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(code, Some(1), "{rep}");
+    assert!(
+        rep["error"]
+            .as_str()
+            .unwrap()
+            .contains("tracefleet-test.invalid"),
+        "{rep}"
+    );
+    assert_eq!(statuses(&rep), vec!["not_run"]);
+}

@@ -118,6 +118,18 @@ pub trait Host {
     fn interruption(&self) -> Option<Interruption> {
         None
     }
+    /// Fetches `url` (http or https) with a limit on the whole exchange; the body as text.
+    /// A non-2xx status is an error that names it.
+    fn fetch(&mut self, url: &str, timeout: Duration) -> Result<String, String> {
+        let _ = (url, timeout);
+        Err("this follower cannot fetch URLs (built without the `webfetch` feature)".into())
+    }
+    /// Whether the network can reach the host of `url` (name resolution within a few
+    /// seconds); checked before any step of a trace with WebFetch steps runs.
+    fn reachable(&mut self, url: &str) -> Result<(), String> {
+        let _ = url;
+        Ok(())
+    }
     /// Another handle on the same host for a step that runs concurrently (`max_parallel`
     /// above 1); `None` (the default) runs steps one at a time.
     fn fork(&self) -> Option<Box<dyn Host + Send>> {
@@ -326,7 +338,39 @@ pub fn resume(
         resumes: 0,
     };
 
-    let (results, failed) = conditions(&trace.preconditions, &vars, host, "precondition");
+    let (mut results, mut failed) = conditions(&trace.preconditions, &vars, host, "precondition");
+    // A trace that fetches from the web needs the network, said and present: a clear
+    // precondition failure rather than a step that hangs offline.
+    for step in trace
+        .steps
+        .iter()
+        .filter(|s| matches!(s.tool, Tool::WebFetch { .. }))
+    {
+        let Tool::WebFetch { url, .. } = &step.tool else {
+            continue;
+        };
+        let check = format!("step {} (WebFetch) can reach the network", step.number);
+        let outcome = if !trace.metadata.requires_internet {
+            Err("the trace does not declare `requires_internet: true` in its metadata".into())
+        } else {
+            match vars.render(url) {
+                // A URL built from a step's output is checked when that step ran.
+                Err(_) => Ok(()),
+                Ok(u) => host.reachable(&u),
+            }
+        };
+        let passed = outcome.is_ok();
+        if let Err(why) = &outcome {
+            let e = format!("precondition failed: {check}: {why}");
+            failed.get_or_insert(e);
+        }
+        results.push(CheckResult {
+            check,
+            kind: "network".into(),
+            passed,
+            detail: outcome.err().unwrap_or_else(|| "ok".into()),
+        });
+    }
     report.preconditions = results;
     report.all_preconditions_met = failed.is_none();
     if let Some(error) = failed {
@@ -950,7 +994,19 @@ fn run_tool(
                 llm: None,
             })
         }
-        Tool::WebFetch { .. } => Err(UNSUPPORTED_WEBFETCH.into()),
+        Tool::WebFetch { url, .. } => {
+            let url = vars.render(url)?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "expected an http:// or https:// URL, found {url:?}"
+                ));
+            }
+            Ok(Attempt {
+                output: host.fetch(&url, timeout)?,
+                exit_code: None,
+                llm: None,
+            })
+        }
         Tool::Llm(call) => {
             let request = GenerateRequest {
                 model: call.model.clone(),
@@ -974,18 +1030,12 @@ fn run_tool(
     }
 }
 
-const UNSUPPORTED_WEBFETCH: &str =
-    "WebFetch is not supported by this follower version (it runs offline)";
-
 /// Refuses, before anything runs, a trace that uses what this follower cannot execute yet.
 ///
 /// # Errors
 /// What is unsupported and where (step number).
 pub fn check_supported(trace: &Trace) -> Result<(), String> {
     for s in &trace.steps {
-        if matches!(s.tool, Tool::WebFetch { .. }) {
-            return Err(format!("step {}: {UNSUPPORTED_WEBFETCH}", s.number));
-        }
         if let Tool::Bash { command } = &s.tool {
             // The compiler checked this too; the follower does not rely on it.
             let (text, _) = command.render_shell(|_| Some("")).unwrap_or_default();
