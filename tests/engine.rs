@@ -144,9 +144,15 @@ fn a_run_killed_with_sigkill_resumes_and_runs_each_completed_step_exactly_once()
         std::fs::read_to_string(base.join("steps.log")).unwrap(),
         "1\n2\n3\n"
     );
-    // The journal knows the run did not finish.
+    // The journal knows the run did not finish, and which step was in flight.
     let list = ws.follower(&["runs", "list"]);
     assert!(list.stdout.contains("running"), "{list:?}");
+    let show = ws.follower(&["runs", "show", &id]);
+    assert_eq!(show.code, Some(0), "{show:?}");
+    for line in ["step 3: success", "step 4: started, not finished"] {
+        assert!(show.stdout.contains(line), "{line}: {show:?}");
+    }
+    assert!(!show.stdout.contains("step 5"), "{show:?}");
 
     std::fs::write(base.join("go"), "").unwrap();
     let r = Command::new(bin("follower"))

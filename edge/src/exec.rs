@@ -170,6 +170,8 @@ pub struct RunContext {
 /// Progress of a run, for journaling.
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
+    /// A step is about to start (its record so far: not run yet).
+    StepStarted(&'a StepResult),
     /// A step finished (successfully or not), with its full output.
     StepFinished(&'a StepResult, &'a str),
 }
@@ -511,6 +513,7 @@ fn schedule(
                     finished[i] = true;
                     continue;
                 }
+                on_event(Event::StepStarted(&not_run(step)));
                 if parallel && let Some(mut h) = pool.pop() {
                     let vars = Vars {
                         values: p.vars.values.clone(),
@@ -607,6 +610,7 @@ fn complete(
                     .fallback_step()
                     .and_then(|n| trace.steps.iter().find(|s| s.number == n))
                 {
+                    on_event(Event::StepStarted(&not_run(fb)));
                     let fallback = run_step(fb, &p.vars, host);
                     report.prompt_tokens += fallback.prompt_tokens;
                     report.completion_tokens += fallback.completion_tokens;
@@ -1534,7 +1538,18 @@ mod tests {
         };
         let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
         let mut events = 0;
-        let r = run(t, &cx, &inputs, host, &mut |_| events += 1);
+        let (mut started, mut finished) = (Vec::new(), Vec::new());
+        let r = run(t, &cx, &inputs, host, &mut |e| match e {
+            Event::StepStarted(s) => started.push(s.step),
+            Event::StepFinished(s, _) => {
+                finished.push(s.step);
+                events += 1;
+            }
+        });
+        // Every step that finished was journaled as started, once per run of it.
+        started.sort_unstable();
+        finished.sort_unstable();
+        assert_eq!(started, finished);
         assert_eq!(
             events,
             r.step_results

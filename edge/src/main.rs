@@ -395,7 +395,25 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let store = Store::open(&state_dir)?;
             match store.report_json(id.as_str())? {
                 None => bail!("no run {id} in {}", state_dir.display()),
-                Some(None) => bail!("run {id} has not finished (no report yet)"),
+                Some(None) => {
+                    // Left `running`: print what the journal knows.
+                    println!(
+                        "run {id} has not finished: the follower was killed or is still running it (`follower resume {id}` continues it)"
+                    );
+                    if let Some(u) = store.unfinished(id.as_str())? {
+                        for (n, c) in &u.done {
+                            let status = match c.result.status {
+                                StepStatus::NotRun => "started, not finished".to_owned(),
+                                other => serde_json::to_value(other)?
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                            };
+                            println!("  step {n}: {status}");
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
                 Some(Some(json)) => {
                     let v: serde_json::Value = serde_json::from_str(&json)?;
                     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -869,11 +887,12 @@ struct Plan {
     loaded: Loaded,
 }
 
-/// A journal entry on its way from the sandboxed run thread to the store, with the channel
-/// that tells the run thread it was written.
+/// A journal entry on its way from the sandboxed run thread to the store — a step's record
+/// with its full output when it finished, without when it starts — and the channel that tells
+/// the run thread it was written.
 type JournalEntry = (
     tracefleet::report::StepResult,
-    String,
+    Option<String>,
     std::sync::mpsc::SyncSender<()>,
 );
 
@@ -1000,19 +1019,23 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
             let landlock = sandbox::restrict_current_thread(&policy);
             let journal_tx = journal_tx;
             let report = exec::resume(trace, &cx, &inputs, &done, &mut host, &mut |event| {
-                let Event::StepFinished(result, output) = event;
+                let (result, output) = match event {
+                    Event::StepStarted(result) => (result, None),
+                    Event::StepFinished(result, output) => (result, Some(output.to_owned())),
+                };
                 let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
-                if journal_tx
-                    .send((result.clone(), output.to_owned(), ack_tx))
-                    .is_ok()
-                {
+                if journal_tx.send((result.clone(), output, ack_tx)).is_ok() {
                     let _ = ack_rx.recv();
                 }
             });
             (report, landlock)
         });
         for (result, output, ack) in journal_rx {
-            if let Err(e) = store.record_step(&run_id, &result, &output) {
+            let written = match &output {
+                None => store.record_step_start(&run_id, &result),
+                Some(output) => store.record_step(&run_id, &result, output),
+            };
+            if let Err(e) = written {
                 // Without a journal the run could not be resumed faithfully: stop it.
                 stopper.request();
                 journal_error.get_or_insert(e);

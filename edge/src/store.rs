@@ -616,6 +616,20 @@ impl Store {
         )?)
     }
 
+    /// Journals that a step starts (status `running`; its record says not run, so a resume
+    /// runs it again unless it finishes).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn record_step_start(&self, run_id: &str, result: &StepResult) -> Result<(), StoreError> {
+        let json = serde_json::to_string(result).unwrap_or_default();
+        self.conn.execute(
+            "INSERT OR REPLACE INTO run_steps (run_id, step, status, result_json, output) VALUES (?1, ?2, 'running', ?3, '')",
+            params![run_id, result.step, json],
+        )?;
+        Ok(())
+    }
+
     /// Journals a finished step.
     ///
     /// # Errors
