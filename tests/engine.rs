@@ -381,6 +381,14 @@ fn sandbox_escapes_are_refused_and_the_report_lists_the_protections() {
     assert_eq!(std::fs::read_dir(ws.path("outside")).unwrap().count(), 0);
     assert!(!ws.state_dir().join("escape.txt").exists());
 
+    // The device's resources at the start and end of the run.
+    for key in ["telemetry_start", "telemetry_end"] {
+        assert!(
+            rep[key]["mem_total_bytes"].as_u64().unwrap() > 0,
+            "{key}: {rep}"
+        );
+        assert!(rep[key]["gpu_status"].as_str().is_some(), "{key}: {rep}");
+    }
     let protections = rep["protections"].as_array().unwrap();
     let active = |name: &str| {
         protections

@@ -173,6 +173,57 @@ pub struct Report {
     /// How many times this run was resumed after a stop or a crash (`follower resume`).
     #[serde(default)]
     pub resumes: u32,
+    /// The device's resources when the run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry_start: Option<Telemetry>,
+    /// The device's resources when the run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry_end: Option<Telemetry>,
+}
+
+/// A sample of a device's resources (also what heartbeats carry).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// Total memory, bytes (`MemTotal` of /proc/meminfo).
+    pub mem_total_bytes: u64,
+    /// Memory available for new work without swapping, bytes (`MemAvailable`).
+    pub mem_available_bytes: u64,
+    /// Load average over 1, 5 and 15 minutes (/proc/loadavg).
+    pub load: [f64; 3],
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Temperatures of the kernel's thermal zones (/sys/class/thermal), °C.
+    pub thermal: Vec<ThermalZone>,
+    /// NVIDIA GPUs through NVML.
+    pub gpus: Vec<GpuSample>,
+    /// `present`, or why there are no GPU figures (`absent: …`).
+    pub gpu_status: String,
+}
+
+/// One thermal zone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThermalZone {
+    /// The zone's type (`cpu-thermal`, `x86_pkg_temp`, …).
+    pub zone: String,
+    /// Degrees Celsius.
+    pub celsius: f64,
+}
+
+/// One GPU's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuSample {
+    /// Product name.
+    pub name: String,
+    /// Core temperature, °C.
+    pub temperature_c: Option<u32>,
+    /// Memory in use, bytes.
+    pub memory_used_bytes: Option<u64>,
+    /// Memory in total, bytes.
+    pub memory_total_bytes: Option<u64>,
+    /// Power draw, watts.
+    pub power_watts: Option<f64>,
+    /// GPU utilisation over the last sample period, percent.
+    pub utilization_pct: Option<u32>,
 }
 
 /// One layer of containment and whether it was in force for the run.

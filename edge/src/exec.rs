@@ -338,6 +338,8 @@ pub fn resume(
         completion_tokens: 0,
         protections: Vec::new(),
         resumes: 0,
+        telemetry_start: None,
+        telemetry_end: None,
     };
 
     let (mut results, mut failed) = conditions(&trace.preconditions, &vars, host, "precondition");

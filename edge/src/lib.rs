@@ -11,3 +11,4 @@ pub mod infer;
 pub mod install;
 pub mod sandbox;
 pub mod store;
+pub mod telemetry;

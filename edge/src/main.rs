@@ -88,6 +88,12 @@ enum Command {
     Check,
     /// Escalations recorded on this device (for the fleet link to send), oldest first.
     Escalations,
+    /// What this device has now: memory, load, CPUs, temperatures, GPUs (through NVML).
+    Telemetry {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -375,6 +381,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Inspect { file, json } => inspect(&file, json),
         Command::Run(args) => run(&state_dir, args),
+        Command::Telemetry { json } => {
+            let t = follower::telemetry::sample();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_telemetry(&t);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Resume {
             run_id,
             exec,
@@ -975,6 +990,7 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
         network: trace.metadata.requires_internet,
     };
     let mut protections = static_protections(trace, &policy, limits, args.timeout);
+    let telemetry_start = follower::telemetry::sample();
 
     let store = Store::open(state_dir)?;
     if resumes == 0 {
@@ -1051,6 +1067,8 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
     protections.extend(landlock);
     report.protections = protections;
     report.resumes = resumes;
+    report.telemetry_start = Some(telemetry_start);
+    report.telemetry_end = Some(follower::telemetry::sample());
     store.finish_run(&report)?;
     // Statistics are kept for verified traces only: author runs of sources do not count, and
     // a stopped run is not an outcome.
@@ -1158,6 +1176,41 @@ fn static_protections(
             },
         ),
     ]
+}
+
+fn print_telemetry(t: &tracefleet::report::Telemetry) {
+    #[allow(clippy::cast_precision_loss)]
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    println!(
+        "memory: {:.2} GiB available of {:.2} GiB",
+        gib(t.mem_available_bytes),
+        gib(t.mem_total_bytes)
+    );
+    println!(
+        "cpus: {}, load {:.2} {:.2} {:.2}",
+        t.cpus, t.load[0], t.load[1], t.load[2]
+    );
+    if t.thermal.is_empty() {
+        println!("thermal: no thermal zones");
+    }
+    for z in &t.thermal {
+        println!("thermal: {} {:.1} °C", z.zone, z.celsius);
+    }
+    if t.gpus.is_empty() {
+        println!("gpu: {}", t.gpu_status);
+    }
+    for g in &t.gpus {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
+        println!(
+            "gpu: {} — {} °C, memory {} / {} MiB, {} W, {} % busy",
+            g.name,
+            opt(g.temperature_c.map(|c| c.to_string())),
+            opt(g.memory_used_bytes.map(|b| (b >> 20).to_string())),
+            opt(g.memory_total_bytes.map(|b| (b >> 20).to_string())),
+            opt(g.power_watts.map(|w| format!("{w:.0}"))),
+            opt(g.utilization_pct.map(|u| u.to_string())),
+        );
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
