@@ -36,6 +36,32 @@ pub const ALWAYS_ALLOWED: &[&str] = &[
 /// Deepest nesting of command substitutions [`check`] follows.
 const MAX_DEPTH: usize = 16;
 
+/// Longest word [`check`] hands to brush-parser's word parser (bytes): that parser backtracks
+/// and can take most of a second on a few hundred hostile bytes (found by fuzzing); a longer
+/// word that needs it (it holds a substitution, or it names the command) is refused.
+const MAX_PARSED_WORD: usize = 256;
+
+/// Most `(` or `{` in a word handed to the word parser: its time doubles with each nested
+/// parenthesis (19 took 26 s; found by fuzzing).
+const MAX_WORD_GROUPS: usize = 8;
+
+/// Why brush-parser's word parser must not see `word`, if it must not.
+fn too_complex(word: &str) -> Option<String> {
+    let groups = word.matches(['(', '{']).count();
+    if word.len() > MAX_PARSED_WORD {
+        Some(format!(
+            "a word of {} bytes with a substitution (at most {MAX_PARSED_WORD})",
+            word.len()
+        ))
+    } else if groups > MAX_WORD_GROUPS {
+        Some(format!(
+            "a word with {groups} `(` or `{{` and a substitution (at most {MAX_WORD_GROUPS})"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Why a command line breaks its step's shell policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -158,6 +184,79 @@ fn find_substitution(text: &str) -> Option<(&'static str, usize)> {
     None
 }
 
+/// Every `<<` (other than a `<<<` here-string), quoted or not, must open a well-formed
+/// here-document: `<<` or `<<-`, optional blanks, a delimiter of ASCII letters, digits, `_`, `.`
+/// or `-` (optionally in `'…'` or `"…"`) ending the word, and that delimiter alone on a later
+/// line (after leading tabs with `<<-`). Conservative: `<<` inside quotes counts too.
+fn check_heredocs(text: &str) -> Result<(), ShellError> {
+    let bytes = text.as_bytes();
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+    let mut i = 0;
+    while let Some(at) = text[i..].find("<<").map(|k| k + i) {
+        if bytes.get(at + 2) == Some(&b'<') {
+            // A here-string: skip every `<` of the run.
+            i = at + 2;
+            while bytes.get(i) == Some(&b'<') {
+                i += 1;
+            }
+            continue;
+        }
+        let line = text[..at].matches('\n').count() + 1;
+        let bad = || {
+            ShellError::Syntax(format!(
+                "here-document at line {line}: expected `<<WORD` (WORD: letters, digits, `_`, `.`, `-`, optionally quoted) with WORD alone on a later line"
+            ))
+        };
+        let mut j = at + 2;
+        let dash = bytes.get(j) == Some(&b'-');
+        if dash {
+            j += 1;
+        }
+        while matches!(bytes.get(j), Some(b' ' | b'\t')) {
+            j += 1;
+        }
+        let quote = match bytes.get(j) {
+            Some(q @ (b'\'' | b'"')) => {
+                j += 1;
+                Some(*q)
+            }
+            _ => None,
+        };
+        let start = j;
+        while bytes.get(j).copied().is_some_and(is_word) {
+            j += 1;
+        }
+        let word = &text[start..j];
+        if word.is_empty() {
+            return Err(bad());
+        }
+        if let Some(q) = quote {
+            if bytes.get(j) != Some(&q) {
+                return Err(bad());
+            }
+            j += 1;
+        }
+        if bytes.get(j).is_some_and(|b| {
+            !matches!(
+                b,
+                b' ' | b'\t' | b'\n' | b';' | b'|' | b'&' | b'<' | b'>' | b')'
+            )
+        }) {
+            return Err(bad());
+        }
+        let rest = text[j..].split_once('\n').map_or("", |(_, r)| r);
+        let closed = rest.split('\n').any(|l| {
+            let l = if dash { l.trim_start_matches('\t') } else { l };
+            l == word
+        });
+        if !closed {
+            return Err(bad());
+        }
+        i = j;
+    }
+    Ok(())
+}
+
 /// A run of 10 or more digits right before `<` or `>` (a redirection's file descriptor).
 fn oversized_io_number(text: &str) -> Option<&str> {
     let bytes = text.as_bytes();
@@ -196,6 +295,9 @@ impl Checker<'_> {
                 "file descriptor number {fd}: expected at most 9 digits"
             )));
         }
+        // brush-parser 0.3's tokenizer can loop, allocating without bound, on malformed
+        // here-documents (found by fuzzing): only well-formed ones reach it.
+        check_heredocs(text)?;
         let tokens =
             brush_parser::tokenize_str(text).map_err(|e| ShellError::Syntax(e.to_string()))?;
         let program: Program = brush_parser::parse_tokens(
@@ -355,6 +457,9 @@ impl Checker<'_> {
         if find_substitution(&w.value).is_none() {
             return Ok(());
         }
+        if let Some(what) = too_complex(&w.value) {
+            return Err(ShellError::Unchecked { what });
+        }
         let pieces = brush_parser::word::parse(&w.value, &self.options)
             .map_err(|e| ShellError::Syntax(e.to_string()))?;
         self.pieces(&pieces, &w.value, depth)
@@ -405,6 +510,9 @@ impl Checker<'_> {
 
     /// The word's value when it has no expansion at all (quotes removed).
     fn literal(&self, w: &Word) -> Option<String> {
+        if too_complex(&w.value).is_some() {
+            return None;
+        }
         let pieces = brush_parser::word::parse(&w.value, &self.options).ok()?;
         let mut out = String::new();
         for p in &pieces {
@@ -553,8 +661,29 @@ mod tests {
             check("echo \"${X:-$(rm x)}\"", Some(&ok), true),
             Err(ShellError::Unchecked { .. })
         ));
+        // Words the word parser would take exponential time on are refused at once.
+        let nested = format!("echo \"$(date){}x{}\"", "(".repeat(30), ")".repeat(30));
+        assert!(matches!(
+            check(&nested, Some(&ok), true),
+            Err(ShellError::Unchecked { .. })
+        ));
         // Without allowed_commands an allowed substitution runs anything.
         assert_eq!(check("echo $(id)", None, true), Ok(()));
+    }
+
+    #[test]
+    fn well_formed_here_documents_are_parsed_and_checked() {
+        let ok = allowed(&["grep", "cat"]);
+        for cmd in [
+            "grep x <<EOF\na\nEOF",
+            "cat <<-'END' > out.txt\n\tbody $X\n\tEND\ngrep y out.txt",
+        ] {
+            assert_eq!(check(cmd, Some(&ok), false), Ok(()), "{cmd}");
+        }
+        assert!(matches!(
+            check("grep x <<EOF\na\nEOF\nrm -rf /", Some(&ok), false),
+            Err(ShellError::NotAllowed { name, .. }) if name == "rm"
+        ));
     }
 
     #[test]
@@ -564,9 +693,19 @@ mod tests {
             check("f() { rm x; }; f", Some(&ok), false),
             Err(ShellError::Unchecked { .. })
         ));
-        for bad in ["grep x f |", "00222222222222<,", "grep x 99999999999>f"] {
+        for bad in [
+            "grep x f |",
+            "00222222222222<,",
+            "grep x 99999999999>f",
+            // Malformed here-documents (the first made brush-parser 0.3 allocate without bound).
+            "\x12\x02\ng<<\r\\\n(*<<$(",
+            "grep x <<EOF\nno end",
+            "grep x <<\nEOF",
+            "grep x <<'EOF\nEOF",
+            "grep x <<E$X\nE$X",
+        ] {
             assert!(
-                matches!(check(bad, Some(&ok), false), Err(ShellError::Syntax(_))),
+                matches!(check(bad, Some(&ok), true), Err(ShellError::Syntax(_))),
                 "{bad}"
             );
         }
