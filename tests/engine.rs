@@ -93,6 +93,25 @@ fn statuses(r: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// The id of the run that a background `follower run` started (its base directory is
+/// `<state>/runs/<run-id>`), once it exists.
+fn started_run_id(ws: &Workspace) -> String {
+    let runs = ws.state_dir().join("runs");
+    let start = Instant::now();
+    loop {
+        let found = std::fs::read_dir(&runs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned());
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no run started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The only run's id.
 fn only_run_id(ws: &Workspace) -> String {
     let r = ws.follower(&["runs", "list"]);
@@ -119,23 +138,7 @@ fn a_run_killed_with_sigkill_resumes_and_runs_each_completed_step_exactly_once()
     ];
     let src = trace(&ws, "six-steps", &steps);
     let mut child = spawn_run(&ws, &[&src, "--allow-unsigned", "--json"]);
-    let id = {
-        // The run's base directory is <state>/runs/<run-id>.
-        let runs = ws.state_dir().join("runs");
-        let start = Instant::now();
-        loop {
-            let found = std::fs::read_dir(&runs)
-                .ok()
-                .and_then(|mut d| d.next())
-                .and_then(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned());
-            if let Some(id) = found {
-                break id;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "no run started");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
+    let id = started_run_id(&ws);
     let base = ws.state_dir().join("runs").join(&id);
     wait_for(&base.join("step4-started"));
     child.kill().expect("SIGKILL");
@@ -191,15 +194,7 @@ fn follower_run_after_a_crash_continues_the_unfinished_run() {
         ],
     );
     let mut child = spawn_run(&ws, &[&src, "--allow-unsigned", "--json"]);
-    let id = loop {
-        if let Some(Ok(e)) = std::fs::read_dir(ws.state_dir().join("runs"))
-            .ok()
-            .and_then(|mut d| d.next())
-        {
-            break e.file_name().to_string_lossy().into_owned();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let id = started_run_id(&ws);
     let base = ws.state_dir().join("runs").join(&id);
     wait_for(&base.join("started"));
     child.kill().unwrap();
