@@ -140,6 +140,19 @@ impl LocalHost {
         &self.base_dir
     }
 
+    /// The canonical read-only roots (those that exist).
+    pub fn read_roots(&self) -> &[PathBuf] {
+        &self.read_roots
+    }
+
+    /// `timeout`, shortened so that it ends no later than the run's deadline.
+    fn within_deadline(&self, timeout: Duration) -> Duration {
+        match self.deadline {
+            Some((at, _)) => timeout.min(at.saturating_duration_since(Instant::now())),
+            None => timeout,
+        }
+    }
+
     fn absolute(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
         if p.is_absolute() {
@@ -377,10 +390,7 @@ impl Host for LocalHost {
         env: &[(String, String)],
         timeout: Duration,
     ) -> Result<ShellOutput, String> {
-        let timeout = match self.deadline {
-            Some((at, _)) => timeout.min(at.saturating_duration_since(Instant::now())),
-            None => timeout,
-        };
+        let timeout = self.within_deadline(timeout);
         run_shell(
             command,
             env,
@@ -413,10 +423,7 @@ impl Host for LocalHost {
 
     #[cfg(feature = "webfetch")]
     fn fetch(&mut self, url: &str, timeout: Duration) -> Result<String, String> {
-        let timeout = match self.deadline {
-            Some((at, _)) => timeout.min(at.saturating_duration_since(Instant::now())),
-            None => timeout,
-        };
+        let timeout = self.within_deadline(timeout);
         web::fetch(url, timeout)
     }
 

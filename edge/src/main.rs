@@ -768,16 +768,8 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
                 eprintln!(
                     "resuming run {id}: it did not finish (the follower was killed or the device lost power); --fresh starts a new run"
                 );
-                let resumes = store.mark_resumed(&id)?;
+                let plan = Plan::resumed(&store, &id, unfinished, loaded)?;
                 drop(store);
-                let plan = Plan {
-                    run_id: id,
-                    base_dir: PathBuf::from(unfinished.base_dir),
-                    inputs: unfinished.inputs,
-                    done: unfinished.done,
-                    resumes,
-                    loaded,
-                };
                 return execute(state_dir, plan, args.exec, lock);
             }
         }
@@ -844,16 +836,8 @@ fn resume(
     }
     exec::check_supported(&loaded.trace)
         .map_err(|e| anyhow!("cannot run trace {}: {e}", loaded.trace.id))?;
-    let resumes = store.mark_resumed(run_id)?;
+    let plan = Plan::resumed(&store, run_id, unfinished, loaded)?;
     drop(store);
-    let plan = Plan {
-        run_id: run_id.to_owned(),
-        base_dir: PathBuf::from(unfinished.base_dir),
-        inputs: unfinished.inputs,
-        done: unfinished.done,
-        resumes,
-        loaded,
-    };
     execute(state_dir, plan, args, lock)
 }
 
@@ -900,6 +884,25 @@ struct Plan {
     done: BTreeMap<u32, exec::Completed>,
     resumes: u32,
     loaded: Loaded,
+}
+
+impl Plan {
+    /// Continues `run_id` from its journal, counting the resume in the store.
+    fn resumed(
+        store: &Store,
+        run_id: &str,
+        unfinished: follower::store::Unfinished,
+        loaded: Loaded,
+    ) -> Result<Self> {
+        Ok(Self {
+            run_id: run_id.to_owned(),
+            base_dir: PathBuf::from(unfinished.base_dir),
+            inputs: unfinished.inputs,
+            done: unfinished.done,
+            resumes: store.mark_resumed(run_id)?,
+            loaded,
+        })
+    }
 }
 
 /// A journal entry on its way from the sandboxed run thread to the store — a step's record
@@ -983,10 +986,7 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
     };
     let policy = sandbox::Policy {
         base_dir: host.base_dir().to_owned(),
-        read_roots: read_roots
-            .iter()
-            .filter_map(|r| r.canonicalize().ok())
-            .collect(),
+        read_roots: host.read_roots().to_vec(),
         network: trace.metadata.requires_internet,
     };
     let mut protections = static_protections(trace, &policy, limits, args.timeout);
