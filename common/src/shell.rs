@@ -193,15 +193,19 @@ fn check_heredocs(text: &str) -> Result<(), ShellError> {
     let is_word = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
     let mut i = 0;
     while let Some(at) = text[i..].find("<<").map(|k| k + i) {
-        if bytes.get(at + 2) == Some(&b'<') {
-            // A here-string: skip every `<` of the run.
-            i = at + 2;
-            while bytes.get(i) == Some(&b'<') {
-                i += 1;
-            }
+        let line = text[..at].matches('\n').count() + 1;
+        let run = bytes[at..].iter().take_while(|b| **b == b'<').count();
+        if run > 3 {
+            // The shell reads `<<<<<` as `<<<` and `<<`: a here-document whose delimiter
+            // brush-parser 0.3 can panic on (found by fuzzing). No command needs one.
+            return Err(ShellError::Syntax(format!(
+                "{run} `<` in a row at line {line}: expected at most 3 (`<<<`, a here-string)"
+            )));
+        }
+        if run == 3 {
+            i = at + 3;
             continue;
         }
-        let line = text[..at].matches('\n').count() + 1;
         let bad = || {
             ShellError::Syntax(format!(
                 "here-document at line {line}: expected `<<WORD` (WORD: letters, digits, `_`, `.`, `-`, optionally quoted) with WORD alone on a later line"
@@ -559,8 +563,225 @@ fn unescape_backquoted(s: &str) -> String {
     out
 }
 
+/// Names the shell treats specially as a command's first word — reserved words, and the
+/// builtins of dash and bash (several also exist as programs, like `echo`, `printf`, `test`,
+/// `kill`, `time`, but the shell runs its own) — so [`direct_argv`] leaves them to the shell.
+const SHELL_NAMES: &[&str] = &[
+    "!",
+    "{",
+    "}",
+    "[[",
+    "]]",
+    "case",
+    "coproc",
+    "do",
+    "done",
+    "elif",
+    "else",
+    "esac",
+    "fi",
+    "for",
+    "function",
+    "if",
+    "in",
+    "select",
+    "then",
+    "time",
+    "until",
+    "while",
+    ".",
+    ":",
+    "[",
+    "alias",
+    "bg",
+    "bind",
+    "break",
+    "builtin",
+    "caller",
+    "cd",
+    "chdir",
+    "command",
+    "compgen",
+    "complete",
+    "compopt",
+    "continue",
+    "declare",
+    "dirs",
+    "disown",
+    "echo",
+    "enable",
+    "eval",
+    "exec",
+    "exit",
+    "export",
+    "false",
+    "fc",
+    "fg",
+    "getopts",
+    "hash",
+    "help",
+    "history",
+    "jobs",
+    "kill",
+    "let",
+    "local",
+    "logout",
+    "mapfile",
+    "popd",
+    "printf",
+    "pushd",
+    "pwd",
+    "read",
+    "readarray",
+    "readonly",
+    "return",
+    "set",
+    "shift",
+    "shopt",
+    "source",
+    "suspend",
+    "test",
+    "times",
+    "trap",
+    "true",
+    "type",
+    "typeset",
+    "ulimit",
+    "umask",
+    "unalias",
+    "unset",
+    "wait",
+];
+
+/// Characters that stand for themselves outside quotes in every POSIX shell (no globbing,
+/// expansion, quoting, operators or reserved words can start with them).
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | ',' | '+' | '%' | '@')
+}
+
+/// The argument vector of `command` when it is one simple command that needs no shell to run —
+/// GNU make's "fast path" (`job.c`, `construct_command_argv_internal`), for the same reason:
+/// starting `/bin/sh` costs as much as the command it runs.
+///
+/// Accepted: words of [`plain`] characters (`=` too, after the first word), `'single quoted'`
+/// text, and `"double quoted"` text without `\` or backticks whose only expansion is
+/// `${NAME}` for a `NAME` in `env` (how [`crate::trace::Template::render_shell`] passes
+/// values), which is replaced by its value without field splitting, as the shell would.
+/// Everything else — operators, redirections, globs, other expansions, newlines, a first word
+/// that is a reserved word or builtin ([`SHELL_NAMES`]) or holds `=` (an assignment) — gives
+/// `None`: the command is for the shell.
+#[must_use]
+pub fn direct_argv(command: &str, env: &[(String, String)]) -> Option<Vec<String>> {
+    let mut words: Vec<String> = Vec::new();
+    let mut chars = command.chars().peekable();
+    loop {
+        while chars.next_if(|c| matches!(c, ' ' | '\t')).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut word = String::new();
+        while let Some(c) = chars.next_if(|c| !matches!(c, ' ' | '\t')) {
+            match c {
+                '\'' => loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        ch => word.push(ch),
+                    }
+                },
+                '"' => loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '$' => {
+                            if chars.next()? != '{' {
+                                return None;
+                            }
+                            let mut name = String::new();
+                            loop {
+                                match chars.next()? {
+                                    '}' => break,
+                                    ch if ch.is_ascii_alphanumeric() || ch == '_' => name.push(ch),
+                                    _ => return None,
+                                }
+                            }
+                            word.push_str(&env.iter().find(|(k, _)| *k == name)?.1);
+                        }
+                        '`' | '\\' => return None,
+                        ch => word.push(ch),
+                    }
+                },
+                '=' if !words.is_empty() => word.push(c),
+                c if plain(c) => word.push(c),
+                _ => return None,
+            }
+        }
+        words.push(word);
+    }
+    let name = words.first()?;
+    if name.is_empty() || name.contains('=') || SHELL_NAMES.contains(&name.as_str()) {
+        return None;
+    }
+    Some(words)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn direct_argv_takes_simple_commands_only() {
+        let env = vec![("TF_VAR_log".to_owned(), "/var/log/a b.log".to_owned())];
+        let argv = |c: &str| direct_argv(c, &env);
+        assert_eq!(
+            argv("grep -c ' install ' \"${TF_VAR_log}\""),
+            Some(vec![
+                "grep".into(),
+                "-c".into(),
+                " install ".into(),
+                "/var/log/a b.log".into()
+            ])
+        );
+        assert_eq!(
+            argv("  sort\t-k4,4 --key=x ''  \"a\"'b'c "),
+            Some(vec![
+                "sort".into(),
+                "-k4,4".into(),
+                "--key=x".into(),
+                String::new(),
+                "abc".into()
+            ])
+        );
+        for shell_only in [
+            "",
+            "   ",
+            "wc -l < f",
+            "a | b",
+            "a && b",
+            "a; b",
+            "ls *.log",
+            "ls ~/x",
+            "echo hi",
+            "printf x",
+            "cd /tmp",
+            "if",
+            "A=1 env",
+            "'A=1' env",
+            "ls \"$HOME\"",
+            "ls \"${TF_VAR_missing}\"",
+            "ls \"${TF_VAR_log:-x}\"",
+            "ls $TF_VAR_log",
+            "ls \\x",
+            "ls 'unterminated",
+            "ls \"unterminated",
+            "ls \"a\\b\"",
+            "ls a\nls b",
+            "ls #comment",
+            "ls a{b,c}",
+            "ls (x)",
+            "ls x &",
+            "ls \"`id`\"",
+        ] {
+            assert_eq!(argv(shell_only), None, "{shell_only:?} needs the shell");
+        }
+    }
+
     use super::*;
 
     fn allowed(names: &[&str]) -> Vec<String> {
@@ -703,6 +924,8 @@ mod tests {
             "grep x <<\nEOF",
             "grep x <<'EOF\nEOF",
             "grep x <<E$X\nE$X",
+            // `<<<` then a here-document brush-parser 0.3 panicked on.
+            "<<<<<${*}${\n*",
         ] {
             assert!(
                 matches!(check(bad, Some(&ok), true), Err(ShellError::Syntax(_))),

@@ -6,7 +6,8 @@
 //! components and symlinks that lead out are refused. Paths are canonicalised before the check,
 //! so a symlink cannot smuggle a read out of the allowed roots either.
 //!
-//! Shell commands run as `/bin/sh -c` in the base directory, in their own process group, with
+//! Shell commands run as `/bin/sh -c` (a simple command without the shell, as GNU make does:
+//! see [`tracefleet::shell::direct_argv`]) in the base directory, in their own process group, with
 //! a scrubbed environment, stdin from /dev/null, capped output and a timeout (SIGTERM to the
 //! group, then SIGKILL after a grace period). Processes the step leaves behind are killed.
 //! Each gets the run's [`ResourceLimits`] (`setrlimit(2)` between fork and exec) and the
@@ -28,8 +29,8 @@ use std::io::{BufRead, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Largest file a Read step or a check reads (bytes).
@@ -519,42 +520,123 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     Err(std::io::Error::other("could not create a temporary file"))
 }
 
-/// Output captured from a pipe so far: the bytes kept (up to the cap) and whether more came.
-type Captured = Arc<Mutex<(Vec<u8>, bool)>>;
-
-/// Reads a pipe on a thread into a shared buffer; the receiver fires at end of file.
-fn spawn_reader(mut r: impl Read + Send + 'static, cap: usize) -> (Captured, mpsc::Receiver<()>) {
-    let captured: Captured = Arc::default();
-    let (done_tx, done) = mpsc::channel();
-    let buf = Arc::clone(&captured);
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            let Ok(mut b) = buf.lock() else { break };
-            let room = cap.saturating_sub(b.0.len());
-            b.0.extend_from_slice(&chunk[..n.min(room)]);
-            b.1 |= n > room;
-        }
-        let _ = done_tx.send(());
-    });
-    (captured, done)
+/// One of a command's output pipes, read on the step's own thread as poll(2) reports data.
+struct Capture {
+    pipe: Option<std::os::fd::OwnedFd>,
+    kept: Vec<u8>,
+    cap: usize,
+    truncated: bool,
 }
 
-/// Takes what a reader captured, waiting up to `grace` for the pipe to close. A process that
-/// left the step's process group (`setsid`) can hold the pipe open; the step does not wait for
-/// it (the reader thread ends when that process does).
-fn collect(reader: Option<(Captured, mpsc::Receiver<()>)>, grace: Duration) -> (Vec<u8>, bool) {
-    let Some((captured, done)) = reader else {
-        return (Vec::new(), false);
+impl Capture {
+    fn new(pipe: Option<impl Into<std::os::fd::OwnedFd>>, cap: usize) -> Self {
+        Capture {
+            pipe: pipe.map(Into::into),
+            kept: Vec::new(),
+            cap,
+            truncated: false,
+        }
+    }
+
+    /// Reads what the pipe holds now (poll said it is readable, so this does not block);
+    /// closes it at end of file or on an error.
+    fn read_ready(&mut self) {
+        let Some(pipe) = &self.pipe else { return };
+        let mut chunk = [0u8; 16384];
+        match rustix::io::read(pipe, &mut chunk) {
+            Ok(0) | Err(_) => self.pipe = None,
+            Ok(n) => {
+                let room = self.cap.saturating_sub(self.kept.len());
+                self.kept.extend_from_slice(&chunk[..n.min(room)]);
+                self.truncated |= n > room;
+            }
+        }
+    }
+}
+
+/// Waits up to `timeout` for data on the open pipes or the exit of the process behind
+/// `pidfd`, and reads what arrived.
+fn poll_step(pipes: [&mut Capture; 2], pidfd: Option<&std::os::fd::OwnedFd>, timeout: Duration) {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let [a, b] = pipes;
+    let readable = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
+    let ready = {
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
+        let mut which = Vec::with_capacity(3);
+        for (i, p) in [&a.pipe, &b.pipe].into_iter().enumerate() {
+            if let Some(fd) = p {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+                which.push(i);
+            }
+        }
+        if let Some(fd) = pidfd {
+            fds.push(PollFd::new(fd, PollFlags::IN));
+        }
+        if fds.is_empty() {
+            std::thread::sleep(timeout);
+            return;
+        }
+        let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
+            tv_sec: 0,
+            tv_nsec: 20_000_000,
+        });
+        if rustix::event::poll(&mut fds, Some(&ts)).is_err() {
+            return;
+        }
+        which
+            .iter()
+            .zip(&fds)
+            .filter(|(_, fd)| fd.revents().intersects(readable))
+            .map(|(i, _)| *i)
+            .collect::<Vec<_>>()
     };
-    let _ = done.recv_timeout(grace);
-    captured
-        .lock()
-        .map(|mut b| (std::mem::take(&mut b.0), b.1))
-        .unwrap_or_default()
+    for i in ready {
+        if i == 0 {
+            a.read_ready()
+        } else {
+            b.read_ready()
+        }
+    }
+}
+
+/// The search path of every step's commands.
+const STEP_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the shell would find `name`: itself when it holds a `/` (relative to `dir`), else the
+/// first executable regular file of that name along [`STEP_PATH`].
+fn find_program(name: &str, dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let p = dir.join(name);
+        return executable(&p).then_some(p);
+    }
+    STEP_PATH
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| executable(p))
+}
+
+/// The containment every step process gets: `limits`, its own process group, the scrubbed
+/// environment plus `env`, `dir` as working directory, home and TMPDIR, stdin from /dev/null
+/// and both outputs piped to the step.
+fn contain(cmd: &mut Command, env: &[(String, String)], dir: &Path, limits: ResourceLimits) {
+    apply_limits(cmd, limits);
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", STEP_PATH)
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .env("LC_ALL", "C.UTF-8")
+        .env("TRACEFLEET_BASE_DIR", dir)
+        .env("TMPDIR", dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
 }
 
 /// Runs `/bin/sh -c command` in `dir` with the containment described in the module docs.
@@ -566,49 +648,51 @@ fn run_shell(
     limits: ResourceLimits,
     stopper: &Stopper,
 ) -> Result<ShellOutput, String> {
-    let mut cmd = Command::new("/bin/sh");
-    apply_limits(&mut cmd, limits);
-    let mut child = cmd
-        .arg("-c")
-        .arg(command)
-        .current_dir(dir)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", dir)
-        .env("LANG", "C.UTF-8")
-        .env("LC_ALL", "C.UTF-8")
-        .env("TRACEFLEET_BASE_DIR", dir)
-        .env("TMPDIR", dir)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
+    // A simple command runs without the shell in between (see `shell::direct_argv`); when its
+    // program cannot be started directly (not found, a script without `#!`), the shell runs it
+    // and reports as it would.
+    let direct = tracefleet::shell::direct_argv(command, env)
+        .and_then(|argv| find_program(&argv[0], dir).map(|p| (p, argv)));
+    let spawned = match direct {
+        Some((program, argv)) => {
+            let mut cmd = Command::new(program);
+            cmd.arg0(&argv[0]).args(&argv[1..]);
+            contain(&mut cmd, env, dir, limits);
+            // What the shell would add to the environment of the program it starts.
+            cmd.env("PWD", dir).spawn().ok()
+        }
+        None => None,
+    };
+    let mut child = match spawned {
+        Some(child) => child,
+        None => {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c").arg(command);
+            contain(&mut cmd, env, dir, limits);
+            cmd.spawn()
+                .map_err(|e| format!("cannot start /bin/sh: {e}"))?
+        }
+    };
     let pgid =
         Pid::from_raw(i32::try_from(child.id()).map_err(|_| "process id out of range".to_owned())?);
-    let out = child
-        .stdout
-        .take()
-        .map(|o| spawn_reader(o, MAX_STDOUT_BYTES));
-    let err = child
-        .stderr
-        .take()
-        .map(|e| spawn_reader(e, MAX_STDERR_BYTES));
+    let mut out = Capture::new(child.stdout.take(), MAX_STDOUT_BYTES);
+    let mut err = Capture::new(child.stderr.take(), MAX_STDERR_BYTES);
+    // A pidfd (Linux 5.3+) wakes poll(2) the moment the command exits; without one (older
+    // kernels) an exit that leaves the pipes open is noticed within the 20 ms slice.
+    let pidfd = rustix::process::Pid::from_raw(pgid.as_raw())
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
     let mut deadline = Instant::now() + timeout;
     let mut timed_out = false;
     let mut aborted = false;
-    // A waiter thread blocks in wait(2), so a finished command is noticed at once; this
-    // thread wakes at least every 20 ms to act on a stop request or the deadline.
-    let (done_tx, done_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(child.wait());
-    });
+    // This thread reads both pipes and waits for the command itself: it wakes on output, on
+    // the command's exit, and at least every 20 ms to act on a stop request or the deadline.
     let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| format!("cannot wait for the command: {e}"))?
+        {
+            break status;
+        }
         let now = Instant::now();
         if !aborted && !timed_out && stopper.level() >= 2 {
             aborted = true;
@@ -629,18 +713,32 @@ fn run_shell(
         let slice = wake
             .saturating_duration_since(now)
             .clamp(Duration::from_millis(1), Duration::from_millis(20));
-        match done_rx.recv_timeout(slice) {
-            Ok(status) => break status.map_err(|e| format!("cannot wait for the command: {e}"))?,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("lost track of the command's process".into());
-            }
-        }
+        // Without a pidfd and with both pipes closed, poll the exit in short steps.
+        let slice = if pidfd.is_none() && out.pipe.is_none() && err.pipe.is_none() {
+            slice.min(Duration::from_millis(1))
+        } else {
+            slice
+        };
+        poll_step([&mut out, &mut err], pidfd.as_ref(), slice);
     };
-    // Nothing the step started may outlive it (and hold our pipes open).
+    // Nothing the step started may outlive it (and hold our pipes open). A process that left
+    // the group (`setsid`) can still hold them: the step waits for them no longer than
+    // PIPE_GRACE.
     let _ = killpg(pgid, Signal::SIGKILL);
-    let (stdout, stdout_truncated) = collect(out, PIPE_GRACE);
-    let (stderr, _) = collect(err, PIPE_GRACE);
+    let grace_end = Instant::now() + PIPE_GRACE;
+    while out.pipe.is_some() || err.pipe.is_some() {
+        let left = grace_end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        poll_step(
+            [&mut out, &mut err],
+            None,
+            left.min(Duration::from_millis(20)),
+        );
+    }
+    let (stdout, stdout_truncated) = (out.kept, out.truncated);
+    let stderr = err.kept;
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     if aborted {
         return Err(format!(
@@ -779,6 +877,50 @@ mod tests {
             .unwrap();
         assert_eq!(out.stdout, "escaped\n");
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn simple_commands_run_without_the_shell_exactly_as_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = host(d.path());
+        let env = vec![("TF_VAR_x".to_owned(), "two  words $HOME `id` *".to_owned())];
+        let run = |h: &mut LocalHost, c: &str| h.shell(c, &env, Duration::from_secs(10)).unwrap();
+        for command in [
+            "/usr/bin/printf '[%s]' a 'b  c' \"${TF_VAR_x}\" '' x=y \"q\"'r's",
+            "/usr/bin/env",
+            "/bin/sh -c 'exit 7'",
+            "cat missing-file",
+        ] {
+            assert!(
+                tracefleet::shell::direct_argv(command, &env).is_some(),
+                "{command}"
+            );
+            // A trailing `;` leaves the same command to the shell.
+            let (direct, shell) = (run(&mut h, command), run(&mut h, &format!("{command};")));
+            let sorted = |o: &str| {
+                let mut l: Vec<&str> = o.lines().collect();
+                l.sort_unstable();
+                l.join("\n")
+            };
+            assert_eq!(sorted(&direct.stdout), sorted(&shell.stdout), "{command}");
+            assert_eq!(direct.exit_code, shell.exit_code, "{command}");
+            assert_eq!(
+                direct.stderr.is_empty(),
+                shell.stderr.is_empty(),
+                "{command}"
+            );
+        }
+        // Programs the shell must handle: one not found, and a script without `#!`.
+        let out = run(&mut h, "no-such-program-anywhere --x");
+        assert_eq!(out.exit_code, Some(127));
+        assert!(out.stderr.contains("not found"), "{}", out.stderr);
+        std::fs::write(d.path().join("script"), "echo from-script\n").unwrap();
+        std::fs::set_permissions(
+            d.path().join("script"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        assert_eq!(run(&mut h, "./script").stdout, "from-script\n");
     }
 
     #[test]

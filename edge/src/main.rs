@@ -474,8 +474,7 @@ fn unix_now() -> u64 {
 /// Loads the trace to run: verified when signed; sources and compiled traces only for authors.
 /// Verifies a signed trace against the device's trust root.
 /// Verifies a signed trace against the device's trust root; also returns that root's version.
-fn verify_signed(state_dir: &Path, bytes: &[u8]) -> Result<(signed::Verified, u32)> {
-    let store = Store::open(state_dir)?;
+fn verify_signed(store: &Store, bytes: &[u8]) -> Result<(signed::Verified, u32)> {
     let (root, _) = store.trust_root()?.ok_or_else(|| {
         anyhow!("this device has no trust root yet (run `follower trust init ROOT.tfr`)")
     })?;
@@ -519,15 +518,14 @@ fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
             "refusing {shown}: not a signed trace or bundle (expected the \"TFS\" or \"TFB\" magic)"
         );
     }
-    let (verified, root_version) = match verify_signed(state_dir, &bytes) {
+    let mut store = Store::open(state_dir)?;
+    let (verified, root_version) = match verify_signed(&store, &bytes) {
         Ok(v) => v,
         Err(e) => {
-            let store = Store::open(state_dir)?;
             store.log_refusal("trace", &shown, &format!("{e:#}"), &now_rfc3339())?;
             return Err(e.context(format!("refusing {shown}")));
         }
     };
-    let mut store = Store::open(state_dir)?;
     let id = verified.trace.id.to_string();
     match store.install_trace(
         Some(root_version),
@@ -630,7 +628,7 @@ impl Loaded {
     }
 }
 
-fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<Loaded> {
+fn load_trace(store: &Store, path: &Path, allow_unsigned: bool) -> Result<Loaded> {
     // An installed trace id runs the installed version, verified again (the root may have
     // rotated or the signature expired since it was installed) — even if a file of that name
     // happens to exist here; a file is named with a path separator or an extension.
@@ -638,9 +636,8 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<Loa
         .to_str()
         .and_then(|p| p.parse::<tracefleet::ids::TraceId>().ok())
     {
-        let store = Store::open(state_dir)?;
         if let Some(bytes) = store.installed_signed(id.as_str())? {
-            let (v, _) = verify_signed(state_dir, &bytes)
+            let (v, _) = verify_signed(store, &bytes)
                 .with_context(|| format!("refusing installed trace {id}"))?;
             return Ok(Loaded::signed(v.trace, "installed, verified".into(), bytes));
         }
@@ -651,10 +648,8 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<Loa
     let bytes = read_limited(path, signed::MAX_SIGNED_BYTES as u64)?;
     let shown = path.display();
     if bytes.starts_with(SIGNED_MAGIC) {
-        let (v, _) =
-            verify_signed(state_dir, &bytes).with_context(|| format!("refusing {shown}"))?;
+        let (v, _) = verify_signed(store, &bytes).with_context(|| format!("refusing {shown}"))?;
         // Versions never go backwards, for runs from files too.
-        let store = Store::open(state_dir)?;
         if let Some(installed) = store.installed_version(v.trace.id.as_str())?
             && v.trace.version < installed
         {
@@ -710,12 +705,11 @@ fn load_trace(state_dir: &Path, path: &Path, allow_unsigned: bool) -> Result<Loa
 const MIN_GOAL_SIMILARITY: f64 = 0.25;
 
 /// `run --goal`: the best-matching installed trace that verifies, if it may run on its own.
-fn select_by_goal(state_dir: &Path, goal: &str) -> Result<Loaded> {
+fn select_by_goal(store: &Store, goal: &str) -> Result<Loaded> {
     use tracefleet::confidence::goal_similarity;
-    let store = Store::open(state_dir)?;
     let mut best: Option<(f64, Trace, Vec<u8>)> = None;
     for (id, _, bytes) in store.installed_traces()? {
-        let Ok((v, _)) = verify_signed(state_dir, &bytes) else {
+        let Ok((v, _)) = verify_signed(store, &bytes) else {
             tracing::warn!(trace = %id, "installed trace no longer verifies; not considered");
             continue;
         };
@@ -744,9 +738,11 @@ fn select_by_goal(state_dir: &Path, goal: &str) -> Result<Loaded> {
 }
 
 fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
+    // One connection for the whole command: each close of the last one checkpoints the WAL.
+    let store = Store::open(state_dir)?;
     let loaded = match (&args.goal, &args.trace) {
-        (Some(goal), _) => select_by_goal(state_dir, goal)?,
-        (None, Some(path)) => load_trace(state_dir, path, args.allow_unsigned)?,
+        (Some(goal), _) => select_by_goal(&store, goal)?,
+        (None, Some(path)) => load_trace(&store, path, args.allow_unsigned)?,
         (None, None) => bail!("name a trace or give --goal TEXT"),
     };
     let trace = &loaded.trace;
@@ -758,7 +754,6 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
     // After a crash (power loss, SIGKILL): continue the unfinished run instead of repeating
     // its completed steps. A run still going in another process holds its lock.
     if !args.fresh && args.base_dir.is_none() {
-        let store = Store::open(state_dir)?;
         let version = trace.version.to_string();
         for id in store.running_like(trace.id.as_str(), &version, &inputs)? {
             if let Some(lock) = RunLock::try_acquire(state_dir, &id)? {
@@ -769,8 +764,7 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
                     "resuming run {id}: it did not finish (the follower was killed or the device lost power); --fresh starts a new run"
                 );
                 let plan = Plan::resumed(&store, &id, unfinished, loaded)?;
-                drop(store);
-                return execute(state_dir, plan, args.exec, lock);
+                return execute(store, plan, args.exec, lock);
             }
         }
     }
@@ -789,7 +783,7 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         resumes: 0,
         loaded,
     };
-    execute(state_dir, plan, args.exec, lock)
+    execute(store, plan, args.exec, lock)
 }
 
 fn resume(
@@ -808,7 +802,7 @@ fn resume(
         .ok_or_else(|| anyhow!("run {run_id} is still running in another follower process"))?;
     let loaded = if unfinished.signed {
         // Verified again: the root may have rotated or the signature expired since.
-        let (v, _) = verify_signed(state_dir, &unfinished.trace_file)
+        let (v, _) = verify_signed(&store, &unfinished.trace_file)
             .with_context(|| format!("refusing to resume run {run_id}"))?;
         Loaded::signed(
             v.trace,
@@ -837,8 +831,7 @@ fn resume(
     exec::check_supported(&loaded.trace)
         .map_err(|e| anyhow!("cannot run trace {}: {e}", loaded.trace.id))?;
     let plan = Plan::resumed(&store, run_id, unfinished, loaded)?;
-    drop(store);
-    execute(state_dir, plan, args, lock)
+    execute(store, plan, args, lock)
 }
 
 /// An exclusive lock on a run, held by the process executing it (`flock(2)` on
@@ -906,15 +899,17 @@ impl Plan {
 }
 
 /// A journal entry on its way from the sandboxed run thread to the store — a step's record
-/// with its full output when it finished, without when it starts — and the channel that tells
-/// the run thread it was written.
+/// with its full output when it finished, without when it starts — and, for a finished step,
+/// the channel that tells the run thread it was written. A start is written while the step
+/// runs (resuming does not depend on it: a step without a result runs again either way); a
+/// result is written before the next step starts.
 type JournalEntry = (
     tracefleet::report::StepResult,
     Option<String>,
-    std::sync::mpsc::SyncSender<()>,
+    Option<std::sync::mpsc::SyncSender<()>>,
 );
 
-fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Result<ExitCode> {
+fn execute(mut store: Store, plan: Plan, args: ExecArgs, _lock: RunLock) -> Result<ExitCode> {
     let Plan {
         run_id,
         base_dir,
@@ -992,7 +987,6 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
     let mut protections = static_protections(trace, &policy, limits, args.timeout);
     let telemetry_start = follower::telemetry::sample();
 
-    let store = Store::open(state_dir)?;
     if resumes == 0 {
         store.begin_run(&NewRun {
             run_id: &run_id,
@@ -1034,16 +1028,26 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
         let worker = scope.spawn(|| {
             let landlock = sandbox::restrict_current_thread(&policy);
             let journal_tx = journal_tx;
-            let report = exec::resume(trace, &cx, &inputs, &done, &mut host, &mut |event| {
-                let (result, output) = match event {
-                    Event::StepStarted(result) => (result, None),
-                    Event::StepFinished(result, output) => (result, Some(output.to_owned())),
-                };
-                let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
-                if journal_tx.send((result.clone(), output, ack_tx)).is_ok() {
-                    let _ = ack_rx.recv();
-                }
-            });
+            let report =
+                exec::resume(
+                    trace,
+                    &cx,
+                    &inputs,
+                    &done,
+                    &mut host,
+                    &mut |event| match event {
+                        Event::StepStarted(result) => {
+                            let _ = journal_tx.send((result.clone(), None, None));
+                        }
+                        Event::StepFinished(result, output) => {
+                            let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                            let entry = (result.clone(), Some(output.to_owned()), Some(ack_tx));
+                            if journal_tx.send(entry).is_ok() {
+                                let _ = ack_rx.recv();
+                            }
+                        }
+                    },
+                );
             (report, landlock)
         });
         for (result, output, ack) in journal_rx {
@@ -1056,7 +1060,9 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
                 stopper.request();
                 journal_error.get_or_insert(e);
             }
-            let _ = ack.send(());
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
         }
         worker.join()
     })
@@ -1073,7 +1079,6 @@ fn execute(state_dir: &Path, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
     // Statistics are kept for verified traces only: author runs of sources do not count, and
     // a stopped run is not an outcome.
     if loaded.signed && report.status != RunStatus::Stopped {
-        let mut store = Store::open(state_dir)?;
         let success = report.status == RunStatus::Success;
         store.record_outcome(
             &report.trace_id,

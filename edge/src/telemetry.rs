@@ -11,10 +11,19 @@ use std::path::Path;
 use std::sync::OnceLock;
 use tracefleet::report::{GpuSample, Telemetry, ThermalZone};
 
+/// Where the NVIDIA kernel driver shows itself; without it NVML cannot work, and the
+/// library search that `Nvml::init` does (some 90 failed opens) is skipped.
+const NVIDIA_DRIVER_PROC: &str = "/proc/driver/nvidia";
+
 /// NVML, loaded once per process (or why not).
 fn nvml() -> &'static Result<Nvml, String> {
     static NVML: OnceLock<Result<Nvml, String>> = OnceLock::new();
-    NVML.get_or_init(|| Nvml::init().map_err(|e| e.to_string()))
+    NVML.get_or_init(|| {
+        if !Path::new(NVIDIA_DRIVER_PROC).exists() {
+            return Err(format!("no NVIDIA driver ({NVIDIA_DRIVER_PROC} missing)"));
+        }
+        Nvml::init().map_err(|e| e.to_string())
+    })
 }
 
 /// Samples the device now.
