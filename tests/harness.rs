@@ -207,3 +207,179 @@ impl Workspace {
         r.stdout.lines().count()
     }
 }
+
+/// A real Mosquitto broker on a free loopback port, with persistence in the workspace (so a
+/// restart keeps sessions, subscriptions and queued messages, as a production broker
+/// would). Killed when dropped.
+pub struct Broker {
+    /// The port it listens on.
+    pub port: u16,
+    conf: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// The Mosquitto binary (`mosquitto` on PATH, or Debian's /usr/sbin/mosquitto).
+fn mosquitto() -> PathBuf {
+    let sbin = PathBuf::from("/usr/sbin/mosquitto");
+    if sbin.is_file() {
+        return sbin;
+    }
+    PathBuf::from("mosquitto")
+}
+
+impl Broker {
+    /// Starts a broker for `ws` (config and persistence under `ws/mosquitto/`).
+    ///
+    /// # Panics
+    /// When Mosquitto is missing or does not start listening within 10 s.
+    pub fn start(ws: &Workspace) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = ws.path("mosquitto");
+        std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        let conf = dir.join("mosquitto.conf");
+        // Started as root, Mosquitto switches to its own user unless told otherwise, and could
+        // then not write its persistence file into this workspace.
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        std::fs::write(
+            &conf,
+            format!(
+                "user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
+                dir.display(),
+                dir.display()
+            ),
+        )
+        .expect("mosquitto.conf");
+        let mut b = Broker {
+            port,
+            conf,
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    /// Stops the broker gracefully (SIGTERM: it saves its persistence file).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (after [`Broker::stop`]).
+    ///
+    /// # Panics
+    /// When it does not listen within 10 s.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(mosquitto())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto: install it (scripts/setup.sh does)");
+        self.child = Some(child);
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "mosquitto did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A long-running workspace process (`learner serve`, `follower agent`), SIGKILLed when
+/// dropped.
+pub struct Daemon {
+    /// The process.
+    pub child: std::process::Child,
+}
+
+impl Daemon {
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Workspace {
+    /// Starts `name ARGS` in the workspace in the background (stderr to `<name>.log`).
+    pub fn daemon(&self, name: &str, args: &[&str]) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("{name}.log")))
+            .expect("log file");
+        let child = Command::new(bin(name))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("TRACEFLEET_STATE_DIR", self.state_dir())
+            .env(
+                "RUST_LOG",
+                std::env::var("TRACEFLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("TRACEFLEET_MODEL")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn");
+        Daemon { child }
+    }
+
+    /// Polls `check` every 100 ms until it gives `Some`, for at most `secs` seconds.
+    ///
+    /// # Panics
+    /// On timeout, with `what` and the workspace's logs.
+    pub fn wait_until<T>(&self, secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            if t.elapsed() > std::time::Duration::from_secs(secs) {
+                let logs: String = ["learner.log", "follower.log", "mosquitto/mosquitto.log"]
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "--- {l}\n{}\n",
+                            std::fs::read_to_string(self.path(l)).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                panic!("timed out after {secs} s waiting for {what}\n{logs}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}

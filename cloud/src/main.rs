@@ -83,6 +83,107 @@ enum Command {
     /// Build bundles for sideloading (USB).
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Connect to the fleet's MQTT broker and ingest what devices publish (heartbeats,
+    /// reports, acks, escalations, status) into the learner's database, until SIGTERM/SIGINT.
+    Serve {
+        /// The learner's TOML config (db, client_id, [broker]).
+        #[arg(long, value_name = "learner.toml")]
+        config: PathBuf,
+    },
+    /// Devices the learner has heard of.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Runs devices reported, and each trace version's fleet-wide statistics.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Send a signed command to a device (QoS 1; a device that is offline gets it when it
+    /// reconnects).
+    #[command(name = "command")]
+    Send {
+        /// The device id.
+        device: String,
+        /// What to do.
+        #[command(subcommand)]
+        action: CommandAction,
+        /// Secret command-signing key(s) (role commands; several to reach a threshold).
+        #[arg(long = "key", value_name = "KEY", global = true)]
+        keys: Vec<PathBuf>,
+        /// The learner's config (broker, database for the command counter).
+        #[arg(long, value_name = "learner.toml", global = true)]
+        config: Option<PathBuf>,
+        /// How long the device may act on it.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, global = true)]
+        expires: Duration,
+    },
+    /// Roll a signed trace out to the fleet.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// One line per device: id, online, last seen, follower version, runs reported.
+    List(ListArgs),
+}
+
+/// Where a listing reads from, and how it prints.
+#[derive(clap::Args)]
+struct ListArgs {
+    /// The learner's config.
+    #[arg(long, value_name = "learner.toml")]
+    config: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Reported runs (oldest first), then per-version statistics.
+    List(ListArgs),
+}
+
+#[derive(Subcommand)]
+enum CommandAction {
+    /// Run an installed trace.
+    Run {
+        /// The trace id.
+        trace: String,
+        /// An input (repeatable).
+        #[arg(long = "var", value_name = "KEY=VALUE")]
+        vars: Vec<String>,
+    },
+    /// Stop a run after its current step (all runs when no id is given).
+    Stop {
+        /// The run id.
+        run: Option<String>,
+    },
+    /// Abort a run's current step.
+    Abort {
+        /// The run id.
+        run: Option<String>,
+    },
+    /// Kill a run's process at once (it can be resumed later).
+    Kill {
+        /// The run id.
+        run: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Publish a signed trace, retained, to a group or the whole fleet: devices online get it
+    /// now, devices offline when they reconnect. (Staged waves and canaries: not yet.)
+    Start {
+        /// The signed trace (from `learner sign`).
+        signed: PathBuf,
+        /// Only this group's devices (default: the whole fleet).
+        #[arg(long)]
+        group: Option<String>,
+        /// The learner's config (broker).
+        #[arg(long, value_name = "learner.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -288,6 +389,101 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Serve { config } => {
+            learner::fleet::serve(&learner::fleet::LearnerConfig::load(&config)?)
+        }
+        Command::Devices(DevicesCommand::List(ListArgs { config, json })) => {
+            let db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let devices = db.devices()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                for d in devices {
+                    println!(
+                        "{}\t{}\tlast seen {}\t{}\t{} runs",
+                        d.device_id,
+                        if d.online { "online" } else { "offline" },
+                        humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH
+                                + Duration::from_secs(u64::try_from(d.last_seen).unwrap_or(0))
+                        ),
+                        d.follower_version.as_deref().unwrap_or("-"),
+                        d.runs
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Runs(RunsCommand::List(ListArgs { config, json })) => {
+            let db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let runs = db.runs()?;
+            let stats = db.trace_stats()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?})
+                    )?
+                );
+            } else {
+                for r in runs {
+                    println!(
+                        "{}\t{}\t{} {}\t{}",
+                        r.run_id, r.device_id, r.trace_id, r.trace_version, r.status
+                    );
+                }
+                for s in stats {
+                    println!(
+                        "{} {}: {} runs, {} successful, confidence {:.3}",
+                        s.trace_id, s.version, s.runs, s.successes, s.confidence
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Send {
+            device,
+            action,
+            keys: key_files,
+            config,
+            expires,
+        } => send_command(&device, action, &key_files, config.as_deref(), expires),
+        Command::Rollout(RolloutCommand::Start {
+            signed: file,
+            group,
+            config,
+        }) => {
+            let config = learner::fleet::LearnerConfig::load(&config)?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let s = signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
+            let id = s.header.trace_id.to_string();
+            let topic = match &group {
+                Some(g) => {
+                    tracefleet::wire::check_name("group", g)?;
+                    tracefleet::wire::Topic::GroupTrace(g.clone(), id.clone())
+                }
+                None => tracefleet::wire::Topic::FleetTrace(id.clone()),
+            };
+            learner::fleet::publish_once(
+                &config,
+                &format!("{}-rollout", config.client_id),
+                &topic.name(),
+                bytes,
+                true,
+                Duration::from_secs(30),
+            )?;
+            println!(
+                "published {id} {} to {} (retained)",
+                s.header.version,
+                group.map_or_else(|| "the fleet".to_owned(), |g| format!("group {g}"))
+            );
+            Ok(())
+        }
         Command::Bundle(BundleCommand::Create {
             output,
             signed: signed_files,
@@ -486,6 +682,79 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `learner command DEVICE …`: sign with the command keys, publish with QoS 1.
+fn send_command(
+    device: &str,
+    action: CommandAction,
+    key_files: &[PathBuf],
+    config: Option<&Path>,
+    expires: Duration,
+) -> Result<()> {
+    use tracefleet::wire::{self, Action};
+    wire::check_name("device id", device)?;
+    if key_files.is_empty() {
+        bail!("--key COMMANDS.key is needed: commands are signed by the trust root's command keys");
+    }
+    let config = config.ok_or_else(|| {
+        anyhow!("--config learner.toml is needed (the broker and the command counters)")
+    })?;
+    let config = learner::fleet::LearnerConfig::load(config)?;
+    let keys = key_files
+        .iter()
+        .map(|f| {
+            let k = keys::read_secret(f)?;
+            if k.role != KeyRole::Commands {
+                bail!(
+                    "{}: a {} key: expected a command-signing key (role commands)",
+                    f.display(),
+                    k.role
+                );
+            }
+            Ok(k)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let action = match action {
+        CommandAction::Run { trace, vars } => Action::Run {
+            trace_id: trace,
+            vars: vars
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| anyhow!("--var {kv:?}: expected KEY=VALUE"))
+                })
+                .collect::<Result<_>>()?,
+        },
+        CommandAction::Stop { run } => Action::Stop(run),
+        CommandAction::Abort { run } => Action::Abort(run),
+        CommandAction::Kill { run } => Action::Kill(run),
+    };
+    let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
+    let now = unix_now();
+    let command = wire::Command {
+        device_id: device.to_owned(),
+        counter: db.next_command_counter(device)?,
+        issued_at: now,
+        expires_at: now.saturating_add(expires.as_secs()),
+        action,
+    };
+    let refs: Vec<&SecretKey> = keys.iter().collect();
+    let payload = wire::encode(&wire::sign_command(&command, &refs));
+    learner::fleet::publish_once(
+        &config,
+        &format!("{}-command", config.client_id),
+        &wire::Topic::Commands(device.to_owned()).name(),
+        payload,
+        false,
+        Duration::from_secs(30),
+    )?;
+    println!(
+        "sent to {device}: {:?} (counter {})",
+        command.action, command.counter
+    );
+    Ok(())
+}
+
 /// Reads a secret key that must be a trace-signing key.
 fn trace_key(path: &Path) -> Result<SecretKey> {
     let secret = keys::read_secret(path)?;
@@ -573,4 +842,13 @@ fn compile_all(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod cli_tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

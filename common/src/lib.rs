@@ -6,9 +6,11 @@
 //!   compiled form with its format version byte;
 //! - [`signed`]: ed25519 keys, key files and the signed-trace envelope with its verification;
 //! - [`report`]: the run report (a superset of the LLMunix follower report);
-//! - [`shell`]: a Bash step's shell policy (allowed commands, command substitution).
+//! - [`shell`]: a Bash step's shell policy (allowed commands, command substitution);
+//! - [`wire`]: the fleet link's MQTT topics, payloads and signed commands.
 //!
-//! It knows nothing of MQTT clients, SQLite, llama.cpp or a device's file system layout:
+//! It knows nothing of SQLite, llama.cpp or a device's file system layout, and of MQTT clients
+//! only behind the `mqtt` feature ([`link`]: the broker settings both sides share):
 //! it takes bytes (and the time, where it matters) and returns values or typed errors.
 
 mod bold;
@@ -17,12 +19,15 @@ pub mod compile;
 pub mod confidence;
 pub mod diag;
 pub mod ids;
+#[cfg(feature = "mqtt")]
+pub mod link;
 pub mod report;
 pub mod shell;
 pub mod signed;
 pub mod source;
 pub mod trace;
 pub mod trust;
+pub mod wire;
 
 pub use compile::{compile_source, decode_compiled, encode_compiled};
 pub use diag::{Diagnostic, Diagnostics, Severity};

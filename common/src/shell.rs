@@ -663,12 +663,12 @@ fn plain(c: char) -> bool {
 /// GNU make's "fast path" (`job.c`, `construct_command_argv_internal`), for the same reason:
 /// starting `/bin/sh` costs as much as the command it runs.
 ///
-/// Accepted: words of [`plain`] characters (`=` too, after the first word), `'single quoted'`
+/// Accepted: words of plain characters (ASCII letters, digits, `-_./:,+%@`) (`=` too, after the first word), `'single quoted'`
 /// text, and `"double quoted"` text without `\` or backticks whose only expansion is
 /// `${NAME}` for a `NAME` in `env` (how [`crate::trace::Template::render_shell`] passes
 /// values), which is replaced by its value without field splitting, as the shell would.
 /// Everything else — operators, redirections, globs, other expansions, newlines, a first word
-/// that is a reserved word or builtin ([`SHELL_NAMES`]) or holds `=` (an assignment) — gives
+/// that is a reserved word or a builtin of dash or bash, or holds `=` (an assignment) — gives
 /// `None`: the command is for the shell.
 #[must_use]
 pub fn direct_argv(command: &str, env: &[(String, String)]) -> Option<Vec<String>> {

@@ -3,8 +3,10 @@
 //! It verifies signed traces against the device's trusted keys and executes them offline:
 //! deterministic tool steps directly ([`host`], contained by [`sandbox`]), judgement steps with a GGUF model in-process
 //! ([`infer`]). The interpreter ([`exec`]) is a functional core over the [`exec::Host`] trait;
-//! runs are journaled step by step in the device store ([`store`]).
+//! runs are journaled step by step in the device store ([`store`]). [`agent`] is the device's
+//! side of the fleet link (MQTT).
 
+pub mod agent;
 pub mod exec;
 pub mod host;
 pub mod infer;

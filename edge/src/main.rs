@@ -81,6 +81,16 @@ enum Command {
         #[arg(long)]
         allow_unsigned: bool,
     },
+    /// Join the fleet: stay connected to the MQTT broker, install pushed traces, run traces on
+    /// signed commands and on the config's schedule, send every run's report (from an outbox
+    /// that survives restarts), heartbeats and escalations. Stops on SIGTERM/SIGINT after
+    /// stopping its runs.
+    Agent {
+        /// The agent's TOML config (device_id, groups, [broker], heartbeat_secs, run_args,
+        /// [[schedule]]); TRACEFLEET_DEVICE_ID and TRACEFLEET_MQTT_* override it.
+        #[arg(long, value_name = "follower.toml")]
+        config: PathBuf,
+    },
     /// Inspect recorded runs.
     #[command(subcommand)]
     Runs(RunsCommand),
@@ -164,8 +174,18 @@ struct RunArgs {
     /// For trace authors: run a trace source or an unsigned compiled trace without verification.
     #[arg(long)]
     allow_unsigned: bool,
+    /// The new run's id (a UUID; default: a fresh UUIDv7). The agent names the runs it starts,
+    /// so that commands can address them.
+    #[arg(long, value_name = "UUID", value_parser = parse_run_id)]
+    run_id: Option<String>,
     #[command(flatten)]
     exec: ExecArgs,
+}
+
+fn parse_run_id(s: &str) -> Result<String, String> {
+    uuid::Uuid::parse_str(s)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|e| format!("expected a UUID: {e}"))
 }
 
 /// How a run executes (for `run` and `resume`).
@@ -183,7 +203,8 @@ struct ExecArgs {
     /// CPU threads for inference (default: available cores).
     #[arg(long, env = "TRACEFLEET_THREADS")]
     threads: Option<u32>,
-    /// This device's id in reports (default: the host name).
+    /// This device's id in reports (default: the id the agent enrolled it as, else the host
+    /// name).
     #[arg(long, env = "TRACEFLEET_DEVICE_ID")]
     device_id: Option<String>,
     /// Directories a trace may read outside its base directory (repeatable; default /var/log, /etc, /usr/share).
@@ -299,6 +320,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Install { file } => install(&state_dir, &file),
+        Command::Agent { config } => {
+            let config = follower::agent::AgentConfig::load(&config)?;
+            follower::agent::run(config, &state_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Escalations => {
             let store = Store::open(&state_dir)?;
             for (trace_id, reason) in store.escalations()? {
@@ -769,7 +795,9 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         }
     }
 
-    let run_id = uuid::Uuid::now_v7().to_string();
+    let run_id = args
+        .run_id
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let base_dir = args
         .base_dir
         .unwrap_or_else(|| state_dir.join("runs").join(&run_id));
@@ -968,7 +996,11 @@ fn execute(mut store: Store, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
     if let Some(t) = args.timeout {
         host = host.with_deadline(t);
     }
-    let device_id = args.device_id.unwrap_or_else(|| {
+    let device_id = match args.device_id {
+        Some(id) => Some(id),
+        None => store.device_id()?,
+    };
+    let device_id = device_id.unwrap_or_else(|| {
         nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
@@ -1382,4 +1414,13 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod cli_tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

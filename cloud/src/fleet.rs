@@ -1,0 +1,636 @@
+//! The learner's side of the fleet link: `learner serve` ingests what devices publish into
+//! SQLite, and `learner command` / `learner rollout` publish to them (DESIGN.md, "Fleet link").
+//!
+//! Ingest is idempotent: a report is stored once per run id (a device may send it twice
+//! around a reconnect), and the trace version's statistics and fleet-wide confidence (the
+//! LLMunix rule, [`tracefleet::confidence`]) change only when a run is new. Each MQTT message
+//! is acknowledged after its transaction commits, so a learner killed in between gets it
+//! again. The device a message is from is the one in its topic (the broker's ACL lets a
+//! device publish only under its own); a payload that claims another is refused. A payload
+//! that does not decode is logged and dropped — never a crash, never a half-stored row.
+
+use rumqttc::{AsyncClient, Incoming, QoS};
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracefleet::link::BrokerConfig;
+use tracefleet::report::RunStatus;
+use tracefleet::wire::{self, Ack, AckOutcome, EscalationMessage, Heartbeat, Status, Topic};
+
+/// `learner.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnerConfig {
+    /// The learner's database (default `learner.db` beside the config file).
+    pub db: Option<PathBuf>,
+    /// MQTT client id (default `tracefleet-learner`).
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// The broker.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+fn default_client_id() -> String {
+    "tracefleet-learner".into()
+}
+
+impl LearnerConfig {
+    /// Reads a config file (`TRACEFLEET_MQTT_*` override its broker settings); relative
+    /// paths in it are relative to the file.
+    ///
+    /// # Errors
+    /// A message naming the file and what is wrong.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut c: LearnerConfig =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        c.broker.apply_env()?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));
+        Ok(c)
+    }
+
+    /// The database path.
+    #[must_use]
+    pub fn db_path(&self) -> PathBuf {
+        self.db.clone().unwrap_or_else(|| "learner.db".into())
+    }
+}
+
+const MIGRATIONS: &[M<'static>] = &[M::up(
+    "CREATE TABLE devices (
+        device_id        TEXT PRIMARY KEY,
+        online           INTEGER NOT NULL DEFAULT 0,
+        last_seen        INTEGER NOT NULL,
+        follower_version TEXT,
+        groups_json      TEXT NOT NULL DEFAULT '[]',
+        installed_json   TEXT NOT NULL DEFAULT '[]',
+        running_json     TEXT NOT NULL DEFAULT '[]',
+        telemetry_json   TEXT
+    );
+    CREATE TABLE runs (
+        run_id        TEXT PRIMARY KEY,
+        device_id     TEXT NOT NULL,
+        trace_id      TEXT NOT NULL,
+        trace_version TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        finished_at   TEXT NOT NULL,
+        report_json   TEXT NOT NULL,
+        received_at   INTEGER NOT NULL
+    );
+    CREATE INDEX runs_by_trace ON runs (trace_id, trace_version);
+    CREATE TABLE trace_stats (
+        trace_id      TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        runs          INTEGER NOT NULL,
+        successes     INTEGER NOT NULL,
+        confidence    REAL NOT NULL,
+        PRIMARY KEY (trace_id, version)
+    );
+    CREATE TABLE acks (
+        device_id TEXT NOT NULL,
+        trace_id  TEXT NOT NULL,
+        version   TEXT NOT NULL,
+        outcome   TEXT NOT NULL,
+        detail    TEXT NOT NULL,
+        at        INTEGER NOT NULL,
+        PRIMARY KEY (device_id, trace_id, version)
+    );
+    CREATE TABLE escalations (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        trace_id  TEXT NOT NULL,
+        run_id    TEXT,
+        reason    TEXT NOT NULL,
+        at        INTEGER NOT NULL,
+        UNIQUE (device_id, trace_id, run_id, reason, at)
+    );
+    CREATE TABLE command_counters (
+        device_id TEXT PRIMARY KEY,
+        counter   INTEGER NOT NULL
+    );",
+)];
+
+/// The learner's database.
+pub struct LearnerDb {
+    conn: Connection,
+}
+
+/// A device as the learner last heard of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceRow {
+    /// Its id.
+    pub device_id: String,
+    /// Whether its last status said online.
+    pub online: bool,
+    /// Unix seconds of the last message from it.
+    pub last_seen: i64,
+    /// Its follower version.
+    pub follower_version: Option<String>,
+    /// Runs reported.
+    pub runs: i64,
+}
+
+/// A run a device reported.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReportedRun {
+    /// Run id.
+    pub run_id: String,
+    /// The device (from the topic).
+    pub device_id: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Trace version.
+    pub trace_version: String,
+    /// `success`, `failed` or `stopped`.
+    pub status: String,
+}
+
+/// The last outcome a device reported for a pushed trace version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AckRow {
+    /// The device.
+    pub device_id: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Version.
+    pub version: String,
+    /// `installed`, `already_installed` or `refused`.
+    pub outcome: String,
+    /// Why it was refused.
+    pub detail: String,
+}
+
+/// A trace version's fleet-wide statistics.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TraceStatsRow {
+    /// Trace id.
+    pub trace_id: String,
+    /// Version.
+    pub version: String,
+    /// Runs reported.
+    pub runs: i64,
+    /// Successful ones.
+    pub successes: i64,
+    /// Confidence (LLMunix rule over the runs in arrival order).
+    pub confidence: f64,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl LearnerDb {
+    /// Opens (creating and migrating) the database.
+    ///
+    /// # Errors
+    /// On SQLite or migration failure.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // Two processes opening a new database at once (`serve` and a `devices list`) would
+        // both migrate it: one at a time.
+        let lock = std::fs::File::create(path.with_extension("db-migration-lock"))?;
+        lock.lock()?;
+        Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
+        drop(lock);
+        Ok(LearnerDb { conn })
+    }
+
+    /// Ingests one message published on `topic`. Returns what it was, for logs; a payload
+    /// that is refused returns an error and changes nothing.
+    ///
+    /// # Errors
+    /// [`IngestError`]: the topic, the payload, or SQLite.
+    pub fn ingest(&mut self, topic: &str, payload: &[u8]) -> Result<Ingested, IngestError> {
+        let topic = Topic::parse(topic)?;
+        let now = unix_now();
+        let tx = self.conn.transaction()?;
+        let db = LearnerDb::tx(&tx);
+        let what = match &topic {
+            Topic::Reports(device) => {
+                let (_, report) = wire::decode_report(payload)?;
+                if report.device_id != *device {
+                    return Err(IngestError::Impersonation {
+                        topic: device.clone(),
+                        payload: report.device_id,
+                    });
+                }
+                let status = match report.status {
+                    RunStatus::Success => "success",
+                    RunStatus::Failed => "failed",
+                    RunStatus::Stopped => "stopped",
+                };
+                let json = serde_json::to_string(&report).unwrap_or_default();
+                let new = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO runs (run_id, device_id, trace_id, trace_version, status, started_at, finished_at, report_json, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )?
+                    .execute(params![
+                        report.run_id,
+                        device,
+                        report.trace_id,
+                        report.trace_version,
+                        status,
+                        report.started_at,
+                        report.finished_at,
+                        json,
+                        now
+                    ])?
+                    == 1;
+                if new && report.status != RunStatus::Stopped {
+                    let success = report.status == RunStatus::Success;
+                    let old: Option<(i64, i64, f64)> = tx
+                        .query_row(
+                            "SELECT runs, successes, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                            params![report.trace_id, report.trace_version],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                        )
+                        .optional()?;
+                    let (runs, successes, c) =
+                        old.unwrap_or((0, 0, tracefleet::confidence::INITIAL_CONFIDENCE));
+                    tx.execute(
+                        "INSERT INTO trace_stats (trace_id, version, runs, successes, confidence) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (trace_id, version) DO UPDATE SET runs = excluded.runs, successes = excluded.successes, confidence = excluded.confidence",
+                        params![
+                            report.trace_id,
+                            report.trace_version,
+                            runs + 1,
+                            successes + i64::from(success),
+                            tracefleet::confidence::update(c, success)
+                        ],
+                    )?;
+                }
+                db.seen(device, now)?;
+                if new {
+                    Ingested::Report(report.run_id)
+                } else {
+                    Ingested::Duplicate(report.run_id)
+                }
+            }
+            Topic::Heartbeat(device) => {
+                let hb: Heartbeat = wire::decode(payload, "heartbeat")?;
+                if hb.device_id != *device {
+                    return Err(IngestError::Impersonation {
+                        topic: device.clone(),
+                        payload: hb.device_id,
+                    });
+                }
+                tx.execute(
+                    "INSERT INTO devices (device_id, online, last_seen, follower_version, groups_json, installed_json, running_json, telemetry_json)
+                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (device_id) DO UPDATE SET online = 1, last_seen = excluded.last_seen, follower_version = excluded.follower_version,
+                       groups_json = excluded.groups_json, installed_json = excluded.installed_json, running_json = excluded.running_json, telemetry_json = excluded.telemetry_json",
+                    params![
+                        device,
+                        now,
+                        hb.follower_version,
+                        to_json(&hb.groups),
+                        to_json(&hb.installed),
+                        to_json(&hb.running),
+                        to_json(&hb.telemetry)
+                    ],
+                )?;
+                Ingested::Heartbeat
+            }
+            Topic::Status(device) => {
+                let s: Status = wire::decode(payload, "status")?;
+                db.seen(device, now)?;
+                tx.execute(
+                    "UPDATE devices SET online = ?2 WHERE device_id = ?1",
+                    params![device, s.online],
+                )?;
+                Ingested::Status(s.online)
+            }
+            Topic::Acks(device) => {
+                let a: Ack = wire::decode(payload, "ack")?;
+                let (outcome, detail) = match &a.outcome {
+                    AckOutcome::Installed => ("installed", String::new()),
+                    AckOutcome::AlreadyInstalled => ("already_installed", String::new()),
+                    AckOutcome::Refused(why) => ("refused", why.clone()),
+                };
+                tx.execute(
+                    "INSERT INTO acks (device_id, trace_id, version, outcome, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
+                    params![device, a.trace_id, a.version.clone().unwrap_or_default(), outcome, detail, i64::try_from(a.at).unwrap_or(i64::MAX)],
+                )?;
+                db.seen(device, now)?;
+                Ingested::Ack(
+                    a.trace_id,
+                    a.version.unwrap_or_default(),
+                    outcome.to_owned(),
+                )
+            }
+            Topic::Escalations(device) => {
+                let e: EscalationMessage = wire::decode(payload, "escalation")?;
+                if e.device_id != *device {
+                    return Err(IngestError::Impersonation {
+                        topic: device.clone(),
+                        payload: e.device_id,
+                    });
+                }
+                tx.execute(
+                    "INSERT OR IGNORE INTO escalations (device_id, trace_id, run_id, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![device, e.trace_id, e.run_id, e.reason, i64::try_from(e.at).unwrap_or(i64::MAX)],
+                )?;
+                db.seen(device, now)?;
+                Ingested::Escalation
+            }
+            Topic::Commands(_) | Topic::FleetTrace(_) | Topic::GroupTrace(..) => {
+                return Err(IngestError::NotForUs(topic.name()));
+            }
+        };
+        tx.commit()?;
+        Ok(what)
+    }
+
+    fn tx<'a>(tx: &'a rusqlite::Transaction<'_>) -> TxDb<'a> {
+        TxDb(tx)
+    }
+
+    /// Devices, by id.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn devices(&self) -> rusqlite::Result<Vec<DeviceRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT d.device_id, d.online, d.last_seen, d.follower_version, (SELECT COUNT(*) FROM runs r WHERE r.device_id = d.device_id)
+             FROM devices d ORDER BY d.device_id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(DeviceRow {
+                device_id: r.get(0)?,
+                online: r.get(1)?,
+                last_seen: r.get(2)?,
+                follower_version: r.get(3)?,
+                runs: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Per-version statistics, by trace and version.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn trace_stats(&self) -> rusqlite::Result<Vec<TraceStatsRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT trace_id, version, runs, successes, confidence FROM trace_stats ORDER BY trace_id, version",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(TraceStatsRow {
+                trace_id: r.get(0)?,
+                version: r.get(1)?,
+                runs: r.get(2)?,
+                successes: r.get(3)?,
+                confidence: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Reported runs, oldest first.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn runs(&self) -> rusqlite::Result<Vec<ReportedRun>> {
+        let mut s = self.conn.prepare(
+            "SELECT run_id, device_id, trace_id, trace_version, status FROM runs ORDER BY received_at, run_id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(ReportedRun {
+                run_id: r.get(0)?,
+                device_id: r.get(1)?,
+                trace_id: r.get(2)?,
+                trace_version: r.get(3)?,
+                status: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// What devices said of pushed traces, by device, trace and version.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn acks(&self) -> rusqlite::Result<Vec<AckRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT device_id, trace_id, version, outcome, detail FROM acks ORDER BY device_id, trace_id, version",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(AckRow {
+                device_id: r.get(0)?,
+                trace_id: r.get(1)?,
+                version: r.get(2)?,
+                outcome: r.get(3)?,
+                detail: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// The next command counter for `device`: above every one issued before, and at least
+    /// the current time in milliseconds (so a learner whose database was lost still issues
+    /// counters the device accepts).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn next_command_counter(&mut self, device: &str) -> rusqlite::Result<u64> {
+        let tx = self.conn.transaction()?;
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT counter FROM command_counters WHERE device_id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let next = last.map_or(now_ms, |l| (l + 1).max(now_ms));
+        tx.execute(
+            "INSERT INTO command_counters (device_id, counter) VALUES (?1, ?2)
+             ON CONFLICT (device_id) DO UPDATE SET counter = excluded.counter",
+            params![device, next],
+        )?;
+        tx.commit()?;
+        Ok(u64::try_from(next).unwrap_or(0))
+    }
+}
+
+/// The learner database inside a transaction.
+struct TxDb<'a>(&'a rusqlite::Transaction<'a>);
+
+impl TxDb<'_> {
+    fn seen(&self, device: &str, now: i64) -> rusqlite::Result<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO devices (device_id, last_seen) VALUES (?1, ?2)
+                 ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
+            )?
+            .execute(params![device, now])?;
+        Ok(())
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// What a message was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// A new run report.
+    Report(String),
+    /// A report already stored (sent again around a reconnect).
+    Duplicate(String),
+    /// A heartbeat.
+    Heartbeat,
+    /// Online or offline.
+    Status(bool),
+    /// An ack: trace, version, outcome.
+    Ack(String, String, String),
+    /// An escalation.
+    Escalation,
+}
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Topic or payload malformed.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    /// A device claiming to be another.
+    #[error("a message on the topic of device {topic:?} claims to be from {payload:?}: refused")]
+    Impersonation {
+        /// Device in the topic.
+        topic: String,
+        /// Device in the payload.
+        payload: String,
+    },
+    /// A topic the learner publishes on, not one it ingests.
+    #[error("topic {0} is the learner's own")]
+    NotForUs(String),
+    /// SQLite.
+    #[error("learner database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// `learner serve`: connects to the broker and ingests until SIGTERM/SIGINT.
+///
+/// # Errors
+/// When the database or the broker settings cannot be used.
+pub fn serve(config: &LearnerConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve_loop(config))
+}
+
+async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
+    let mut db = LearnerDb::open(&config.db_path())?;
+    let options = config
+        .broker
+        .options(&config.client_id, None, wire::MAX_MESSAGE_BYTES)?;
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut backoff = Duration::from_millis(250);
+    tracing::info!(db = %config.db_path().display(), "learner serving");
+    loop {
+        tokio::select! {
+            ev = eventloop.poll() => match ev {
+                Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_))) => {
+                    backoff = Duration::from_millis(250);
+                    tracing::info!("connected to the broker");
+                    let kinds = ["heartbeat", "reports", "acks", "escalations", "status"];
+                    client.try_subscribe_many(kinds.iter().map(|k| {
+                        rumqttc::SubscribeFilter::new(wire::all_devices(k), QoS::AtLeastOnce)
+                    }))?;
+                }
+                Ok(rumqttc::Event::Incoming(Incoming::Publish(p))) => {
+                    match db.ingest(&p.topic, &p.payload) {
+                        Ok(what) => tracing::debug!(?what, "ingested"),
+                        Err(IngestError::Db(e)) => {
+                            // Not acknowledged: the broker sends it again.
+                            tracing::error!(error = %e, "could not store a message");
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(error = %e, topic = %p.topic, "message dropped"),
+                    }
+                    let _ = client.try_ack(&p);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker connection");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    Ok(())
+}
+
+/// Publishes one message with QoS 1 (retained if asked) and waits for the broker's PUBACK.
+///
+/// # Errors
+/// When the broker cannot be reached or does not acknowledge within `timeout`.
+pub fn publish_once(
+    config: &LearnerConfig,
+    client_id: &str,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut options = config
+            .broker
+            .options(client_id, None, wire::MAX_MESSAGE_BYTES)?;
+        options.set_clean_session(true);
+        let (client, mut eventloop) = AsyncClient::new(options, 8);
+        client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+        tokio::time::timeout(timeout, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(Incoming::PubAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(anyhow::anyhow!(
+                            "broker {}:{}: {e}",
+                            config.broker.host,
+                            config.broker.port()
+                        ));
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no PUBACK from the broker within {timeout:?}"))??;
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+        Ok(())
+    })
+}

@@ -1,0 +1,701 @@
+//! `follower agent`: the device's side of the fleet link (DESIGN.md, "Fleet link (MQTT)").
+//!
+//! One task, one loop over a closed `Event` enum: MQTT events (rumqttc, persistent session,
+//! QoS 1, manual acks), the heartbeat tick, the schedule, run processes exiting, and shutdown
+//! (SIGTERM/SIGINT), which is a future like the others.
+//!
+//! - **Outbox.** Reports, acks and escalations are rows of the store's outbox, written in the
+//!   same transaction as what they report (see [`crate::store::Store::finish_run`]). The agent
+//!   publishes them with QoS 1 and deletes a row only when the broker's PUBACK for it arrives.
+//!   rumqttc announces each QoS 1 publish it writes (`Outgoing::Publish(pkid)`) in the order
+//!   they were submitted, which maps packet ids to rows. After a reconnect the agent drops
+//!   rumqttc's own retransmission queue and publishes every row still in the outbox again,
+//!   so a broker that lost the session loses nothing; the learner ingests idempotently by
+//!   run id, so a message sent twice counts once.
+//! - **Traces** arrive retained on the fleet and group topics; each is verified and installed
+//!   through the same store path as `follower install` and acknowledged through the outbox.
+//!   The MQTT message is acknowledged only after that (a crash before it gets it again).
+//! - **Commands** are verified against the trust root's command keys, for this device, within
+//!   their expiry and with a counter above the last accepted one (stored before acting).
+//!   `run` starts `follower run` as a child process (its own Landlock domain, journal and
+//!   report); `stop`, `abort` and `kill` signal it (SIGTERM, a second SIGTERM, SIGKILL), the
+//!   same signals an operator would send.
+
+use crate::store::{OutboxKind, Store};
+use rumqttc::{AsyncClient, EventLoop, Incoming, LastWill, Outgoing, QoS};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracefleet::link::BrokerConfig;
+use tracefleet::signed;
+use tracefleet::wire::{self, Ack, AckOutcome, Action, Heartbeat, Status, Topic};
+
+/// `follower.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This device's id: its MQTT client id and the level of its topics
+    /// (env `TRACEFLEET_DEVICE_ID`).
+    pub device_id: String,
+    /// Groups whose traces this device installs (rollout waves target groups).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The broker.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Seconds between heartbeats (default 30).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// Extra arguments for every `follower run` the agent starts (`--model`, `--threads`,
+    /// `--read-root` …).
+    #[serde(default)]
+    pub run_args: Vec<String>,
+    /// Traces run on a schedule.
+    #[serde(default)]
+    pub schedule: Vec<Scheduled>,
+}
+
+fn default_heartbeat() -> u64 {
+    30
+}
+
+/// One `[[schedule]]` entry: run `trace` every `every` (humantime: `15m`, `1h`, `1day`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scheduled {
+    /// An installed trace id.
+    pub trace: String,
+    /// The period.
+    pub every: String,
+    /// Inputs.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file; `TRACEFLEET_DEVICE_ID` and the `TRACEFLEET_MQTT_*`
+    /// variables override it.
+    ///
+    /// # Errors
+    /// A message naming the file and what is wrong in it.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut c: AgentConfig =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        if let Ok(id) = std::env::var("TRACEFLEET_DEVICE_ID") {
+            c.device_id = id;
+        }
+        c.broker.apply_env()?;
+        wire::check_name("device id", &c.device_id)
+            .with_context(|| format!("{}: device_id", path.display()))?;
+        for g in &c.groups {
+            wire::check_name("group", g).with_context(|| format!("{}: groups", path.display()))?;
+        }
+        for s in &c.schedule {
+            humantime::parse_duration(&s.every).with_context(|| {
+                format!(
+                    "{}: schedule of {}: every {:?}",
+                    path.display(),
+                    s.trace,
+                    s.every
+                )
+            })?;
+        }
+        Ok(c)
+    }
+}
+
+/// Everything the agent reacts to.
+#[derive(Debug)]
+enum Event {
+    /// From the MQTT event loop.
+    Mqtt(Result<rumqttc::Event, rumqttc::ConnectionError>),
+    /// Time for a heartbeat.
+    Heartbeat,
+    /// A scheduled trace is due (index into the schedule).
+    Due(usize),
+    /// A run process ended.
+    RunExited(String, std::io::Result<std::process::ExitStatus>),
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// Shutting down, and the time to send what is left is up.
+    DrainTimeout,
+}
+
+/// A run process the agent started.
+struct Running {
+    trace_id: String,
+    pid: nix::unistd::Pid,
+    started_at: u64,
+    /// SIGTERMs sent (1 = stop, 2 = abort).
+    terms: u8,
+}
+
+/// QoS 1 publishes on their way to a PUBACK.
+#[derive(Default)]
+struct Outbox {
+    /// Submitted to rumqttc, not yet written (row id; `None` for a publish not in the outbox).
+    submitted: VecDeque<Option<i64>>,
+    /// Written with this packet id, waiting for its PUBACK.
+    by_pkid: HashMap<u16, Option<i64>>,
+    /// Highest row id submitted on this connection.
+    after: i64,
+}
+
+impl Outbox {
+    fn reset(&mut self) {
+        self.submitted.clear();
+        self.by_pkid.clear();
+        self.after = 0;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.submitted.len() + self.by_pkid.len()
+    }
+}
+
+/// The agent's state.
+struct Agent {
+    config: AgentConfig,
+    state_dir: PathBuf,
+    follower: PathBuf,
+    store: Store,
+    client: AsyncClient,
+    outbox: Outbox,
+    connected: bool,
+    window: usize,
+    running: HashMap<String, Running>,
+    exited: tokio::sync::mpsc::UnboundedSender<(String, std::io::Result<std::process::ExitStatus>)>,
+    shutting_down: bool,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn rfc3339_now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+///
+/// # Errors
+/// When the store cannot be opened, the config's files cannot be read, or the store fails.
+pub fn run(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(agent_loop(config, state_dir))
+}
+
+async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()> {
+    let store = Store::open(state_dir)?;
+    if store.trust_root()?.is_none() {
+        anyhow::bail!(
+            "this device has no trust root yet (run `follower trust init ROOT.tfr` before `follower agent`)"
+        );
+    }
+    store.enroll(&config.device_id)?;
+    let will = LastWill::new(
+        Topic::Status(config.device_id.clone()).name(),
+        wire::encode(&Status {
+            online: false,
+            at: unix_now(),
+        }),
+        QoS::AtLeastOnce,
+        true,
+    );
+    let options = config
+        .broker
+        .options(&config.device_id, Some(will), signed::MAX_SIGNED_BYTES)?;
+    let window = usize::from(config.broker.inflight.max(1));
+    let (client, mut eventloop) = AsyncClient::new(options, window * 2 + 16);
+    let (exited, mut exits) = tokio::sync::mpsc::unbounded_channel();
+    let mut agent = Agent {
+        follower: std::env::current_exe()?,
+        state_dir: state_dir.to_owned(),
+        store,
+        client,
+        outbox: Outbox::default(),
+        connected: false,
+        window,
+        running: HashMap::new(),
+        exited,
+        shutting_down: false,
+        config,
+    };
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_secs(agent.config.heartbeat_secs.max(1)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let periods: Vec<Duration> = agent
+        .config
+        .schedule
+        .iter()
+        .map(|s| humantime::parse_duration(&s.every).unwrap_or(Duration::from_secs(3600)))
+        .collect();
+    let start = tokio::time::Instant::now();
+    let mut due: Vec<tokio::time::Instant> = periods.iter().map(|p| start + *p).collect();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    tokio::pin!(shutdown);
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut backoff = Duration::from_millis(250);
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    tracing::info!(device = %agent.config.device_id, broker = %agent.config.broker.host, "agent starting");
+    loop {
+        let next_due = due
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, t)| **t)
+            .map(|(i, t)| (i, *t));
+        let event = tokio::select! {
+            r = async {
+                if let Some(t) = retry_at {
+                    tokio::time::sleep_until(t).await;
+                }
+                eventloop.poll().await
+            } => Event::Mqtt(r),
+            _ = heartbeat.tick() => Event::Heartbeat,
+            i = async {
+                match next_due {
+                    Some((i, t)) => { tokio::time::sleep_until(t).await; i }
+                    None => std::future::pending().await,
+                }
+            } => Event::Due(i),
+            Some((run_id, status)) = exits.recv() => Event::RunExited(run_id, status),
+            () = &mut shutdown, if !agent.shutting_down => Event::Shutdown,
+            () = async {
+                match drain_deadline {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => Event::DrainTimeout,
+        };
+        match event {
+            Event::Mqtt(Ok(ev)) => {
+                retry_at = None;
+                backoff = Duration::from_millis(250);
+                agent.on_mqtt(ev, &mut eventloop)?;
+            }
+            Event::Mqtt(Err(e)) => {
+                if agent.connected {
+                    tracing::warn!(error = %e, "lost the broker; reconnecting");
+                } else {
+                    tracing::debug!(error = %e, "broker unreachable");
+                }
+                agent.connected = false;
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Event::Heartbeat => agent.heartbeat()?,
+            Event::Due(i) => {
+                due[i] = tokio::time::Instant::now() + periods[i];
+                let s = agent.config.schedule[i].clone();
+                if agent.running.values().any(|r| r.trace_id == s.trace) {
+                    tracing::warn!(trace = %s.trace, "scheduled run skipped: the previous one is still running");
+                } else if !agent.shutting_down {
+                    agent.start_run(&s.trace, s.vars.into_iter().collect());
+                }
+            }
+            Event::RunExited(run_id, status) => {
+                agent.running.remove(&run_id);
+                match status {
+                    Ok(s) => tracing::info!(run = %run_id, status = %s, "run ended"),
+                    Err(e) => tracing::warn!(run = %run_id, error = %e, "lost the run process"),
+                }
+                agent.fill_outbox()?;
+            }
+            Event::DrainTimeout => {}
+            Event::Shutdown => {
+                tracing::info!("shutting down: stopping runs, sending what is left");
+                agent.shutting_down = true;
+                for r in agent.running.values_mut() {
+                    let _ = nix::sys::signal::kill(r.pid, nix::sys::signal::Signal::SIGTERM);
+                    r.terms = r.terms.max(1);
+                }
+            }
+        }
+        if agent.shutting_down && agent.running.is_empty() {
+            let deadline = *drain_deadline.get_or_insert_with(|| {
+                if agent.connected {
+                    agent.publish_status(false);
+                }
+                tokio::time::Instant::now() + Duration::from_secs(5)
+            });
+            let drained = agent.outbox.in_flight() == 0;
+            if drained || tokio::time::Instant::now() >= deadline {
+                let _ = agent.client.try_disconnect();
+                // Let the event loop write the DISCONNECT.
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    while let Ok(ev) = eventloop.poll().await {
+                        if matches!(ev, rumqttc::Event::Outgoing(Outgoing::Disconnect)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                tracing::info!(left = agent.store.outbox_len()?, "agent stopped");
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn on_mqtt(&mut self, ev: rumqttc::Event, eventloop: &mut EventLoop) -> anyhow::Result<()> {
+        match ev {
+            rumqttc::Event::Incoming(Incoming::ConnAck(ack)) => {
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                self.connected = true;
+                // Whatever rumqttc kept for retransmission is in the outbox too: send the
+                // outbox again instead, so packet ids map to rows from a clean start.
+                eventloop.pending.clear();
+                self.outbox.reset();
+                let topics =
+                    wire::device_subscriptions(&self.config.device_id, &self.config.groups);
+                self.client.try_subscribe_many(
+                    topics
+                        .into_iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce)),
+                )?;
+                self.publish_status(true);
+                self.heartbeat()?;
+                self.fill_outbox()?;
+            }
+            rumqttc::Event::Incoming(Incoming::Publish(p)) => {
+                self.on_publish(&p);
+                // Acknowledged only now: what it asked for is stored (or refused for good).
+                let _ = self.client.try_ack(&p);
+                self.fill_outbox()?;
+            }
+            rumqttc::Event::Incoming(Incoming::PubAck(ack)) => {
+                if let Some(Some(id)) = self.outbox.by_pkid.remove(&ack.pkid) {
+                    self.store.outbox_delete(id)?;
+                }
+                self.fill_outbox()?;
+            }
+            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                if let Some(entry) = self.outbox.submitted.pop_front() {
+                    self.outbox.by_pkid.insert(pkid, entry);
+                }
+            }
+            rumqttc::Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                // The broker acked out of order and a packet id is still taken; rumqttc holds
+                // the publish until it is free. Resynchronise at the next connection.
+                tracing::warn!(
+                    pkid,
+                    "packet id collision; the outbox is resent on reconnect"
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Publishes outbox rows until the window is full.
+    fn fill_outbox(&mut self) -> anyhow::Result<()> {
+        if !self.connected {
+            return Ok(());
+        }
+        let room = self.window.saturating_sub(self.outbox.in_flight());
+        if room == 0 {
+            return Ok(());
+        }
+        let rows = self
+            .store
+            .outbox_after(self.outbox.after, u32::try_from(room).unwrap_or(u32::MAX))?;
+        for m in rows {
+            let topic = m.kind.topic(&self.config.device_id).name();
+            if self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, m.payload)
+                .is_err()
+            {
+                break;
+            }
+            self.outbox.submitted.push_back(Some(m.id));
+            self.outbox.after = m.id;
+        }
+        Ok(())
+    }
+
+    fn publish_status(&mut self, online: bool) {
+        let topic = Topic::Status(self.config.device_id.clone()).name();
+        let payload = wire::encode(&Status {
+            online,
+            at: unix_now(),
+        });
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload)
+            .is_ok()
+        {
+            self.outbox.submitted.push_back(None);
+        }
+    }
+
+    fn heartbeat(&mut self) -> anyhow::Result<()> {
+        if !self.connected {
+            return Ok(());
+        }
+        let installed = self
+            .store
+            .installed_traces()?
+            .into_iter()
+            .map(|(trace_id, version, _)| wire::InstalledTrace {
+                trace_id,
+                version: version.to_string(),
+            })
+            .collect();
+        let running = self
+            .running
+            .iter()
+            .map(|(run_id, r)| wire::RunningRun {
+                run_id: run_id.clone(),
+                trace_id: r.trace_id.clone(),
+                started_at: r.started_at,
+            })
+            .collect();
+        let hb = Heartbeat {
+            device_id: self.config.device_id.clone(),
+            sent_at: unix_now(),
+            follower_version: env!("CARGO_PKG_VERSION").into(),
+            groups: self.config.groups.clone(),
+            installed,
+            running,
+            telemetry: crate::telemetry::sample(),
+        };
+        let topic = Topic::Heartbeat(self.config.device_id.clone()).name();
+        let _ = self
+            .client
+            .try_publish(topic, QoS::AtMostOnce, false, wire::encode(&hb));
+        Ok(())
+    }
+
+    fn on_publish(&mut self, p: &rumqttc::Publish) {
+        let topic = match Topic::parse(&p.topic) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "message on an unknown topic dropped");
+                return;
+            }
+        };
+        let result = match &topic {
+            Topic::FleetTrace(id) | Topic::GroupTrace(_, id) => {
+                if p.payload.is_empty() {
+                    Ok(()) // A retained trace withdrawn.
+                } else {
+                    self.on_trace(id, &p.payload)
+                }
+            }
+            Topic::Commands(device) if *device == self.config.device_id => {
+                self.on_command(&p.payload)
+            }
+            _ => {
+                tracing::warn!(topic = %topic.name(), "message for someone else dropped");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, topic = %topic.name(), "could not handle a message");
+        }
+    }
+
+    /// Verifies and installs a pushed trace; the ack goes through the outbox.
+    fn on_trace(&mut self, topic_id: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let now = rfc3339_now();
+        let (outcome, version) = match self.install(topic_id, bytes) {
+            Ok((v, fresh)) => (
+                if fresh {
+                    AckOutcome::Installed
+                } else {
+                    AckOutcome::AlreadyInstalled
+                },
+                Some(v),
+            ),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(trace = topic_id, %reason, "pushed trace refused");
+                self.store.log_refusal("trace", topic_id, &reason, &now)?;
+                let v = wire::pushed_trace_version(bytes).map(|(_, v)| v.to_string());
+                (AckOutcome::Refused(reason), v)
+            }
+        };
+        if outcome == AckOutcome::Installed {
+            tracing::info!(trace = topic_id, version = ?version, "installed a pushed trace");
+        }
+        let ack = Ack {
+            trace_id: topic_id.to_owned(),
+            version,
+            outcome,
+            at: unix_now(),
+        };
+        self.store
+            .enqueue(OutboxKind::Ack, &wire::encode(&ack), &now)?;
+        Ok(())
+    }
+
+    /// Returns the version and whether it was new.
+    fn install(&mut self, topic_id: &str, bytes: &[u8]) -> anyhow::Result<(String, bool)> {
+        if bytes.len() > signed::MAX_SIGNED_BYTES {
+            anyhow::bail!(
+                "{} bytes: expected at most {} for a signed trace",
+                bytes.len(),
+                signed::MAX_SIGNED_BYTES
+            );
+        }
+        let (root, _) = self
+            .store
+            .trust_root()?
+            .ok_or_else(|| anyhow::anyhow!("no trust root"))?;
+        let v = signed::verify_with_root(bytes, &root, unix_now())?;
+        let id = v.trace.id.to_string();
+        if id != topic_id {
+            anyhow::bail!("trace {id} published on the topic of {topic_id}: expected the same id");
+        }
+        let version = v.trace.version;
+        if let Some(installed) = self.store.installed_version(&id)? {
+            if installed == version {
+                return Ok((version.to_string(), false));
+            }
+            if installed > version {
+                anyhow::bail!(
+                    "{id} {version} is older than the installed {installed}, and versions never go backwards"
+                );
+            }
+        }
+        self.store
+            .install_trace(Some(root.version), &id, version, bytes, &rfc3339_now())?;
+        Ok((version.to_string(), true))
+    }
+
+    fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+        let (root, _) = self
+            .store
+            .trust_root()?
+            .ok_or_else(|| anyhow::anyhow!("no trust root"))?;
+        let last = self.store.command_counter()?;
+        let (command, _) =
+            match wire::verify_command(payload, &root, &self.config.device_id, last, unix_now()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "command refused");
+                    self.store.log_refusal(
+                        "command",
+                        &self.config.device_id,
+                        &e.to_string(),
+                        &rfc3339_now(),
+                    )?;
+                    return Ok(());
+                }
+            };
+        if !self.store.accept_command_counter(command.counter)? {
+            return Ok(());
+        }
+        tracing::info!(counter = command.counter, action = ?command.action, "command accepted");
+        match command.action {
+            Action::Run { trace_id, vars } => {
+                if self.shutting_down {
+                    tracing::warn!(trace = %trace_id, "not starting a run while shutting down");
+                } else {
+                    self.start_run(&trace_id, vars);
+                }
+            }
+            Action::Stop(run) => self.signal(run.as_deref(), 1),
+            Action::Abort(run) => self.signal(run.as_deref(), 2),
+            Action::Kill(run) => self.signal(run.as_deref(), 3),
+        }
+        Ok(())
+    }
+
+    /// `level` 1 = stop (one SIGTERM), 2 = abort (two), 3 = kill (SIGKILL).
+    fn signal(&mut self, run: Option<&str>, level: u8) {
+        use nix::sys::signal::{Signal, kill};
+        for (id, r) in &mut self.running {
+            if run.is_some_and(|want| want != id) {
+                continue;
+            }
+            if level >= 3 {
+                let _ = kill(r.pid, Signal::SIGKILL);
+                continue;
+            }
+            while r.terms < level {
+                let _ = kill(r.pid, Signal::SIGTERM);
+                r.terms += 1;
+                if r.terms < level {
+                    // The follower counts signals; give it time to see the first.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn start_run(&mut self, trace_id: &str, vars: Vec<(String, String)>) {
+        let run_id = uuid::Uuid::now_v7().to_string();
+        let mut cmd = tokio::process::Command::new(&self.follower);
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("run")
+            .arg(trace_id)
+            .arg("--run-id")
+            .arg(&run_id)
+            .arg("--device-id")
+            .arg(&self.config.device_id)
+            .args(
+                vars.iter()
+                    .flat_map(|(k, v)| ["--var".to_owned(), format!("{k}={v}")]),
+            )
+            .args(&self.config.run_args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        match cmd.spawn() {
+            Ok(mut child) => {
+                let Some(pid) = child
+                    .id()
+                    .and_then(|p| i32::try_from(p).ok())
+                    .map(nix::unistd::Pid::from_raw)
+                else {
+                    return;
+                };
+                tracing::info!(run = %run_id, trace = trace_id, "run started");
+                self.running.insert(
+                    run_id.clone(),
+                    Running {
+                        trace_id: trace_id.to_owned(),
+                        pid,
+                        started_at: unix_now(),
+                        terms: 0,
+                    },
+                );
+                let tx = self.exited.clone();
+                tokio::spawn(async move {
+                    let status = child.wait().await;
+                    let _ = tx.send((run_id, status));
+                });
+            }
+            Err(e) => {
+                tracing::error!(trace = trace_id, error = %e, "cannot start a run");
+                let _ = self.store.record_escalation(
+                    trace_id,
+                    None,
+                    &format!("the agent could not start a run: {e}"),
+                    &rfc3339_now(),
+                );
+            }
+        }
+    }
+}

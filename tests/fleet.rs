@@ -1,0 +1,237 @@
+//! The fleet link end to end: a real Mosquitto broker on a free loopback port, the real
+//! `learner serve` and `follower agent` processes, signed traces and commands.
+
+use std::path::Path;
+use tracefleet_e2e::{Broker, Daemon, Workspace};
+
+/// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and
+/// the learner's and the agent's configs for `broker`. Returns the signed services-audit trace.
+fn fleet(ws: &Workspace, broker: &Broker) -> String {
+    let traces = ws.key("traces");
+    let r = ws.learner(&[
+        "keys",
+        "generate",
+        "--role",
+        "commands",
+        "--out",
+        "commands.key",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&["keys", "generate", "--role", "root", "--out", "root.key"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&[
+        "trust",
+        "create",
+        "--version",
+        "1",
+        "--expires",
+        "30d",
+        "--root-key",
+        "root.key.pub",
+        "--traces-key",
+        "traces.key.pub",
+        "--commands-key",
+        "commands.key.pub",
+        "--sign",
+        "root.key",
+        "-o",
+        "root-v1.tfr",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.follower(&["trust", "init", "root-v1.tfr"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let port = broker.port;
+    std::fs::write(
+        ws.path("learner.toml"),
+        format!("db = \"learner.db\"\n[broker]\nport = {port}\n"),
+    )
+    .expect("learner.toml");
+    std::fs::write(
+        ws.path("follower.toml"),
+        format!(
+            "device_id = \"pi-01\"\ngroups = [\"canary\"]\nheartbeat_secs = 1\n[broker]\nport = {port}\nkeep_alive_secs = 5\n"
+        ),
+    )
+    .expect("follower.toml");
+    ws.sign("services-audit.trace.md", &traces)
+}
+
+fn runs(ws: &Workspace) -> serde_json::Value {
+    let r = ws.learner(&["runs", "list", "--config", "learner.toml", "--json"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    serde_json::from_str(&r.stdout).expect("json")
+}
+
+fn devices(ws: &Workspace) -> serde_json::Value {
+    let r = ws.learner(&["devices", "list", "--config", "learner.toml", "--json"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    serde_json::from_str(&r.stdout).expect("json")
+}
+
+/// Waits until the learner says pi-01 is online (or offline).
+fn wait_online(ws: &Workspace, online: bool) {
+    ws.wait_until(30, &format!("pi-01 online = {online}"), || {
+        devices(ws)
+            .as_array()
+            .filter(|d| {
+                d.iter()
+                    .any(|d| d["device_id"] == "pi-01" && d["online"] == online)
+            })
+            .map(|_| ())
+    });
+}
+
+fn serve(ws: &Workspace) -> Daemon {
+    ws.daemon("learner", &["serve", "--config", "learner.toml"])
+}
+
+fn agent(ws: &Workspace) -> Daemon {
+    ws.daemon("follower", &["agent", "--config", "follower.toml"])
+}
+
+/// Run ids the learner stored, each once (the table's key), with their statuses.
+fn stored_runs(ws: &Workspace) -> Vec<(String, String)> {
+    runs(ws)["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| {
+            (
+                r["run_id"].as_str().expect("id").to_owned(),
+                r["status"].as_str().expect("status").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_offline_device_gets_a_rollout_when_it_connects_and_runs_it_on_a_signed_command() {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    let signed = fleet(&ws, &broker);
+    let _learner = serve(&ws);
+
+    // Published while the device is offline: retained on its group's topic.
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        &signed,
+        "--group",
+        "canary",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let agent = agent(&ws);
+    ws.wait_until(30, "the install ack", || {
+        let acks = runs(&ws)["acks"].clone();
+        acks.as_array()
+            .filter(|a| {
+                a.iter()
+                    .any(|a| a["device_id"] == "pi-01" && a["outcome"] == "installed")
+            })
+            .map(|_| ())
+    });
+    let r = ws.follower(&["traces", "list"]);
+    assert!(r.stdout.contains("services-audit"), "{r:?}");
+    wait_online(&ws, true);
+
+    // A signed command runs it; the report arrives once.
+    let r = ws.learner(&[
+        "command",
+        "pi-01",
+        "run",
+        "services-audit",
+        "--key",
+        "commands.key",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let stored = ws.wait_until(60, "the run's report", || {
+        let s = stored_runs(&ws);
+        (!s.is_empty()).then_some(s)
+    });
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].1, "success", "{stored:?}");
+    let stats = runs(&ws)["trace_stats"].clone();
+    assert_eq!(stats[0]["runs"], 1, "{stats}");
+    assert!((stats[0]["confidence"].as_f64().expect("c") - 0.775).abs() < 1e-9);
+    // The device's own store shows the same run.
+    let local = ws.follower(&["runs", "list"]);
+    assert!(local.stdout.contains(&stored[0].0), "{local:?}");
+
+    // A command signed by a trace key is refused: nothing runs.
+    let r = ws.learner(&[
+        "command",
+        "pi-01",
+        "run",
+        "services-audit",
+        "--key",
+        "traces.key",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_ne!(r.code, Some(0), "a trace key must not sign commands: {r:?}");
+
+    // Shutdown: the device says it is offline, and its outbox is empty.
+    assert_eq!(agent.terminate(), Some(0));
+    wait_online(&ws, false);
+    assert_eq!(ws.run_count(), 1);
+}
+
+#[test]
+fn reports_written_while_the_broker_is_down_or_the_agent_killed_arrive_exactly_once() {
+    let ws = Workspace::new();
+    let mut broker = Broker::start(&ws);
+    let signed = fleet(&ws, &broker);
+    let r = ws.follower(&["install", &signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let _learner = serve(&ws);
+    let agent1 = agent(&ws);
+    ws.wait_until(30, "the device online", || {
+        devices(&ws)
+            .as_array()
+            .filter(|d| !d.is_empty())
+            .map(|_| ())
+    });
+
+    // Runs on the device while the broker is down: their reports wait in the outbox.
+    broker.stop();
+    for _ in 0..3 {
+        let r = ws.follower(&["run", "services-audit"]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    broker.restart();
+    ws.wait_until(60, "3 reports after a broker restart", || {
+        (stored_runs(&ws).len() == 3).then_some(())
+    });
+
+    // The agent killed outright, runs meanwhile, the broker restarted again, a new agent.
+    drop(agent1);
+    for _ in 0..2 {
+        let r = ws.follower(&["run", "services-audit"]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    broker.restart();
+    let _agent2 = agent(&ws);
+    ws.wait_until(60, "5 reports", || {
+        (stored_runs(&ws).len() == 5).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let stored = stored_runs(&ws);
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    assert!(stored.iter().all(|(_, s)| s == "success"), "{stored:?}");
+    let stats = runs(&ws)["trace_stats"].clone();
+    assert_eq!(stats[0]["runs"], 5, "each report counted once: {stats}");
+    let local: Vec<String> = ws
+        .follower(&["runs", "list"])
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+        .collect();
+    for (id, _) in &stored {
+        assert!(local.contains(id), "{id} not a local run: {local:?}");
+    }
+    assert!(Path::new(&ws.path("state/follower.db")).exists());
+}
