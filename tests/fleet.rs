@@ -2,7 +2,9 @@
 //! `learner serve` and `follower agent` processes, signed traces and commands.
 
 use std::path::Path;
-use tracefleet_e2e::{Broker, Daemon, Workspace};
+use std::process::Command;
+use tracefleet::wire::{self, ReportMessage, Topic};
+use tracefleet_e2e::{Broker, Daemon, Workspace, mqtt_publish, repo_root};
 
 /// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and
 /// the learner's and the agent's configs for `broker`. Returns the signed services-audit trace.
@@ -41,15 +43,30 @@ fn fleet(ws: &Workspace, broker: &Broker) -> String {
     let r = ws.follower(&["trust", "init", "root-v1.tfr"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let port = broker.port;
+    // With an authenticating broker (see `passwords`), each logs in as itself.
+    let login = |user: &str| {
+        if ws.path("passwd").exists() {
+            format!(
+                "username = \"{user}\"\npassword_file = \"{}\"\n",
+                ws.path(&format!("{user}.pw")).display()
+            )
+        } else {
+            String::new()
+        }
+    };
     std::fs::write(
         ws.path("learner.toml"),
-        format!("db = \"learner.db\"\n[broker]\nport = {port}\n"),
+        format!(
+            "db = \"learner.db\"\n[broker]\nport = {port}\n{}",
+            login("tracefleet-learner")
+        ),
     )
     .expect("learner.toml");
     std::fs::write(
         ws.path("follower.toml"),
         format!(
-            "device_id = \"pi-01\"\ngroups = [\"canary\"]\nheartbeat_secs = 1\n[broker]\nport = {port}\nkeep_alive_secs = 5\n"
+            "device_id = \"pi-01\"\ngroups = [\"canary\"]\nheartbeat_secs = 1\n[broker]\nport = {port}\nkeep_alive_secs = 5\n{}",
+            login("pi-01")
         ),
     )
     .expect("follower.toml");
@@ -234,4 +251,144 @@ fn reports_written_while_the_broker_is_down_or_the_agent_killed_arrive_exactly_o
         assert!(local.contains(id), "{id} not a local run: {local:?}");
     }
     assert!(Path::new(&ws.path("state/follower.db")).exists());
+}
+
+/// A Mosquitto password file (`ws/passwd`) with each user's password (`<user>-secret`) also
+/// in `<user>.pw` for the configs.
+fn passwords(ws: &Workspace, users: &[&str]) {
+    for (i, u) in users.iter().enumerate() {
+        let pw = format!("{u}-secret");
+        std::fs::write(ws.path(&format!("{u}.pw")), &pw).expect("pw");
+        let mut c = Command::new("mosquitto_passwd");
+        if i == 0 {
+            c.arg("-c");
+        }
+        let st = c
+            .args(["-b", ws.path("passwd").to_str().expect("utf-8"), u, &pw])
+            .status()
+            .expect("mosquitto_passwd");
+        assert!(st.success());
+    }
+}
+
+#[test]
+fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
+    let ws = Workspace::new();
+    passwords(&ws, &["tracefleet-learner", "pi-01", "pi-02"]);
+    let acl = repo_root().join("docs/mosquitto/tracefleet.acl");
+    let broker = Broker::start_with(
+        &ws,
+        &format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            ws.path("passwd").display(),
+            acl.display()
+        ),
+    );
+    let signed = fleet(&ws, &broker);
+    let r = ws.follower(&["install", &signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let mut learner = serve(&ws);
+    let _agent = agent(&ws);
+    wait_online(&ws, true);
+    let r = ws.learner(&[
+        "command",
+        "pi-01",
+        "run",
+        "services-audit",
+        "--key",
+        "commands.key",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let stored = ws.wait_until(60, "the run's report", || {
+        let s = stored_runs(&ws);
+        (!s.is_empty()).then_some(s)
+    });
+    let real = ws.follower(&["runs", "show", &stored[0].0]);
+    let real: serde_json::Value = serde_json::from_str(&real.stdout).expect("report json");
+
+    // pi-02 forges reports: on pi-01's topic (the ACL drops it), and on its own topic
+    // claiming to be pi-01 (the learner refuses it).
+    let forged = |device: &str, run_id: &str| {
+        let mut r = real.clone();
+        r["device_id"] = device.into();
+        r["run_id"] = run_id.into();
+        wire::encode(&ReportMessage {
+            run_id: run_id.into(),
+            report_json: r.to_string(),
+        })
+    };
+    let pi02 = Some(("pi-02", "pi-02-secret"));
+    let a = "00000000-0000-7000-8000-00000000000a";
+    let b = "00000000-0000-7000-8000-00000000000b";
+    mqtt_publish(
+        broker.port,
+        "pi-02",
+        pi02,
+        &Topic::Reports("pi-01".into()).name(),
+        forged("pi-01", a),
+    )
+    .expect("the broker acknowledges (and drops) a denied publish");
+    mqtt_publish(
+        broker.port,
+        "pi-02",
+        pi02,
+        &Topic::Reports("pi-02".into()).name(),
+        forged("pi-01", b),
+    )
+    .expect("publish");
+    // Hostile payloads on a device's own topics: dropped, the learner goes on.
+    let pi01 = Some(("pi-01", "pi-01-secret"));
+    for (topic, payload) in [
+        (Topic::Reports("pi-01".into()), vec![1u8, 0xff, 0xff, 0xff]),
+        (
+            Topic::Heartbeat("pi-01".into()),
+            b"\x01not postcard at all".to_vec(),
+        ),
+        (Topic::Acks("pi-01".into()), vec![9u8; 64]),
+        (Topic::Status("pi-01".into()), Vec::new()),
+    ] {
+        mqtt_publish(broker.port, "pi-01-tester", pi01, &topic.name(), payload).expect("publish");
+    }
+    // Without credentials, nothing gets in.
+    assert!(
+        mqtt_publish(
+            broker.port,
+            "anon",
+            None,
+            &Topic::Reports("pi-01".into()).name(),
+            forged("pi-01", a)
+        )
+        .is_err()
+    );
+
+    // A second real run still arrives: the learner is alive and stored nothing else.
+    let r = ws.learner(&[
+        "command",
+        "pi-01",
+        "run",
+        "services-audit",
+        "--key",
+        "commands.key",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let stored = ws.wait_until(60, "the second report", || {
+        let s = stored_runs(&ws);
+        (s.len() >= 2).then_some(s)
+    });
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(
+        stored.iter().all(|(id, _)| id != a && id != b),
+        "{stored:?}"
+    );
+    assert!(
+        learner.child.try_wait().expect("wait").is_none(),
+        "the learner died"
+    );
+    let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
+    assert!(log.contains("claims to be from"), "{log}");
+    assert!(log.contains("message dropped"), "{log}");
 }

@@ -233,6 +233,15 @@ impl Broker {
     /// # Panics
     /// When Mosquitto is missing or does not start listening within 10 s.
     pub fn start(ws: &Workspace) -> Self {
+        Self::start_with(ws, "allow_anonymous true\n")
+    }
+
+    /// Starts a broker whose configuration also has `settings` (authentication lines:
+    /// `allow_anonymous`, `password_file`, `acl_file` …).
+    ///
+    /// # Panics
+    /// As [`Broker::start`].
+    pub fn start_with(ws: &Workspace, settings: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -250,7 +259,7 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "user {user}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
+                "user {user}\nlistener {port} 127.0.0.1\n{settings}persistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
                 dir.display(),
                 dir.display()
             ),
@@ -382,4 +391,44 @@ impl Workspace {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+}
+
+/// Publishes one message with QoS 1 as MQTT client `client_id` (with `credentials` if given)
+/// and waits up to 10 s for the broker's PUBACK. Mosquitto acknowledges a publish its ACL
+/// denies and drops it: a PUBACK does not mean anyone receives it.
+///
+/// # Errors
+/// When the broker refuses the connection or does not acknowledge.
+pub fn mqtt_publish(
+    port: u16,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Some((u, p)) = credentials {
+            o.set_credentials(u, p);
+        }
+        let (client, mut events) = rumqttc::AsyncClient::new(o, 4);
+        client
+            .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| "no PUBACK".to_owned())?
+    })
 }
