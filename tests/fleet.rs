@@ -133,7 +133,7 @@ fn an_offline_device_gets_a_rollout_when_it_connects_and_runs_it_on_a_signed_com
         "rollout",
         "start",
         &signed,
-        "--group",
+        "--waves",
         "canary",
         "--config",
         "learner.toml",
@@ -391,4 +391,162 @@ fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
     let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
     assert!(log.contains("claims to be from"), "{log}");
     assert!(log.contains("message dropped"), "{log}");
+}
+
+/// Compiles and signs a one-step trace `canary-check` at `version` whose command is `command`.
+fn canary_trace(ws: &Workspace, version: &str, command: &str) -> String {
+    let src = format!("canary-{version}.trace.md");
+    std::fs::write(
+        ws.path(&src),
+        format!(
+            "---\ntrace_id: canary-check\nversion: \"{version}\"\ngoal_signature: check the canary\n---\n### Step 1: check\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{command}\"\n```\n"
+        ),
+    )
+    .expect("trace");
+    let compiled = format!("canary-{version}.tfc");
+    let signed = format!("canary-{version}.tfs");
+    let r = ws.learner(&["compile", &src, "-o", &compiled]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&["sign", &compiled, "--key", "traces.key", "-o", &signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    signed
+}
+
+fn rollout_state(ws: &Workspace, version: &str) -> Option<serde_json::Value> {
+    let r = ws.learner(&["rollout", "status", "--config", "learner.toml", "--json"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let all: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+    all.as_array()?
+        .iter()
+        .find(|x| x["version"] == version)
+        .cloned()
+}
+
+fn command_run(ws: &Workspace, device: &str, trace: &str) {
+    let r = ws.learner(&[
+        "command",
+        device,
+        "run",
+        trace,
+        "--key",
+        "commands.key",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+}
+
+/// Starts a canary → wave1 rollout of `signed` and waits for the canary's install ack.
+fn start_canary_rollout(ws: &Workspace, signed: &str, version: &str) {
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        signed,
+        "--waves",
+        "canary,wave1",
+        "--abort-if",
+        "failure-rate>0.5 over 1 runs",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    ws.wait_until(30, &format!("the canary's ack of {version}"), || {
+        runs(ws)["acks"]
+            .as_array()
+            .filter(|a| {
+                a.iter()
+                    .any(|a| a["device_id"] == "pi-01" && a["version"] == version)
+            })
+            .map(|_| ())
+    });
+}
+
+fn wait_rollout(ws: &Workspace, version: &str, state: &str) -> serde_json::Value {
+    ws.wait_until(60, &format!("rollout of {version} {state}"), || {
+        rollout_state(ws, version).filter(|r| r["state"] == state)
+    })
+}
+
+#[test]
+fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_good_version_reaches_everyone() {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    // A second device, in the next wave, with its own store.
+    let r = ws.follower(&["--state-dir", "state2", "trust", "init", "root-v1.tfr"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    std::fs::write(
+        ws.path("follower2.toml"),
+        std::fs::read_to_string(ws.path("follower.toml"))
+            .expect("follower.toml")
+            .replace("pi-01", "pi-02")
+            .replace("canary", "wave1"),
+    )
+    .expect("follower2.toml");
+    let _learner = serve(&ws);
+    let _pi01 = agent(&ws);
+    let _pi02 = ws.daemon(
+        "follower",
+        &[
+            "--state-dir",
+            "state2",
+            "agent",
+            "--config",
+            "follower2.toml",
+        ],
+    );
+    ws.wait_until(30, "both devices' heartbeats", || {
+        (devices(&ws).as_array().map_or(0, Vec::len) == 2).then_some(())
+    });
+
+    let bad = canary_trace(&ws, "1.0.0", "false");
+    start_canary_rollout(&ws, &bad, "1.0.0");
+    command_run(&ws, "pi-01", "canary-check");
+    let halted = wait_rollout(&ws, "1.0.0", "halted");
+    assert_eq!(halted["wave"], 0, "{halted}");
+    assert!(
+        halted["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("failure rate 1.00"),
+        "{halted}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let acks = runs(&ws)["acks"].clone();
+    assert!(
+        !acks
+            .as_array()
+            .expect("acks")
+            .iter()
+            .any(|a| a["device_id"] == "pi-02"),
+        "the next wave must never receive the bad version: {acks}"
+    );
+    let r = ws.follower(&["--state-dir", "state2", "traces", "list"]);
+    assert!(!r.stdout.contains("canary-check"), "{r:?}");
+
+    // The fix, rolled forward under a newer version, passes the canary and reaches wave1.
+    let good = canary_trace(&ws, "1.0.1", "true");
+    start_canary_rollout(&ws, &good, "1.0.1");
+    command_run(&ws, "pi-01", "canary-check");
+    ws.wait_until(60, "wave1's ack of 1.0.1", || {
+        runs(&ws)["acks"]
+            .as_array()
+            .filter(|a| {
+                a.iter().any(|a| {
+                    a["device_id"] == "pi-02"
+                        && a["version"] == "1.0.1"
+                        && a["outcome"] == "installed"
+                })
+            })
+            .map(|_| ())
+    });
+    command_run(&ws, "pi-02", "canary-check");
+    let done = wait_rollout(&ws, "1.0.1", "done");
+    assert_eq!(done["runs"], 2, "{done}");
+    assert_eq!(done["failures"], 0, "{done}");
+    let r = ws.follower(&["--state-dir", "state2", "traces", "list"]);
+    assert!(
+        r.stdout.contains("canary-check") && r.stdout.contains("1.0.1"),
+        "{r:?}"
+    );
 }

@@ -62,8 +62,9 @@ impl LearnerConfig {
     }
 }
 
-const MIGRATIONS: &[M<'static>] = &[M::up(
-    "CREATE TABLE devices (
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(
+        "CREATE TABLE devices (
         device_id        TEXT PRIMARY KEY,
         online           INTEGER NOT NULL DEFAULT 0,
         last_seen        INTEGER NOT NULL,
@@ -115,7 +116,25 @@ const MIGRATIONS: &[M<'static>] = &[M::up(
         device_id TEXT PRIMARY KEY,
         counter   INTEGER NOT NULL
     );",
-)];
+    ),
+    // Staged rollouts (see crate::rollout).
+    M::up(
+        "CREATE TABLE rollouts (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        trace_id         TEXT NOT NULL,
+        version          TEXT NOT NULL,
+        signed           BLOB NOT NULL,
+        waves_json       TEXT NOT NULL,
+        wave             INTEGER NOT NULL,
+        state            TEXT NOT NULL,
+        max_failure_rate REAL NOT NULL,
+        min_runs         INTEGER NOT NULL,
+        reason           TEXT NOT NULL,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL
+    );",
+    ),
+];
 
 /// The learner's database.
 pub struct LearnerDb {
@@ -443,6 +462,11 @@ impl LearnerDb {
         rows.collect()
     }
 
+    /// The connection, for [`crate::rollout`].
+    pub fn conn(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     /// The next command counter for `device`: above every one issued before, and at least
     /// the current time in milliseconds (so a learner whose database was lost still issues
     /// counters the device accepts).
@@ -550,9 +574,12 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut backoff = Duration::from_millis(250);
+    let mut rollouts = tokio::time::interval(Duration::from_secs(1));
+    rollouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(db = %config.db_path().display(), "learner serving");
     loop {
         tokio::select! {
+            _ = rollouts.tick() => drive_rollouts(&client, &db, false),
             ev = eventloop.poll() => match ev {
                 Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_))) => {
                     backoff = Duration::from_millis(250);
@@ -561,6 +588,8 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
                     client.try_subscribe_many(kinds.iter().map(|k| {
                         rumqttc::SubscribeFilter::new(wire::all_devices(k), QoS::AtLeastOnce)
                     }))?;
+                    // The broker may have lost retained traces: publish the waves again.
+                    drive_rollouts(&client, &db, true);
                 }
                 Ok(rumqttc::Event::Incoming(Incoming::Publish(p))) => {
                     match db.ingest(&p.topic, &p.payload) {
@@ -588,6 +617,20 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
     Ok(())
+}
+
+/// Advances the rollouts and publishes what they release or withdraw (retained, QoS 1).
+fn drive_rollouts(client: &AsyncClient, db: &LearnerDb, republish: bool) {
+    match crate::rollout::tick(&db.conn, unix_now(), republish) {
+        Ok(publishes) => {
+            for p in publishes {
+                if let Err(e) = client.try_publish(&p.topic, QoS::AtLeastOnce, true, p.payload) {
+                    tracing::error!(error = %e, topic = %p.topic, "cannot publish a rollout wave");
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "rollouts"),
+    }
 }
 
 /// Publishes one message with QoS 1 (retained if asked) and waits for the broker's PUBACK.

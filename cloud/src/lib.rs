@@ -2,7 +2,9 @@
 //!
 //! This version compiles trace sources, generates keys and signs compiled traces
 //! ([`keys`]), and runs the learner's side of the fleet link ([`fleet`]: ingest, commands,
-//! publishing traces); staged rollouts and regeneration come with later versions.
+//! publishing traces) with staged rollouts ([`rollout`]); regeneration comes with a later
+//! version.
 
 pub mod fleet;
 pub mod keys;
+pub mod rollout;

@@ -172,15 +172,31 @@ enum CommandAction {
 
 #[derive(Subcommand)]
 enum RolloutCommand {
-    /// Publish a signed trace, retained, to a group or the whole fleet: devices online get it
-    /// now, devices offline when they reconnect. (Staged waves and canaries: not yet.)
+    /// Roll a signed trace out wave by wave; `learner serve` publishes each wave (retained on
+    /// its group's topic: offline devices get it when they reconnect) once the previous one
+    /// has acknowledged it and reported enough good runs, and halts on the abort criterion.
     Start {
         /// The signed trace (from `learner sign`).
         signed: PathBuf,
-        /// Only this group's devices (default: the whole fleet).
-        #[arg(long)]
-        group: Option<String>,
-        /// The learner's config (broker).
+        /// Device groups in order, comma-separated; `*` is the whole fleet (e.g.
+        /// `canary,wave1,*`).
+        #[arg(long, default_value = "*", value_delimiter = ',')]
+        waves: Vec<String>,
+        /// Halt before the next wave when the version's runs fail too often:
+        /// `failure-rate>X over N runs` (N is also the runs each wave must report).
+        #[arg(long, default_value = "failure-rate>0.2 over 1 runs", value_parser = learner::rollout::parse_abort_if)]
+        abort_if: (f64, u32),
+        /// The learner's config.
+        #[arg(long, value_name = "learner.toml")]
+        config: PathBuf,
+    },
+    /// Rollouts, newest first: waves reached, runs, failures, state and why.
+    Status(ListArgs),
+    /// Stop a trace's rollout and withdraw it from the waves it reached.
+    Abort {
+        /// The trace id.
+        trace: String,
+        /// The learner's config.
         #[arg(long, value_name = "learner.toml")]
         config: PathBuf,
     },
@@ -454,34 +470,77 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => send_command(&device, action, &key_files, config.as_deref(), expires),
         Command::Rollout(RolloutCommand::Start {
             signed: file,
-            group,
+            waves,
+            abort_if: (max_failure_rate, min_runs),
             config,
         }) => {
             let config = learner::fleet::LearnerConfig::load(&config)?;
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let s = signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
-            let id = s.header.trace_id.to_string();
-            let topic = match &group {
-                Some(g) => {
-                    tracefleet::wire::check_name("group", g)?;
-                    tracefleet::wire::Topic::GroupTrace(g.clone(), id.clone())
+            for w in &waves {
+                if w != learner::rollout::FLEET {
+                    tracefleet::wire::check_name("group", w).context("--waves")?;
                 }
-                None => tracefleet::wire::Topic::FleetTrace(id.clone()),
-            };
-            learner::fleet::publish_once(
-                &config,
-                &format!("{}-rollout", config.client_id),
-                &topic.name(),
-                bytes,
-                true,
-                Duration::from_secs(30),
+            }
+            let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
+            let id = s.header.trace_id.to_string();
+            let version = s.header.version.to_string();
+            learner::rollout::start(
+                db.conn(),
+                &learner::rollout::Plan {
+                    trace_id: &id,
+                    version: &version,
+                    signed: &bytes,
+                    waves: &waves,
+                    max_failure_rate,
+                    min_runs,
+                },
+                i64::try_from(unix_now()).unwrap_or(i64::MAX),
             )?;
             println!(
-                "published {id} {} to {} (retained)",
-                s.header.version,
-                group.map_or_else(|| "the fleet".to_owned(), |g| format!("group {g}"))
+                "rollout of {id} {version} recorded: waves {}; halts above a failure rate of {max_failure_rate} (over at least {min_runs} runs); `learner serve` publishes it",
+                waves.join(" → ")
             );
+            Ok(())
+        }
+        Command::Rollout(RolloutCommand::Status(ListArgs { config, json })) => {
+            let mut db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let rollouts = learner::rollout::list(db.conn())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rollouts)?);
+            } else {
+                for r in rollouts {
+                    println!(
+                        "{} {}\t{}\twave {}/{} ({})\t{} runs, {} failed\t{}",
+                        r.trace_id,
+                        r.version,
+                        r.state,
+                        r.wave + 1,
+                        r.waves.len(),
+                        r.waves.join(","),
+                        r.runs,
+                        r.failures,
+                        r.reason
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Rollout(RolloutCommand::Abort { trace, config }) => {
+            let mut db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            if !learner::rollout::abort(
+                db.conn(),
+                &trace,
+                i64::try_from(unix_now()).unwrap_or(i64::MAX),
+            )? {
+                bail!("no running or halted rollout of {trace}");
+            }
+            println!("rollout of {trace} aborting: `learner serve` withdraws it");
             Ok(())
         }
         Command::Bundle(BundleCommand::Create {
