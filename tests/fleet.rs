@@ -550,3 +550,81 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_good_version_re
         "{r:?}"
     );
 }
+
+#[test]
+fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_every_device() {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    let _learner = serve(&ws);
+    let _sim = ws.daemon(
+        "learner",
+        &[
+            "simulate",
+            "--devices",
+            "40",
+            "--groups",
+            "canary=4,wave1=36",
+            "--fail",
+            "canary-check",
+            "--run-on-install",
+            "--heartbeat-secs",
+            "1",
+            "--config",
+            "learner.toml",
+        ],
+    );
+    ws.wait_until(60, "40 simulated devices' heartbeats", || {
+        (devices(&ws).as_array().map_or(0, Vec::len) == 40).then_some(())
+    });
+    let acks_of = |version: &str| {
+        runs(&ws)["acks"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|a| a["version"] == version).count())
+    };
+    // The simulated devices fail every run of canary-check: the canaries stop it.
+    let bad = canary_trace(&ws, "1.0.0", "true");
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        &bad,
+        "--waves",
+        "canary,wave1",
+        "--abort-if",
+        "failure-rate>0.2 over 2 runs",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let halted = wait_rollout(&ws, "1.0.0", "halted");
+    assert_eq!(halted["wave"], 0, "{halted}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(acks_of("1.0.0"), 4, "only the canaries received it");
+
+    // Another trace, which the simulated devices run successfully, reaches all 40.
+    let src = "good.trace.md";
+    std::fs::write(
+        ws.path(src),
+        "---\ntrace_id: fleet-check\nversion: \"2.0.0\"\ngoal_signature: check the fleet\n---\n### Step 1: check\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"true\"\n```\n",
+    )
+    .expect("trace");
+    let r = ws.learner(&["compile", src, "-o", "good.tfc"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&["sign", "good.tfc", "--key", "traces.key", "-o", "good.tfs"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        "good.tfs",
+        "--waves",
+        "canary,wave1",
+        "--abort-if",
+        "failure-rate>0.2 over 2 runs",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let done = wait_rollout(&ws, "2.0.0", "done");
+    assert_eq!(done["failures"], 0, "{done}");
+    assert_eq!(acks_of("2.0.0"), 40);
+}

@@ -8,3 +8,4 @@
 pub mod fleet;
 pub mod keys;
 pub mod rollout;
+pub mod simulate;

@@ -118,6 +118,54 @@ enum Command {
     /// Roll a signed trace out to the fleet.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Simulate many followers in this process (real MQTT clients, deterministic run
+    /// results) for fleet tests and benchmarks; prints totals when it ends.
+    Simulate {
+        /// How many devices.
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Device id prefix (`PREFIX-0000` …).
+        #[arg(long, default_value = "sim")]
+        prefix: String,
+        /// Groups by position: `canary=10,wave1=100` puts the first 10 devices in canary, the
+        /// next 100 in wave1, the rest in none.
+        #[arg(long, value_delimiter = ',', value_parser = parse_group_count)]
+        groups: Vec<(String, usize)>,
+        /// Runs of this trace fail (repeatable).
+        #[arg(long)]
+        fail: Vec<String>,
+        /// Run each trace once right after installing it (rollouts move on by themselves).
+        #[arg(long)]
+        run_on_install: bool,
+        /// Reports each device sends at start (load).
+        #[arg(long, default_value_t = 0)]
+        reports: usize,
+        /// Stop after this long (default: at SIGINT).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Seconds between heartbeats.
+        #[arg(long, default_value_t = 30)]
+        heartbeat_secs: u64,
+        /// Instead: measure the broker's own QoS 1 throughput with this many messages of the
+        /// size of a report (one publisher, one subscriber), print it and exit.
+        #[arg(long, value_name = "MESSAGES")]
+        broker_baseline: Option<usize>,
+        /// The learner's config (broker).
+        #[arg(long, value_name = "learner.toml")]
+        config: PathBuf,
+    },
+}
+
+fn parse_group_count(s: &str) -> Result<(String, usize), String> {
+    let (g, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected GROUP=COUNT"))?;
+    tracefleet::wire::check_name("group", g).map_err(|e| e.to_string())?;
+    Ok((
+        g.to_owned(),
+        n.parse()
+            .map_err(|_| format!("{s:?}: expected GROUP=COUNT"))?,
+    ))
 }
 
 #[derive(Subcommand)]
@@ -541,6 +589,47 @@ fn dispatch(cli: Cli) -> Result<()> {
                 bail!("no running or halted rollout of {trace}");
             }
             println!("rollout of {trace} aborting: `learner serve` withdraws it");
+            Ok(())
+        }
+        Command::Simulate {
+            devices,
+            prefix,
+            groups,
+            fail,
+            run_on_install,
+            reports,
+            duration,
+            heartbeat_secs,
+            broker_baseline,
+            config,
+        } => {
+            let config = learner::fleet::LearnerConfig::load(&config)?;
+            if let Some(n) = broker_baseline {
+                let size = learner::simulate::baseline_size();
+                let rate = learner::simulate::broker_baseline(&config, n, size)?;
+                println!("broker: {n} QoS 1 messages of {size} bytes, {rate:.0} msg/s end to end");
+                return Ok(());
+            }
+            tracefleet::wire::check_name("device id prefix", &prefix)?;
+            let sim = learner::simulate::Simulation {
+                devices,
+                prefix,
+                groups,
+                fail,
+                run_on_install,
+                reports,
+                duration,
+                heartbeat_secs,
+            };
+            let t = learner::simulate::run(&config, &sim)?;
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            println!(
+                "simulated {devices} devices: {} connected, {} traces installed, {} reports sent, {} PUBACKs",
+                n(&t.connected),
+                n(&t.installed),
+                n(&t.reports),
+                n(&t.pubacks)
+            );
             Ok(())
         }
         Command::Bundle(BundleCommand::Create {

@@ -1,0 +1,352 @@
+//! `learner simulate`: many lightweight simulated followers in one process, for fleet tests
+//! and benchmarks. Each is a real MQTT client (rumqttc) with its own persistent session,
+//! speaking the fleet link exactly as `follower agent` does — status, heartbeats with its
+//! groups, an ack for every pushed trace, a report for every run — but with deterministic
+//! results instead of real runs: a run of a trace named in `fail` fails, every other succeeds.
+//! Simulated devices do not verify signatures (they hold no trust root); they read the pushed
+//! trace's id and version from its envelope.
+
+use rumqttc::{AsyncClient, Incoming, QoS};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracefleet::report::{Report, RunStatus};
+use tracefleet::wire::{self, Ack, AckOutcome, Action, Heartbeat, ReportMessage, Status, Topic};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    /// How many devices (`{prefix}-0000` …).
+    pub devices: usize,
+    /// Device id prefix.
+    pub prefix: String,
+    /// Groups by device index: the first `n` devices join the first group, the next `m` the
+    /// second, …; the rest join none.
+    pub groups: Vec<(String, usize)>,
+    /// Trace ids whose runs fail.
+    pub fail: Vec<String>,
+    /// Run a trace right after installing it (so rollouts move on without commands).
+    pub run_on_install: bool,
+    /// Reports each device sends at start (load for benchmarks).
+    pub reports: usize,
+    /// Stop after this long (default: on SIGINT/SIGTERM).
+    pub duration: Option<Duration>,
+    /// Seconds between heartbeats.
+    pub heartbeat_secs: u64,
+}
+
+/// Counters over all simulated devices.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Devices whose first connection was acknowledged.
+    pub connected: AtomicU64,
+    /// Traces installed (acks sent).
+    pub installed: AtomicU64,
+    /// Reports published.
+    pub reports: AtomicU64,
+    /// PUBACKs received for QoS 1 publishes.
+    pub pubacks: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A deterministic report of a run of `trace_id` `version` on `device`.
+#[must_use]
+pub fn synthetic_report(
+    device: &str,
+    run_id: &str,
+    trace_id: &str,
+    version: &str,
+    ok: bool,
+) -> Report {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut r: Report = serde_json::from_value(serde_json::json!({
+        "report_version": 1,
+        "run_id": run_id,
+        "device_id": device,
+        "trace_id": trace_id,
+        "trace_version": version,
+        "goal_signature": "simulated",
+        "status": if ok { "success" } else { "failed" },
+        "total_steps": 1,
+        "completed_steps": u32::from(ok),
+        "failed_step": if ok { None } else { Some(1) },
+        "error": if ok { None } else { Some("simulated failure") },
+        "started_at": now,
+        "finished_at": now,
+        "execution_time_secs": 0.0,
+        "estimated_cost": 0.0,
+        "inputs": {},
+        "preconditions": [],
+        "all_preconditions_met": true,
+        "step_results": [],
+        "all_validations_passed": ok,
+        "postconditions": [],
+        "all_postconditions_met": ok,
+        "escalations": [],
+        "prompt_tokens": 0,
+        "completion_tokens": 0
+    }))
+    .unwrap_or_else(|e| panic!("the synthetic report no longer matches Report: {e}"));
+    r.status = if ok {
+        RunStatus::Success
+    } else {
+        RunStatus::Failed
+    };
+    r
+}
+
+/// Runs the simulation against the broker in `config`.
+///
+/// # Errors
+/// When the broker settings cannot be used.
+pub fn run(config: &crate::fleet::LearnerConfig, sim: &Simulation) -> anyhow::Result<Arc<Totals>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let totals = Arc::new(Totals::default());
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut index = 0usize;
+        let mut group_of = Vec::with_capacity(sim.devices);
+        for (g, n) in &sim.groups {
+            group_of.extend(std::iter::repeat_n(Some(g.clone()), *n));
+        }
+        while group_of.len() < sim.devices {
+            group_of.push(None);
+        }
+        for group in group_of.into_iter().take(sim.devices) {
+            let device = format!("{}-{index:04}", sim.prefix);
+            index += 1;
+            let options =
+                config
+                    .broker
+                    .options(&device, None, tracefleet::signed::MAX_SIGNED_BYTES)?;
+            tasks.spawn(device_loop(
+                device,
+                group.into_iter().collect(),
+                options,
+                sim.clone(),
+                Arc::clone(&totals),
+            ));
+        }
+        let stop = async {
+            match sim.duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = stop => {}
+            _ = async { while tasks.join_next().await.is_some() {} } => {}
+        }
+        tasks.abort_all();
+        anyhow::Ok(())
+    })?;
+    Ok(totals)
+}
+
+async fn device_loop(
+    device: String,
+    groups: Vec<String>,
+    options: rumqttc::MqttOptions,
+    sim: Simulation,
+    totals: Arc<Totals>,
+) {
+    let (client, mut events) = AsyncClient::new(options, 256);
+    let mut installed: BTreeMap<String, String> = BTreeMap::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(sim.heartbeat_secs.max(1)));
+    let mut first = true;
+    let mut runs = 0u64;
+    let publish = |topic: Topic, payload: Vec<u8>, retain: bool| {
+        let _ = client.try_publish(topic.name(), QoS::AtLeastOnce, retain, payload);
+    };
+    let beat = |installed: &BTreeMap<String, String>| Heartbeat {
+        device_id: device.clone(),
+        sent_at: unix_now(),
+        follower_version: format!("simulated {}", env!("CARGO_PKG_VERSION")),
+        groups: groups.clone(),
+        installed: installed
+            .iter()
+            .map(|(t, v)| wire::InstalledTrace {
+                trace_id: t.clone(),
+                version: v.clone(),
+            })
+            .collect(),
+        running: Vec::new(),
+        telemetry: tracefleet::report::Telemetry::default(),
+    };
+    let report = |trace: &str, version: &str, runs: &mut u64| {
+        *runs += 1;
+        let run_id = uuid::Uuid::now_v7().to_string();
+        let ok = !sim.fail.iter().any(|f| f == trace);
+        let r = synthetic_report(&device, &run_id, trace, version, ok);
+        let m = ReportMessage {
+            run_id,
+            report_json: serde_json::to_string(&r).unwrap_or_default(),
+        };
+        totals.reports.fetch_add(1, Ordering::Relaxed);
+        publish(Topic::Reports(device.clone()), wire::encode(&m), false);
+    };
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                publish(Topic::Heartbeat(device.clone()), wire::encode(&beat(&installed)), false);
+            }
+            ev = events.poll() => match ev {
+                Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_))) => {
+                    let _ = client.try_subscribe_many(
+                        wire::device_subscriptions(&device, &groups)
+                            .into_iter()
+                            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce)),
+                    );
+                    publish(Topic::Status(device.clone()), wire::encode(&Status { online: true, at: unix_now() }), true);
+                    publish(Topic::Heartbeat(device.clone()), wire::encode(&beat(&installed)), false);
+                    if first {
+                        first = false;
+                        totals.connected.fetch_add(1, Ordering::Relaxed);
+                        for _ in 0..sim.reports {
+                            report("simulated-load", "1.0.0", &mut runs);
+                        }
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(Incoming::PubAck(_))) => {
+                    totals.pubacks.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(rumqttc::Event::Incoming(Incoming::Publish(p))) => {
+                    match Topic::parse(&p.topic) {
+                        Ok(Topic::FleetTrace(id) | Topic::GroupTrace(_, id)) if !p.payload.is_empty() => {
+                            if let Some((_, version)) = wire::pushed_trace_version(&p.payload) {
+                                let version = version.to_string();
+                                let fresh = installed.insert(id.clone(), version.clone()).as_ref() != Some(&version);
+                                let ack = Ack {
+                                    trace_id: id.clone(),
+                                    version: Some(version.clone()),
+                                    outcome: if fresh { AckOutcome::Installed } else { AckOutcome::AlreadyInstalled },
+                                    at: unix_now(),
+                                };
+                                totals.installed.fetch_add(u64::from(fresh), Ordering::Relaxed);
+                                publish(Topic::Acks(device.clone()), wire::encode(&ack), false);
+                                publish(Topic::Heartbeat(device.clone()), wire::encode(&beat(&installed)), false);
+                                if fresh && sim.run_on_install {
+                                    report(&id, &version, &mut runs);
+                                }
+                            }
+                        }
+                        Ok(Topic::Commands(_)) => {
+                            let command = wire::decode::<wire::SignedCommand>(&p.payload, "signed command")
+                                .ok()
+                                .and_then(|s| postcard::from_bytes::<wire::Command>(&s.command).ok());
+                            if let Some(wire::Command { action: Action::Run { trace_id, .. }, .. }) = command {
+                                let version = installed.get(&trace_id).cloned().unwrap_or_default();
+                                report(&trace_id, &version, &mut runs);
+                            }
+                        }
+                        _ => {}
+                    }
+                    let _ = client.try_ack(&p);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+}
+
+/// Bytes of a simulated device's report message (the baseline publishes messages this size).
+#[must_use]
+pub fn baseline_size() -> usize {
+    let r = synthetic_report(
+        "sim-0000",
+        &uuid::Uuid::now_v7().to_string(),
+        "simulated-load",
+        "1.0.0",
+        true,
+    );
+    wire::encode(&ReportMessage {
+        run_id: r.run_id.clone(),
+        report_json: serde_json::to_string(&r).unwrap_or_default(),
+    })
+    .len()
+}
+
+/// Measures the broker's own throughput as one client sees it: `count` QoS 1 messages of
+/// `size` bytes published to a private topic, received by a second client in this process.
+/// Returns messages per second, end to end.
+///
+/// # Errors
+/// When the broker cannot be reached or the messages do not all arrive within a minute.
+pub fn broker_baseline(
+    config: &crate::fleet::LearnerConfig,
+    count: usize,
+    size: usize,
+) -> anyhow::Result<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let topic = format!("{}/bench/{}", wire::TOPIC_PREFIX, std::process::id());
+        let mut sub_opts = config
+            .broker
+            .options("tracefleet-bench-sub", None, size + 1024)?;
+        sub_opts.set_clean_session(true).set_manual_acks(false);
+        let (sub, mut sub_events) = AsyncClient::new(sub_opts, 16);
+        sub.subscribe(&topic, QoS::AtLeastOnce).await?;
+        loop {
+            if let Incoming::SubAck(_) = match sub_events.poll().await? {
+                rumqttc::Event::Incoming(i) => i,
+                rumqttc::Event::Outgoing(_) => continue,
+            } {
+                break;
+            }
+        }
+        let mut pub_opts = config.broker.options("tracefleet-bench-pub", None, 1024)?;
+        pub_opts.set_clean_session(true);
+        let (publisher, mut pub_events) = AsyncClient::new(pub_opts, 1024);
+        let start = Instant::now();
+        let payload = vec![b'x'; size];
+        let sender = async {
+            for _ in 0..count {
+                publisher
+                    .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                    .await?;
+            }
+            anyhow::Ok(())
+        };
+        let driver = async {
+            loop {
+                if pub_events.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let receiver = async {
+            let mut got = 0usize;
+            while got < count {
+                if let rumqttc::Event::Incoming(Incoming::Publish(_)) = sub_events.poll().await? {
+                    got += 1;
+                }
+            }
+            anyhow::Ok(())
+        };
+        let (sent, received) = tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::select! {
+                r = async { tokio::join!(sender, receiver) } => r,
+                () = driver => unreachable!("the driver never ends"),
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("the broker did not pass {count} messages within a minute"))?;
+        sent?;
+        received?;
+        #[allow(clippy::cast_precision_loss)]
+        Ok(count as f64 / start.elapsed().as_secs_f64())
+    })
+}

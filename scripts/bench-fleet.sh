@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Fleet-link benchmarks against a real Mosquitto on a free loopback port (results in
+# docs/benchmarks.md):
+#   1. ingest: DEVICES simulated devices send REPORTS reports each; time until `learner serve`
+#      has stored them all, side by side with the broker's own QoS 1 throughput measured by
+#      the same client library (`learner simulate --broker-baseline`), interleaved, medians;
+#   2. rollout: time from `learner rollout start` to every one of FLEET simulated devices'
+#      acks (waves: 1% canary, then the rest).
+#
+#   scripts/bench-fleet.sh [ROUNDS] [FLEET]      (defaults 3, 1000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+fleet=${2:-1000}
+devices=10
+reports=1000
+cargo build --release --locked -p learner >/dev/null
+L=$PWD/target/release/learner
+w=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
+trap cleanup EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+printf 'user %s\nlistener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 100\n' \
+  "$(id -un)" "$port" > "$w/mosquitto.conf"
+"$mosq" -c "$w/mosquitto.conf" >"$w/mosquitto.log" 2>&1 & pids+=($!)
+sleep 0.3
+cd "$w"
+printf '[broker]\nport = %s\ninflight = 100\n' "$port" > learner.toml
+now_ms() { date +%s%3N; }
+sql() { python3 -c "import sqlite3,sys; print(sqlite3.connect('file:learner.db?mode=ro', uri=True).execute(sys.argv[1]).fetchone()[0])" "$1" 2>/dev/null || echo 0; }
+count_runs() { sql 'SELECT COUNT(*) FROM runs'; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+total=$((devices * reports))
+: > ingest.t; : > broker.t
+for r in $(seq "$rounds"); do
+  rm -f learner.db*
+  "$L" serve --config learner.toml 2>serve.log & serve=$!
+  sleep 0.5
+  t0=$(now_ms)
+  "$L" simulate --devices "$devices" --prefix "load$r" --reports "$reports" --duration 120s \
+     --heartbeat-secs 3600 --config learner.toml >/dev/null & sim=$!
+  while [ "$(count_runs)" -lt "$total" ]; do sleep 0.05; done
+  t1=$(now_ms)
+  kill "$sim" "$serve"; wait "$sim" "$serve" 2>/dev/null || true
+  awk -v n="$total" -v ms=$((t1 - t0)) 'BEGIN {printf "%.0f\n", n / (ms / 1000)}' >> ingest.t
+  "$L" simulate --broker-baseline "$total" --config learner.toml | awk '{print $(NF-3)}' >> broker.t
+done
+mi=$(median < ingest.t); mb=$(median < broker.t)
+echo "ingest: $devices devices x $reports reports, $rounds rounds (median)"
+echo "  learner serve, end to end : $mi reports/s"
+echo "  broker alone (same client): $mb msg/s"
+awk -v i="$mi" -v b="$mb" 'BEGIN {printf "  ratio                     : %.2fx (goal >= 0.7x)\n", i / b}'
+
+# Rollout to the simulated fleet.
+rm -f learner.db*
+"$L" serve --config learner.toml 2>serve.log & pids+=($!)
+canary=$(( fleet / 100 > 0 ? fleet / 100 : 1 ))
+"$L" simulate --devices "$fleet" --groups "canary=$canary,wave1=$((fleet - canary))" --run-on-install \
+   --heartbeat-secs 5 --config learner.toml >/dev/null 2>&1 & pids+=($!)
+until [ "$(sql 'SELECT COUNT(*) FROM devices')" -ge "$fleet" ]; do sleep 0.2; done
+"$L" keys generate --out traces.key >/dev/null
+printf -- '---\ntrace_id: fleet-bench\nversion: "1.0.0"\ngoal_signature: bench\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: "true"\n```\n' > t.trace.md
+"$L" compile t.trace.md -o t.tfc >/dev/null
+"$L" sign t.tfc --key traces.key -o t.tfs >/dev/null
+t0=$(now_ms)
+"$L" rollout start t.tfs --waves canary,wave1 --abort-if 'failure-rate>0.2 over 1 runs' --config learner.toml >/dev/null
+acks() { sql "SELECT COUNT(*) FROM acks WHERE trace_id = 'fleet-bench'"; }
+until [ "$(acks)" -ge "$fleet" ]; do sleep 0.1; done
+t1=$(now_ms)
+echo "rollout: $fleet simulated devices (waves: $canary canary, $((fleet - canary)) wave1)"
+echo "  every ack received after : $((t1 - t0)) ms (goal <= 5000 ms)"
