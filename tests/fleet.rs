@@ -436,8 +436,8 @@ fn command_run(ws: &Workspace, device: &str, trace: &str) {
     assert_eq!(r.code, Some(0), "{r:?}");
 }
 
-/// Starts a canary → wave1 rollout of `signed` and waits for the canary's install ack.
-fn start_canary_rollout(ws: &Workspace, signed: &str, version: &str) {
+/// Starts a canary → wave1 rollout of `signed` that halts on `abort_if`.
+fn start_rollout(ws: &Workspace, signed: &str, abort_if: &str) {
     let r = ws.learner(&[
         "rollout",
         "start",
@@ -445,11 +445,16 @@ fn start_canary_rollout(ws: &Workspace, signed: &str, version: &str) {
         "--waves",
         "canary,wave1",
         "--abort-if",
-        "failure-rate>0.5 over 1 runs",
+        abort_if,
         "--config",
         "learner.toml",
     ]);
     assert_eq!(r.code, Some(0), "{r:?}");
+}
+
+/// Starts a canary → wave1 rollout of `signed` and waits for the canary's install ack.
+fn start_canary_rollout(ws: &Workspace, signed: &str, version: &str) {
+    start_rollout(ws, signed, "failure-rate>0.5 over 1 runs");
     ws.wait_until(30, &format!("the canary's ack of {version}"), || {
         runs(ws)["acks"]
             .as_array()
@@ -584,18 +589,7 @@ fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_ev
     };
     // The simulated devices fail every run of canary-check: the canaries stop it.
     let bad = canary_trace(&ws, "1.0.0", "true");
-    let r = ws.learner(&[
-        "rollout",
-        "start",
-        &bad,
-        "--waves",
-        "canary,wave1",
-        "--abort-if",
-        "failure-rate>0.2 over 2 runs",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    start_rollout(&ws, &bad, "failure-rate>0.2 over 2 runs");
     let halted = wait_rollout(&ws, "1.0.0", "halted");
     assert_eq!(halted["wave"], 0, "{halted}");
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -612,18 +606,7 @@ fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_ev
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = ws.learner(&["sign", "good.tfc", "--key", "traces.key", "-o", "good.tfs"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let r = ws.learner(&[
-        "rollout",
-        "start",
-        "good.tfs",
-        "--waves",
-        "canary,wave1",
-        "--abort-if",
-        "failure-rate>0.2 over 2 runs",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    start_rollout(&ws, "good.tfs", "failure-rate>0.2 over 2 runs");
     let done = wait_rollout(&ws, "2.0.0", "done");
     assert_eq!(done["failures"], 0, "{done}");
     assert_eq!(acks_of("2.0.0"), 40);

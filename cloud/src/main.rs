@@ -120,40 +120,43 @@ enum Command {
     Rollout(RolloutCommand),
     /// Simulate many followers in this process (real MQTT clients, deterministic run
     /// results) for fleet tests and benchmarks; prints totals when it ends.
-    Simulate {
-        /// How many devices.
-        #[arg(long, default_value_t = 10)]
-        devices: usize,
-        /// Device id prefix (`PREFIX-0000` …).
-        #[arg(long, default_value = "sim")]
-        prefix: String,
-        /// Groups by position: `canary=10,wave1=100` puts the first 10 devices in canary, the
-        /// next 100 in wave1, the rest in none.
-        #[arg(long, value_delimiter = ',', value_parser = parse_group_count)]
-        groups: Vec<(String, usize)>,
-        /// Runs of this trace fail (repeatable).
-        #[arg(long)]
-        fail: Vec<String>,
-        /// Run each trace once right after installing it (rollouts move on by themselves).
-        #[arg(long)]
-        run_on_install: bool,
-        /// Reports each device sends at start (load).
-        #[arg(long, default_value_t = 0)]
-        reports: usize,
-        /// Stop after this long (default: at SIGINT).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        duration: Option<Duration>,
-        /// Seconds between heartbeats.
-        #[arg(long, default_value_t = 30)]
-        heartbeat_secs: u64,
-        /// Instead: measure the broker's own QoS 1 throughput with this many messages of the
-        /// size of a report (one publisher, one subscriber), print it and exit.
-        #[arg(long, value_name = "MESSAGES")]
-        broker_baseline: Option<usize>,
-        /// The learner's config (broker).
-        #[arg(long, value_name = "learner.toml")]
-        config: PathBuf,
-    },
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// How many devices.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Device id prefix (`PREFIX-0000` …).
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// Groups by position: `canary=10,wave1=100` puts the first 10 devices in canary, the
+    /// next 100 in wave1, the rest in none.
+    #[arg(long, value_delimiter = ',', value_parser = parse_group_count)]
+    groups: Vec<(String, usize)>,
+    /// Runs of this trace fail (repeatable).
+    #[arg(long)]
+    fail: Vec<String>,
+    /// Run each trace once right after installing it (rollouts move on by themselves).
+    #[arg(long)]
+    run_on_install: bool,
+    /// Reports each device sends at start (load).
+    #[arg(long, default_value_t = 0)]
+    reports: usize,
+    /// Stop after this long (default: at SIGINT).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_secs: u64,
+    /// Instead: measure the broker's own QoS 1 throughput with this many messages of the
+    /// size of a report (one publisher, one subscriber), print it and exit.
+    #[arg(long, value_name = "MESSAGES")]
+    broker_baseline: Option<usize>,
+    /// The learner's config (broker).
+    #[arg(long, value_name = "learner.toml")]
+    config: PathBuf,
 }
 
 fn parse_group_count(s: &str) -> Result<(String, usize), String> {
@@ -591,35 +594,25 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("rollout of {trace} aborting: `learner serve` withdraws it");
             Ok(())
         }
-        Command::Simulate {
-            devices,
-            prefix,
-            groups,
-            fail,
-            run_on_install,
-            reports,
-            duration,
-            heartbeat_secs,
-            broker_baseline,
-            config,
-        } => {
-            let config = learner::fleet::LearnerConfig::load(&config)?;
-            if let Some(n) = broker_baseline {
+        Command::Simulate(a) => {
+            let config = learner::fleet::LearnerConfig::load(&a.config)?;
+            if let Some(n) = a.broker_baseline {
                 let size = learner::simulate::baseline_size();
                 let rate = learner::simulate::broker_baseline(&config, n, size)?;
                 println!("broker: {n} QoS 1 messages of {size} bytes, {rate:.0} msg/s end to end");
                 return Ok(());
             }
-            tracefleet::wire::check_name("device id prefix", &prefix)?;
+            tracefleet::wire::check_name("device id prefix", &a.prefix)?;
+            let devices = a.devices;
             let sim = learner::simulate::Simulation {
-                devices,
-                prefix,
-                groups,
-                fail,
-                run_on_install,
-                reports,
-                duration,
-                heartbeat_secs,
+                devices: a.devices,
+                prefix: a.prefix,
+                groups: a.groups,
+                fail: a.fail,
+                run_on_install: a.run_on_install,
+                reports: a.reports,
+                duration: a.duration,
+                heartbeat_secs: a.heartbeat_secs,
             };
             let t = learner::simulate::run(&config, &sim)?;
             let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
