@@ -217,9 +217,10 @@ impl LearnerDb {
             std::fs::create_dir_all(dir)?;
         }
         let mut conn = Connection::open(path)?;
+        // First: the pragmas below take locks that `serve` may hold for a moment.
+        conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
         // Two processes opening a new database at once (`serve` and a `devices list`) would
         // both migrate it: one at a time.
         let lock = std::fs::File::create(path.with_extension("db-migration-lock"))?;

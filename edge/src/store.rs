@@ -289,6 +289,8 @@ impl Store {
             source,
         })?;
         let mut conn = Connection::open(state_dir.join("follower.db"))?;
+        // First: the pragmas below take locks another follower process may hold a moment.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Each follower command opens the store and closes it at exit; a checkpoint at every
@@ -299,7 +301,6 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 256)?;
         conn.pragma_update(None, "journal_size_limit", 1024 * 1024)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // The agent and a `follower run` opening a new store at once would both migrate it:
         // one at a time.
         let lock_path = state_dir.join("follower.db-migration-lock");
