@@ -611,3 +611,36 @@ fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_ev
     assert_eq!(done["failures"], 0, "{done}");
     assert_eq!(acks_of("2.0.0"), 40);
 }
+
+#[test]
+fn a_stuck_run_is_aborted_by_the_learner() {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    let mut learner_toml = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
+    learner_toml.push_str(
+        "[stuck]\ncommands_key = \"commands.key\"\nmin_after = \"2s\"\ngrace = \"30s\"\n",
+    );
+    std::fs::write(ws.path("learner.toml"), learner_toml).expect("toml");
+    let slow = canary_trace(&ws, "3.0.0", "sleep 120");
+    let r = ws.follower(&["install", &slow]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let _learner = serve(&ws);
+    let _agent = agent(&ws);
+    wait_online(&ws, true);
+    command_run(&ws, "pi-01", "canary-check");
+    // Past 2 s the learner sends abort; the follower aborts the step and stops the run.
+    let t = std::time::Instant::now();
+    ws.wait_until(60, "the stuck run stopped", || {
+        let r = ws.follower(&["runs", "list"]);
+        r.stdout
+            .lines()
+            .any(|l| l.contains("stopped"))
+            .then_some(())
+    });
+    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
+    assert!(log.contains("stuck run"), "{log}");
+    let agent_log = std::fs::read_to_string(ws.path("follower.log")).expect("log");
+    assert!(agent_log.contains("Abort"), "{agent_log}");
+}

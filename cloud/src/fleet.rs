@@ -31,6 +31,9 @@ pub struct LearnerConfig {
     /// The broker.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// Stuck runs: when to abort and kill them, and the key to sign that with.
+    #[serde(default)]
+    pub stuck: crate::stuck::StuckConfig,
 }
 
 fn default_client_id() -> String {
@@ -52,6 +55,10 @@ impl LearnerConfig {
         c.broker.apply_env()?;
         let dir = path.parent().unwrap_or(Path::new("."));
         c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));
+        c.stuck.commands_key = c.stuck.commands_key.take().map(|k| dir.join(k));
+        c.stuck
+            .durations()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(c)
     }
 
@@ -134,6 +141,16 @@ const MIGRATIONS: &[M<'static>] = &[
         updated_at       INTEGER NOT NULL
     );",
     ),
+    // Stuck runs (see crate::stuck).
+    M::up(
+        "CREATE TABLE stuck_runs (
+        run_id    TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        trace_id  TEXT NOT NULL,
+        stage     TEXT NOT NULL,
+        since     INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// The learner's database.
@@ -169,6 +186,21 @@ pub struct ReportedRun {
     pub trace_version: String,
     /// `success`, `failed` or `stopped`.
     pub status: String,
+}
+
+/// Something that needs a person.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EscalationRow {
+    /// The device.
+    pub device_id: String,
+    /// The trace (`-` for a goal no trace matched).
+    pub trace_id: String,
+    /// The run, if any.
+    pub run_id: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
 }
 
 /// The last outcome a device reported for a pushed trace version.
@@ -443,6 +475,26 @@ impl LearnerDb {
         rows.collect()
     }
 
+    /// Escalations (from devices, and stuck runs), oldest first.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn escalations(&self) -> rusqlite::Result<Vec<EscalationRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT device_id, trace_id, run_id, reason, at FROM escalations ORDER BY id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(EscalationRow {
+                device_id: r.get(0)?,
+                trace_id: r.get(1)?,
+                run_id: r.get(2)?,
+                reason: r.get(3)?,
+                at: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
     /// What devices said of pushed traces, by device, trace and version.
     ///
     /// # Errors
@@ -575,12 +627,37 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut backoff = Duration::from_millis(250);
+    let (stuck_after, stuck_grace) = config.stuck.durations().map_err(|e| anyhow::anyhow!(e))?;
+    let commands_key = match &config.stuck.commands_key {
+        Some(path) => {
+            let k = crate::keys::read_secret(path)?;
+            if k.role != tracefleet::signed::KeyRole::Commands {
+                anyhow::bail!(
+                    "[stuck] commands_key {}: a {} key: expected a command-signing key",
+                    path.display(),
+                    k.role
+                );
+            }
+            Some(k)
+        }
+        None => None,
+    };
     let mut rollouts = tokio::time::interval(Duration::from_secs(1));
     rollouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(db = %config.db_path().display(), "learner serving");
     loop {
         tokio::select! {
-            _ = rollouts.tick() => drive_rollouts(&client, &db, false),
+            _ = rollouts.tick() => {
+                drive_rollouts(&client, &db, false);
+                match crate::stuck::check(&db.conn, unix_now(), stuck_after, stuck_grace) {
+                    Ok(interventions) => {
+                        for i in interventions {
+                            send_intervention(&client, &mut db, commands_key.as_ref(), i);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "stuck runs"),
+                }
+            }
             ev = eventloop.poll() => match ev {
                 Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_))) => {
                     backoff = Duration::from_millis(250);
@@ -618,6 +695,43 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
     Ok(())
+}
+
+/// Signs and publishes a watchdog's abort or kill (only recorded without a command key).
+fn send_intervention(
+    client: &AsyncClient,
+    db: &mut LearnerDb,
+    key: Option<&tracefleet::signed::SecretKey>,
+    i: crate::stuck::Intervention,
+) {
+    let Some(key) = key else {
+        tracing::warn!(device = %i.device_id, run = %i.run_id, action = ?i.action, "stuck run: no [stuck] commands_key, so nothing is sent");
+        return;
+    };
+    let counter = match db.next_command_counter(&i.device_id) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "command counter");
+            return;
+        }
+    };
+    let now = u64::try_from(unix_now()).unwrap_or(0);
+    let command = wire::Command {
+        device_id: i.device_id.clone(),
+        counter,
+        issued_at: now,
+        expires_at: now + 600,
+        action: i.action,
+    };
+    let payload = wire::encode(&wire::sign_command(&command, &[key]));
+    if let Err(e) = client.try_publish(
+        Topic::Commands(i.device_id).name(),
+        QoS::AtLeastOnce,
+        false,
+        payload,
+    ) {
+        tracing::error!(error = %e, "cannot send a command");
+    }
 }
 
 /// Advances the rollouts and publishes what they release or withdraw (retained, QoS 1).

@@ -9,3 +9,4 @@ pub mod fleet;
 pub mod keys;
 pub mod rollout;
 pub mod simulate;
+pub mod stuck;

@@ -93,7 +93,7 @@ enum Command {
     /// Devices the learner has heard of.
     #[command(subcommand)]
     Devices(DevicesCommand),
-    /// Runs devices reported, and each trace version's fleet-wide statistics.
+    /// Runs devices reported, each trace version's fleet-wide statistics, and escalations.
     #[command(subcommand)]
     Runs(RunsCommand),
     /// Send a signed command to a device (QoS 1; a device that is offline gets it when it
@@ -493,7 +493,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?})
+                        &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?})
                     )?
                 );
             } else {
@@ -507,6 +507,12 @@ fn dispatch(cli: Cli) -> Result<()> {
                     println!(
                         "{} {}: {} runs, {} successful, confidence {:.3}",
                         s.trace_id, s.version, s.runs, s.successes, s.confidence
+                    );
+                }
+                for e in db.escalations()? {
+                    println!(
+                        "escalation from {} ({}): {}",
+                        e.device_id, e.trace_id, e.reason
                     );
                 }
             }
