@@ -248,15 +248,15 @@ impl LearnerDb {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
+        // Two processes opening a new database at once (`serve` and a `rollout start`) would
+        // race to switch it to WAL and to migrate it (SQLite answers one of them "database is
+        // locked" at once, whatever the busy timeout): one at a time.
+        let lock = std::fs::File::create(path.with_extension("db-open-lock"))?;
+        lock.lock()?;
         let mut conn = Connection::open(path)?;
-        // First: the pragmas below take locks that `serve` may hold for a moment.
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // Two processes opening a new database at once (`serve` and a `devices list`) would
-        // both migrate it: one at a time.
-        let lock = std::fs::File::create(path.with_extension("db-migration-lock"))?;
-        lock.lock()?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         drop(lock);
         Ok(LearnerDb { conn })

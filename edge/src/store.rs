@@ -288,8 +288,19 @@ impl Store {
             path: state_dir.display().to_string(),
             source,
         })?;
+        // Two follower processes opening a new store at once (the agent and a `follower run`)
+        // would race to switch it to WAL and to migrate it (SQLite answers one of them
+        // "database is locked" at once, whatever the busy timeout): one at a time.
+        let lock_path = state_dir.join("follower.db-open-lock");
+        let lock = std::fs::File::create(&lock_path).map_err(|source| StoreError::Dir {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+        lock.lock().map_err(|source| StoreError::Dir {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
         let mut conn = Connection::open(state_dir.join("follower.db"))?;
-        // First: the pragmas below take locks another follower process may hold a moment.
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -301,17 +312,6 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 256)?;
         conn.pragma_update(None, "journal_size_limit", 1024 * 1024)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // The agent and a `follower run` opening a new store at once would both migrate it:
-        // one at a time.
-        let lock_path = state_dir.join("follower.db-migration-lock");
-        let lock = std::fs::File::create(&lock_path).map_err(|source| StoreError::Dir {
-            path: lock_path.display().to_string(),
-            source,
-        })?;
-        lock.lock().map_err(|source| StoreError::Dir {
-            path: lock_path.display().to_string(),
-            source,
-        })?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         drop(lock);
         Ok(Self { conn })
