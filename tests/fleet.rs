@@ -213,6 +213,13 @@ fn reports_written_while_the_broker_is_down_or_the_agent_killed_arrive_exactly_o
             .map(|_| ())
     });
 
+    // A run started by hand on the enrolled device is reported by the idle agent.
+    let r = ws.follower(&["run", "services-audit"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    ws.wait_until(30, "the hand-started run's report", || {
+        (stored_runs(&ws).len() == 1).then_some(())
+    });
+
     // Runs on the device while the broker is down: their reports wait in the outbox.
     broker.stop();
     for _ in 0..3 {
@@ -220,8 +227,8 @@ fn reports_written_while_the_broker_is_down_or_the_agent_killed_arrive_exactly_o
         assert_eq!(r.code, Some(0), "{r:?}");
     }
     broker.restart();
-    ws.wait_until(60, "3 reports after a broker restart", || {
-        (stored_runs(&ws).len() == 3).then_some(())
+    ws.wait_until(60, "4 reports after a broker restart", || {
+        (stored_runs(&ws).len() == 4).then_some(())
     });
 
     // The agent killed outright, runs meanwhile, the broker restarted again, a new agent.
@@ -232,15 +239,15 @@ fn reports_written_while_the_broker_is_down_or_the_agent_killed_arrive_exactly_o
     }
     broker.restart();
     let _agent2 = agent(&ws);
-    ws.wait_until(60, "5 reports", || {
-        (stored_runs(&ws).len() == 5).then_some(())
+    ws.wait_until(60, "6 reports", || {
+        (stored_runs(&ws).len() == 6).then_some(())
     });
     std::thread::sleep(std::time::Duration::from_secs(2));
     let stored = stored_runs(&ws);
-    assert_eq!(stored.len(), 5, "{stored:?}");
+    assert_eq!(stored.len(), 6, "{stored:?}");
     assert!(stored.iter().all(|(_, s)| s == "success"), "{stored:?}");
     let stats = runs(&ws)["trace_stats"].clone();
-    assert_eq!(stats[0]["runs"], 5, "each report counted once: {stats}");
+    assert_eq!(stats[0]["runs"], 6, "each report counted once: {stats}");
     let local: Vec<String> = ws
         .follower(&["runs", "list"])
         .stdout

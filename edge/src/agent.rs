@@ -115,6 +115,8 @@ enum Event {
     Mqtt(Result<rumqttc::Event, rumqttc::ConnectionError>),
     /// Time for a heartbeat.
     Heartbeat,
+    /// Time to look for outbox rows other processes wrote (a `follower run` by hand).
+    OutboxTick,
     /// A scheduled trace is due (index into the schedule).
     Due(usize),
     /// A run process ended.
@@ -232,6 +234,8 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(agent.config.heartbeat_secs.max(1)));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outbox_tick = tokio::time::interval(Duration::from_secs(1));
+    outbox_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let periods: Vec<Duration> = agent
         .config
         .schedule
@@ -267,6 +271,7 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
                 eventloop.poll().await
             } => Event::Mqtt(r),
             _ = heartbeat.tick() => Event::Heartbeat,
+            _ = outbox_tick.tick() => Event::OutboxTick,
             i = async {
                 match next_due {
                     Some((i, t)) => { tokio::time::sleep_until(t).await; i }
@@ -299,6 +304,7 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Event::Heartbeat => agent.heartbeat()?,
+            Event::OutboxTick => agent.fill_outbox()?,
             Event::Due(i) => {
                 due[i] = tokio::time::Instant::now() + periods[i];
                 let s = agent.config.schedule[i].clone();
@@ -394,12 +400,11 @@ impl Agent {
                 }
             }
             rumqttc::Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                // The broker acked out of order and a packet id is still taken; rumqttc holds
-                // the publish until it is free. Resynchronise at the next connection.
-                tracing::warn!(
-                    pkid,
-                    "packet id collision; the outbox is resent on reconnect"
-                );
+                // The broker acked out of order and a packet id is still taken: rumqttc holds
+                // this publish (still first in `submitted`) and sends it, announced with
+                // `Outgoing::Publish`, once that id's PUBACK frees it; no new publish goes out
+                // meanwhile, so the mapping stays in order.
+                tracing::debug!(pkid, "packet id collision; waiting for its PUBACK");
             }
             _ => {}
         }
