@@ -212,9 +212,28 @@ async fn device_loop(
                     if first {
                         first = false;
                         totals.connected.fetch_add(1, Ordering::Relaxed);
-                        for _ in 0..sim.reports {
-                            report("simulated-load", "1.0.0", &mut runs);
-                        }
+                        // The load goes out from its own task, waiting for room in the
+                        // client's queue (this task must go on polling the connection).
+                        let (load, device, totals) = (client.clone(), device.clone(), Arc::clone(&totals));
+                        let n = sim.reports;
+                        tokio::spawn(async move {
+                            for _ in 0..n {
+                                let run_id = uuid::Uuid::now_v7().to_string();
+                                let r = synthetic_report(&device, &run_id, "simulated-load", "1.0.0", true);
+                                let m = ReportMessage {
+                                    run_id,
+                                    report_json: serde_json::to_string(&r).unwrap_or_default(),
+                                };
+                                if load
+                                    .publish(Topic::Reports(device.clone()).name(), QoS::AtLeastOnce, false, wire::encode(&m))
+                                    .await
+                                    .is_err()
+                                {
+                                    break;
+                                }
+                                totals.reports.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
                     }
                 }
                 Ok(rumqttc::Event::Incoming(Incoming::PubAck(_))) => {
