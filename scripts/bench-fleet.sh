@@ -37,6 +37,8 @@ total=$((devices * reports))
 : > ingest.t; : > broker.t
 for r in $(seq "$rounds"); do
   rm -f learner.db*
+  # A fresh learner session per round: nothing queued for an earlier round reaches this one.
+  printf 'client_id = "bench-learner-%s"\n[broker]\nport = %s\ninflight = 100\n' "$r" "$port" > learner.toml
   "$L" serve --config learner.toml 2>serve.log & serve=$!
   sleep 0.5
   t0=$(now_ms)
@@ -46,7 +48,7 @@ for r in $(seq "$rounds"); do
   t1=$(now_ms)
   kill "$sim" "$serve"; wait "$sim" "$serve" 2>/dev/null || true
   awk -v n="$total" -v ms=$((t1 - t0)) 'BEGIN {printf "%.0f\n", n / (ms / 1000)}' >> ingest.t
-  "$L" simulate --broker-baseline "$total" --config learner.toml | awk '{print $(NF-3)}' >> broker.t
+  "$L" simulate --broker-baseline "$total" --config learner.toml | awk '{print $(NF-4)}' >> broker.t
 done
 mi=$(median < ingest.t); mb=$(median < broker.t)
 echo "ingest: $devices devices x $reports reports, $rounds rounds (median)"
@@ -56,6 +58,7 @@ awk -v i="$mi" -v b="$mb" 'BEGIN {printf "  ratio                     : %.2fx (g
 
 # Rollout to the simulated fleet.
 rm -f learner.db*
+printf 'client_id = "bench-learner-rollout"\n[broker]\nport = %s\ninflight = 100\n' "$port" > learner.toml
 "$L" serve --config learner.toml 2>serve.log & pids+=($!)
 canary=$(( fleet / 100 > 0 ? fleet / 100 : 1 ))
 "$L" simulate --devices "$fleet" --groups "canary=$canary,wave1=$((fleet - canary))" --run-on-install \
