@@ -98,6 +98,14 @@ fn wait_online(ws: &Workspace, online: bool) {
     });
 }
 
+/// Waits until the learner has stored at least `n` runs; returns them.
+fn wait_stored_runs(ws: &Workspace, n: usize) -> Vec<(String, String)> {
+    ws.wait_until(60, &format!("{n} stored run(s)"), || {
+        let s = stored_runs(ws);
+        (s.len() >= n).then_some(s)
+    })
+}
+
 fn serve(ws: &Workspace) -> Daemon {
     ws.daemon("learner", &["serve", "--config", "learner.toml"])
 }
@@ -154,21 +162,8 @@ fn an_offline_device_gets_a_rollout_when_it_connects_and_runs_it_on_a_signed_com
     wait_online(&ws, true);
 
     // A signed command runs it; the report arrives once.
-    let r = ws.learner(&[
-        "command",
-        "pi-01",
-        "run",
-        "services-audit",
-        "--key",
-        "commands.key",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let stored = ws.wait_until(60, "the run's report", || {
-        let s = stored_runs(&ws);
-        (!s.is_empty()).then_some(s)
-    });
+    command_run(&ws, "pi-01", "services-audit");
+    let stored = wait_stored_runs(&ws, 1);
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].1, "success", "{stored:?}");
     let stats = runs(&ws)["trace_stats"].clone();
@@ -297,21 +292,8 @@ fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
     let mut learner = serve(&ws);
     let _agent = agent(&ws);
     wait_online(&ws, true);
-    let r = ws.learner(&[
-        "command",
-        "pi-01",
-        "run",
-        "services-audit",
-        "--key",
-        "commands.key",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let stored = ws.wait_until(60, "the run's report", || {
-        let s = stored_runs(&ws);
-        (!s.is_empty()).then_some(s)
-    });
+    command_run(&ws, "pi-01", "services-audit");
+    let stored = wait_stored_runs(&ws, 1);
     let real = ws.follower(&["runs", "show", &stored[0].0]);
     let real: serde_json::Value = serde_json::from_str(&real.stdout).expect("report json");
 
@@ -371,21 +353,8 @@ fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
     );
 
     // A second real run still arrives: the learner is alive and stored nothing else.
-    let r = ws.learner(&[
-        "command",
-        "pi-01",
-        "run",
-        "services-audit",
-        "--key",
-        "commands.key",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let stored = ws.wait_until(60, "the second report", || {
-        let s = stored_runs(&ws);
-        (s.len() >= 2).then_some(s)
-    });
+    command_run(&ws, "pi-01", "services-audit");
+    let stored = wait_stored_runs(&ws, 2);
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert!(
         stored.iter().all(|(id, _)| id != a && id != b),
