@@ -271,7 +271,6 @@ impl LearnerDb {
         let topic = Topic::parse(topic)?;
         let now = unix_now();
         let tx = self.conn.transaction()?;
-        let db = LearnerDb::tx(&tx);
         let what = match &topic {
             Topic::Reports(device) => {
                 let (_, report) = wire::decode_report(payload)?;
@@ -327,7 +326,7 @@ impl LearnerDb {
                         ],
                     )?;
                 }
-                db.seen(device, now)?;
+                seen(&tx, device, now)?;
                 if new {
                     Ingested::Report(report.run_id)
                 } else {
@@ -361,7 +360,7 @@ impl LearnerDb {
             }
             Topic::Status(device) => {
                 let s: Status = wire::decode(payload, "status")?;
-                db.seen(device, now)?;
+                seen(&tx, device, now)?;
                 tx.execute(
                     "UPDATE devices SET online = ?2 WHERE device_id = ?1",
                     params![device, s.online],
@@ -380,7 +379,7 @@ impl LearnerDb {
                      ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
                     params![device, a.trace_id, a.version.clone().unwrap_or_default(), outcome, detail, i64::try_from(a.at).unwrap_or(i64::MAX)],
                 )?;
-                db.seen(device, now)?;
+                seen(&tx, device, now)?;
                 Ingested::Ack(
                     a.trace_id,
                     a.version.unwrap_or_default(),
@@ -399,7 +398,7 @@ impl LearnerDb {
                     "INSERT OR IGNORE INTO escalations (device_id, trace_id, run_id, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![device, e.trace_id, e.run_id, e.reason, i64::try_from(e.at).unwrap_or(i64::MAX)],
                 )?;
-                db.seen(device, now)?;
+                seen(&tx, device, now)?;
                 Ingested::Escalation
             }
             Topic::Commands(_) | Topic::FleetTrace(_) | Topic::GroupTrace(..) => {
@@ -408,10 +407,6 @@ impl LearnerDb {
         };
         tx.commit()?;
         Ok(what)
-    }
-
-    fn tx<'a>(tx: &'a rusqlite::Transaction<'_>) -> TxDb<'a> {
-        TxDb(tx)
     }
 
     /// Devices, by id.
@@ -549,19 +544,14 @@ impl LearnerDb {
     }
 }
 
-/// The learner database inside a transaction.
-struct TxDb<'a>(&'a rusqlite::Transaction<'a>);
-
-impl TxDb<'_> {
-    fn seen(&self, device: &str, now: i64) -> rusqlite::Result<()> {
-        self.0
-            .prepare_cached(
-                "INSERT INTO devices (device_id, last_seen) VALUES (?1, ?2)
-                 ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
-            )?
-            .execute(params![device, now])?;
-        Ok(())
-    }
+/// Records that `device` was heard from at `now`.
+fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO devices (device_id, last_seen) VALUES (?1, ?2)
+         ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
+    )?
+    .execute(params![device, now])?;
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -199,10 +199,6 @@ fn wave_devices(conn: &Connection, group: &str) -> rusqlite::Result<Vec<String>>
 pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Vec<Publish>> {
     let mut out = Vec::new();
     for r in list(conn)? {
-        let signed: Vec<u8> =
-            conn.query_row("SELECT signed FROM rollouts WHERE id = ?1", [r.id], |x| {
-                x.get(0)
-            })?;
         let published = usize::try_from(r.wave + 1).unwrap_or(0).min(r.waves.len());
         let reached = &r.waves[..published];
         let set = |state: &str, wave: i64, reason: &str| {
@@ -221,20 +217,22 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
                 continue;
             }
             "running" => {}
-            "done" if republish => {
-                out.extend(reached.iter().map(|g| Publish {
-                    topic: wave_topic(g, &r.trace_id),
-                    payload: signed.clone(),
-                }));
-                continue;
-            }
+            "done" if republish => {}
             _ => continue,
         }
+        // Loaded only for a rollout that may publish it (up to 1 MiB, every second).
+        let signed: Vec<u8> =
+            conn.query_row("SELECT signed FROM rollouts WHERE id = ?1", [r.id], |x| {
+                x.get(0)
+            })?;
         if republish {
             out.extend(reached.iter().map(|g| Publish {
                 topic: wave_topic(g, &r.trace_id),
                 payload: signed.clone(),
             }));
+        }
+        if r.state == "done" {
+            continue;
         }
         // The abort criterion, over every run of this version so far.
         if r.runs >= r.min_runs && r.runs > 0 {
