@@ -259,7 +259,7 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "user {user}\nlistener {port} 127.0.0.1\n{settings}persistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
+                "user {user}\nlistener {port} 127.0.0.1\n{settings}persistence true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 0\nlog_dest file {}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n",
                 dir.display(),
                 dir.display()
             ),

@@ -262,151 +262,44 @@ impl LearnerDb {
         Ok(LearnerDb { conn })
     }
 
-    /// Ingests one message published on `topic`. Returns what it was, for logs; a payload
-    /// that is refused returns an error and changes nothing.
+    /// Ingests one message published on `topic` (a batch of one: [`LearnerDb::ingest_batch`]).
+    /// Returns what it was, for logs; a payload that is refused returns an error and changes
+    /// nothing.
     ///
     /// # Errors
     /// [`IngestError`]: the topic, the payload, or SQLite.
     pub fn ingest(&mut self, topic: &str, payload: &[u8]) -> Result<Ingested, IngestError> {
-        let topic = Topic::parse(topic)?;
+        self.ingest_batch(&[(topic, payload)])?
+            .pop()
+            .unwrap_or_else(|| unreachable!("one result per message"))
+    }
+
+    /// Ingests messages in arrival order in one transaction: one result per message, in
+    /// the same order. A refused message (topic, payload, impersonation) changes nothing and
+    /// does not stop the others; every other message is stored when this returns `Ok`, and
+    /// none is when it returns `Err` (acknowledge them only after `Ok`). The outcome is the
+    /// same as ingesting them one by one: a run id seen twice is stored once, and the
+    /// confidence follows the runs in arrival order.
+    ///
+    /// # Errors
+    /// SQLite (nothing of the batch is stored).
+    pub fn ingest_batch(
+        &mut self,
+        messages: &[(&str, &[u8])],
+    ) -> rusqlite::Result<Vec<Result<Ingested, IngestError>>> {
         let now = unix_now();
         let tx = self.conn.transaction()?;
-        let what = match &topic {
-            Topic::Reports(device) => {
-                let (_, report) = wire::decode_report(payload)?;
-                if report.device_id != *device {
-                    return Err(IngestError::Impersonation {
-                        topic: device.clone(),
-                        payload: report.device_id,
-                    });
-                }
-                let status = match report.status {
-                    RunStatus::Success => "success",
-                    RunStatus::Failed => "failed",
-                    RunStatus::Stopped => "stopped",
-                };
-                let json = serde_json::to_string(&report).unwrap_or_default();
-                let new = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO runs (run_id, device_id, trace_id, trace_version, status, started_at, finished_at, report_json, received_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    )?
-                    .execute(params![
-                        report.run_id,
-                        device,
-                        report.trace_id,
-                        report.trace_version,
-                        status,
-                        report.started_at,
-                        report.finished_at,
-                        json,
-                        now
-                    ])?
-                    == 1;
-                if new && report.status != RunStatus::Stopped {
-                    let success = report.status == RunStatus::Success;
-                    let old: Option<(i64, i64, f64)> = tx
-                        .query_row(
-                            "SELECT runs, successes, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
-                            params![report.trace_id, report.trace_version],
-                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                        )
-                        .optional()?;
-                    let (runs, successes, c) =
-                        old.unwrap_or((0, 0, tracefleet::confidence::INITIAL_CONFIDENCE));
-                    tx.execute(
-                        "INSERT INTO trace_stats (trace_id, version, runs, successes, confidence) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (trace_id, version) DO UPDATE SET runs = excluded.runs, successes = excluded.successes, confidence = excluded.confidence",
-                        params![
-                            report.trace_id,
-                            report.trace_version,
-                            runs + 1,
-                            successes + i64::from(success),
-                            tracefleet::confidence::update(c, success)
-                        ],
-                    )?;
-                }
-                seen(&tx, device, now)?;
-                if new {
-                    Ingested::Report(report.run_id)
-                } else {
-                    Ingested::Duplicate(report.run_id)
-                }
-            }
-            Topic::Heartbeat(device) => {
-                let hb: Heartbeat = wire::decode(payload, "heartbeat")?;
-                if hb.device_id != *device {
-                    return Err(IngestError::Impersonation {
-                        topic: device.clone(),
-                        payload: hb.device_id,
-                    });
-                }
-                tx.execute(
-                    "INSERT INTO devices (device_id, online, last_seen, follower_version, groups_json, installed_json, running_json, telemetry_json)
-                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
-                     ON CONFLICT (device_id) DO UPDATE SET online = 1, last_seen = excluded.last_seen, follower_version = excluded.follower_version,
-                       groups_json = excluded.groups_json, installed_json = excluded.installed_json, running_json = excluded.running_json, telemetry_json = excluded.telemetry_json",
-                    params![
-                        device,
-                        now,
-                        hb.follower_version,
-                        to_json(&hb.groups),
-                        to_json(&hb.installed),
-                        to_json(&hb.running),
-                        to_json(&hb.telemetry)
-                    ],
-                )?;
-                Ingested::Heartbeat
-            }
-            Topic::Status(device) => {
-                let s: Status = wire::decode(payload, "status")?;
-                seen(&tx, device, now)?;
-                tx.execute(
-                    "UPDATE devices SET online = ?2 WHERE device_id = ?1",
-                    params![device, s.online],
-                )?;
-                Ingested::Status(s.online)
-            }
-            Topic::Acks(device) => {
-                let a: Ack = wire::decode(payload, "ack")?;
-                let (outcome, detail) = match &a.outcome {
-                    AckOutcome::Installed => ("installed", String::new()),
-                    AckOutcome::AlreadyInstalled => ("already_installed", String::new()),
-                    AckOutcome::Refused(why) => ("refused", why.clone()),
-                };
-                tx.execute(
-                    "INSERT INTO acks (device_id, trace_id, version, outcome, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
-                    params![device, a.trace_id, a.version.clone().unwrap_or_default(), outcome, detail, i64::try_from(a.at).unwrap_or(i64::MAX)],
-                )?;
-                seen(&tx, device, now)?;
-                Ingested::Ack(
-                    a.trace_id,
-                    a.version.unwrap_or_default(),
-                    outcome.to_owned(),
-                )
-            }
-            Topic::Escalations(device) => {
-                let e: EscalationMessage = wire::decode(payload, "escalation")?;
-                if e.device_id != *device {
-                    return Err(IngestError::Impersonation {
-                        topic: device.clone(),
-                        payload: e.device_id,
-                    });
-                }
-                tx.execute(
-                    "INSERT OR IGNORE INTO escalations (device_id, trace_id, run_id, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![device, e.trace_id, e.run_id, e.reason, i64::try_from(e.at).unwrap_or(i64::MAX)],
-                )?;
-                seen(&tx, device, now)?;
-                Ingested::Escalation
-            }
-            Topic::Commands(_) | Topic::FleetTrace(_) | Topic::GroupTrace(..) => {
-                return Err(IngestError::NotForUs(topic.name()));
-            }
-        };
+        let mut batch = Batch::default();
+        let mut out = Vec::with_capacity(messages.len());
+        for (topic, payload) in messages {
+            out.push(match decode_message(topic, payload) {
+                Ok(m) => Ok(batch.store(&tx, m, now)?),
+                Err(e) => Err(e),
+            });
+        }
+        batch.finish(&tx)?;
         tx.commit()?;
-        Ok(what)
+        Ok(out)
     }
 
     /// Devices, by id.
@@ -544,6 +437,218 @@ impl LearnerDb {
     }
 }
 
+/// A message decoded and checked against its topic, ready to store.
+enum Message {
+    Report {
+        device: String,
+        report: Box<tracefleet::report::Report>,
+        json: String,
+    },
+    Heartbeat(String, Heartbeat),
+    Status(String, Status),
+    Ack(String, Ack),
+    Escalation(String, EscalationMessage),
+}
+
+/// Decodes a message and checks that the device in its payload is the one in its topic.
+fn decode_message(topic: &str, payload: &[u8]) -> Result<Message, IngestError> {
+    let topic = Topic::parse(topic)?;
+    let claimed = |device: &String, payload: &str| {
+        if payload == device {
+            Ok(())
+        } else {
+            Err(IngestError::Impersonation {
+                topic: device.clone(),
+                payload: payload.to_owned(),
+            })
+        }
+    };
+    Ok(match topic {
+        Topic::Reports(device) => {
+            let (m, report) = wire::decode_report(payload)?;
+            claimed(&device, &report.device_id)?;
+            Message::Report {
+                device,
+                report: Box::new(report),
+                json: m.report_json,
+            }
+        }
+        Topic::Heartbeat(device) => {
+            let hb: Heartbeat = wire::decode(payload, "heartbeat")?;
+            claimed(&device, &hb.device_id)?;
+            Message::Heartbeat(device, hb)
+        }
+        Topic::Status(device) => Message::Status(device, wire::decode(payload, "status")?),
+        Topic::Acks(device) => Message::Ack(device, wire::decode(payload, "ack")?),
+        Topic::Escalations(device) => {
+            let e: EscalationMessage = wire::decode(payload, "escalation")?;
+            claimed(&device, &e.device_id)?;
+            Message::Escalation(device, e)
+        }
+        t @ (Topic::Commands(_) | Topic::FleetTrace(_) | Topic::GroupTrace(..)) => {
+            return Err(IngestError::NotForUs(t.name()));
+        }
+    })
+}
+
+/// What one ingest transaction keeps in memory: each trace version's statistics (read once,
+/// written once at the end) and the devices already marked seen.
+#[derive(Default)]
+struct Batch {
+    stats: std::collections::HashMap<(String, String), (i64, i64, f64)>,
+    seen: std::collections::HashSet<String>,
+}
+
+impl Batch {
+    fn seen(&mut self, tx: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
+        if !self.seen.contains(device) {
+            seen(tx, device, now)?;
+            self.seen.insert(device.to_owned());
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, tx: &Connection, m: Message, now: i64) -> rusqlite::Result<Ingested> {
+        Ok(match m {
+            Message::Report {
+                device,
+                report,
+                json,
+            } => {
+                let status = match report.status {
+                    RunStatus::Success => "success",
+                    RunStatus::Failed => "failed",
+                    RunStatus::Stopped => "stopped",
+                };
+                let new = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO runs (run_id, device_id, trace_id, trace_version, status, started_at, finished_at, report_json, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )?
+                    .execute(params![
+                        report.run_id,
+                        device,
+                        report.trace_id,
+                        report.trace_version,
+                        status,
+                        report.started_at,
+                        report.finished_at,
+                        json,
+                        now
+                    ])?
+                    == 1;
+                if new && report.status != RunStatus::Stopped {
+                    let key = (report.trace_id.clone(), report.trace_version.clone());
+                    let stats = match self.stats.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let old = tx
+                                .prepare_cached(
+                                    "SELECT runs, successes, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                                )?
+                                .query_row(params![report.trace_id, report.trace_version], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                })
+                                .optional()?;
+                            e.insert(old.unwrap_or((
+                                0,
+                                0,
+                                tracefleet::confidence::INITIAL_CONFIDENCE,
+                            )))
+                        }
+                    };
+                    let success = report.status == RunStatus::Success;
+                    stats.0 += 1;
+                    stats.1 += i64::from(success);
+                    stats.2 = tracefleet::confidence::update(stats.2, success);
+                }
+                self.seen(tx, &device, now)?;
+                if new {
+                    Ingested::Report(report.run_id)
+                } else {
+                    Ingested::Duplicate(report.run_id)
+                }
+            }
+            Message::Heartbeat(device, hb) => {
+                tx.prepare_cached(
+                    "INSERT INTO devices (device_id, online, last_seen, follower_version, groups_json, installed_json, running_json, telemetry_json)
+                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (device_id) DO UPDATE SET online = 1, last_seen = excluded.last_seen, follower_version = excluded.follower_version,
+                       groups_json = excluded.groups_json, installed_json = excluded.installed_json, running_json = excluded.running_json, telemetry_json = excluded.telemetry_json",
+                )?
+                .execute(params![
+                    device,
+                    now,
+                    hb.follower_version,
+                    to_json(&hb.groups),
+                    to_json(&hb.installed),
+                    to_json(&hb.running),
+                    to_json(&hb.telemetry)
+                ])?;
+                self.seen.insert(device);
+                Ingested::Heartbeat
+            }
+            Message::Status(device, s) => {
+                self.seen(tx, &device, now)?;
+                tx.prepare_cached("UPDATE devices SET online = ?2 WHERE device_id = ?1")?
+                    .execute(params![device, s.online])?;
+                Ingested::Status(s.online)
+            }
+            Message::Ack(device, a) => {
+                let (outcome, detail) = match &a.outcome {
+                    AckOutcome::Installed => ("installed", String::new()),
+                    AckOutcome::AlreadyInstalled => ("already_installed", String::new()),
+                    AckOutcome::Refused(why) => ("refused", why.clone()),
+                };
+                tx.prepare_cached(
+                    "INSERT INTO acks (device_id, trace_id, version, outcome, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
+                )?
+                .execute(params![
+                    device,
+                    a.trace_id,
+                    a.version.clone().unwrap_or_default(),
+                    outcome,
+                    detail,
+                    i64::try_from(a.at).unwrap_or(i64::MAX)
+                ])?;
+                self.seen(tx, &device, now)?;
+                Ingested::Ack(
+                    a.trace_id,
+                    a.version.unwrap_or_default(),
+                    outcome.to_owned(),
+                )
+            }
+            Message::Escalation(device, e) => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO escalations (device_id, trace_id, run_id, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    device,
+                    e.trace_id,
+                    e.run_id,
+                    e.reason,
+                    i64::try_from(e.at).unwrap_or(i64::MAX)
+                ])?;
+                self.seen(tx, &device, now)?;
+                Ingested::Escalation
+            }
+        })
+    }
+
+    /// Writes the statistics the batch changed.
+    fn finish(self, tx: &Connection) -> rusqlite::Result<()> {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO trace_stats (trace_id, version, runs, successes, confidence) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (trace_id, version) DO UPDATE SET runs = excluded.runs, successes = excluded.successes, confidence = excluded.confidence",
+        )?;
+        for ((trace, version), (runs, successes, confidence)) in self.stats {
+            upsert.execute(params![trace, version, runs, successes, confidence])?;
+        }
+        Ok(())
+    }
+}
+
 /// Records that `device` was heard from at `now`.
 fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
     conn.prepare_cached(
@@ -613,7 +718,10 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let options = config
         .broker
         .options(&config.client_id, None, wire::MAX_MESSAGE_BYTES)?;
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // Room for the acks of several batches and the rollouts' publishes: acks are queued
+    // without waiting (this task is the one that drains the queue, by polling).
+    let (client, mut eventloop) = AsyncClient::new(options, 16 * INGEST_BATCH);
+    let mut batch = Vec::with_capacity(INGEST_BATCH);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut backoff = Duration::from_millis(250);
@@ -651,25 +759,35 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
             ev = eventloop.poll() => match ev {
                 Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_))) => {
                     backoff = Duration::from_millis(250);
-                    tracing::info!("connected to the broker");
-                    let kinds = ["heartbeat", "reports", "acks", "escalations", "status"];
-                    client.try_subscribe_many(kinds.iter().map(|k| {
-                        rumqttc::SubscribeFilter::new(wire::all_devices(k), QoS::AtLeastOnce)
-                    }))?;
-                    // The broker may have lost retained traces: publish the waves again.
-                    drive_rollouts(&client, &db, true);
+                    connected(&client, &db)?;
                 }
                 Ok(rumqttc::Event::Incoming(Incoming::Publish(p))) => {
-                    match db.ingest(&p.topic, &p.payload) {
-                        Ok(what) => tracing::debug!(?what, "ingested"),
-                        Err(IngestError::Db(e)) => {
-                            // Not acknowledged: the broker sends it again.
-                            tracing::error!(error = %e, "could not store a message");
-                            continue;
+                    // Whatever else has already arrived joins this message in one
+                    // transaction (the poll is cancel-safe: unread bytes stay buffered).
+                    batch.push(p);
+                    let mut reconnected = false;
+                    for _ in 0..4 * INGEST_BATCH {
+                        if batch.len() >= INGEST_BATCH {
+                            break;
                         }
-                        Err(e) => tracing::warn!(error = %e, topic = %p.topic, "message dropped"),
+                        match ready_event(&mut eventloop).await {
+                            Some(Ok(rumqttc::Event::Incoming(Incoming::Publish(p)))) => batch.push(p),
+                            Some(Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_)))) => {
+                                reconnected = true;
+                                break;
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "broker connection");
+                                break;
+                            }
+                            None => break,
+                        }
                     }
-                    let _ = client.try_ack(&p);
+                    ingest_and_ack(&client, &mut db, &mut batch);
+                    if reconnected {
+                        connected(&client, &db)?;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -685,6 +803,59 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
     Ok(())
+}
+
+/// The event that is ready now, if any: polls `eventloop` once, without waiting.
+async fn ready_event(
+    eventloop: &mut rumqttc::EventLoop,
+) -> Option<Result<rumqttc::Event, rumqttc::ConnectionError>> {
+    let mut poll = std::pin::pin!(eventloop.poll());
+    match std::future::poll_fn(|cx| std::task::Poll::Ready(poll.as_mut().poll(cx))).await {
+        std::task::Poll::Ready(event) => Some(event),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Most messages ingested in one transaction.
+const INGEST_BATCH: usize = 512;
+
+/// On every (re)connection: subscribes to what devices publish and publishes the rollouts'
+/// waves again (the broker may have lost its retained messages).
+fn connected(client: &AsyncClient, db: &LearnerDb) -> anyhow::Result<()> {
+    tracing::info!("connected to the broker");
+    let kinds = ["heartbeat", "reports", "acks", "escalations", "status"];
+    client.try_subscribe_many(
+        kinds
+            .iter()
+            .map(|k| rumqttc::SubscribeFilter::new(wire::all_devices(k), QoS::AtLeastOnce)),
+    )?;
+    drive_rollouts(client, db, true);
+    Ok(())
+}
+
+/// Ingests `batch` in one transaction, then acknowledges every message of it, in order
+/// (MQTT 3.1.1 §4.6). When the transaction fails nothing is acknowledged: the broker sends
+/// the messages again on the next connection.
+fn ingest_and_ack(client: &AsyncClient, db: &mut LearnerDb, batch: &mut Vec<rumqttc::Publish>) {
+    let messages: Vec<(&str, &[u8])> = batch
+        .iter()
+        .map(|p| (p.topic.as_str(), &p.payload[..]))
+        .collect();
+    match db.ingest_batch(&messages) {
+        Ok(results) => {
+            for (r, p) in results.into_iter().zip(batch.iter()) {
+                match r {
+                    Ok(what) => tracing::debug!(?what, "ingested"),
+                    Err(e) => tracing::warn!(error = %e, topic = %p.topic, "message dropped"),
+                }
+                if let Err(e) = client.try_ack(p) {
+                    tracing::error!(error = %e, "cannot queue an ack: the broker sends the message again on the next connection");
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, messages = batch.len(), "could not store messages"),
+    }
+    batch.clear();
 }
 
 /// Signs and publishes a watchdog's abort or kill (only recorded without a command key).
@@ -781,4 +952,81 @@ pub fn publish_once(
         let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::synthetic_report;
+    use tracefleet::wire::ReportMessage;
+
+    fn report(device: &str, run: &str, ok: bool) -> (String, Vec<u8>) {
+        let r = synthetic_report(device, run, "t", "1.0.0", ok);
+        let m = ReportMessage {
+            run_id: run.to_owned(),
+            report_json: serde_json::to_string(&r).unwrap(),
+        };
+        (Topic::Reports(device.into()).name(), wire::encode(&m))
+    }
+
+    fn stats(db: &LearnerDb) -> Vec<(i64, i64, String)> {
+        db.trace_stats()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.runs, s.successes, format!("{:.6}", s.confidence)))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_stores_what_the_same_messages_one_by_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut messages = Vec::new();
+        for i in 0..40 {
+            // Failures at irregular places: the confidence depends on the order.
+            messages.push(report(
+                "pi-01",
+                &format!("run-{i}"),
+                i % 3 != 0 && i % 7 != 0,
+            ));
+        }
+        // Sent again around a reconnect, inside the same batch and across batches.
+        messages.insert(10, messages[3].clone());
+        // Garbage, a payload claiming another device, a topic the learner publishes on.
+        messages.insert(20, (Topic::Reports("pi-01".into()).name(), vec![0xff; 9]));
+        let (_, other) = report("pi-02", "run-x", true);
+        messages.insert(21, (Topic::Reports("pi-01".into()).name(), other));
+        messages.insert(22, (Topic::Commands("pi-01".into()).name(), vec![1]));
+        let borrowed: Vec<(&str, &[u8])> =
+            messages.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
+
+        let mut one = LearnerDb::open(&dir.path().join("one.db")).unwrap();
+        let singly: Vec<_> = borrowed
+            .iter()
+            .map(|(t, p)| one.ingest(t, p).map_err(|e| e.to_string()))
+            .collect();
+        let mut batched = LearnerDb::open(&dir.path().join("batch.db")).unwrap();
+        // Two batches, the second starting inside the first one's run ids' statistics.
+        let mut together = batched.ingest_batch(&borrowed[..25]).unwrap();
+        together.extend(batched.ingest_batch(&borrowed[25..]).unwrap());
+        let together: Vec<_> = together
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+
+        assert_eq!(together, singly);
+        assert_eq!(together[10], Ok(Ingested::Duplicate("run-3".into())));
+        assert!(together[20].as_ref().unwrap_err().contains("format byte"));
+        assert!(together[21].as_ref().unwrap_err().contains("claims to be"));
+        assert!(together[22].as_ref().unwrap_err().contains("learner's own"));
+        assert_eq!(batched.runs().unwrap().len(), 40);
+        let s = stats(&batched);
+        assert_eq!(s, stats(&one));
+        // 40 runs, of which i % 3 == 0 or i % 7 == 0 failed: 14 + 6 - 2 = 18.
+        assert_eq!((s[0].0, s[0].1), (40, 22));
+        // Sending the whole batch again changes nothing.
+        let again = batched.ingest_batch(&borrowed).unwrap();
+        assert!(again.iter().all(|r| !matches!(r, Ok(Ingested::Report(_)))));
+        assert_eq!(stats(&batched), s);
+        assert_eq!(batched.devices().unwrap().len(), 1);
+    }
 }

@@ -150,10 +150,11 @@ struct SimulateArgs {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 30)]
     heartbeat_secs: u64,
-    /// Instead: measure the broker's own QoS 1 throughput with this many messages of the
-    /// size of a report (one publisher, one subscriber), print it and exit.
-    #[arg(long, value_name = "MESSAGES")]
-    broker_baseline: Option<usize>,
+    /// Instead: measure the broker's own QoS 1 throughput with the same load — `--devices`
+    /// publishers sending `--reports` messages each of the size of a report — received by
+    /// one plain subscriber (acking at once, storing nothing); print it and exit.
+    #[arg(long)]
+    broker_baseline: bool,
     /// The learner's config (broker).
     #[arg(long, value_name = "learner.toml")]
     config: PathBuf,
@@ -602,10 +603,13 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Simulate(a) => {
             let config = learner::fleet::LearnerConfig::load(&a.config)?;
-            if let Some(n) = a.broker_baseline {
+            if a.broker_baseline {
                 let size = learner::simulate::baseline_size();
-                let rate = learner::simulate::broker_baseline(&config, n, size)?;
-                println!("broker: {n} QoS 1 messages of {size} bytes, {rate:.0} msg/s end to end");
+                let rate = learner::simulate::broker_baseline(&config, a.devices, a.reports, size)?;
+                println!(
+                    "broker: {} publishers x {} QoS 1 messages of {size} bytes, {rate:.0} msg/s end to end",
+                    a.devices, a.reports
+                );
                 return Ok(());
             }
             tracefleet::wire::check_name("device id prefix", &a.prefix)?;

@@ -296,76 +296,107 @@ pub fn baseline_size() -> usize {
     .len()
 }
 
-/// Measures the broker's own throughput as one client sees it: `count` QoS 1 messages of
-/// `size` bytes published to a private topic, received by a second client in this process.
-/// Returns messages per second, end to end.
+/// Measures the broker's own throughput under a simulation's load: `devices` publishers
+/// (rumqttc, as the simulated devices, all on one thread as in `simulate`) each publish
+/// `per_device` QoS 1 messages of `size` bytes to a private topic, received by one
+/// subscriber on a thread of its own (as `serve` is a process of its own) that acknowledges
+/// at once and stores nothing. Returns messages per second from before the publishers
+/// connect to the last message received.
 ///
 /// # Errors
-/// When the broker cannot be reached or the messages do not all arrive within a minute.
+/// When the broker cannot be reached or the messages do not all arrive within two minutes.
 pub fn broker_baseline(
     config: &crate::fleet::LearnerConfig,
-    count: usize,
+    devices: usize,
+    per_device: usize,
     size: usize,
 ) -> anyhow::Result<f64> {
+    let count = devices * per_device;
+    let topic = format!("{}/bench/{}", wire::TOPIC_PREFIX, std::process::id());
+    let mut sub_opts = config
+        .broker
+        .options("tracefleet-bench-sub", None, size + 1024)?;
+    sub_opts.set_clean_session(true).set_manual_acks(false);
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    let filter = format!("{topic}/+");
+    let receiver = std::thread::spawn(move || -> anyhow::Result<Instant> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let (sub, mut events) = AsyncClient::new(sub_opts, 16);
+            sub.subscribe(filter, QoS::AtLeastOnce).await?;
+            let mut got = 0usize;
+            let receive = async {
+                while got < count {
+                    match events.poll().await? {
+                        rumqttc::Event::Incoming(Incoming::SubAck(_)) => {
+                            let _ = subscribed_tx.send(());
+                        }
+                        rumqttc::Event::Incoming(Incoming::Publish(_)) => got += 1,
+                        _ => {}
+                    }
+                }
+                anyhow::Ok(Instant::now())
+            };
+            tokio::time::timeout(Duration::from_secs(120), receive)
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("the broker did not pass {count} messages within two minutes")
+                })?
+        })
+    });
+    subscribed
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow::anyhow!("the baseline subscriber did not subscribe within 10 s"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let topic = format!("{}/bench/{}", wire::TOPIC_PREFIX, std::process::id());
-        let mut sub_opts = config
-            .broker
-            .options("tracefleet-bench-sub", None, size + 1024)?;
-        sub_opts.set_clean_session(true).set_manual_acks(false);
-        let (sub, mut sub_events) = AsyncClient::new(sub_opts, 16);
-        sub.subscribe(&topic, QoS::AtLeastOnce).await?;
-        loop {
-            if let Incoming::SubAck(_) = match sub_events.poll().await? {
-                rumqttc::Event::Incoming(i) => i,
-                rumqttc::Event::Outgoing(_) => continue,
-            } {
-                break;
-            }
+    let start = Instant::now();
+    let _publishers = rt.block_on(async {
+        let mut publishers = tokio::task::JoinSet::new();
+        for i in 0..devices {
+            let mut opts =
+                config
+                    .broker
+                    .options(&format!("tracefleet-bench-pub-{i}"), None, 1024)?;
+            opts.set_clean_session(true);
+            let (publisher, mut events) = AsyncClient::new(opts, 256);
+            let topic = format!("{topic}/{i}");
+            publishers.spawn(async move {
+                // Both run until the measurement ends (the driver acks what is in flight).
+                let sender = async {
+                    for _ in 0..per_device {
+                        let payload = vec![b'x'; size];
+                        if publisher
+                            .publish(&topic, QoS::AtLeastOnce, false, payload)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    std::future::pending::<()>().await;
+                };
+                let driver = async {
+                    loop {
+                        if events.poll().await.is_err() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                };
+                tokio::join!(sender, driver);
+            });
         }
-        let mut pub_opts = config.broker.options("tracefleet-bench-pub", None, 1024)?;
-        pub_opts.set_clean_session(true);
-        let (publisher, mut pub_events) = AsyncClient::new(pub_opts, 1024);
-        let start = Instant::now();
-        let payload = vec![b'x'; size];
-        let sender = async {
-            for _ in 0..count {
-                publisher
-                    .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
-                    .await?;
-            }
-            anyhow::Ok(())
-        };
-        let driver = async {
-            loop {
-                if pub_events.poll().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
-        let receiver = async {
-            let mut got = 0usize;
-            while got < count {
-                if let rumqttc::Event::Incoming(Incoming::Publish(_)) = sub_events.poll().await? {
-                    got += 1;
-                }
-            }
-            anyhow::Ok(())
-        };
-        let (sent, received) = tokio::time::timeout(Duration::from_secs(60), async {
-            tokio::select! {
-                r = async { tokio::join!(sender, receiver) } => r,
-                () = driver => unreachable!("the driver never ends"),
-            }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("the broker did not pass {count} messages within a minute"))?;
-        sent?;
-        received?;
-        #[allow(clippy::cast_precision_loss)]
-        Ok(count as f64 / start.elapsed().as_secs_f64())
-    })
+        // Drive the publishers until the receiver is done.
+        while !receiver.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        anyhow::Ok(publishers)
+    })?;
+    let end = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the baseline subscriber panicked"))??;
+    #[allow(clippy::cast_precision_loss)]
+    Ok(count as f64 / end.duration_since(start).as_secs_f64())
 }
