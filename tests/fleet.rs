@@ -428,6 +428,26 @@ fn start_rollout(ws: &Workspace, signed: &str, abort_if: &str) {
     assert_eq!(r.code, Some(0), "{r:?}");
 }
 
+/// Starts a rollout of `signed` to a canary set of 10% of wave1 picked by the learner, then
+/// the rest of wave1.
+fn start_picked_canary_rollout(ws: &Workspace, signed: &str) {
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        signed,
+        "--canary",
+        "10%",
+        "--waves",
+        "wave1",
+        "--abort-if",
+        "failure-rate>0.2 over 2 runs",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("canary["), "{r:?}");
+}
+
 /// Starts a canary → wave1 rollout of `signed` and waits for the canary's install ack.
 fn start_canary_rollout(ws: &Workspace, signed: &str, version: &str) {
     start_rollout(ws, signed, "failure-rate>0.5 over 1 runs");
@@ -449,7 +469,7 @@ fn wait_rollout(ws: &Workspace, version: &str, state: &str) -> serde_json::Value
 }
 
 #[test]
-fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_good_version_reaches_everyone() {
+fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_reaches_everyone() {
     let ws = Workspace::new();
     let broker = Broker::start(&ws);
     fleet(&ws, &broker);
@@ -480,10 +500,28 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_good_version_re
         (devices(&ws).as_array().map_or(0, Vec::len) == 2).then_some(())
     });
 
-    let bad = canary_trace(&ws, "1.0.0", "false");
-    start_canary_rollout(&ws, &bad, "1.0.0");
+    let acked = |device: &str, version: &str| {
+        runs(&ws)["acks"].as_array().is_some_and(|a| {
+            a.iter().any(|a| {
+                a["device_id"] == device && a["version"] == version && a["outcome"] == "installed"
+            })
+        })
+    };
+    // A good version goes out to both waves: the last good content.
+    let good = canary_trace(&ws, "1.0.0", "true");
+    start_canary_rollout(&ws, &good, "1.0.0");
     command_run(&ws, "pi-01", "canary-check");
-    let halted = wait_rollout(&ws, "1.0.0", "halted");
+    ws.wait_until(60, "wave1's ack of 1.0.0", || {
+        acked("pi-02", "1.0.0").then_some(())
+    });
+    command_run(&ws, "pi-02", "canary-check");
+    wait_rollout(&ws, "1.0.0", "done");
+
+    // A bad one fails on the canary: halted before wave1.
+    let bad = canary_trace(&ws, "1.1.0", "false");
+    start_canary_rollout(&ws, &bad, "1.1.0");
+    command_run(&ws, "pi-01", "canary-check");
+    let halted = wait_rollout(&ws, "1.1.0", "halted");
     assert_eq!(halted["wave"], 0, "{halted}");
     assert!(
         halted["reason"]
@@ -493,43 +531,75 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_good_version_re
         "{halted}"
     );
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let acks = runs(&ws)["acks"].clone();
     assert!(
-        !acks
-            .as_array()
-            .expect("acks")
-            .iter()
-            .any(|a| a["device_id"] == "pi-02"),
-        "the next wave must never receive the bad version: {acks}"
+        !acked("pi-02", "1.1.0"),
+        "the next wave must never receive the bad version: {}",
+        runs(&ws)["acks"]
     );
     let r = ws.follower(&["--state-dir", "state2", "traces", "list"]);
-    assert!(!r.stdout.contains("canary-check"), "{r:?}");
-
-    // The fix, rolled forward under a newer version, passes the canary and reaches wave1.
-    let good = canary_trace(&ws, "1.0.1", "true");
-    start_canary_rollout(&ws, &good, "1.0.1");
-    command_run(&ws, "pi-01", "canary-check");
-    ws.wait_until(60, "wave1's ack of 1.0.1", || {
-        runs(&ws)["acks"]
-            .as_array()
-            .filter(|a| {
-                a.iter().any(|a| {
-                    a["device_id"] == "pi-02"
-                        && a["version"] == "1.0.1"
-                        && a["outcome"] == "installed"
-                })
-            })
-            .map(|_| ())
-    });
-    command_run(&ws, "pi-02", "canary-check");
-    let done = wait_rollout(&ws, "1.0.1", "done");
-    assert_eq!(done["runs"], 2, "{done}");
-    assert_eq!(done["failures"], 0, "{done}");
-    let r = ws.follower(&["--state-dir", "state2", "traces", "list"]);
     assert!(
-        r.stdout.contains("canary-check") && r.stdout.contains("1.0.1"),
+        r.stdout.contains("1.0.0") && !r.stdout.contains("1.1.0"),
         "{r:?}"
     );
+
+    // Roll forward: 1.0.0's content re-signed as 1.1.1 (versions never go backwards), first
+    // to one canary the learner picks (sent on that device's own topic), then the fleet.
+    let r = ws.learner(&[
+        "rollout",
+        "forward",
+        "canary-check",
+        "--key",
+        "traces.key",
+        "--canary",
+        "1",
+        "--waves",
+        "*",
+        "--abort-if",
+        "failure-rate>0.5 over 1 runs",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("content of 1.0.0") && r.stdout.contains("as 1.1.1"),
+        "{r:?}"
+    );
+    let canary = rollout_state(&ws, "1.1.1").expect("the roll-forward")["waves"][0][0]
+        .as_str()
+        .expect("one canary")
+        .to_owned();
+    let other = if canary == "pi-01" { "pi-02" } else { "pi-01" };
+    ws.wait_until(30, "the canary's ack of 1.1.1", || {
+        acked(&canary, "1.1.1").then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        !acked(other, "1.1.1"),
+        "the fleet wave waits for the canary's run"
+    );
+    command_run(&ws, &canary, "canary-check");
+    ws.wait_until(60, "the fleet's ack of 1.1.1", || {
+        acked(other, "1.1.1").then_some(())
+    });
+    let done = wait_rollout(&ws, "1.1.1", "done");
+    assert_eq!(done["runs"], 1, "{done}");
+    assert_eq!(done["failures"], 0, "{done}");
+    for state in ["state", "state2"] {
+        let r = ws.follower(&["--state-dir", state, "traces", "list"]);
+        assert!(r.stdout.contains("1.1.1"), "{state}: {r:?}");
+    }
+    // Nothing older than the newest completed rollout is left to roll forward past.
+    let r = ws.learner(&[
+        "rollout",
+        "forward",
+        "no-such-trace",
+        "--key",
+        "traces.key",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("no completed rollout"), "{r:?}");
 }
 
 #[test]
@@ -545,7 +615,7 @@ fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_ev
             "--devices",
             "40",
             "--groups",
-            "canary=4,wave1=36",
+            "wave1=40",
             "--fail",
             "canary-check",
             "--run-on-install",
@@ -555,21 +625,45 @@ fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_ev
             "learner.toml",
         ],
     );
+    // A device's groups (which the canaries are picked from) arrive with its heartbeat.
     ws.wait_until(60, "40 simulated devices' heartbeats", || {
-        (devices(&ws).as_array().map_or(0, Vec::len) == 40).then_some(())
+        let heard = devices(&ws).as_array().map_or(0, |d| {
+            d.iter()
+                .filter(|d| !d["follower_version"].is_null())
+                .count()
+        });
+        (heard == 40).then_some(())
     });
     let acks_of = |version: &str| {
         runs(&ws)["acks"]
             .as_array()
             .map_or(0, |a| a.iter().filter(|a| a["version"] == version).count())
     };
-    // The simulated devices fail every run of canary-check: the canaries stop it.
+    // The simulated devices fail every run of canary-check: the canaries — 10% of the 40,
+    // picked by the learner — stop it.
     let bad = canary_trace(&ws, "1.0.0", "true");
-    start_rollout(&ws, &bad, "failure-rate>0.2 over 2 runs");
+    start_picked_canary_rollout(&ws, &bad);
     let halted = wait_rollout(&ws, "1.0.0", "halted");
     assert_eq!(halted["wave"], 0, "{halted}");
+    let canaries: Vec<String> = halted["waves"][0]
+        .as_array()
+        .expect("a canary set")
+        .iter()
+        .map(|d| d.as_str().expect("device").to_owned())
+        .collect();
+    assert_eq!(canaries.len(), 4, "{halted}");
     std::thread::sleep(std::time::Duration::from_secs(2));
-    assert_eq!(acks_of("1.0.0"), 4, "only the canaries received it");
+    let mut got: Vec<String> = runs(&ws)["acks"]
+        .as_array()
+        .expect("acks")
+        .iter()
+        .filter(|a| a["version"] == "1.0.0")
+        .map(|a| a["device_id"].as_str().expect("device").to_owned())
+        .collect();
+    got.sort();
+    let mut want = canaries.clone();
+    want.sort();
+    assert_eq!(got, want, "only the canaries received it");
 
     // Another trace, which the simulated devices run successfully, reaches all 40.
     let src = "good.trace.md";
@@ -582,8 +676,15 @@ fn simulated_fleet_a_bad_version_stops_at_the_canaries_and_a_good_one_reaches_ev
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = ws.learner(&["sign", "good.tfc", "--key", "traces.key", "-o", "good.tfs"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    start_rollout(&ws, "good.tfs", "failure-rate>0.2 over 2 runs");
+    start_picked_canary_rollout(&ws, "good.tfs");
     let done = wait_rollout(&ws, "2.0.0", "done");
+    // Canary duty depends on the trace: another trace, other canaries.
+    let other = done["waves"][0].as_array().expect("a canary set");
+    assert_eq!(other.len(), 4, "{done}");
+    assert_ne!(
+        *other,
+        halted["waves"][0].as_array().cloned().unwrap_or_default()
+    );
     assert_eq!(done["failures"], 0, "{done}");
     assert_eq!(acks_of("2.0.0"), 40);
 }

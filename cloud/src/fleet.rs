@@ -151,6 +151,8 @@ const MIGRATIONS: &[M<'static>] = &[
         since     INTEGER NOT NULL
     );",
     ),
+    // The rollout tick reads a version's acks across devices.
+    M::up("CREATE INDEX acks_by_trace ON acks (trace_id, version);"),
 ];
 
 /// The learner's database.
@@ -485,7 +487,10 @@ fn decode_message(topic: &str, payload: &[u8]) -> Result<Message, IngestError> {
             claimed(&device, &e.device_id)?;
             Message::Escalation(device, e)
         }
-        t @ (Topic::Commands(_) | Topic::FleetTrace(_) | Topic::GroupTrace(..)) => {
+        t @ (Topic::Commands(_)
+        | Topic::FleetTrace(_)
+        | Topic::GroupTrace(..)
+        | Topic::DeviceTrace(..)) => {
             return Err(IngestError::NotForUs(t.name()));
         }
     })

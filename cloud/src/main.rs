@@ -222,6 +222,26 @@ enum CommandAction {
     },
 }
 
+/// How a rollout is staged.
+#[derive(clap::Args)]
+struct Stages {
+    /// First a canary set of N devices, or P% (rounded up) of the devices the waves reach,
+    /// picked from those known (online first), each sent the trace on its own topic.
+    #[arg(long, value_name = "N|P%", value_parser = learner::rollout::parse_canary)]
+    canary: Option<learner::rollout::Canary>,
+    /// Device groups in order, comma-separated; `*` is the whole fleet (e.g.
+    /// `canary,wave1,*`).
+    #[arg(long, default_value = "*", value_delimiter = ',')]
+    waves: Vec<String>,
+    /// Halt before the next wave when the version's runs fail too often:
+    /// `failure-rate>X over N runs` (N is also the runs each wave must report).
+    #[arg(long, default_value = "failure-rate>0.2 over 1 runs", value_parser = learner::rollout::parse_abort_if)]
+    abort_if: (f64, u32),
+    /// The learner's config.
+    #[arg(long, value_name = "learner.toml")]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Roll a signed trace out wave by wave; `learner serve` publishes each wave (retained on
@@ -230,17 +250,29 @@ enum RolloutCommand {
     Start {
         /// The signed trace (from `learner sign`).
         signed: PathBuf,
-        /// Device groups in order, comma-separated; `*` is the whole fleet (e.g.
-        /// `canary,wave1,*`).
-        #[arg(long, default_value = "*", value_delimiter = ',')]
-        waves: Vec<String>,
-        /// Halt before the next wave when the version's runs fail too often:
-        /// `failure-rate>X over N runs` (N is also the runs each wave must report).
-        #[arg(long, default_value = "failure-rate>0.2 over 1 runs", value_parser = learner::rollout::parse_abort_if)]
-        abort_if: (f64, u32),
-        /// The learner's config.
-        #[arg(long, value_name = "learner.toml")]
-        config: PathBuf,
+        /// Refuse unless the signed trace is this version (guards against the wrong file).
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        #[command(flatten)]
+        stages: Stages,
+    },
+    /// Roll forward: the content of the trace's last completed rollout, re-signed under a
+    /// version above every version the learner knows of it, rolled out like `start` (how a
+    /// bad version is undone: versions never go backwards on a device).
+    Forward {
+        /// The trace id.
+        trace: String,
+        /// Secret trace-signing key(s).
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
+        /// How long the new signature stays valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// Also write the re-signed trace here.
+        #[arg(short, long, value_name = "SIGNED")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        stages: Stages,
     },
     /// Rollouts, newest first: waves reached, runs, failures, state and why.
     Status(ListArgs),
@@ -528,39 +560,73 @@ fn dispatch(cli: Cli) -> Result<()> {
         } => send_command(&device, action, &key_files, config.as_deref(), expires),
         Command::Rollout(RolloutCommand::Start {
             signed: file,
-            waves,
-            abort_if: (max_failure_rate, min_runs),
-            config,
+            version,
+            stages,
         }) => {
-            let config = learner::fleet::LearnerConfig::load(&config)?;
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let s = signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
-            for w in &waves {
-                if w != learner::rollout::FLEET {
-                    tracefleet::wire::check_name("group", w).context("--waves")?;
+            if let Some(v) = version {
+                let v: tracefleet::ids::Version = v.parse().context("--version")?;
+                if v != s.header.version {
+                    bail!(
+                        "{}: {} version {}: expected version {v} (--version)",
+                        file.display(),
+                        s.header.trace_id,
+                        s.header.version
+                    );
                 }
             }
+            start_rollout(&stages, &bytes, &s)
+        }
+        Command::Rollout(RolloutCommand::Forward {
+            trace,
+            keys: key_files,
+            expires,
+            output,
+            stages,
+        }) => {
+            let secrets = key_files
+                .iter()
+                .map(|k| trace_key(k))
+                .collect::<Result<Vec<_>>>()?;
+            let config = learner::fleet::LearnerConfig::load(&stages.config)?;
             let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
-            let id = s.header.trace_id.to_string();
-            let version = s.header.version.to_string();
-            learner::rollout::start(
-                db.conn(),
-                &learner::rollout::Plan {
-                    trace_id: &id,
-                    version: &version,
-                    signed: &bytes,
-                    waves: &waves,
-                    max_failure_rate,
-                    min_runs,
-                },
-                i64::try_from(unix_now()).unwrap_or(i64::MAX),
+            let (good, good_signed) = learner::rollout::last_good(db.conn(), &trace)?
+                .with_context(|| format!("{trace}: no completed rollout to roll forward to (`learner rollout status` lists them)"))?;
+            let top = learner::rollout::known_versions(db.conn(), &trace)?
+                .iter()
+                .filter_map(|v| v.parse::<tracefleet::ids::Version>().ok())
+                .max()
+                .with_context(|| format!("{trace}: no version known"))?;
+            let mut content =
+                compile::decode_compiled(&signed::decode_signed(&good_signed)?.compiled)?;
+            content.version = tracefleet::ids::Version {
+                patch: top.patch.checked_add(1).context("patch version overflow")?,
+                ..top
+            };
+            let compiled = compile::encode_compiled(&content);
+            let now = unix_now();
+            let mut resigned = signed::sign(
+                &compiled,
+                &secrets[0],
+                now,
+                now.saturating_add(expires.as_secs()),
             )?;
+            for k in &secrets[1..] {
+                signed::add_signature(&mut resigned, k);
+            }
+            let bytes = signed::encode_signed(&resigned);
+            if let Some(out) = &output {
+                std::fs::write(out, &bytes)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
             println!(
-                "rollout of {id} {version} recorded: waves {}; halts above a failure rate of {max_failure_rate} (over at least {min_runs} runs); `learner serve` publishes it",
-                waves.join(" → ")
+                "{trace}: the content of {good} (the last completed rollout) re-signed as {} (above {top})",
+                content.version
             );
-            Ok(())
+            drop(db);
+            start_rollout(&stages, &bytes, &resigned)
         }
         Command::Rollout(RolloutCommand::Status(ListArgs { config, json })) => {
             let mut db = learner::fleet::LearnerDb::open(
@@ -578,7 +644,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                         r.state,
                         r.wave + 1,
                         r.waves.len(),
-                        r.waves.join(","),
+                        r.waves
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
                         r.runs,
                         r.failures,
                         r.reason
@@ -907,6 +977,53 @@ fn send_command(
 }
 
 /// Reads a secret key that must be a trace-signing key.
+/// Records a rollout of `bytes` (the signed trace `s`) staged as `stages` says.
+fn start_rollout(stages: &Stages, bytes: &[u8], s: &signed::SignedTrace) -> Result<()> {
+    let config = learner::fleet::LearnerConfig::load(&stages.config)?;
+    let mut waves = Vec::new();
+    for w in &stages.waves {
+        if w != learner::rollout::FLEET {
+            tracefleet::wire::check_name("group", w).context("--waves")?;
+        }
+        waves.push(learner::rollout::Wave::Group(w.clone()));
+    }
+    let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
+    let id = s.header.trace_id.to_string();
+    let version = s.header.version.to_string();
+    if let Some(canary) = stages.canary {
+        let picked = learner::rollout::pick_canaries(db.conn(), &id, &waves, canary)?;
+        if picked.is_empty() {
+            bail!(
+                "--canary: no device known in the waves {}: devices become known by their heartbeats to `learner serve` (`learner devices list`)",
+                stages.waves.join(",")
+            );
+        }
+        waves.insert(0, learner::rollout::Wave::Devices(picked));
+    }
+    let (max_failure_rate, min_runs) = stages.abort_if;
+    learner::rollout::start(
+        db.conn(),
+        &learner::rollout::Plan {
+            trace_id: &id,
+            version: &version,
+            signed: bytes,
+            waves: &waves,
+            max_failure_rate,
+            min_runs,
+        },
+        i64::try_from(unix_now()).unwrap_or(i64::MAX),
+    )?;
+    println!(
+        "rollout of {id} {version} recorded: waves {}; halts above a failure rate of {max_failure_rate} (over at least {min_runs} runs); `learner serve` publishes it",
+        waves
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" → ")
+    );
+    Ok(())
+}
+
 fn trace_key(path: &Path) -> Result<SecretKey> {
     let secret = keys::read_secret(path)?;
     if secret.role != KeyRole::Traces {

@@ -1,5 +1,7 @@
 //! Staged rollouts (DESIGN.md, "Learner"): a signed trace version goes out wave by wave, each
-//! wave a device group (`*` = the whole fleet), published retained on the group's trace topic.
+//! wave a device group (`*` = the whole fleet) published retained on the group's trace topic,
+//! or a canary set — devices picked by `learner rollout start --canary N|P%` — published
+//! retained on each canary's own trace topic.
 //!
 //! `learner rollout start` records the rollout; `learner serve` drives it ([`tick`]): it
 //! publishes the first wave, and moves to the next only when every device known in the
@@ -10,10 +12,111 @@
 //! until a newer version — a roll-forward — arrives: versions never go backwards). A wave with
 //! no known device passes at once.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
+use sha2::{Digest, Sha256};
 
 /// The whole fleet, as a wave.
 pub const FLEET: &str = "*";
+
+/// One wave of a rollout. Stored as JSON: a group is a string, a canary set an array (so
+/// rollouts recorded before canary sets existed read unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Wave {
+    /// A device group (`*` = the whole fleet).
+    Group(String),
+    /// A canary set: these devices.
+    Devices(Vec<String>),
+}
+
+impl std::fmt::Display for Wave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wave::Group(g) => f.write_str(g),
+            Wave::Devices(d) => write!(f, "canary[{}]", d.join(" ")),
+        }
+    }
+}
+
+/// The size of a canary set: `N` devices or `P%` of the devices the waves reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Canary {
+    /// This many devices.
+    Devices(usize),
+    /// This share (0 < P ≤ 100) of the devices, rounded up.
+    Percent(f64),
+}
+
+/// Parses `N` or `P%`.
+///
+/// # Errors
+/// A message saying what was expected.
+pub fn parse_canary(s: &str) -> Result<Canary, String> {
+    let bad =
+        || format!("--canary {s:?}: expected a number of devices (5) or a share of them (10%)");
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let p: f64 = p.trim().parse().map_err(|_| bad())?;
+        if p > 0.0 && p <= 100.0 {
+            return Ok(Canary::Percent(p));
+        }
+        return Err(bad());
+    }
+    match t.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(Canary::Devices(n)),
+        _ => Err(bad()),
+    }
+}
+
+/// Picks a canary set from the devices the `waves` reach (known from heartbeats): online
+/// devices first, then in an order drawn from SHA-256 of the trace id and the device id —
+/// stable for one trace, different across traces, so canary duty spreads over the fleet.
+///
+/// # Errors
+/// SQLite; `Ok` with an empty set when no device is known.
+pub fn pick_canaries(
+    conn: &Connection,
+    trace_id: &str,
+    waves: &[Wave],
+    canary: Canary,
+) -> rusqlite::Result<Vec<String>> {
+    let mut s = conn.prepare("SELECT device_id, online, groups_json FROM devices")?;
+    let rows = s.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, bool>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut candidates = Vec::new();
+    for row in rows {
+        let (id, online, groups) = row?;
+        let groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
+        let reached = waves.iter().any(|w| match w {
+            Wave::Group(g) => g == FLEET || groups.contains(g),
+            Wave::Devices(d) => d.contains(&id),
+        });
+        if reached {
+            let rank: [u8; 32] = Sha256::digest(format!("{trace_id}\n{id}")).into();
+            candidates.push((!online, rank, id));
+        }
+    }
+    candidates.sort();
+    let n = match canary {
+        Canary::Devices(n) => n,
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        Canary::Percent(p) => ((candidates.len() as f64) * p / 100.0).ceil() as usize,
+    };
+    Ok(candidates
+        .into_iter()
+        .take(n.max(1))
+        .map(|(_, _, id)| id)
+        .collect())
+}
 
 /// A rollout as stored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -24,8 +127,8 @@ pub struct Rollout {
     pub trace_id: String,
     /// Version rolled out.
     pub version: String,
-    /// Groups in order (`*` = the whole fleet).
-    pub waves: Vec<String>,
+    /// Waves in order.
+    pub waves: Vec<Wave>,
     /// Index of the last wave published (-1: none yet).
     pub wave: i64,
     /// `running`, `halted`, `done`, `aborting` (asked to stop; serve withdraws it),
@@ -69,14 +172,30 @@ pub fn parse_abort_if(s: &str) -> Result<(f64, u32), String> {
     Ok((rate, runs))
 }
 
-/// The topic of a wave for a trace.
+/// The topics a wave of a trace is published on (retained).
 #[must_use]
-pub fn wave_topic(group: &str, trace_id: &str) -> String {
-    if group == FLEET {
-        tracefleet::wire::Topic::FleetTrace(trace_id.to_owned()).name()
-    } else {
-        tracefleet::wire::Topic::GroupTrace(group.to_owned(), trace_id.to_owned()).name()
+pub fn wave_topics(wave: &Wave, trace_id: &str) -> Vec<String> {
+    use tracefleet::wire::Topic;
+    match wave {
+        Wave::Group(g) if g == FLEET => vec![Topic::FleetTrace(trace_id.to_owned()).name()],
+        Wave::Group(g) => vec![Topic::GroupTrace(g.clone(), trace_id.to_owned()).name()],
+        Wave::Devices(d) => d
+            .iter()
+            .map(|d| Topic::DeviceTrace(d.clone(), trace_id.to_owned()).name())
+            .collect(),
     }
+}
+
+/// The messages that publish (`payload`) or withdraw (empty) `waves`.
+fn publishes(waves: &[Wave], trace_id: &str, payload: &[u8]) -> Vec<Publish> {
+    waves
+        .iter()
+        .flat_map(|w| wave_topics(w, trace_id))
+        .map(|topic| Publish {
+            topic,
+            payload: payload.to_vec(),
+        })
+        .collect()
 }
 
 /// What `learner rollout start` asks for.
@@ -88,8 +207,8 @@ pub struct Plan<'a> {
     pub version: &'a str,
     /// The signed trace file.
     pub signed: &'a [u8],
-    /// Groups in order (`*` = the whole fleet).
-    pub waves: &'a [String],
+    /// Waves in order.
+    pub waves: &'a [Wave],
     /// Failure rate above which the rollout halts.
     pub max_failure_rate: f64,
     /// Runs each wave must report, and before the failure rate counts.
@@ -142,11 +261,13 @@ pub fn abort(conn: &Connection, trace_id: &str, now: i64) -> rusqlite::Result<bo
 /// # Errors
 /// On SQLite failure.
 pub fn list(conn: &Connection) -> rusqlite::Result<Vec<Rollout>> {
-    let mut s = conn.prepare(
+    // Runs and failures from the per-version statistics ingest keeps (stopped runs are not
+    // counted there): no scan of the runs table every tick.
+    let mut s = conn.prepare_cached(
         "SELECT r.id, r.trace_id, r.version, r.waves_json, r.wave, r.state, r.max_failure_rate, r.min_runs, r.reason,
-           (SELECT COUNT(*) FROM runs x WHERE x.trace_id = r.trace_id AND x.trace_version = r.version AND x.status != 'stopped'),
-           (SELECT COUNT(*) FROM runs x WHERE x.trace_id = r.trace_id AND x.trace_version = r.version AND x.status = 'failed')
-         FROM rollouts r ORDER BY r.id DESC",
+           COALESCE(s.runs, 0), COALESCE(s.runs - s.successes, 0)
+         FROM rollouts r LEFT JOIN trace_stats s ON s.trace_id = r.trace_id AND s.version = r.version
+         ORDER BY r.id DESC",
     )?;
     let rows = s.query_map([], |r| {
         Ok(Rollout {
@@ -166,6 +287,35 @@ pub fn list(conn: &Connection) -> rusqlite::Result<Vec<Rollout>> {
     rows.collect()
 }
 
+/// The last good content of `trace_id`: the version and signed trace of its newest rollout
+/// that completed (`done`), if any.
+///
+/// # Errors
+/// On SQLite failure.
+pub fn last_good(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<(String, Vec<u8>)>> {
+    conn.prepare(
+        "SELECT version, signed FROM rollouts WHERE trace_id = ?1 AND state = 'done' ORDER BY id DESC LIMIT 1",
+    )?
+    .query_map([trace_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+    .next()
+    .transpose()
+}
+
+/// Every version of `trace_id` the learner has heard of: rolled out, acknowledged or
+/// reported. A roll-forward goes above all of them.
+///
+/// # Errors
+/// On SQLite failure.
+pub fn known_versions(conn: &Connection, trace_id: &str) -> rusqlite::Result<Vec<String>> {
+    conn.prepare(
+        "SELECT version FROM rollouts WHERE trace_id = ?1
+         UNION SELECT version FROM acks WHERE trace_id = ?1
+         UNION SELECT version FROM trace_stats WHERE trace_id = ?1",
+    )?
+    .query_map([trace_id], |r| r.get(0))?
+    .collect()
+}
+
 /// A message the engine wants published (QoS 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
@@ -175,15 +325,19 @@ pub struct Publish {
     pub payload: Vec<u8>,
 }
 
-/// Devices known (from heartbeats) to belong to `group`.
-fn wave_devices(conn: &Connection, group: &str) -> rusqlite::Result<Vec<String>> {
+/// Devices known (from heartbeats) to belong to `wave`, or the canary set.
+fn wave_devices(conn: &Connection, wave: &Wave) -> rusqlite::Result<Vec<String>> {
+    let group = match wave {
+        Wave::Group(g) => g,
+        Wave::Devices(d) => return Ok(d.clone()),
+    };
     let mut s = conn.prepare_cached("SELECT device_id, groups_json FROM devices")?;
     let rows = s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     let mut out = Vec::new();
     for row in rows {
         let (id, groups) = row?;
         let groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
-        if group == FLEET || groups.iter().any(|g| g == group) {
+        if group == FLEET || groups.contains(group) {
             out.push(id);
         }
     }
@@ -209,10 +363,7 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
         };
         match r.state.as_str() {
             "aborting" => {
-                out.extend(reached.iter().map(|g| Publish {
-                    topic: wave_topic(g, &r.trace_id),
-                    payload: Vec::new(),
-                }));
+                out.extend(publishes(reached, &r.trace_id, &[]));
                 set("aborted", r.wave, &r.reason)?;
                 continue;
             }
@@ -226,10 +377,7 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
                 x.get(0)
             })?;
         if republish {
-            out.extend(reached.iter().map(|g| Publish {
-                topic: wave_topic(g, &r.trace_id),
-                payload: signed.clone(),
-            }));
+            out.extend(publishes(reached, &r.trace_id, &signed));
         }
         if r.state == "done" {
             continue;
@@ -244,13 +392,10 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
                     r.runs,
                     r.max_failure_rate,
                     r.wave + 1,
-                    reached.last().map_or("-", String::as_str)
+                    reached.last().map_or("-".into(), ToString::to_string)
                 );
                 tracing::warn!(trace = %r.trace_id, version = %r.version, %reason, "rollout halted");
-                out.extend(reached.iter().map(|g| Publish {
-                    topic: wave_topic(g, &r.trace_id),
-                    payload: Vec::new(),
-                }));
+                out.extend(publishes(reached, &r.trace_id, &[]));
                 set("halted", r.wave, &reason)?;
                 continue;
             }
@@ -258,28 +403,22 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
         let next = if r.wave < 0 {
             0
         } else {
-            let group = &r.waves[published - 1];
-            let devices = wave_devices(conn, group)?;
-            let mut acked = 0usize;
-            let mut runs = 0i64;
-            for d in &devices {
-                let ok: Option<String> = conn
-                    .query_row(
-                        "SELECT outcome FROM acks WHERE device_id = ?1 AND trace_id = ?2 AND version = ?3",
-                        params![d, r.trace_id, r.version],
-                        |x| x.get(0),
-                    )
-                    .optional()?;
-                acked += usize::from(matches!(
-                    ok.as_deref(),
-                    Some("installed" | "already_installed")
-                ));
-                runs += conn.query_row(
-                    "SELECT COUNT(*) FROM runs WHERE device_id = ?1 AND trace_id = ?2 AND trace_version = ?3 AND status != 'stopped'",
-                    params![d, r.trace_id, r.version],
-                    |x| x.get::<_, i64>(0),
-                )?;
-            }
+            let devices = wave_devices(conn, &r.waves[published - 1])?;
+            // Which devices acked the version, and runs per device, in one query each.
+            let acked_by: std::collections::HashSet<String> = conn
+                .prepare_cached(
+                    "SELECT device_id FROM acks WHERE trace_id = ?1 AND version = ?2 AND outcome IN ('installed', 'already_installed')",
+                )?
+                .query_map(params![r.trace_id, r.version], |x| x.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let runs_by: std::collections::HashMap<String, i64> = conn
+                .prepare_cached(
+                    "SELECT device_id, COUNT(*) FROM runs WHERE trace_id = ?1 AND trace_version = ?2 AND status != 'stopped' GROUP BY device_id",
+                )?
+                .query_map(params![r.trace_id, r.version], |x| Ok((x.get(0)?, x.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let acked = devices.iter().filter(|d| acked_by.contains(*d)).count();
+            let runs: i64 = devices.iter().filter_map(|d| runs_by.get(d)).sum();
             let passed = devices.is_empty() || (acked == devices.len() && runs >= r.min_runs);
             if !passed {
                 continue;
@@ -292,10 +431,7 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
             continue;
         }
         tracing::info!(trace = %r.trace_id, version = %r.version, wave = %r.waves[next], "rollout: publishing the next wave");
-        out.push(Publish {
-            topic: wave_topic(&r.waves[next], &r.trace_id),
-            payload: signed,
-        });
+        out.extend(publishes(&r.waves[next..=next], &r.trace_id, &signed));
         set("running", i64::try_from(next).unwrap_or(0), "")?;
     }
     Ok(out)
@@ -304,6 +440,83 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canary_sizes_parse_or_say_what_is_expected() {
+        assert_eq!(parse_canary("5"), Ok(Canary::Devices(5)));
+        assert_eq!(parse_canary("12.5%"), Ok(Canary::Percent(12.5)));
+        for bad in ["0", "0%", "101%", "-1", "five", "5 %x", ""] {
+            assert!(parse_canary(bad).unwrap_err().contains("expected"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn waves_stored_before_canary_sets_read_unchanged() {
+        let old: Vec<Wave> = serde_json::from_str(r#"["canary","*"]"#).unwrap();
+        assert_eq!(old, [Wave::Group("canary".into()), Wave::Group("*".into())]);
+        let new = vec![Wave::Devices(vec!["a".into()]), Wave::Group("*".into())];
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(json, r#"[["a"],"*"]"#);
+        assert_eq!(serde_json::from_str::<Vec<Wave>>(&json).unwrap(), new);
+    }
+
+    #[test]
+    fn canaries_are_online_devices_of_the_waves_in_an_order_that_depends_on_the_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = crate::fleet::LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        let conn = db.conn();
+        for i in 0..20 {
+            conn.execute(
+                "INSERT INTO devices (device_id, online, last_seen, groups_json) VALUES (?1, ?2, 0, ?3)",
+                params![
+                    format!("d{i:02}"),
+                    i % 2 == 0,
+                    if i < 16 { r#"["wave1"]"# } else { r#"["lab"]"# }
+                ],
+            )
+            .unwrap();
+        }
+        let wave1 = [Wave::Group("wave1".into())];
+        let a = pick_canaries(conn, "trace-a", &wave1, Canary::Devices(3)).unwrap();
+        assert_eq!(a.len(), 3);
+        for d in &a {
+            let n: usize = d[1..].parse().unwrap();
+            assert!(n < 16 && n.is_multiple_of(2), "{d}: online and in wave1");
+        }
+        assert_eq!(
+            pick_canaries(conn, "trace-a", &wave1, Canary::Devices(3)).unwrap(),
+            a
+        );
+        let b = pick_canaries(conn, "trace-b", &wave1, Canary::Devices(3)).unwrap();
+        assert_ne!(a, b, "another trace, other canaries");
+        // 10% of wave1's 16 devices, rounded up; more than the online ones reaches offline ones.
+        assert_eq!(
+            pick_canaries(conn, "t", &wave1, Canary::Percent(10.0))
+                .unwrap()
+                .len(),
+            2
+        );
+        let all = pick_canaries(conn, "t", &wave1, Canary::Devices(12)).unwrap();
+        assert_eq!(all.len(), 12);
+        assert!(
+            all[..8]
+                .iter()
+                .all(|d| d[1..].parse::<usize>().unwrap() % 2 == 0)
+        );
+        let fleet = [Wave::Group(FLEET.into())];
+        assert_eq!(
+            pick_canaries(conn, "t", &fleet, Canary::Percent(100.0))
+                .unwrap()
+                .len(),
+            20
+        );
+        let none = [Wave::Group("nobody".into())];
+        assert!(
+            pick_canaries(conn, "t", &none, Canary::Devices(1))
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     #[test]
     fn abort_criteria_parse_or_say_what_is_expected() {

@@ -241,7 +241,7 @@ async fn device_loop(
                 }
                 Ok(rumqttc::Event::Incoming(Incoming::Publish(p))) => {
                     match Topic::parse(&p.topic) {
-                        Ok(Topic::FleetTrace(id) | Topic::GroupTrace(_, id)) if !p.payload.is_empty() => {
+                        Ok(Topic::FleetTrace(id) | Topic::GroupTrace(_, id) | Topic::DeviceTrace(_, id)) if !p.payload.is_empty() => {
                             if let Some((_, version)) = wire::pushed_trace_version(&p.payload) {
                                 let version = version.to_string();
                                 let fresh = installed.insert(id.clone(), version.clone()).as_ref() != Some(&version);

@@ -52,6 +52,8 @@ pub enum Topic {
     FleetTrace(String),
     /// Learner → a group's devices: a signed trace, retained. (group, trace id)
     GroupTrace(String, String),
+    /// Learner → one device (a canary): a signed trace, retained. (device, trace id)
+    DeviceTrace(String, String),
 }
 
 /// Why a topic name or a payload was refused.
@@ -82,7 +84,7 @@ pub enum WireError {
     },
     /// A topic outside this protocol.
     #[error(
-        "topic {0:?}: expected tracefleet/v1/devices/<id>/<kind>, …/fleet/traces/<id> or …/groups/<group>/traces/<id>"
+        "topic {0:?}: expected tracefleet/v1/devices/<id>/<kind>, …/devices/<id>/traces/<id>, …/fleet/traces/<id> or …/groups/<group>/traces/<id>"
     )]
     Topic(String),
     /// A name that cannot be a topic level.
@@ -134,6 +136,7 @@ impl Topic {
             Topic::Commands(d) => format!("{p}/devices/{d}/commands"),
             Topic::FleetTrace(t) => format!("{p}/fleet/traces/{t}"),
             Topic::GroupTrace(g, t) => format!("{p}/groups/{g}/traces/{t}"),
+            Topic::DeviceTrace(d, t) => format!("{p}/devices/{d}/traces/{t}"),
         }
     }
 
@@ -162,6 +165,11 @@ impl Topic {
                     _ => return Err(bad()),
                 }
             }
+            ["devices", d, "traces", t] => {
+                check_name("device id", d)?;
+                check_name("trace id", t)?;
+                Topic::DeviceTrace((*d).to_owned(), (*t).to_owned())
+            }
             ["fleet", "traces", t] => {
                 check_name("trace id", t)?;
                 Topic::FleetTrace((*t).to_owned())
@@ -185,7 +193,8 @@ impl Topic {
             | Topic::Acks(d)
             | Topic::Escalations(d)
             | Topic::Status(d)
-            | Topic::Commands(d) => Some(d),
+            | Topic::Commands(d)
+            | Topic::DeviceTrace(d, _) => Some(d),
             Topic::FleetTrace(_) | Topic::GroupTrace(..) => None,
         }
     }
@@ -203,6 +212,7 @@ pub fn all_devices(kind: &str) -> String {
 pub fn device_subscriptions(device: &str, groups: &[String]) -> Vec<String> {
     let mut v = vec![
         Topic::Commands(device.to_owned()).name(),
+        format!("{TOPIC_PREFIX}/devices/{device}/traces/+"),
         format!("{TOPIC_PREFIX}/fleet/traces/+"),
     ];
     v.extend(
@@ -564,6 +574,7 @@ mod tests {
             Topic::Commands("pi-01".into()),
             Topic::FleetTrace("dpkg-log-triage".into()),
             Topic::GroupTrace("canary".into(), "dpkg-log-triage".into()),
+            Topic::DeviceTrace("pi-01".into(), "dpkg-log-triage".into()),
         ] {
             assert_eq!(Topic::parse(&t.name()), Ok(t.clone()));
         }
@@ -575,6 +586,8 @@ mod tests {
             "tracefleet/v2/devices/a/reports",
             "tracefleet/v1/devices/a/other",
             "tracefleet/v1/groups/g/traces/",
+            "tracefleet/v1/devices/a/traces/+",
+            "tracefleet/v1/devices/a/traces/t/x",
             "",
         ] {
             assert!(Topic::parse(bad).is_err(), "{bad}");

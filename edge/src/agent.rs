@@ -500,7 +500,7 @@ impl Agent {
             }
         };
         let result = match &topic {
-            Topic::FleetTrace(id) | Topic::GroupTrace(_, id) => {
+            Topic::FleetTrace(id) | Topic::GroupTrace(_, id) | Topic::DeviceTrace(_, id) => {
                 if p.payload.is_empty() {
                     Ok(()) // A retained trace withdrawn.
                 } else {
