@@ -255,6 +255,94 @@ fn reports_written_while_the_broker_is_down_or_the_agent_killed_arrive_exactly_o
     assert!(Path::new(&ws.path("state/follower.db")).exists());
 }
 
+/// Runs the learner stored, read straight from its database (cheap enough to poll while
+/// thousands arrive).
+fn learner_run_count(ws: &Workspace) -> i64 {
+    rusqlite::Connection::open_with_flags(
+        ws.path("learner.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .and_then(|c| c.query_row("SELECT COUNT(*) FROM runs", [], |r| r.get(0)))
+    .unwrap_or(0)
+}
+
+#[test]
+fn ten_thousand_reports_arrive_exactly_once_through_two_broker_restarts_and_a_killed_agent() {
+    const N: usize = 10_000;
+    let ws = Workspace::new();
+    let mut broker = Broker::start(&ws);
+    let signed = fleet(&ws, &broker);
+    let r = ws.follower(&["install", &signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let _learner = serve(&ws);
+    let agent1 = agent(&ws);
+    wait_online(&ws, true);
+    // One real run: the report the device's other runs are made from.
+    let r = ws.follower(&["run", "services-audit"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let real_id = wait_stored_runs(&ws, 1)[0].0.clone();
+    let real = ws.follower(&["runs", "show", &real_id]);
+    let real: serde_json::Value = serde_json::from_str(&real.stdout).expect("report json");
+
+    // N more runs' reports go into the device's outbox (where `follower run` writes them on an
+    // enrolled device) in blocks, while the broker restarts twice and the agent is SIGKILLed.
+    let store = follower::store::Store::open(&ws.state_dir()).expect("the device's store");
+    let write_block = |from: usize, to: usize| {
+        for i in from..to {
+            let mut r = real.clone();
+            let run_id = format!("bulk-{i:05}");
+            r["run_id"] = run_id.clone().into();
+            let m = ReportMessage {
+                run_id,
+                report_json: r.to_string(),
+            };
+            store
+                .enqueue(
+                    follower::store::OutboxKind::Report,
+                    &wire::encode(&m),
+                    "2026-11-21T00:00:00Z",
+                )
+                .expect("enqueue");
+        }
+    };
+    let at_least = |n: usize, what: &str| {
+        let n = i64::try_from(n).expect("count");
+        ws.wait_until(120, what, || (learner_run_count(&ws) >= n).then_some(()));
+    };
+    write_block(0, 4_000);
+    at_least(1 + 300, "the first reports");
+    broker.restart();
+    assert!(
+        learner_run_count(&ws) < 1 + 4_000,
+        "the broker restarted while reports were still on their way"
+    );
+    at_least(1 + 1_500, "reports after the first broker restart");
+    drop(agent1);
+    assert!(
+        learner_run_count(&ws) < 1 + 4_000,
+        "the agent was killed while reports were still on their way"
+    );
+    write_block(4_000, 7_000);
+    let _agent2 = agent(&ws);
+    at_least(1 + 4_500, "reports after the agent was killed");
+    broker.restart();
+    write_block(7_000, N);
+    at_least(1 + N, "every report");
+
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(learner_run_count(&ws), 1 + i64::try_from(N).expect("n"));
+    let stats = runs(&ws)["trace_stats"].clone();
+    assert_eq!(stats[0]["runs"], 1 + N, "each report counted once: {stats}");
+    assert_eq!(
+        store.outbox_len().expect("outbox"),
+        0,
+        "every report acknowledged and removed from the device's outbox"
+    );
+    // Reports sent again around the restarts and the kill were recognised, not stored twice.
+    let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
+    assert!(!log.contains("could not store"), "{log}");
+}
+
 /// A Mosquitto password file (`ws/passwd`) with each user's password (`<user>-secret`) also
 /// in `<user>.pw` for the configs.
 fn passwords(ws: &Workspace, users: &[&str]) {

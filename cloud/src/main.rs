@@ -382,11 +382,14 @@ enum Role {
     Commands,
 }
 
-/// Restores the default SIGPIPE action so that `follower … | head` ends quietly instead of
-/// panicking on a closed stdout (Rust ignores SIGPIPE by default).
+/// Restores the default SIGPIPE action so that a listing piped into `head` ends quietly
+/// instead of panicking on a closed stdout (Rust ignores SIGPIPE by default). Not for
+/// `serve`, `simulate` and `command`: they write to sockets, and a peer that goes away (a broker restart) must be an
+/// error they handle, not a signal that kills them without a word. (Child processes get the
+/// default action back from std's spawn either way.)
 #[allow(unsafe_code)]
 fn default_sigpipe() {
-    // SAFETY: called first in `main`, before any thread exists; SIG_DFL installs no handler code.
+    // SAFETY: called in `main` before any thread exists; SIG_DFL installs no handler code.
     let _ = unsafe {
         nix::sys::signal::signal(
             nix::sys::signal::Signal::SIGPIPE,
@@ -396,14 +399,20 @@ fn default_sigpipe() {
 }
 
 fn main() -> ExitCode {
-    default_sigpipe();
+    let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Simulate(_) | Command::Send { .. }
+    ) {
+        default_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match dispatch(Cli::parse()) {
+    match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -12,7 +12,8 @@
 //!   rumqttc's own retransmission queue and publishes every row still in the outbox again,
 //!   so a broker that lost the session loses nothing; the learner ingests idempotently by
 //!   run id, so a message sent twice counts once.
-//! - **Traces** arrive retained on the fleet and group topics; each is verified and installed
+//! - **Traces** arrive retained on the fleet and group topics and, for a canary, its own trace
+//!   topic; each is verified and installed
 //!   through the same store path as `follower install` and acknowledged through the outbox.
 //!   The MQTT message is acknowledged only after that (a crash before it gets it again).
 //! - **Commands** are verified against the trust root's command keys, for this device, within
@@ -368,8 +369,16 @@ impl Agent {
                 );
                 self.connected = true;
                 // Whatever rumqttc kept for retransmission is in the outbox too: send the
-                // outbox again instead, so packet ids map to rows from a clean start.
+                // outbox again instead, so packet ids map to rows from a clean start. That
+                // includes the events rumqttc still queues from the old connection (the
+                // `Outgoing::Publish` of a publish whose write failed, PUBACKs read just
+                // before the error: rumqttc 0.25 hands them out after this ConnAck), which
+                // would otherwise be matched against this connection's publishes — rows
+                // mapped to the wrong packet ids, the window never emptying — and a packet-id
+                // collision it would wait on forever.
                 eventloop.pending.clear();
+                eventloop.state.events.clear();
+                eventloop.state.collision = None;
                 self.outbox.reset();
                 let topics =
                     wire::device_subscriptions(&self.config.device_id, &self.config.groups);

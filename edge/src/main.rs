@@ -223,11 +223,14 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-/// Restores the default SIGPIPE action so that `follower … | head` ends quietly instead of
-/// panicking on a closed stdout (Rust ignores SIGPIPE by default).
+/// Restores the default SIGPIPE action so that a listing piped into `head` ends quietly
+/// instead of panicking on a closed stdout (Rust ignores SIGPIPE by default). Not for
+/// `agent`, `run` (WebFetch, MQTT) and `resume`: they write to sockets, and a peer that goes away (a broker restart) must be an
+/// error they handle, not a signal that kills them without a word. (Child processes get the
+/// default action back from std's spawn either way.)
 #[allow(unsafe_code)]
 fn default_sigpipe() {
-    // SAFETY: called first in `main`, before any thread exists; SIG_DFL installs no handler code.
+    // SAFETY: called in `main` before any thread exists; SIG_DFL installs no handler code.
     let _ = unsafe {
         nix::sys::signal::signal(
             nix::sys::signal::Signal::SIGPIPE,
@@ -237,14 +240,19 @@ fn default_sigpipe() {
 }
 
 fn main() -> ExitCode {
-    default_sigpipe();
+    let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Agent { .. } | Command::Run(_) | Command::Resume { .. }
+    ) {
+        default_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
