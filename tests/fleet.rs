@@ -9,6 +9,11 @@ use tracefleet_e2e::{Broker, Daemon, Workspace, mqtt_publish, repo_root};
 /// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and
 /// the learner's and the agent's configs for `broker`. Returns the signed services-audit trace.
 fn fleet(ws: &Workspace, broker: &Broker) -> String {
+    fleet_at(ws, broker.port)
+}
+
+/// [`fleet`] with the broker on `port` (an embedded one, say).
+fn fleet_at(ws: &Workspace, port: u16) -> String {
     let traces = ws.key("traces");
     let r = ws.learner(&[
         "keys",
@@ -42,7 +47,6 @@ fn fleet(ws: &Workspace, broker: &Broker) -> String {
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = ws.follower(&["trust", "init", "root-v1.tfr"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let port = broker.port;
     // With an authenticating broker (see `passwords`), each logs in as itself.
     let login = |user: &str| {
         if ws.path("passwd").exists() {
@@ -190,6 +194,70 @@ fn an_offline_device_gets_a_rollout_when_it_connects_and_runs_it_on_a_signed_com
     assert_eq!(agent.terminate(), Some(0));
     wait_online(&ws, false);
     assert_eq!(ws.run_count(), 1);
+}
+
+#[test]
+fn the_embedded_broker_carries_a_rollout_commands_and_reports_across_a_learner_restart() {
+    let ws = Workspace::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let signed = fleet_at(&ws, port);
+    // No [broker]: `serve` runs its own.
+    std::fs::write(
+        ws.path("learner.toml"),
+        format!("db = \"learner.db\"\n[embedded]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("learner.toml");
+    let learner = serve(&ws);
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        &signed,
+        "--waves",
+        "canary",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // The device connects after the wave went out: it gets the retained trace.
+    let _agent = agent(&ws);
+    ws.wait_until(30, "the install ack", || {
+        runs(&ws)["acks"]
+            .as_array()
+            .filter(|a| a.iter().any(|a| a["outcome"] == "installed"))
+            .map(|_| ())
+    });
+    wait_online(&ws, true);
+    command_run(&ws, "pi-01", "services-audit");
+    wait_stored_runs(&ws, 1);
+
+    // The learner stops, and its broker with it; a run meanwhile waits in the device's
+    // outbox and arrives once the learner is back.
+    assert_eq!(learner.terminate(), Some(0));
+    let r = ws.follower(&["run", "services-audit"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let _learner = serve(&ws);
+    let stored = wait_stored_runs(&ws, 2);
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert!(stored.iter().all(|(_, s)| s == "success"), "{stored:?}");
+    // And commands still reach the device through the new broker.
+    wait_online(&ws, true);
+    command_run(&ws, "pi-01", "services-audit");
+    wait_stored_runs(&ws, 3);
+    let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
+    assert_eq!(
+        log.matches("embedded MQTT broker (rumqttd) started")
+            .count(),
+        2,
+        "{log}"
+    );
+
+    // A second learner on the same address is refused, saying why.
+    let r = ws.learner(&["serve", "--config", "learner.toml"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("cannot listen on"), "{r:?}");
 }
 
 #[test]

@@ -19,21 +19,35 @@ use tracefleet::link::BrokerConfig;
 use tracefleet::report::RunStatus;
 use tracefleet::wire::{self, Ack, AckOutcome, EscalationMessage, Heartbeat, Status, Topic};
 
-/// `learner.toml`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `learner.toml`, resolved: relative paths made absolute, the broker chosen.
+#[derive(Debug, Clone)]
 pub struct LearnerConfig {
     /// The learner's database (default `learner.db` beside the config file).
     pub db: Option<PathBuf>,
     /// MQTT client id (default `tracefleet-learner`).
-    #[serde(default = "default_client_id")]
     pub client_id: String,
-    /// The broker.
-    #[serde(default)]
+    /// Where the learner's clients (`serve`, `command`, `simulate`) reach the broker: the
+    /// `[broker]` table, or the embedded broker's address.
     pub broker: BrokerConfig,
+    /// The broker `serve` runs itself, when the file has no `[broker]` table.
+    pub embedded: Option<crate::broker::EmbeddedBroker>,
     /// Stuck runs: when to abort and kill them, and the key to sign that with.
-    #[serde(default)]
     pub stuck: crate::stuck::StuckConfig,
+}
+
+/// `learner.toml` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLearnerConfig {
+    db: Option<PathBuf>,
+    #[serde(default = "default_client_id")]
+    client_id: String,
+    /// An external broker.
+    broker: Option<BrokerConfig>,
+    /// The embedded broker's settings (the default without `[broker]`).
+    embedded: Option<crate::broker::EmbeddedBroker>,
+    #[serde(default)]
+    stuck: crate::stuck::StuckConfig,
 }
 
 fn default_client_id() -> String {
@@ -50,8 +64,32 @@ impl LearnerConfig {
         use anyhow::Context;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let mut c: LearnerConfig =
+        let raw: RawLearnerConfig =
             toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let (broker, embedded) = match (raw.broker, raw.embedded) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "{}: both [broker] (an external broker) and [embedded]: expected one of them",
+                path.display()
+            ),
+            (Some(b), None) => (b, None),
+            (None, e) => {
+                let e = e.unwrap_or_default();
+                let (host, port) = crate::broker::client_address(&e);
+                let b = BrokerConfig {
+                    host,
+                    port: Some(port),
+                    ..BrokerConfig::default()
+                };
+                (b, Some(e))
+            }
+        };
+        let mut c = LearnerConfig {
+            db: raw.db,
+            client_id: raw.client_id,
+            broker,
+            embedded,
+            stuck: raw.stuck,
+        };
         c.broker.apply_env()?;
         let dir = path.parent().unwrap_or(Path::new("."));
         c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));
@@ -607,7 +645,8 @@ impl Batch {
                 };
                 tx.prepare_cached(
                     "INSERT INTO acks (device_id, trace_id, version, outcome, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
+                     ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at
+                     WHERE NOT (acks.outcome = 'installed' AND excluded.outcome = 'already_installed')",
                 )?
                 .execute(params![
                     device,
@@ -720,6 +759,9 @@ pub fn serve(config: &LearnerConfig) -> anyhow::Result<()> {
 
 async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
     let mut db = LearnerDb::open(&config.db_path())?;
+    if let Some(embedded) = &config.embedded {
+        crate::broker::start(embedded)?;
+    }
     let options = config
         .broker
         .options(&config.client_id, None, wire::MAX_MESSAGE_BYTES)?;
@@ -980,6 +1022,31 @@ mod tests {
             .into_iter()
             .map(|s| (s.runs, s.successes, format!("{:.6}", s.confidence)))
             .collect()
+    }
+
+    #[test]
+    fn a_trace_pushed_again_stays_installed_and_a_refusal_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        let ack = |outcome: AckOutcome| {
+            let a = Ack {
+                trace_id: "t".into(),
+                version: Some("1.0.0".into()),
+                outcome,
+                at: 1,
+            };
+            (Topic::Acks("pi-01".into()).name(), wire::encode(&a))
+        };
+        let outcome = |db: &LearnerDb| db.acks().unwrap()[0].outcome.clone();
+        let (t, p) = ack(AckOutcome::Installed);
+        db.ingest(&t, &p).unwrap();
+        // The retained wave delivered again (a republish, a reconnect).
+        let (t, p) = ack(AckOutcome::AlreadyInstalled);
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(outcome(&db), "installed");
+        let (t, p) = ack(AckOutcome::Refused("expired".into()));
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(outcome(&db), "refused");
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! This version compiles trace sources, generates keys and signs compiled traces
 //! ([`keys`]), and runs the learner's side of the fleet link ([`fleet`]: ingest, commands,
-//! publishing traces) with staged rollouts ([`rollout`]); regeneration comes with a later
-//! version.
+//! publishing traces) with staged rollouts ([`rollout`]) over an external MQTT broker or
+//! the one embedded in `learner serve` ([`broker`]); regeneration comes with a later version.
 
+pub mod broker;
 pub mod fleet;
 pub mod keys;
 pub mod rollout;

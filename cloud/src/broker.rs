@@ -1,0 +1,141 @@
+//! The MQTT broker embedded in `learner serve` (DESIGN.md, "Fleet link": "for a zero-setup
+//! single machine — a broker embedded in `learner serve`"): rumqttd, MQTT 3.1.1, plain TCP,
+//! started on its own threads before the learner connects to it as an ordinary client.
+//!
+//! What it keeps — sessions of devices that are offline, their queued QoS 1 messages, the
+//! retained rollout waves — lives in memory: a learner restart is a broker restart. Nothing
+//! is lost by that: devices keep unacknowledged reports in their outboxes and send them
+//! again, and `serve` publishes the retained waves again on every connection. What it does
+//! not do: TLS, per-device credentials and the ACL that stops a device publishing under
+//! another's topics. A fleet beyond one trusted network uses an external broker (`[broker]`;
+//! docs/mosquitto has a configuration with both).
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The `[embedded]` table of `learner.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedBroker {
+    /// Address to listen on (default `0.0.0.0:1883`: devices on the network reach it).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Most client connections at once (default 10,000).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 1883))
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl Default for EmbeddedBroker {
+    fn default() -> Self {
+        EmbeddedBroker {
+            listen: default_listen(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// Largest MQTT message the embedded broker accepts (bytes): a signed trace of the largest
+/// compiled size with its signatures fits.
+pub const MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
+
+/// Starts the broker on threads of its own and returns once it accepts connections.
+///
+/// # Errors
+/// When the address cannot be listened on (in use, not permitted), or the broker does not
+/// accept connections within 10 s.
+pub fn start(settings: &EmbeddedBroker) -> anyhow::Result<()> {
+    // rumqttd reports a failed bind only in its log, from a thread: find out first.
+    drop(std::net::TcpListener::bind(settings.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "embedded broker: cannot listen on {}: {e} (another broker there? set [embedded] listen, or use an external broker with [broker])",
+            settings.listen
+        )
+    })?);
+    let config = format!(
+        r#"
+id = 0
+[router]
+max_connections = {max_connections}
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "tracefleet"
+listen = "{listen}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = {MAX_PAYLOAD_BYTES}
+max_inflight_count = 100
+dynamic_filters = true
+"#,
+        max_connections = settings.max_connections + 10,
+        listen = settings.listen,
+    );
+    let config: rumqttd::Config =
+        toml::from_str(&config).map_err(|e| anyhow::anyhow!("embedded broker settings: {e}"))?;
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })?;
+    let probe = if settings.listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], settings.listen.port()))
+    } else {
+        settings.listen
+    };
+    let t = Instant::now();
+    while std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            anyhow::bail!(
+                "embedded broker: not accepting connections on {} after 10 s",
+                settings.listen
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(listen = %settings.listen, "embedded MQTT broker (rumqttd) started");
+    Ok(())
+}
+
+/// Where the learner's own clients reach the embedded broker.
+#[must_use]
+pub fn client_address(settings: &EmbeddedBroker) -> (String, u16) {
+    let ip = if settings.listen.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        settings.listen.ip().to_string()
+    };
+    (ip, settings.listen.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_address_is_refused_with_what_to_do() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let settings = EmbeddedBroker {
+            listen: taken.local_addr().unwrap(),
+            max_connections: 10,
+        };
+        let e = start(&settings).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot listen on") && e.contains("[embedded] listen"),
+            "{e}"
+        );
+    }
+}
