@@ -3,12 +3,14 @@
 //! started on its own threads before the learner connects to it as an ordinary client.
 //!
 //! What it keeps — sessions of devices that are offline, their queued QoS 1 messages, the
-//! retained rollout waves — lives in memory: a learner restart is a broker restart. Nothing
-//! is lost by that: devices keep unacknowledged reports in their outboxes and send them
-//! again, and `serve` publishes the retained waves again on every connection. What it does
-//! not do: TLS, per-device credentials and the ACL that stops a device publishing under
-//! another's topics. A fleet beyond one trusted network uses an external broker (`[broker]`;
-//! docs/mosquitto has a configuration with both).
+//! retained rollout waves — lives in memory: a learner restart is a broker restart. A clean
+//! restart loses nothing: devices keep unacknowledged reports in their outboxes and send
+//! them again, and `serve` publishes the retained waves again on every connection. A crash of
+//! `serve` loses what the broker had acknowledged to devices but the learner had not stored
+//! yet (the messages in flight, milliseconds of traffic). What it does not do: TLS,
+//! per-device credentials and the ACL that stops a device publishing under another's topics.
+//! A fleet beyond one trusted network uses an external broker (`[broker]`; docs/mosquitto has
+//! a configuration with all of it).
 
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -47,6 +49,12 @@ impl Default for EmbeddedBroker {
 /// compiled size with its signatures fits.
 pub const MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
 
+/// QoS 1 messages the broker sends a client before waiting for its PUBACKs. rumqttd 0.20
+/// caps this at 100 whatever the setting (`router::iobufs::MAX_INFLIGHT`), and the learner
+/// acknowledges a batch only after its transaction commits: the window bounds the learner's
+/// batches, and with it ingest through the embedded broker (docs/benchmarks.md).
+pub const MAX_INFLIGHT: usize = 100;
+
 /// Starts the broker on threads of its own and returns once it accepts connections.
 ///
 /// # Errors
@@ -75,7 +83,7 @@ next_connection_delay_ms = 1
 [v4.1.connections]
 connection_timeout_ms = 60000
 max_payload_size = {MAX_PAYLOAD_BYTES}
-max_inflight_count = 100
+max_inflight_count = {MAX_INFLIGHT}
 dynamic_filters = true
 "#,
         max_connections = settings.max_connections + 10,
