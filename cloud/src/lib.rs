@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod fleet;
 pub mod keys;
+pub mod regen;
 pub mod rollout;
 pub mod simulate;
 pub mod stuck;

@@ -1,0 +1,413 @@
+//! Regeneration (DESIGN.md, "Learner"): a model writes or repairs a trace, and the learner
+//! proves it compiles before anything else happens to it.
+//!
+//! [`regenerate`] builds the prompt — the trace language (docs/trace-language.md, compiled
+//! in), the goal, the current source if there is one, the failing runs — asks a
+//! [`backend::Backend`], takes the trace out of the reply and compiles it; compiler
+//! diagnostics (with `line:column`) go back to the model as the next turn, for up to
+//! `max_rounds` rounds. What comes out is a source that compiles, under the same trace id,
+//! with the tokens and cost of every round; what does not is a [`RegenError::GaveUp`] with
+//! the last diagnostics. Signing, the version bump and the canary rollout are the caller's.
+
+pub mod backend;
+
+use backend::{Backend, BackendError, Prompt, Role, Turn};
+use tracefleet::diag::Diagnostic;
+use tracefleet::trace::Trace;
+
+/// The trace language, as the model is told it.
+pub const TRACE_LANGUAGE: &str = include_str!("../../../docs/trace-language.md");
+
+/// Longest output excerpt of a failing run put in the prompt (bytes).
+pub const MAX_EXCERPT_BYTES: usize = 2000;
+
+/// A failing run, as the prompt shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Run id.
+    pub run_id: String,
+    /// Device.
+    pub device_id: String,
+    /// Version that ran.
+    pub trace_version: String,
+    /// The step that failed (1-based), if one did.
+    pub failed_step: Option<u32>,
+    /// The run's error.
+    pub error: Option<String>,
+    /// Failed validations and step outputs, capped at [`MAX_EXCERPT_BYTES`].
+    pub excerpt: String,
+}
+
+/// What to regenerate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// The trace id the result must keep.
+    pub trace_id: &'a str,
+    /// The goal signature.
+    pub goal: &'a str,
+    /// The current source (`None`: a new goal, a first version).
+    pub current: Option<&'a str>,
+    /// Recent failing runs.
+    pub failures: &'a [Failure],
+    /// Most rounds (a reply, then a repair per round).
+    pub max_rounds: u32,
+}
+
+/// A trace that compiles, and what it took.
+#[derive(Debug, Clone)]
+pub struct Regenerated {
+    /// The source, as the model wrote it.
+    pub source: String,
+    /// Compiled.
+    pub trace: Trace,
+    /// Compiler warnings.
+    pub warnings: Vec<Diagnostic>,
+    /// Rounds used (1: the first reply compiled).
+    pub rounds: u32,
+    /// Input tokens over all rounds.
+    pub input_tokens: u64,
+    /// Output tokens over all rounds.
+    pub output_tokens: u64,
+    /// Dollars over all rounds.
+    pub cost: f64,
+    /// The model that answered.
+    pub model: String,
+}
+
+/// Why no trace came out.
+#[derive(Debug, thiserror::Error)]
+pub enum RegenError {
+    /// The model could not be asked.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// No reply compiled within the rounds allowed.
+    #[error(
+        "no compiling trace after {rounds} rounds ({input_tokens} input and {output_tokens} output tokens); last problems:\n{last}"
+    )]
+    GaveUp {
+        /// Rounds used.
+        rounds: u32,
+        /// What was wrong with the last reply.
+        last: String,
+        /// Input tokens spent.
+        input_tokens: u64,
+        /// Output tokens spent.
+        output_tokens: u64,
+    },
+}
+
+/// The system prompt: what a trace is and how to answer.
+#[must_use]
+pub fn system_prompt() -> String {
+    format!(
+        "You write execution traces for tracefleet: Markdown programs that small edge devices run offline, \
+         deterministic tool steps directly and judgement steps with a small local model. \
+         Reply with the complete trace source only — starting with its `---` frontmatter line, no commentary — \
+         optionally inside one ```markdown fence. Keep the trace_id you are given. \
+         Prefer deterministic tools and validations over model steps; keep commands within the tools' policy.\n\n\
+         The trace language:\n\n{TRACE_LANGUAGE}"
+    )
+}
+
+/// The first user turn.
+#[must_use]
+pub fn first_turn(req: &Request<'_>) -> String {
+    let mut t = format!("trace_id: {}\ngoal: {}\n\n", req.trace_id, req.goal);
+    match req.current {
+        Some(src) => {
+            t.push_str("The current version of the trace fails on the fleet. Its source:\n\n````markdown\n");
+            t.push_str(src);
+            t.push_str("\n````\n\n");
+        }
+        None => t.push_str("There is no trace for this goal yet: write the first version.\n\n"),
+    }
+    if !req.failures.is_empty() {
+        t.push_str("Failing runs, newest first:\n");
+        for f in req.failures {
+            t.push_str(&format!(
+                "\n- run {} on {} (version {}): failed step {}; error: {}\n",
+                f.run_id,
+                f.device_id,
+                f.trace_version,
+                f.failed_step.map_or("-".into(), |s| s.to_string()),
+                f.error.as_deref().unwrap_or("-")
+            ));
+            if !f.excerpt.is_empty() {
+                t.push_str("  ```\n");
+                t.push_str(&cap(&f.excerpt, MAX_EXCERPT_BYTES));
+                t.push_str("\n  ```\n");
+            }
+        }
+        t.push('\n');
+    }
+    t.push_str("Write the complete new trace.");
+    t
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, marked when cut.
+fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} bytes cut]", &s[..end], s.len() - end)
+}
+
+/// The trace source in a reply: the content of its outer ```markdown / ```md / ````markdown
+/// fence if it has one, from the first `---` line on; `None` without a `---` line.
+#[must_use]
+pub fn extract_trace(reply: &str) -> Option<String> {
+    let lines: Vec<&str> = reply.lines().collect();
+    let start = lines.iter().position(|l| l.trim_end() == "---")?;
+    let fence = lines[..start].iter().rev().find_map(|l| {
+        let t = l.trim();
+        let ticks = t.chars().take_while(|c| *c == '`').count();
+        (ticks >= 3 && matches!(t[ticks..].trim(), "markdown" | "md" | ""))
+            .then(|| "`".repeat(ticks))
+    });
+    let mut end = lines.len();
+    if let Some(fence) = fence {
+        // The outer fence closes at its last line of exactly those backticks.
+        if let Some(close) = lines[start..].iter().rposition(|l| l.trim() == fence) {
+            end = start + close;
+        }
+    }
+    let mut out = lines[start..end].join("\n");
+    out.push('\n');
+    Some(out)
+}
+
+/// Asks `backend` for a trace and repairs it until it compiles under `req.trace_id`.
+///
+/// # Errors
+/// [`RegenError::Backend`] when the model cannot be reached; [`RegenError::GaveUp`] when no
+/// reply compiles within `req.max_rounds`.
+pub async fn regenerate<B: Backend>(
+    backend: &B,
+    req: &Request<'_>,
+) -> Result<Regenerated, RegenError> {
+    let mut prompt = Prompt {
+        system: system_prompt(),
+        turns: vec![Turn {
+            role: Role::User,
+            content: first_turn(req),
+        }],
+    };
+    let file = format!("{}.trace.md", req.trace_id);
+    let (mut input_tokens, mut output_tokens, mut cost) = (0, 0, 0.0);
+    let mut last = String::new();
+    for round in 1..=req.max_rounds.max(1) {
+        let c = backend.complete(&prompt).await?;
+        input_tokens += c.input_tokens;
+        output_tokens += c.output_tokens;
+        cost += c.cost;
+        let feedback = match extract_trace(&c.text) {
+            None => "Your reply has no trace: reply with the complete trace source, starting with its `---` frontmatter line.".to_owned(),
+            Some(source) => match tracefleet::compile::compile_source(&file, &source) {
+                Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => {
+                    return Ok(Regenerated {
+                        source,
+                        trace,
+                        warnings,
+                        rounds: round,
+                        input_tokens,
+                        output_tokens,
+                        cost,
+                        model: c.model,
+                    });
+                }
+                Ok((trace, _)) => format!(
+                    "The trace_id is {:?}: it must stay {:?}. Reply with the complete corrected trace.",
+                    trace.id.as_str(),
+                    req.trace_id
+                ),
+                Err(diags) => format!(
+                    "The trace does not compile:\n\n{diags}\n\nReply with the complete corrected trace."
+                ),
+            },
+        };
+        tracing::info!(trace = %req.trace_id, round, "the model's trace needs a repair");
+        last.clone_from(&feedback);
+        prompt.turns.push(Turn {
+            role: Role::Assistant,
+            content: c.text,
+        });
+        prompt.turns.push(Turn {
+            role: Role::User,
+            content: feedback,
+        });
+    }
+    Err(RegenError::GaveUp {
+        rounds: req.max_rounds.max(1),
+        last,
+        input_tokens,
+        output_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backend::Completion;
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Replays scripted replies and records every prompt it was sent.
+    struct Scripted {
+        replies: Mutex<Vec<String>>,
+        prompts: Mutex<Vec<Prompt>>,
+    }
+
+    impl Scripted {
+        fn new(replies: &[&str]) -> Self {
+            Scripted {
+                replies: Mutex::new(replies.iter().rev().map(|r| (*r).to_owned()).collect()),
+                prompts: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Backend for Scripted {
+        async fn complete(&self, prompt: &Prompt) -> Result<Completion, BackendError> {
+            self.prompts.lock().unwrap().push(prompt.clone());
+            let text = self
+                .replies
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("a scripted reply");
+            Ok(Completion {
+                text,
+                model: "scripted".into(),
+                stop_reason: Some("end_turn".into()),
+                input_tokens: 100,
+                output_tokens: 10,
+                attempts: 1,
+                cost: 0.5,
+            })
+        }
+    }
+
+    const GOOD: &str = include_str!("../../../traces/dpkg-log-triage.trace.md");
+
+    fn request(max_rounds: u32) -> Request<'static> {
+        Request {
+            trace_id: "dpkg-log-triage",
+            goal: "triage the package manager log",
+            current: Some(GOOD),
+            failures: &[],
+            max_rounds,
+        }
+    }
+
+    #[test]
+    fn a_trace_is_taken_from_a_fenced_reply_with_its_own_fences_inside() {
+        let reply = format!(
+            "Here is the fixed trace:\n\n````markdown\n{GOOD}````\n\nIt now checks the log first."
+        );
+        assert_eq!(extract_trace(&reply).as_deref(), Some(GOOD));
+        let reply = format!("```markdown\n{GOOD}```\n");
+        assert_eq!(extract_trace(&reply).as_deref(), Some(GOOD));
+        assert_eq!(extract_trace(GOOD).as_deref(), Some(GOOD));
+        assert_eq!(extract_trace("I cannot help with that."), None);
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_does_not_compile_is_repaired_with_the_diagnostics() {
+        let broken = GOOD.replacen("tool: Bash", "tool: Bashh", 1);
+        let backend = Scripted::new(&[&broken, GOOD]);
+        let r = regenerate(&backend, &request(3)).await.unwrap();
+        assert_eq!(r.rounds, 2);
+        assert_eq!(r.source, GOOD);
+        assert_eq!(r.trace.id.as_str(), "dpkg-log-triage");
+        assert_eq!((r.input_tokens, r.output_tokens), (200, 20));
+        assert!((r.cost - 1.0).abs() < 1e-12);
+        let prompts = backend.prompts.lock().unwrap();
+        let second = &prompts[1];
+        assert_eq!(second.turns.len(), 3);
+        assert_eq!(second.turns[1].role, Role::Assistant);
+        assert_eq!(second.turns[1].content, broken);
+        let feedback = &second.turns[2].content;
+        assert!(
+            feedback.contains("does not compile") && feedback.contains("Bashh"),
+            "{feedback}"
+        );
+        assert!(
+            feedback.contains("dpkg-log-triage.trace.md:"),
+            "line and column: {feedback}"
+        );
+        // The first turn carries the goal and the current source; the system prompt the language.
+        assert!(
+            prompts[0].turns[0]
+                .content
+                .contains("triage the package manager log")
+        );
+        assert!(prompts[0].turns[0].content.contains(GOOD));
+        assert!(prompts[0].system.contains(TRACE_LANGUAGE));
+    }
+
+    #[tokio::test]
+    async fn a_model_that_never_compiles_is_given_up_on_after_the_rounds_allowed() {
+        let backend = Scripted::new(&[
+            "no trace here",
+            "---\ntrace_id: dpkg-log-triage\n---\n",
+            "still nothing",
+        ]);
+        let e = regenerate(&backend, &request(3)).await.unwrap_err();
+        match &e {
+            RegenError::GaveUp {
+                rounds,
+                last,
+                input_tokens,
+                ..
+            } => {
+                assert_eq!((*rounds, *input_tokens), (3, 300));
+                assert!(last.contains("no trace"), "{last}");
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(backend.prompts.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_trace_under_another_id_is_sent_back() {
+        let renamed = GOOD.replacen("trace_id: dpkg-log-triage", "trace_id: dpkg-triage-v2", 1);
+        let backend = Scripted::new(&[&renamed, GOOD]);
+        let r = regenerate(&backend, &request(2)).await.unwrap();
+        assert_eq!(r.rounds, 2);
+        let prompts = backend.prompts.lock().unwrap();
+        assert!(
+            prompts[1].turns[2]
+                .content
+                .contains("must stay \"dpkg-log-triage\"")
+        );
+    }
+
+    #[test]
+    fn failing_runs_go_into_the_first_turn_with_long_outputs_cut() {
+        let failures = [Failure {
+            run_id: "r1".into(),
+            device_id: "pi-01".into(),
+            trace_version: "1.0.0".into(),
+            failed_step: Some(2),
+            error: Some("validation failed: output_contains".into()),
+            excerpt: "x".repeat(MAX_EXCERPT_BYTES + 500),
+        }];
+        let req = Request {
+            failures: &failures,
+            ..request(1)
+        };
+        let t = first_turn(&req);
+        assert!(
+            t.contains("run r1 on pi-01 (version 1.0.0): failed step 2; error: validation failed")
+        );
+        assert!(t.contains("[500 bytes cut]"), "{t}");
+        let new_goal = Request {
+            current: None,
+            ..request(1)
+        };
+        assert!(first_turn(&new_goal).contains("write the first version"));
+    }
+}
