@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 use tracefleet::wire::{self, ReportMessage, Topic};
-use tracefleet_e2e::{Broker, Daemon, Workspace, mqtt_publish, repo_root};
+use tracefleet_e2e::{Broker, Daemon, FakeMessagesApi, Workspace, mqtt_publish, repo_root};
 
 /// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and
 /// the learner's and the agent's configs for `broker`. Returns the signed services-audit trace.
@@ -880,6 +880,117 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
     ]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("no completed rollout"), "{r:?}");
+}
+
+#[test]
+fn a_failing_trace_is_regenerated_through_the_messages_api_canaried_and_its_confidence_recovers() {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    let _learner = serve(&ws);
+    let _agent = agent(&ws);
+    wait_online(&ws, true);
+    // Version 1.0.0 fails on the device.
+    let bad = canary_trace(&ws, "1.0.0", "false");
+    start_canary_rollout(&ws, &bad, "1.0.0");
+    command_run(&ws, "pi-01", "canary-check");
+    let stored = wait_stored_runs(&ws, 1);
+    assert_eq!(stored[0].1, "failed", "{stored:?}");
+
+    // The model: rate-limited once, then a reply that does not compile, then the fix.
+    let fixed = std::fs::read_to_string(ws.path("canary-1.0.0.trace.md"))
+        .expect("source")
+        .replace("command: \"false\"", "command: \"true\"");
+    let broken = fixed.replace("tool: Bash", "tool: Shell");
+    let api = FakeMessagesApi::start(vec![
+        (
+            429,
+            Some("0"),
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#.into(),
+        ),
+        FakeMessagesApi::reply(
+            &format!("Here it is:\n\n````markdown\n{broken}````"),
+            3000,
+            400,
+        ),
+        FakeMessagesApi::reply(&fixed, 3600, 380),
+    ]);
+    let mut toml = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
+    toml.push_str(&format!(
+        "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\ninput_price_per_mtok = 3.0\noutput_price_per_mtok = 15.0\n",
+        api.base_url
+    ));
+    std::fs::write(ws.path("learner.toml"), toml).expect("toml");
+    let r = ws.learner_env(
+        &[
+            "regenerate",
+            "canary-check",
+            "--source",
+            "canary-1.0.0.trace.md",
+            "--key",
+            "traces.key",
+            "--waves",
+            "canary",
+            "--abort-if",
+            "failure-rate>0.5 over 1 runs",
+            "--config",
+            "learner.toml",
+        ],
+        &[("TEST_ANTHROPIC_KEY", "sk-test")],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("version 1.1.0 in 2 round(s)"), "{r:?}");
+    {
+        let requests = api.requests.lock().expect("lock");
+        assert_eq!(requests.len(), 3, "a 429, a broken reply, the fix");
+        assert!(requests.iter().all(|(key, _)| key == "sk-test"));
+        let first = requests[0].1["messages"][0]["content"]
+            .as_str()
+            .expect("turn");
+        assert!(first.contains("check the canary"), "the goal: {first}");
+        assert!(first.contains("failed step 1"), "the failing run: {first}");
+        let repair = requests[2].1["messages"][2]["content"]
+            .as_str()
+            .expect("turn");
+        assert!(
+            repair.contains("does not compile") && repair.contains("Shell"),
+            "{repair}"
+        );
+    }
+    assert!(ws.path("canary-check-1.1.0.trace.md").exists());
+
+    // Canaried on the one device, it runs and succeeds: the new version's confidence is up.
+    ws.wait_until(30, "the ack of 1.1.0", || {
+        runs(&ws)["acks"].as_array().and_then(|a| {
+            a.iter()
+                .any(|a| a["version"] == "1.1.0" && a["outcome"] == "installed")
+                .then_some(())
+        })
+    });
+    command_run(&ws, "pi-01", "canary-check");
+    wait_stored_runs(&ws, 2);
+    let all = runs(&ws);
+    let stat = |v: &str| {
+        all["trace_stats"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["version"] == v).cloned())
+            .expect("stats")
+    };
+    assert_eq!(stat("1.1.0")["successes"], 1, "{all}");
+    assert!(
+        stat("1.1.0")["confidence"].as_f64() > stat("1.0.0")["confidence"].as_f64(),
+        "{all}"
+    );
+    let regen = &all["regenerations"][0];
+    assert_eq!(regen["outcome"], "compiled", "{regen}");
+    assert_eq!(regen["from_version"], "1.0.0");
+    assert_eq!(regen["to_version"], "1.1.0");
+    assert_eq!(regen["rounds"], 2);
+    assert_eq!(regen["input_tokens"], 6600);
+    assert_eq!(regen["failures"], 1);
+    assert!(
+        (regen["cost"].as_f64().expect("cost") - (6600.0 * 3.0 + 780.0 * 15.0) / 1e6).abs() < 1e-9
+    );
 }
 
 #[test]

@@ -99,13 +99,14 @@ impl Workspace {
         self.path("state")
     }
 
-    fn command(&self, name: &str, args: &[&str]) -> Run {
+    fn command(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
         Command::new(bin(name))
             .args(args)
             .current_dir(self.dir.path())
             .env("TRACEFLEET_STATE_DIR", self.state_dir())
             .env_remove("TRACEFLEET_MODEL")
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .output()
             .expect("spawn")
             .into()
@@ -113,12 +114,17 @@ impl Workspace {
 
     /// Runs `learner ARGS` in the workspace.
     pub fn learner(&self, args: &[&str]) -> Run {
-        self.command("learner", args)
+        self.command("learner", args, &[])
+    }
+
+    /// Runs `learner ARGS` with these environment variables too.
+    pub fn learner_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        self.command("learner", args, env)
     }
 
     /// Runs `follower ARGS` in the workspace (with this workspace's state directory).
     pub fn follower(&self, args: &[&str]) -> Run {
-        self.command("follower", args)
+        self.command("follower", args, &[])
     }
 
     /// Generates a trace-signing key named `name` (secret `name.key`, public `name.key.pub`).
@@ -431,4 +437,92 @@ pub fn mqtt_publish(
         .await
         .map_err(|_| "no PUBACK".to_owned())?
     })
+}
+
+/// A local HTTP server that speaks the Anthropic Messages API wire format (`POST
+/// /v1/messages`), replaying scripted replies in order — the stand-in for Claude, which
+/// cannot be reached from here — and recording every request's headers and JSON body.
+pub struct FakeMessagesApi {
+    /// `http://127.0.0.1:PORT`: the `base_url` to configure.
+    pub base_url: String,
+    /// (`x-api-key` header, body) of each request received.
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+/// One scripted reply: HTTP status, `retry-after` header, body.
+pub type ScriptedReply = (u16, Option<&'static str>, String);
+
+impl FakeMessagesApi {
+    /// Starts the server on a free loopback port with `replies` (once they run out it
+    /// answers 500).
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub fn start(replies: Vec<ScriptedReply>) -> Self {
+        use std::sync::{Arc, Mutex};
+        let replies = Arc::new(Mutex::new(std::collections::VecDeque::from(replies)));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let base_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = Arc::clone(&requests);
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let handler = move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let (replies, seen) = (Arc::clone(&replies), Arc::clone(&seen));
+                    async move {
+                        let key = headers
+                            .get("x-api-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                        seen.lock().expect("lock").push((key, json));
+                        let (status, retry, body) = replies
+                            .lock()
+                            .expect("lock")
+                            .pop_front()
+                            .unwrap_or((500, None, "no reply scripted".into()));
+                        let mut resp = axum::response::Response::new(axum::body::Body::from(body));
+                        *resp.status_mut() =
+                            axum::http::StatusCode::from_u16(status).expect("status");
+                        resp.headers_mut().insert(
+                            "content-type",
+                            axum::http::HeaderValue::from_static("application/json"),
+                        );
+                        if let Some(r) = retry {
+                            resp.headers_mut()
+                                .insert("retry-after", axum::http::HeaderValue::from_static(r));
+                        }
+                        resp
+                    }
+                };
+                let app = axum::Router::new().route("/v1/messages", axum::routing::post(handler));
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app).await.expect("serve");
+            });
+        });
+        FakeMessagesApi {
+            base_url,
+            requests,
+            _thread: thread,
+        }
+    }
+
+    /// A successful Messages API reply carrying `text`.
+    #[must_use]
+    pub fn reply(text: &str, input_tokens: u64, output_tokens: u64) -> ScriptedReply {
+        let body = serde_json::json!({
+            "id": "msg_test", "type": "message", "role": "assistant", "model": "claude-test-20261101",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        });
+        (200, None, body.to_string())
+    }
 }

@@ -33,6 +33,8 @@ pub struct LearnerConfig {
     pub embedded: Option<crate::broker::EmbeddedBroker>,
     /// Stuck runs: when to abort and kill them, and the key to sign that with.
     pub stuck: crate::stuck::StuckConfig,
+    /// The model that regenerates traces.
+    pub backend: Option<crate::regen::backend::BackendConfig>,
 }
 
 /// `learner.toml` as written.
@@ -48,6 +50,7 @@ struct RawLearnerConfig {
     embedded: Option<crate::broker::EmbeddedBroker>,
     #[serde(default)]
     stuck: crate::stuck::StuckConfig,
+    backend: Option<crate::regen::backend::BackendConfig>,
 }
 
 fn default_client_id() -> String {
@@ -89,6 +92,7 @@ impl LearnerConfig {
             broker,
             embedded,
             stuck: raw.stuck,
+            backend: raw.backend,
         };
         c.broker.apply_env()?;
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -191,6 +195,24 @@ const MIGRATIONS: &[M<'static>] = &[
     ),
     // The rollout tick reads a version's acks across devices.
     M::up("CREATE INDEX acks_by_trace ON acks (trace_id, version);"),
+    // Every regeneration: what the model was asked, what it cost, what came out.
+    M::up(
+        "CREATE TABLE regenerations (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        trace_id      TEXT NOT NULL,
+        from_version  TEXT,
+        to_version    TEXT,
+        outcome       TEXT NOT NULL,
+        detail        TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        rounds        INTEGER NOT NULL,
+        input_tokens  INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cost          REAL NOT NULL,
+        failures      INTEGER NOT NULL,
+        at            INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// The learner's database.
@@ -340,6 +362,82 @@ impl LearnerDb {
         batch.finish(&tx)?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// The newest failed runs of `trace_id` (any version), at most `limit`.
+    ///
+    /// # Errors
+    /// On SQLite failure; a stored report that no longer parses is skipped.
+    pub fn failed_reports(
+        &self,
+        trace_id: &str,
+        limit: u32,
+    ) -> rusqlite::Result<Vec<tracefleet::report::Report>> {
+        let mut s = self.conn.prepare(
+            "SELECT report_json FROM runs WHERE trace_id = ?1 AND status = 'failed'
+             ORDER BY received_at DESC, run_id DESC LIMIT ?2",
+        )?;
+        let rows = s.query_map(params![trace_id, limit], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for json in rows {
+            if let Ok(report) = serde_json::from_str(&json?) {
+                out.push(report);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a regeneration (`outcome`: `compiled` or `gave_up`, …).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn record_regeneration(&self, r: &RegenerationRow) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT INTO regenerations (trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                r.trace_id,
+                r.from_version,
+                r.to_version,
+                r.outcome,
+                r.detail,
+                r.model,
+                r.rounds,
+                i64::try_from(r.input_tokens).unwrap_or(i64::MAX),
+                i64::try_from(r.output_tokens).unwrap_or(i64::MAX),
+                r.cost,
+                r.failures,
+                unix_now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every regeneration, oldest first.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn regenerations(&self) -> rusqlite::Result<Vec<RegenerationRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures
+             FROM regenerations ORDER BY id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(RegenerationRow {
+                trace_id: r.get(0)?,
+                from_version: r.get(1)?,
+                to_version: r.get(2)?,
+                outcome: r.get(3)?,
+                detail: r.get(4)?,
+                model: r.get(5)?,
+                rounds: r.get(6)?,
+                input_tokens: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                output_tokens: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
+                cost: r.get(9)?,
+                failures: r.get(10)?,
+            })
+        })?;
+        rows.collect()
     }
 
     /// Devices, by id.
@@ -705,6 +803,33 @@ fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
+}
+
+/// A regeneration as recorded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RegenerationRow {
+    /// Trace id.
+    pub trace_id: String,
+    /// The version it replaces (`None`: a first version for a new goal).
+    pub from_version: Option<String>,
+    /// The version it produced, if any.
+    pub to_version: Option<String>,
+    /// `compiled` (signed and rolled out) or `gave_up`.
+    pub outcome: String,
+    /// The rollout, or why it gave up.
+    pub detail: String,
+    /// The model that answered.
+    pub model: String,
+    /// Rounds (a reply and its repairs).
+    pub rounds: u32,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Dollars.
+    pub cost: f64,
+    /// Failing runs shown to the model.
+    pub failures: u32,
 }
 
 /// What a message was.

@@ -3,7 +3,8 @@
 //! This version compiles trace sources, generates keys and signs compiled traces
 //! ([`keys`]), and runs the learner's side of the fleet link ([`fleet`]: ingest, commands,
 //! publishing traces) with staged rollouts ([`rollout`]) over an external MQTT broker or
-//! the one embedded in `learner serve` ([`broker`]); regeneration comes with a later version.
+//! the one embedded in `learner serve` ([`broker`]), and regenerates failing traces through
+//! a model ([`regen`]).
 
 pub mod broker;
 pub mod fleet;

@@ -118,6 +118,11 @@ enum Command {
     /// Roll a signed trace out to the fleet.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Regenerate a trace through the model in learner.toml's [backend]: the prompt carries
+    /// the goal, the current source and the trace's newest failed runs; the reply is compiled
+    /// and repaired until it compiles, then signed under the next minor version (above every
+    /// version known) and rolled out, one canary first unless --canary says otherwise.
+    Regenerate(RegenerateArgs),
     /// Simulate many followers in this process (real MQTT clients, deterministic run
     /// results) for fleet tests and benchmarks; prints totals when it ends.
     Simulate(SimulateArgs),
@@ -220,6 +225,35 @@ enum CommandAction {
         /// The run id.
         run: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct RegenerateArgs {
+    /// The trace id.
+    trace: String,
+    /// The current source (without it: a first version for --goal).
+    #[arg(long, value_name = "TRACE.md")]
+    source: Option<PathBuf>,
+    /// The goal (default: the source's goal_signature).
+    #[arg(long)]
+    goal: Option<String>,
+    /// Failed runs shown to the model, newest first.
+    #[arg(long, default_value_t = 5)]
+    failures: u32,
+    /// Most rounds (a reply, then a repair per round).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Secret trace-signing key(s).
+    #[arg(long = "key", value_name = "KEY", required = true)]
+    keys: Vec<PathBuf>,
+    /// How long the signature stays valid.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    expires: Duration,
+    /// Where the new source and signed trace are written.
+    #[arg(long, default_value = ".")]
+    out_dir: PathBuf,
+    #[command(flatten)]
+    stages: Stages,
 }
 
 /// How a rollout is staged.
@@ -535,7 +569,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?})
+                        &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?, "regenerations": db.regenerations()?})
                     )?
                 );
             } else {
@@ -680,6 +714,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("rollout of {trace} aborting: `learner serve` withdraws it");
             Ok(())
         }
+        Command::Regenerate(a) => regenerate(a),
         Command::Simulate(a) => {
             let config = learner::fleet::LearnerConfig::load(&a.config)?;
             if a.broker_baseline {
@@ -986,6 +1021,162 @@ fn send_command(
 }
 
 /// Reads a secret key that must be a trace-signing key.
+/// `learner regenerate`.
+fn regenerate(mut a: RegenerateArgs) -> Result<()> {
+    use learner::regen;
+    let secrets = a
+        .keys
+        .iter()
+        .map(|k| trace_key(k))
+        .collect::<Result<Vec<_>>>()?;
+    tracefleet::wire::check_name("trace id", &a.trace)?;
+    let config = learner::fleet::LearnerConfig::load(&a.stages.config)?;
+    let backend_config = config.backend.clone().with_context(|| {
+        format!(
+            "{}: no [backend]: expected the model to ask (kind = \"anthropic\" or \"openai\", model, base_url, …)",
+            a.stages.config.display()
+        )
+    })?;
+    let current = match &a.source {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let compiled_current = match &current {
+        Some(text) => Some(
+            compile::compile_source(&a.trace, text)
+                .map(|(t, _)| t)
+                .map_err(|d| {
+                    anyhow::anyhow!(
+                        "{}: {d}",
+                        a.source
+                            .as_ref()
+                            .map_or(String::new(), |p| p.display().to_string())
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let goal = match (&a.goal, &compiled_current) {
+        (Some(g), _) => g.clone(),
+        (None, Some(t)) => t.goal_signature.clone(),
+        (None, None) => {
+            bail!("--goal: needed without --source (a first version is written from the goal)")
+        }
+    };
+    let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
+    let failures: Vec<regen::Failure> = db
+        .failed_reports(&a.trace, a.failures)?
+        .iter()
+        .map(regen::Failure::from_report)
+        .collect();
+    let backend = regen::backend::AnyBackend::new(&backend_config)?;
+    let request = regen::Request {
+        trace_id: &a.trace,
+        goal: &goal,
+        current: current.as_deref(),
+        failures: &failures,
+        max_rounds: a.rounds,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let from_version = compiled_current.as_ref().map(|t| t.version.to_string());
+    let mut row = learner::fleet::RegenerationRow {
+        trace_id: a.trace.clone(),
+        from_version: from_version.clone(),
+        to_version: None,
+        outcome: String::new(),
+        detail: String::new(),
+        model: backend_config.model.clone(),
+        rounds: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost: 0.0,
+        failures: u32::try_from(failures.len()).unwrap_or(u32::MAX),
+    };
+    let mut done = match rt.block_on(regen::regenerate(&backend, &request)) {
+        Ok(done) => done,
+        Err(regen::RegenError::GaveUp {
+            rounds,
+            last,
+            input_tokens,
+            output_tokens,
+        }) => {
+            row.outcome = "gave_up".into();
+            row.detail.clone_from(&last);
+            row.rounds = rounds;
+            row.input_tokens = input_tokens;
+            row.output_tokens = output_tokens;
+            db.record_regeneration(&row)?;
+            bail!(
+                "{}: the model's trace still did not compile after {rounds} rounds; nothing was signed or rolled out. Last problems:\n{last}",
+                a.trace
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Above every version the learner or the current source knows.
+    let mut known: Vec<tracefleet::ids::Version> =
+        learner::rollout::known_versions(db.conn(), &a.trace)?
+            .iter()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+    known.extend(compiled_current.as_ref().map(|t| t.version));
+    let version = regen::next_version(&known);
+    done.trace.version = version;
+    let compiled = compile::encode_compiled(&done.trace);
+    let now = unix_now();
+    let mut signed = signed::sign(
+        &compiled,
+        &secrets[0],
+        now,
+        now.saturating_add(a.expires.as_secs()),
+    )?;
+    for k in &secrets[1..] {
+        signed::add_signature(&mut signed, k);
+    }
+    let bytes = signed::encode_signed(&signed);
+    std::fs::create_dir_all(&a.out_dir)?;
+    let src_path = a.out_dir.join(format!("{}-{version}.trace.md", a.trace));
+    let signed_path = a.out_dir.join(format!("{}-{version}.tfs", a.trace));
+    std::fs::write(&src_path, regen::with_version(&done.source, &version))
+        .with_context(|| format!("writing {}", src_path.display()))?;
+    std::fs::write(&signed_path, &bytes)
+        .with_context(|| format!("writing {}", signed_path.display()))?;
+    println!(
+        "{}: {} wrote version {version} in {} round(s) ({} input + {} output tokens, ${:.4}) → {}, {}",
+        a.trace,
+        done.model,
+        done.rounds,
+        done.input_tokens,
+        done.output_tokens,
+        done.cost,
+        src_path.display(),
+        signed_path.display()
+    );
+    row.outcome = "compiled".into();
+    row.to_version = Some(version.to_string());
+    row.model.clone_from(&done.model);
+    row.rounds = done.rounds;
+    row.input_tokens = done.input_tokens;
+    row.output_tokens = done.output_tokens;
+    row.cost = done.cost;
+    row.detail = format!("signed {}", signed_path.display());
+    db.record_regeneration(&row)?;
+    drop(db);
+    if a.stages.canary.is_none() {
+        a.stages.canary = Some(learner::rollout::Canary::Devices(1));
+    }
+    start_rollout(&a.stages, &bytes, &signed).with_context(|| {
+        format!(
+            "the regenerated trace is signed in {} but its rollout was not recorded (`learner rollout start` it when devices are known)",
+            signed_path.display()
+        )
+    })
+}
+
 /// Records a rollout of `bytes` (the signed trace `s`) staged as `stages` says.
 fn start_rollout(stages: &Stages, bytes: &[u8], s: &signed::SignedTrace) -> Result<()> {
     let config = learner::fleet::LearnerConfig::load(&stages.config)?;

@@ -7,7 +7,8 @@
 //! diagnostics (with `line:column`) go back to the model as the next turn, for up to
 //! `max_rounds` rounds. What comes out is a source that compiles, under the same trace id,
 //! with the tokens and cost of every round; what does not is a [`RegenError::GaveUp`] with
-//! the last diagnostics. Signing, the version bump and the canary rollout are the caller's.
+//! the last diagnostics. Signing, the version bump ([`next_version`], [`with_version`]) and
+//! the canary rollout are `learner regenerate`'s.
 
 pub mod backend;
 
@@ -36,6 +37,117 @@ pub struct Failure {
     pub error: Option<String>,
     /// Failed validations and step outputs, capped at [`MAX_EXCERPT_BYTES`].
     pub excerpt: String,
+}
+
+impl Failure {
+    /// A failing run as the prompt shows it: the failed step's error, output and failed
+    /// validations, and failed pre- and postconditions.
+    #[must_use]
+    pub fn from_report(r: &tracefleet::report::Report) -> Self {
+        use std::fmt::Write as _;
+        let mut excerpt = String::new();
+        for c in r
+            .preconditions
+            .iter()
+            .chain(&r.postconditions)
+            .filter(|c| !c.passed)
+        {
+            let _ = writeln!(
+                excerpt,
+                "condition failed: {} ({}): {}",
+                c.check, c.kind, c.detail
+            );
+        }
+        for s in &r.step_results {
+            let failed_checks: Vec<_> = s.validations.iter().filter(|v| !v.passed).collect();
+            if Some(s.step) != r.failed_step && failed_checks.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                excerpt,
+                "step {} ({}, {}): {:?}, exit code {}, {} attempt(s){}",
+                s.step,
+                s.title,
+                s.tool,
+                s.status,
+                s.exit_code.map_or("-".into(), |c| c.to_string()),
+                s.attempts,
+                s.error
+                    .as_deref()
+                    .map_or(String::new(), |e| format!("; error: {e}"))
+            );
+            for v in failed_checks {
+                let _ = writeln!(
+                    excerpt,
+                    "  validation failed: {} ({}): {}",
+                    v.check, v.kind, v.detail
+                );
+            }
+            if !s.output.is_empty() {
+                let _ = writeln!(
+                    excerpt,
+                    "  output:\n{}",
+                    cap(&s.output, MAX_EXCERPT_BYTES / 2)
+                );
+            }
+        }
+        Failure {
+            run_id: r.run_id.clone(),
+            device_id: r.device_id.clone(),
+            trace_version: r.trace_version.clone(),
+            failed_step: r.failed_step,
+            error: r.error.clone(),
+            excerpt: cap(&excerpt, MAX_EXCERPT_BYTES),
+        }
+    }
+}
+
+/// The version a regenerated trace gets: the next minor version above every version known.
+#[must_use]
+pub fn next_version(known: &[tracefleet::ids::Version]) -> tracefleet::ids::Version {
+    known.iter().max().map_or(
+        tracefleet::ids::Version {
+            major: 1,
+            minor: 0,
+            patch: 0,
+        },
+        |v| tracefleet::ids::Version {
+            major: v.major,
+            minor: v.minor.saturating_add(1),
+            patch: 0,
+        },
+    )
+}
+
+/// `source` with its frontmatter's `version:` set to `version` (added when missing).
+#[must_use]
+pub fn with_version(source: &str, version: &tracefleet::ids::Version) -> String {
+    let mut out = Vec::new();
+    let mut in_front = false;
+    let mut done = false;
+    for (i, line) in source.lines().enumerate() {
+        if line.trim_end() == "---" {
+            if i == 0 {
+                in_front = true;
+            } else if in_front {
+                if !done {
+                    out.push(format!("version: \"{version}\""));
+                    done = true;
+                }
+                in_front = false;
+            }
+        } else if in_front && !done && line.starts_with("version:") {
+            out.push(format!("version: \"{version}\""));
+            done = true;
+            continue;
+        }
+        out.push(line.to_owned());
+    }
+    let mut s = out.join("\n");
+    if source.ends_with('\n') {
+        s.push('\n');
+    }
+    s
 }
 
 /// What to regenerate.
@@ -300,6 +412,27 @@ mod tests {
             failures: &[],
             max_rounds,
         }
+    }
+
+    #[test]
+    fn the_new_version_goes_into_the_frontmatter_and_above_every_known_one() {
+        let v: tracefleet::ids::Version = "1.4.2".parse().unwrap();
+        let out = with_version(GOOD, &v);
+        assert!(out.contains("\nversion: \"1.4.2\"\n") && !out.contains("\"1.0.0\""));
+        assert_eq!(out.len(), GOOD.len());
+        let (t, _) = tracefleet::compile::compile_source("x", &out).unwrap();
+        assert_eq!(t.version, v);
+        let without = "---\ntrace_id: a\n---\nbody\n";
+        assert_eq!(
+            with_version(without, &v),
+            "---\ntrace_id: a\nversion: \"1.4.2\"\n---\nbody\n"
+        );
+        let known: Vec<tracefleet::ids::Version> = ["1.0.0", "1.2.9", "1.10.0"]
+            .iter()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(next_version(&known).to_string(), "1.11.0");
+        assert_eq!(next_version(&[]).to_string(), "1.0.0");
     }
 
     #[test]
