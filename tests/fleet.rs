@@ -133,6 +133,33 @@ fn stored_runs(ws: &Workspace) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Rolls `signed` out to the `canary` group (pi-01's), one wave.
+fn roll_out_to_canary_group(ws: &Workspace, signed: &str) {
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        signed,
+        "--waves",
+        "canary",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+}
+
+/// Waits for pi-01's ack of an installed trace.
+fn wait_installed(ws: &Workspace) {
+    ws.wait_until(30, "the install ack", || {
+        runs(ws)["acks"]
+            .as_array()
+            .filter(|a| {
+                a.iter()
+                    .any(|a| a["device_id"] == "pi-01" && a["outcome"] == "installed")
+            })
+            .map(|_| ())
+    });
+}
+
 #[test]
 fn an_offline_device_gets_a_rollout_when_it_connects_and_runs_it_on_a_signed_command() {
     let ws = Workspace::new();
@@ -141,26 +168,9 @@ fn an_offline_device_gets_a_rollout_when_it_connects_and_runs_it_on_a_signed_com
     let _learner = serve(&ws);
 
     // Published while the device is offline: retained on its group's topic.
-    let r = ws.learner(&[
-        "rollout",
-        "start",
-        &signed,
-        "--waves",
-        "canary",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    roll_out_to_canary_group(&ws, &signed);
     let agent = agent(&ws);
-    ws.wait_until(30, "the install ack", || {
-        let acks = runs(&ws)["acks"].clone();
-        acks.as_array()
-            .filter(|a| {
-                a.iter()
-                    .any(|a| a["device_id"] == "pi-01" && a["outcome"] == "installed")
-            })
-            .map(|_| ())
-    });
+    wait_installed(&ws);
     let r = ws.follower(&["traces", "list"]);
     assert!(r.stdout.contains("services-audit"), "{r:?}");
     wait_online(&ws, true);
@@ -211,24 +221,10 @@ fn the_embedded_broker_carries_a_rollout_commands_and_reports_across_a_learner_r
     )
     .expect("learner.toml");
     let learner = serve(&ws);
-    let r = ws.learner(&[
-        "rollout",
-        "start",
-        &signed,
-        "--waves",
-        "canary",
-        "--config",
-        "learner.toml",
-    ]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    roll_out_to_canary_group(&ws, &signed);
     // The device connects after the wave went out: it gets the retained trace.
     let _agent = agent(&ws);
-    ws.wait_until(30, "the install ack", || {
-        runs(&ws)["acks"]
-            .as_array()
-            .filter(|a| a.iter().any(|a| a["outcome"] == "installed"))
-            .map(|_| ())
-    });
+    wait_installed(&ws);
     wait_online(&ws, true);
     command_run(&ws, "pi-01", "services-audit");
     wait_stored_runs(&ws, 1);

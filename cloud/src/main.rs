@@ -481,22 +481,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             expires,
             output,
         } => {
-            let secrets = key_files
-                .iter()
-                .map(|k| trace_key(k))
-                .collect::<Result<Vec<_>>>()?;
+            let secrets = trace_keys(&key_files)?;
             let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
-            let now = unix_now();
-            let mut signed = signed::sign(
-                &bytes,
-                &secrets[0],
-                now,
-                now.saturating_add(expires.as_secs()),
-            )
-            .with_context(|| format!("{}", compiled.display()))?;
-            for k in &secrets[1..] {
-                signed::add_signature(&mut signed, k);
-            }
+            let signed = sign_all(&bytes, &secrets, expires)
+                .with_context(|| format!("{}", compiled.display()))?;
             std::fs::write(&output, signed::encode_signed(&signed))
                 .with_context(|| format!("writing {}", output.display()))?;
             let ids: Vec<String> = secrets
@@ -629,10 +617,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             output,
             stages,
         }) => {
-            let secrets = key_files
-                .iter()
-                .map(|k| trace_key(k))
-                .collect::<Result<Vec<_>>>()?;
+            let secrets = trace_keys(&key_files)?;
             let config = learner::fleet::LearnerConfig::load(&stages.config)?;
             let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
             let (good, good_signed) = learner::rollout::last_good(db.conn(), &trace)?
@@ -649,16 +634,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ..top
             };
             let compiled = compile::encode_compiled(&content);
-            let now = unix_now();
-            let mut resigned = signed::sign(
-                &compiled,
-                &secrets[0],
-                now,
-                now.saturating_add(expires.as_secs()),
-            )?;
-            for k in &secrets[1..] {
-                signed::add_signature(&mut resigned, k);
-            }
+            let resigned = sign_all(&compiled, &secrets, expires)?;
             let bytes = signed::encode_signed(&resigned);
             if let Some(out) = &output {
                 std::fs::write(out, &bytes)
@@ -847,10 +823,7 @@ fn bundle_create(
     use sha2::{Digest, Sha256};
     use std::io::Write;
     use tracefleet::bundle::{EntryKind, EntryName, Manifest, ManifestEntry};
-    let secrets = key_files
-        .iter()
-        .map(|k| trace_key(k))
-        .collect::<Result<Vec<_>>>()?;
+    let secrets = trace_keys(key_files)?;
     let refs: Vec<&SecretKey> = secrets.iter().collect();
     let root_bytes = read_limited(trust_root, tracefleet::trust::MAX_ROOT_BYTES as u64)?;
     let (_, root) = tracefleet::trust::decode_root(&root_bytes)
@@ -1024,11 +997,7 @@ fn send_command(
 /// `learner regenerate`.
 fn regenerate(mut a: RegenerateArgs) -> Result<()> {
     use learner::regen;
-    let secrets = a
-        .keys
-        .iter()
-        .map(|k| trace_key(k))
-        .collect::<Result<Vec<_>>>()?;
+    let secrets = trace_keys(&a.keys)?;
     tracefleet::wire::check_name("trace id", &a.trace)?;
     let config = learner::fleet::LearnerConfig::load(&a.stages.config)?;
     let backend_config = config.backend.clone().with_context(|| {
@@ -1127,16 +1096,7 @@ fn regenerate(mut a: RegenerateArgs) -> Result<()> {
     let version = regen::next_version(&known);
     done.trace.version = version;
     let compiled = compile::encode_compiled(&done.trace);
-    let now = unix_now();
-    let mut signed = signed::sign(
-        &compiled,
-        &secrets[0],
-        now,
-        now.saturating_add(a.expires.as_secs()),
-    )?;
-    for k in &secrets[1..] {
-        signed::add_signature(&mut signed, k);
-    }
+    let signed = sign_all(&compiled, &secrets, a.expires)?;
     let bytes = signed::encode_signed(&signed);
     std::fs::create_dir_all(&a.out_dir)?;
     let src_path = a.out_dir.join(format!("{}-{version}.trace.md", a.trace));
@@ -1222,6 +1182,22 @@ fn start_rollout(stages: &Stages, bytes: &[u8], s: &signed::SignedTrace) -> Resu
             .join(" → ")
     );
     Ok(())
+}
+
+/// Reads secret trace-signing keys.
+fn trace_keys(paths: &[PathBuf]) -> Result<Vec<SecretKey>> {
+    paths.iter().map(|k| trace_key(k)).collect()
+}
+
+/// Signs compiled bytes with every key (valid from now for `expires`).
+fn sign_all(compiled: &[u8], keys: &[SecretKey], expires: Duration) -> Result<signed::SignedTrace> {
+    let (first, rest) = keys.split_first().context("no signing key")?;
+    let now = unix_now();
+    let mut signed = signed::sign(compiled, first, now, now.saturating_add(expires.as_secs()))?;
+    for k in rest {
+        signed::add_signature(&mut signed, k);
+    }
+    Ok(signed)
 }
 
 fn trace_key(path: &Path) -> Result<SecretKey> {
