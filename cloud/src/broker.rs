@@ -99,11 +99,7 @@ dynamic_filters = true
                 tracing::error!(error = %e, "embedded broker stopped");
             }
         })?;
-    let probe = if settings.listen.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], settings.listen.port()))
-    } else {
-        settings.listen
-    };
+    let probe = client_address(settings);
     let t = Instant::now();
     while std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_err() {
         if t.elapsed() > Duration::from_secs(10) {
@@ -118,15 +114,15 @@ dynamic_filters = true
     Ok(())
 }
 
-/// Where the learner's own clients reach the embedded broker.
+/// Where the learner's own clients reach the embedded broker: its address, or loopback when
+/// it listens on every interface.
 #[must_use]
-pub fn client_address(settings: &EmbeddedBroker) -> (String, u16) {
-    let ip = if settings.listen.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
+pub fn client_address(settings: &EmbeddedBroker) -> SocketAddr {
+    if settings.listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], settings.listen.port()))
     } else {
-        settings.listen.ip().to_string()
-    };
-    (ip, settings.listen.port())
+        settings.listen
+    }
 }
 
 #[cfg(test)]

@@ -77,10 +77,10 @@ impl LearnerConfig {
             (Some(b), None) => (b, None),
             (None, e) => {
                 let e = e.unwrap_or_default();
-                let (host, port) = crate::broker::client_address(&e);
+                let addr = crate::broker::client_address(&e);
                 let b = BrokerConfig {
-                    host,
-                    port: Some(port),
+                    host: addr.ip().to_string(),
+                    port: Some(addr.port()),
                     ..BrokerConfig::default()
                 };
                 (b, Some(e))
