@@ -235,14 +235,14 @@ fn a_broken_model_file_is_refused_before_any_step() {
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(
         r.stderr
-            .contains("not a GGUF file: expected magic \"GGUF\""),
+            .contains("GGUF at byte 0: expected the magic \"GGUF\" (a GGUF model file)"),
         "{}",
         r.stderr
     );
     assert_eq!(ws.run_count(), 0);
     let r = ws.follower(&["run", &signed, "--base-dir", "w"]);
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(r.stderr.contains("no model is configured"), "{}", r.stderr);
+    assert!(r.stderr.contains("step 4 needs a model"), "{}", r.stderr);
 }
 
 #[test]
@@ -515,12 +515,34 @@ fn an_expired_trust_root_vouches_for_nothing() {
     assert!(!ws.path("w").exists());
 }
 
-/// A file that passes the follower's GGUF header check (not a usable model).
-fn fake_gguf(ws: &Workspace, name: &str, size: usize) -> String {
+/// A well-formed GGUF v3 file of exactly `size` bytes: one metadata entry and one F32 tensor
+/// filling the data section with `fill` (not a model llama.cpp could run, but one the follower's
+/// header check accepts).
+fn fake_gguf_filled(ws: &Workspace, name: &str, size: usize, fill: u8) -> String {
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
     let mut b = b"GGUF\x03\x00\x00\x00".to_vec();
-    b.resize(size, 7);
+    b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    string(&mut b, "general.architecture");
+    b.extend_from_slice(&8u32.to_le_bytes());
+    string(&mut b, "test");
+    string(&mut b, "weights");
+    b.extend_from_slice(&1u32.to_le_bytes()); // one dimension
+    let data_offset = (b.len() + 8 + 4 + 8).next_multiple_of(32);
+    b.extend_from_slice(&(((size - data_offset) / 4) as u64).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // F32
+    b.extend_from_slice(&0u64.to_le_bytes()); // offset
+    b.resize(data_offset, 0);
+    b.resize(size, fill);
     std::fs::write(ws.path(name), b).unwrap();
     name.into()
+}
+
+fn fake_gguf(ws: &Workspace, name: &str, size: usize) -> String {
+    fake_gguf_filled(ws, name, size, 7)
 }
 
 fn bundle(ws: &Workspace, out: &str, items: &[&str], extra: &[&str]) -> tracefleet_e2e::Run {
@@ -643,7 +665,7 @@ fn bundles_install_whole_or_not_at_all() {
     assert_eq!(r.code, Some(2), "{r:?}");
     assert_eq!(store_state(&ws), now);
     // A refused bundle places no model either: an old bundle carrying another tiny.gguf.
-    std::fs::write(ws.path("tiny.gguf"), b"GGUF\x03\x00\x00\x00 other content").unwrap();
+    fake_gguf_filled(&ws, "tiny.gguf", 1000, 9);
     let r = bundle(&ws, "replay.tfb", &[&t1], &["--model", "tiny.gguf"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = ws.follower(&["install", "replay.tfb"]);

@@ -849,6 +849,8 @@ fn bundle_create(
         ));
     }
     for m in models {
+        // A device refuses a model that is not a complete GGUF file: say so here instead.
+        tracefleet::gguf::read_file(m).map_err(|e| anyhow!("model {}: {e}", m.display()))?;
         let name = m
             .file_name()
             .and_then(|n| n.to_str())

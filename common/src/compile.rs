@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// Magic bytes at the start of a compiled trace.
 pub const COMPILED_MAGIC: &[u8; 3] = b"TFC";
 /// The compiled format version this build writes and reads.
-pub const COMPILED_FORMAT_VERSION: u8 = 2;
+pub const COMPILED_FORMAT_VERSION: u8 = 3;
 /// Largest compiled trace accepted by [`decode_compiled`] (bytes).
 pub const MAX_COMPILED_BYTES: usize = 1024 * 1024;
 
@@ -322,10 +322,10 @@ impl Cx {
         let fm: RawFrontmatter = self.yaml(fm_block, "frontmatter")?;
         for key in fm.unknown.keys() {
             let line = fm_block.line_of_key(key, 0);
-            if UNSUPPORTED_EXTENSIONS.contains(&key.as_str()) {
+            if LLM_PARAMETER_KEYS.contains(&key.as_str()) {
                 self.error(
                     line,
-                    format!("`{key}` is not supported by this version yet"),
+                    format!("`{key}` is not a frontmatter key: expected it under `parameters:` of an LLM step"),
                 );
             } else {
                 self.warning(line, format!("unknown frontmatter key `{key}` is ignored"));
@@ -810,11 +810,11 @@ impl Cx {
         };
         for key in raw.unknown.keys() {
             let line = tc_block.line_of_key(key, 0);
-            if UNSUPPORTED_EXTENSIONS.contains(&key.as_str()) {
+            if LLM_PARAMETER_KEYS.contains(&key.as_str()) {
                 self.error(
                     line,
                     format!(
-                        "`{key}` in step {} is not supported by this version yet",
+                        "`{key}` in step {} is misplaced: expected it under `parameters:` of an LLM step",
                         s.number
                     ),
                 );
@@ -1153,10 +1153,17 @@ impl Cx {
                     .opt_u64(p, "seed")
                     .unwrap_or(0)
                     .min(u64::from(u32::MAX)) as u32;
-                if p.map.remove("json_schema").is_some() {
-                    self.error(p.line_of("json_schema"), format!("{}: `json_schema` constrained output is not supported by this version yet: expected a GBNF `grammar`", p.what));
-                }
+                let json_schema = match p.map.remove("json_schema") {
+                    None => None,
+                    Some(v) => Some(self.json_schema(p, "json_schema", &v)?),
+                };
                 let grammar = self.opt_string(p, "grammar");
+                if grammar.is_some() && json_schema.is_some() {
+                    self.error(
+                        p.line_of("json_schema"),
+                        format!("{}: both `grammar` and `json_schema`: expected one constraint on the output", p.what),
+                    );
+                }
                 if let Some(g) = &grammar
                     && !g
                         .lines()
@@ -1185,6 +1192,7 @@ impl Cx {
                     top_p,
                     seed,
                     grammar,
+                    json_schema,
                     stop,
                 }))
             }
@@ -1378,43 +1386,8 @@ impl Cx {
                     self.error(p.line, format!("{}: missing required parameter `schema` (a JSON Schema, as YAML or JSON text)", p.what));
                     return None;
                 };
-                let schema = match &schema {
-                    Value::String(text) => {
-                        serde_json::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())
-                    }
-                    other => serde_json::to_value(other).map_err(|e| e.to_string()),
-                };
-                match schema {
-                    Ok(v) if v.is_object() || v.is_boolean() => {
-                        // The follower builds the same validator; a schema it could not use is
-                        // an authoring error. No remote `$ref`: nothing is fetched.
-                        if let Err(e) = jsonschema::validator_for(&v) {
-                            self.error(
-                                p.line_of("schema"),
-                                format!("{}: `schema` is not a usable JSON Schema: {e}", p.what),
-                            );
-                            return None;
-                        }
-                        CheckKind::JsonSchema {
-                            path,
-                            schema: v.to_string(),
-                        }
-                    }
-                    Ok(_) => {
-                        self.error(
-                            p.line_of("schema"),
-                            format!("{}: `schema` must be a JSON Schema object", p.what),
-                        );
-                        return None;
-                    }
-                    Err(e) => {
-                        self.error(
-                            p.line_of("schema"),
-                            format!("{}: `schema` is not valid JSON: {e}", p.what),
-                        );
-                        return None;
-                    }
-                }
+                let schema = self.json_schema(p, "schema", &schema)?;
+                CheckKind::JsonSchema { path, schema }
             }
             other => {
                 self.error(
@@ -1458,6 +1431,45 @@ impl Cx {
             );
         }
         v
+    }
+
+    /// A JSON Schema given as YAML or JSON text under `key`, checked the way the follower
+    /// builds its validator (draft from `$schema`, no remote `$ref`); its JSON text.
+    fn json_schema(&mut self, p: &Params<'_>, key: &str, value: &Value) -> Option<String> {
+        let schema = match value {
+            Value::String(text) => {
+                serde_json::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())
+            }
+            other => serde_json::to_value(other).map_err(|e| e.to_string()),
+        };
+        match schema {
+            Ok(v) if v.is_object() || v.is_boolean() => {
+                // The follower builds the same validator; a schema it could not use is an
+                // authoring error. No remote `$ref`: nothing is fetched.
+                if let Err(e) = jsonschema::validator_for(&v) {
+                    self.error(
+                        p.line_of(key),
+                        format!("{}: `{key}` is not a usable JSON Schema: {e}", p.what),
+                    );
+                    return None;
+                }
+                Some(v.to_string())
+            }
+            Ok(_) => {
+                self.error(
+                    p.line_of(key),
+                    format!("{}: `{key}` must be a JSON Schema object", p.what),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(
+                    p.line_of(key),
+                    format!("{}: `{key}` is not valid JSON: {e}", p.what),
+                );
+                None
+            }
+        }
     }
 
     fn opt_string(&mut self, p: &mut Params<'_>, key: &str) -> Option<String> {
@@ -1554,8 +1566,8 @@ impl Params<'_> {
 /// The tools of the trace language.
 pub const TOOLS: &[&str] = &["Read", "Write", "Bash", "Grep", "Glob", "WebFetch", "LLM"];
 
-/// Trace-language extensions (DESIGN.md) this version refuses rather than ignores.
-const UNSUPPORTED_EXTENSIONS: &[&str] = &["json_schema"];
+/// Keys that belong under an LLM step's `parameters:`, refused (not ignored) elsewhere.
+const LLM_PARAMETER_KEYS: &[&str] = &["json_schema", "grammar", "max_tokens", "temperature"];
 
 /// Largest `max_tokens` an LLM step may ask for.
 pub const MAX_MAX_TOKENS: u64 = 32_768;

@@ -7,7 +7,8 @@
 //! - [`signed`]: ed25519 keys, key files and the signed-trace envelope with its verification;
 //! - [`report`]: the run report (a superset of the LLMunix follower report);
 //! - [`shell`]: a Bash step's shell policy (allowed commands, command substitution);
-//! - [`wire`]: the fleet link's MQTT topics, payloads and signed commands.
+//! - [`wire`]: the fleet link's MQTT topics, payloads and signed commands;
+//! - [`gguf`]: the header of a GGUF model file, read with every length checked.
 //!
 //! It knows nothing of SQLite, llama.cpp or a device's file system layout, and of MQTT clients
 //! only behind the `mqtt` feature ([`link`]: the broker settings both sides share):
@@ -18,6 +19,7 @@ pub mod bundle;
 pub mod compile;
 pub mod confidence;
 pub mod diag;
+pub mod gguf;
 pub mod ids;
 #[cfg(feature = "mqtt")]
 pub mod link;

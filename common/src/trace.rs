@@ -334,6 +334,10 @@ pub struct LlmCall {
     pub seed: u32,
     /// A GBNF grammar (llama.cpp's format) with a `root` rule that constrains the output.
     pub grammar: Option<String>,
+    /// A JSON Schema (as JSON text) the output must conform to: the follower turns it into a
+    /// grammar with llama.cpp's own converter and validates the output against it. At most one
+    /// of `grammar` and `json_schema` is set.
+    pub json_schema: Option<String>,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
 }

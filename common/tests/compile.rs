@@ -38,7 +38,7 @@ fn dpkg_example_compiles_and_round_trips() {
     assert_eq!(bindings.get("action_counts"), Some(&1));
 
     let bytes = encode_compiled(&trace);
-    assert_eq!(&bytes[..4], b"TFC\x02");
+    assert_eq!(&bytes[..4], b"TFC\x03");
     let back = decode_compiled(&bytes).unwrap();
     assert_eq!(back, trace);
 }
@@ -165,7 +165,7 @@ fn decoder_refuses_garbage_with_reasons() {
             .contains("format version 9")
     );
     assert!(
-        decode_compiled(b"TFC\x02\xff\xff")
+        decode_compiled(b"TFC\x03\xff\xff")
             .unwrap_err()
             .to_string()
             .contains("malformed")
@@ -207,16 +207,45 @@ fn placeholder_in_single_quotes_is_an_error() {
 }
 
 #[test]
-fn extension_not_supported_yet_is_an_error_not_ignored() {
-    let src = format!(
-        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: hi\n  json_schema: {{type: object}}\n```\n"
-    );
-    let e = errors_of(&src);
-    assert_eq!(e.len(), 1, "{e:?}");
+fn an_llm_step_constrained_by_a_json_schema_compiles_and_misuse_is_an_error() {
+    let step = |params: &str| {
+        format!(
+            "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: hi\n{params}```\n"
+        )
+    };
+    let (t, _) = compile_source(
+        "t.trace.md",
+        &step("  json_schema: {type: object, required: [ok], properties: {ok: {type: boolean}}}\n"),
+    )
+    .unwrap();
+    let Tool::Llm(call) = &t.steps[0].tool else {
+        panic!("not an LLM step")
+    };
+    let schema: serde_json::Value =
+        serde_json::from_str(call.json_schema.as_deref().unwrap()).unwrap();
+    assert_eq!(schema["required"][0], "ok");
+    assert_eq!(call.grammar, None);
+
+    let e = errors_of(&step("  json_schema: {type: 12}\n"));
     assert!(
-        e[0].contains(
-            ":12:1: error: LLM tool in step 1: `json_schema` constrained output is not supported"
-        ),
+        e.len() == 1
+            && e[0].contains(":12:1: error:")
+            && e[0].contains("`json_schema` is not a usable JSON Schema"),
+        "{e:?}"
+    );
+    let e = errors_of(&step(
+        "  json_schema: {type: object}\n  grammar: 'root ::= \"x\"'\n",
+    ));
+    assert!(
+        e.len() == 1 && e[0].contains("both `grammar` and `json_schema`"),
+        "{e:?}"
+    );
+    // Beside `parameters:` instead of in it: an error, not ignored.
+    let e = errors_of(&format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: LLM\njson_schema: {{type: object}}\nparameters:\n  prompt: hi\n```\n"
+    ));
+    assert!(
+        e.len() == 1 && e[0].contains("`json_schema` in step 1 is misplaced"),
         "{e:?}"
     );
 }

@@ -52,22 +52,26 @@ fn tool() -> impl Strategy<Value = Tool> {
         (
             template(),
             proptest::option::of(text()),
+            proptest::option::of(text()),
             1u32..4096,
             0.0f32..2.0,
             any::<u32>()
         )
             .prop_map(
-                |(prompt, grammar, max_tokens, temperature, seed)| Tool::Llm(LlmCall {
-                    prompt,
-                    system: None,
-                    model: None,
-                    max_tokens,
-                    temperature,
-                    top_p: 1.0,
-                    seed,
-                    grammar,
-                    stop: vec!["\n\n".into()],
-                })
+                |(prompt, grammar, json_schema, max_tokens, temperature, seed)| Tool::Llm(
+                    LlmCall {
+                        prompt,
+                        system: None,
+                        model: None,
+                        max_tokens,
+                        temperature,
+                        top_p: 1.0,
+                        seed,
+                        grammar,
+                        json_schema,
+                        stop: vec!["\n\n".into()],
+                    }
+                )
             ),
     ]
 }

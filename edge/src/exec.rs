@@ -64,6 +64,9 @@ pub struct GenerateRequest {
     pub seed: u32,
     /// GBNF grammar with a `root` rule.
     pub grammar: Option<String>,
+    /// JSON Schema (JSON text) the output is constrained to, through llama.cpp's
+    /// schema-to-grammar converter.
+    pub json_schema: Option<String>,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Wall-clock limit for the whole request.
@@ -1023,10 +1026,21 @@ fn run_tool(
                 top_p: call.top_p,
                 seed: call.seed,
                 grammar: call.grammar.clone(),
+                json_schema: call.json_schema.clone(),
                 stop: call.stop.clone(),
                 timeout,
             };
             let g = host.generate(&request)?;
+            // Constrained decoding keeps the output inside the schema's grammar, but a
+            // generation cut short (max_tokens, a stop string) can still end mid-object.
+            if let Some(schema) = &call.json_schema
+                && let Some(why) = schema_violation(schema, &g.text)?
+            {
+                return Err(format!(
+                    "the model's output does not conform to the step's json_schema (stopped by {} after {} tokens): {why}",
+                    g.usage.stop_reason, g.usage.completion_tokens
+                ));
+            }
             Ok(Attempt {
                 output: g.text,
                 exit_code: None,
@@ -1054,6 +1068,37 @@ pub fn check_supported(trace: &Trace) -> Result<(), String> {
 
 /// Most schema violations a json_schema check reports.
 const MAX_SCHEMA_ERRORS: usize = 5;
+
+/// Why `text` is not JSON conforming to `schema` (JSON text), or `None` when it is.
+///
+/// # Errors
+/// The schema itself is not usable (the compiler checked it; a tampered file could differ).
+fn schema_violation(schema: &str, text: &str) -> Result<Option<String>, String> {
+    let instance = match serde_json::from_str::<serde_json::Value>(text.trim()) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok(Some(format!(
+                "expected JSON, found an error at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            )));
+        }
+    };
+    let schema: serde_json::Value =
+        serde_json::from_str(schema).map_err(|e| format!("the trace's schema is not JSON: {e}"))?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| format!("the trace's schema is not usable: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(&instance)
+        .take(MAX_SCHEMA_ERRORS)
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            format!("at {}: {e}", if at.is_empty() { "/" } else { &at })
+        })
+        .collect();
+    Ok((!errors.is_empty())
+        .then(|| format!("expected JSON matching the schema: {}", errors.join("; "))))
+}
 
 /// Most files a Grep or Glob step looks at.
 pub const MAX_LISTED_FILES: usize = 100_000;
@@ -1331,38 +1376,9 @@ fn evaluate(
         }
         CheckKind::JsonSchema { path, schema } => {
             let s = subject(path, vars, host, output)?;
-            let instance = match serde_json::from_str::<serde_json::Value>(s.trim()) {
-                Ok(v) => v,
-                Err(e) => {
-                    return Ok((
-                        false,
-                        format!(
-                            "expected JSON, found an error at line {} column {}: {e}",
-                            e.line(),
-                            e.column()
-                        ),
-                    ));
-                }
-            };
-            let schema: serde_json::Value = serde_json::from_str(schema)
-                .map_err(|e| format!("the trace's schema is not JSON: {e}"))?;
-            let validator = jsonschema::validator_for(&schema)
-                .map_err(|e| format!("the trace's schema is not usable: {e}"))?;
-            let errors: Vec<String> = validator
-                .iter_errors(&instance)
-                .take(MAX_SCHEMA_ERRORS)
-                .map(|e| {
-                    let at = e.instance_path().to_string();
-                    format!("at {}: {e}", if at.is_empty() { "/" } else { &at })
-                })
-                .collect();
-            if errors.is_empty() {
-                (true, "valid against the schema".into())
-            } else {
-                (
-                    false,
-                    format!("expected JSON matching the schema: {}", errors.join("; ")),
-                )
+            match schema_violation(schema, &s)? {
+                None => (true, "valid against the schema".into()),
+                Some(why) => (false, why),
             }
         }
         CheckKind::ContentStructureCheck {

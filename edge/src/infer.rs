@@ -1,62 +1,151 @@
 //! In-process inference through llama.cpp (`llama-cpp-2`). The only module that sees its types.
 //!
 //! One inference thread owns the backend, the model and every context; the rest of the
-//! follower talks to it through [`Inference`], a channel handle. This follows what llama.cpp
-//! requires (see `../shared/MEASURED.md`): `LlamaBackend::init()` succeeds once per process (we
-//! keep it in a `OnceLock`), contexts borrow the model and must not be created concurrently,
-//! and a grammar sampler's `sample()` already accepts the token (accepting again aborts).
+//! follower talks to it through [`Inference`], a channel handle. Requests are served one at a
+//! time in arrival order (FIFO: steps running in parallel take turns). This follows what
+//! llama.cpp requires (see `../shared/MEASURED.md`): `LlamaBackend::init()` succeeds once per
+//! process (we keep it in a `OnceLock`), contexts borrow the model and must not be created
+//! concurrently, and a grammar sampler's `sample()` already accepts the token (accepting again
+//! aborts).
 //!
-//! A model file is checked before llama.cpp sees it: it must be a regular file that starts with
-//! the GGUF magic and a supported GGUF version (2 or 3).
+//! Models are loaded lazily, on the first request that needs one, memory-mapped, and kept for
+//! the next request; one model is resident at a time (asking for another unloads the first),
+//! and a model idle for [`InferConfig::idle_unload`] is unloaded. Every model was checked
+//! before the thread sees it ([`ModelSpec::from_file`]: a complete GGUF file, every tensor
+//! inside it).
 //!
-//! Threads are set explicitly (`n_threads`, default: the available cores), because llama.cpp's
-//! default of 4 oversubscribes small devices and collapses throughput under contention.
+//! Resource policy, checked before every request: the model must fit in the RAM the device
+//! has available (an estimate from the GGUF header: weights, f16 KV cache for the context, a
+//! compute reserve) plus [`ResourcePolicy::ram_reserve_bytes`], and no thermal zone or GPU may
+//! be over [`ResourcePolicy::max_temp_c`]. Otherwise the request is deferred — re-checked every
+//! [`ResourcePolicy::poll`] — for up to [`ResourcePolicy::defer_max`] (and never past the
+//! step's timeout), then refused with [`InferError::Deferred`] saying why; the step's
+//! `on_error` policy (retry, escalate, …) then applies.
+//!
+//! Threads are set explicitly (default: the physical cores), because llama.cpp's default of 4
+//! oversubscribes small devices and collapses throughput under contention. With the `cuda`
+//! feature, `n_gpu_layers` is sized to a share of the GPU's free memory ([`GpuLayers::Auto`]).
 
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token_type::LlamaTokenAttr;
-use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tracefleet::report::LlmUsage;
+use tracefleet::gguf::GgufInfo;
+use tracefleet::report::{LlmUsage, Telemetry};
 
 use crate::exec::{GenerateRequest, Generation};
+use crate::models::ram_needed;
 
 /// Tokens decoded per `decode` call while reading the prompt.
 const PROMPT_BATCH: usize = 512;
 
-/// How the model is run.
-#[derive(Debug, Clone)]
-pub struct InferConfig {
-    /// The GGUF file.
-    pub model_path: PathBuf,
-    /// Name steps use to ask for this model (default: the file stem).
-    pub model_name: String,
-    /// CPU threads for generation and prompt processing.
-    pub n_threads: u32,
-    /// Layers offloaded to the GPU (0 = CPU only; needs the `cuda` feature).
-    pub n_gpu_layers: u32,
+/// How many layers llama.cpp offloads to the GPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GpuLayers {
+    /// Exactly this many (0 = CPU only).
+    Fixed(u32),
+    /// As many as fit in this share (0..=1) of the first GPU's free memory (NVML); 0 without the
+    /// `cuda` feature or without a GPU.
+    Auto {
+        /// Share of free VRAM the model may take.
+        vram_fraction: f64,
+    },
 }
 
-impl InferConfig {
-    /// A CPU configuration for `model_path`, with as many threads as available cores.
-    pub fn cpu(model_path: PathBuf) -> Self {
-        let model_name = model_name_of(&model_path);
-        let n_threads =
-            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
+/// When a model request must wait, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResourcePolicy {
+    /// RAM kept free for the rest of the device, bytes.
+    pub ram_reserve_bytes: u64,
+    /// Hottest thermal zone or GPU allowed, °C.
+    pub max_temp_c: f64,
+    /// Longest a request waits for resources before it is refused.
+    pub defer_max: Duration,
+    /// How often a deferred request checks again.
+    pub poll: Duration,
+}
+
+impl Default for ResourcePolicy {
+    fn default() -> Self {
         Self {
-            model_path,
-            model_name,
-            n_threads,
-            n_gpu_layers: 0,
+            ram_reserve_bytes: 64 << 20,
+            max_temp_c: 85.0,
+            defer_max: Duration::from_secs(120),
+            poll: Duration::from_secs(2),
         }
+    }
+}
+
+/// How models are run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferConfig {
+    /// CPU threads for generation and prompt processing.
+    pub n_threads: u32,
+    /// GPU offload.
+    pub gpu_layers: GpuLayers,
+    /// Unload a model after this long without requests (`None`: keep it).
+    pub idle_unload: Option<Duration>,
+    /// Resource policy.
+    pub limits: ResourcePolicy,
+}
+
+impl Default for InferConfig {
+    /// Physical cores, automatic GPU layers in 80% of free VRAM, unload after 5 minutes idle,
+    /// default limits.
+    fn default() -> Self {
+        Self {
+            n_threads: crate::telemetry::physical_cores(),
+            gpu_layers: GpuLayers::Auto { vram_fraction: 0.8 },
+            idle_unload: Some(Duration::from_secs(300)),
+            limits: ResourcePolicy::default(),
+        }
+    }
+}
+
+/// A model the inference thread may load: checked before it gets here.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Name steps ask for.
+    pub name: String,
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Its header.
+    pub info: GgufInfo,
+    /// File size, bytes.
+    pub size: u64,
+}
+
+impl ModelSpec {
+    /// Checks `path` (a complete GGUF file: header readable, every tensor's data inside the
+    /// file) and describes it as model `name`.
+    ///
+    /// # Errors
+    /// [`InferError::BadModelFile`] saying what was expected and what was found.
+    pub fn from_file(name: &str, path: &Path) -> Result<Self, InferError> {
+        let info = crate::models::check_file(path).map_err(|e| InferError::BadModelFile {
+            path: path.to_owned(),
+            reason: match e {
+                crate::models::ModelError::BadFile { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })?;
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        Ok(Self {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            info,
+            size,
+        })
     }
 }
 
@@ -82,12 +171,12 @@ pub enum InferError {
     /// llama.cpp refused the model or a request.
     #[error("llama.cpp: {0}")]
     Llama(String),
-    /// The step asked for a model this device does not have.
-    #[error("model `{asked}` is not available on this device: it has `{available}`")]
+    /// The step asked for a model this run does not have.
+    #[error("model `{asked}` is not available to this run: it has {available}")]
     UnknownModel {
         /// Asked for.
         asked: String,
-        /// Loaded.
+        /// Configured.
         available: String,
     },
     /// The prompt does not fit in the model's context.
@@ -108,44 +197,93 @@ pub enum InferError {
     /// The grammar did not parse.
     #[error("the step's GBNF grammar was refused by llama.cpp: {0}")]
     Grammar(String),
+    /// The step's JSON Schema could not be turned into a grammar.
+    #[error("llama.cpp could not turn the step's json_schema into a grammar: {0}")]
+    Schema(String),
+    /// The device lacked the resources for longer than the deferral allows.
+    #[error("model `{model}` deferred for {waited:?}, then refused: {reason}")]
+    Deferred {
+        /// The model.
+        model: String,
+        /// How long the request waited.
+        waited: Duration,
+        /// What was short, with the figures.
+        reason: String,
+    },
     /// The inference thread is gone.
     #[error("the inference thread stopped")]
     ThreadGone,
 }
 
-/// Checks that `path` looks like a GGUF file before llama.cpp parses it.
-///
-/// # Errors
-/// [`InferError::BadModelFile`] saying what was expected and what was found.
-pub fn check_gguf_header(path: &Path) -> Result<(), InferError> {
-    let bad = |reason: String| InferError::BadModelFile {
-        path: path.to_owned(),
-        reason,
+/// Why the device cannot take a model request now, or `None` when it can: `need` bytes of
+/// RAM (0 when the model is resident and needs no more) against what `t` says is available,
+/// and the hottest temperature against the limit.
+pub fn refusal(t: &Telemetry, need: u64, limits: &ResourcePolicy) -> Option<String> {
+    let mib = |b: u64| b >> 20;
+    if t.mem_total_bytes > 0
+        && need.saturating_add(limits.ram_reserve_bytes) > t.mem_available_bytes
+    {
+        return Some(format!(
+            "needs ~{} MiB of RAM plus the {} MiB reserve, the device has {} MiB available",
+            mib(need),
+            mib(limits.ram_reserve_bytes),
+            mib(t.mem_available_bytes)
+        ));
+    }
+    let zones = t.thermal.iter().map(|z| (z.zone.clone(), z.celsius));
+    let gpus = t.gpus.iter().filter_map(|g| {
+        g.temperature_c
+            .map(|c| (format!("GPU {}", g.name), f64::from(c)))
+    });
+    if let Some((zone, c)) = zones
+        .chain(gpus)
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, c)| *c > limits.max_temp_c)
+    {
+        return Some(format!(
+            "the device is at {c:.1} °C ({zone}), over its limit of {:.1} °C",
+            limits.max_temp_c
+        ));
+    }
+    None
+}
+
+/// Layers to offload for a model: as many of its `block_count` layers (+1 for the output
+/// layer, llama.cpp's convention) as fit in `budget` bytes, each costing its share of the
+/// weights and of the KV cache for `n_ctx` tokens.
+pub fn gpu_layers_within(budget: u64, info: &GgufInfo, size: u64, n_ctx: u64) -> u32 {
+    let Some(layers) = info.arch_uint("block_count").filter(|&l| l > 0) else {
+        return 0;
     };
-    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    if !meta.is_file() {
-        return Err(bad("expected a regular file".into()));
+    let per_layer = size / (layers + 1) + info.kv_cache_bytes(n_ctx).unwrap_or(0) / layers;
+    let n = budget / per_layer.max(1);
+    u32::try_from(n.min(layers + 1)).unwrap_or(0)
+}
+
+fn resolve_gpu_layers(config: &InferConfig, spec: &ModelSpec, n_ctx: u64) -> u32 {
+    match config.gpu_layers {
+        GpuLayers::Fixed(n) => n,
+        GpuLayers::Auto { vram_fraction } => {
+            if !cfg!(feature = "cuda") {
+                return 0;
+            }
+            let t = crate::telemetry::sample();
+            let Some(free) = t
+                .gpus
+                .first()
+                .and_then(|g| Some(g.memory_total_bytes?.saturating_sub(g.memory_used_bytes?)))
+            else {
+                return 0;
+            };
+            #[allow(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss
+            )]
+            let budget = (free as f64 * vram_fraction.clamp(0.0, 1.0)) as u64;
+            gpu_layers_within(budget, &spec.info, spec.size, n_ctx)
+        }
     }
-    let mut header = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .map_err(|e| {
-            bad(format!(
-                "cannot read the 8-byte GGUF header ({} bytes in file): {e}",
-                meta.len()
-            ))
-        })?;
-    if &header[..4] != b"GGUF" {
-        return Err(bad(format!(
-            "not a GGUF file: expected magic \"GGUF\", found {:02x?}",
-            &header[..4]
-        )));
-    }
-    let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if !(2..=3).contains(&version) {
-        return Err(bad(format!("GGUF version {version}: expected 2 or 3")));
-    }
-    Ok(())
 }
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -160,54 +298,92 @@ fn backend() -> Result<&'static LlamaBackend, InferError> {
         .map_err(|e| InferError::Llama(e.clone()))
 }
 
-type Reply = mpsc::Sender<Result<Generation, InferError>>;
+/// `follower models bench` parameters (llama-bench's `-p`, `-n`, `-r`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchParams {
+    /// Prompt tokens per prompt-processing test (llama-bench `pp512`).
+    pub n_prompt: u32,
+    /// Tokens per generation test (llama-bench `tg128`).
+    pub n_gen: u32,
+    /// Repetitions of each test.
+    pub repetitions: u32,
+}
+
+/// Throughput of each repetition, tokens per second.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BenchReport {
+    /// Model name.
+    pub model: String,
+    /// Threads used.
+    pub n_threads: u32,
+    /// Layers offloaded.
+    pub n_gpu_layers: u32,
+    /// Seconds the model took to load (0 when it was resident).
+    pub load_secs: f64,
+    /// Prompt processing, one figure per repetition.
+    pub prompt_tokens_per_sec: Vec<f64>,
+    /// Generation, one figure per repetition.
+    pub generation_tokens_per_sec: Vec<f64>,
+}
+
+enum Job {
+    Generate(
+        GenerateRequest,
+        mpsc::Sender<Result<Generation, InferError>>,
+    ),
+    Bench(
+        Option<String>,
+        BenchParams,
+        mpsc::Sender<Result<BenchReport, InferError>>,
+    ),
+}
 
 /// A handle to the inference thread. Dropping it stops the thread and frees the model.
 pub struct Inference {
-    tx: Option<mpsc::Sender<(GenerateRequest, Reply)>>,
+    tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    model_name: String,
-    load_secs: f64,
+    names: Vec<String>,
 }
 
 impl std::fmt::Debug for Inference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Inference({})", self.model_name)
+        write!(f, "Inference({})", self.names.join(", "))
     }
 }
 
 impl Inference {
-    /// Checks the model file, starts the inference thread and loads the model (mmap).
+    /// Starts the inference thread for `models` (loaded when first asked for). `default` is
+    /// the model a request without a name gets.
     ///
     /// # Errors
-    /// [`InferError::BadModelFile`] before llama.cpp sees a bad file; [`InferError::Llama`] when
-    /// llama.cpp cannot load it.
-    pub fn start(config: InferConfig) -> Result<Self, InferError> {
-        check_gguf_header(&config.model_path)?;
-        let (tx, rx) = mpsc::channel::<(GenerateRequest, Reply)>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<f64, InferError>>();
-        let model_name = config.model_name.clone();
+    /// [`InferError::Llama`] when the thread cannot start.
+    pub fn start(
+        config: InferConfig,
+        models: Vec<ModelSpec>,
+        default: Option<String>,
+    ) -> Result<Self, InferError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let names = models.iter().map(|m| m.name.clone()).collect();
+        let worker = Worker {
+            config,
+            models,
+            default,
+            loaded: None,
+        };
         let thread = std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || inference_thread(&config, &rx, &ready_tx))
+            .spawn(move || worker.run(&rx))
             .map_err(|e| InferError::Llama(format!("cannot start the inference thread: {e}")))?;
-        let load_secs = ready_rx.recv().map_err(|_| InferError::ThreadGone)??;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
-            model_name,
-            load_secs,
+            names,
         })
     }
 
-    /// The loaded model's name.
-    pub fn model_name(&self) -> &str {
-        &self.model_name
-    }
-
-    /// Seconds the model took to load.
-    pub fn load_secs(&self) -> f64 {
-        self.load_secs
+    /// The models this handle can serve.
+    pub fn model_names(&self) -> &[String] {
+        &self.names
     }
 
     /// Runs one request on the inference thread and waits for the answer.
@@ -215,21 +391,33 @@ impl Inference {
     /// # Errors
     /// See [`InferError`].
     pub fn generate(&self, request: &GenerateRequest) -> Result<Generation, InferError> {
-        if let Some(asked) = &request.model
-            && asked != &self.model_name
-        {
-            return Err(InferError::UnknownModel {
-                asked: asked.clone(),
-                available: self.model_name.clone(),
-            });
-        }
         let (reply_tx, reply_rx) = mpsc::channel();
+        self.send(Job::Generate(request.clone(), reply_tx))?;
+        reply_rx.recv().map_err(|_| InferError::ThreadGone)?
+    }
+
+    /// Measures prompt processing and generation speed the way llama.cpp's `llama-bench`
+    /// does (random tokens; `n_prompt` tokens decoded in one batch, then `n_gen` tokens one
+    /// at a time; a warm-up run first; the KV cache cleared before each repetition).
+    ///
+    /// # Errors
+    /// See [`InferError`].
+    pub fn bench(
+        &self,
+        model: Option<&str>,
+        params: BenchParams,
+    ) -> Result<BenchReport, InferError> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.send(Job::Bench(model.map(str::to_owned), params, reply_tx))?;
+        reply_rx.recv().map_err(|_| InferError::ThreadGone)?
+    }
+
+    fn send(&self, job: Job) -> Result<(), InferError> {
         self.tx
             .as_ref()
             .ok_or(InferError::ThreadGone)?
-            .send((request.clone(), reply_tx))
-            .map_err(|_| InferError::ThreadGone)?;
-        reply_rx.recv().map_err(|_| InferError::ThreadGone)?
+            .send(job)
+            .map_err(|_| InferError::ThreadGone)
     }
 }
 
@@ -242,38 +430,285 @@ impl Drop for Inference {
     }
 }
 
-fn inference_thread(
-    config: &InferConfig,
-    rx: &mpsc::Receiver<(GenerateRequest, Reply)>,
-    ready: &mpsc::Sender<Result<f64, InferError>>,
-) {
-    let start = Instant::now();
-    let loaded = backend().and_then(|backend| {
-        let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
-        LlamaModel::load_from_file(backend, &config.model_path, &params)
-            .map(|m| (backend, m))
-            .map_err(|e| {
-                InferError::Llama(format!(
-                    "cannot load {}: {e} (truncated, corrupt or unsupported GGUF?)",
-                    config.model_path.display()
-                ))
-            })
-    });
-    let (backend, model) = match loaded {
-        Ok(v) => {
-            let _ = ready.send(Ok(start.elapsed().as_secs_f64()));
-            v
+struct Loaded {
+    name: String,
+    model: LlamaModel,
+    specials: Vec<String>,
+    n_gpu_layers: u32,
+}
+
+struct Worker {
+    config: InferConfig,
+    models: Vec<ModelSpec>,
+    default: Option<String>,
+    loaded: Option<Loaded>,
+}
+
+impl Worker {
+    fn run(mut self, rx: &mpsc::Receiver<Job>) {
+        loop {
+            let job = match self.config.idle_unload {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(idle) => rx.recv_timeout(idle),
+            };
+            match job {
+                Ok(Job::Generate(req, reply)) => {
+                    let deadline = Instant::now() + req.timeout;
+                    let n_ctx = u64::from(req.max_tokens) + 512;
+                    let threads = self.config.n_threads;
+                    let result = self.admit(req.model.as_deref(), n_ctx, deadline).and_then(
+                        |(backend, loaded)| generate(backend, loaded, threads, &req, deadline),
+                    );
+                    let _ = reply.send(result);
+                }
+                Ok(Job::Bench(model, params, reply)) => {
+                    let n_ctx = u64::from(params.n_prompt + params.n_gen);
+                    let started = Instant::now();
+                    let resident = self
+                        .loaded
+                        .as_ref()
+                        .is_some_and(|l| Some(&l.name) == model.as_ref().or(self.default.as_ref()));
+                    let deadline = Instant::now() + self.config.limits.defer_max;
+                    let threads = self.config.n_threads;
+                    let result = self.admit(model.as_deref(), n_ctx, deadline).and_then(
+                        |(backend, loaded)| {
+                            let load_secs = if resident {
+                                0.0
+                            } else {
+                                started.elapsed().as_secs_f64()
+                            };
+                            bench(backend, loaded, threads, params, load_secs)
+                        },
+                    );
+                    let _ = reply.send(result);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(l) = self.loaded.take() {
+                        tracing::info!(model = %l.name, "model unloaded after being idle");
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let specials = special_token_texts(&model);
-    while let Ok((request, reply)) = rx.recv() {
-        let result = generate(backend, &model, &specials, config, &request);
-        let _ = reply.send(result);
     }
+
+    /// Waits until the device can take a request for `asked` (see the module docs), loads the
+    /// model if it is not resident, and hands it out.
+    fn admit(
+        &mut self,
+        asked: Option<&str>,
+        n_ctx: u64,
+        deadline: Instant,
+    ) -> Result<(&'static LlamaBackend, &Loaded), InferError> {
+        let name = asked
+            .or(self.default.as_deref())
+            .ok_or_else(|| InferError::UnknownModel {
+                asked: "(the step names none)".into(),
+                available: self.available(),
+            })?
+            .to_owned();
+        let spec = self
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .cloned()
+            .ok_or_else(|| InferError::UnknownModel {
+                asked: name.clone(),
+                available: self.available(),
+            })?;
+        let resident = self.loaded.as_ref().is_some_and(|l| l.name == name);
+        let need = if resident {
+            spec.info.kv_cache_bytes(n_ctx).unwrap_or(0)
+        } else {
+            ram_needed(&spec.info, spec.size, n_ctx)
+        };
+        let started = Instant::now();
+        let give_up = deadline.min(started + self.config.limits.defer_max);
+        loop {
+            // A model being swapped out frees its memory: do that before measuring.
+            if !resident && self.loaded.is_some() {
+                self.loaded = None;
+            }
+            let Some(reason) = refusal(&crate::telemetry::sample(), need, &self.config.limits)
+            else {
+                break;
+            };
+            if Instant::now() + self.config.limits.poll > give_up {
+                return Err(InferError::Deferred {
+                    model: name,
+                    waited: started.elapsed(),
+                    reason,
+                });
+            }
+            tracing::info!(model = %name, %reason, "model request deferred");
+            std::thread::sleep(self.config.limits.poll);
+        }
+        let backend = backend()?;
+        if !resident {
+            let n_gpu_layers = resolve_gpu_layers(&self.config, &spec, n_ctx);
+            let model = load(backend, &spec, n_gpu_layers)?;
+            self.loaded = Some(Loaded {
+                name: name.clone(),
+                specials: special_token_texts(&model),
+                model,
+                n_gpu_layers,
+            });
+        }
+        let loaded = self.loaded.as_ref().ok_or(InferError::ThreadGone)?;
+        Ok((backend, loaded))
+    }
+
+    fn available(&self) -> String {
+        if self.models.is_empty() {
+            "no model (configure one: --model FILE.gguf, TRACEFLEET_MODEL, or `follower models add`)".into()
+        } else {
+            self.models
+                .iter()
+                .map(|m| format!("`{}`", m.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
+}
+
+/// Loads `spec` (memory-mapped), with a progress bar on a terminal.
+fn load(
+    backend: &LlamaBackend,
+    spec: &ModelSpec,
+    n_gpu_layers: u32,
+) -> Result<LlamaModel, InferError> {
+    let started = Instant::now();
+    let bar = indicatif::ProgressBar::new(100);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {percent}%")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(spec.name.clone());
+    let progress = bar.clone();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(n_gpu_layers)
+        .with_progress_callback(move |p| {
+            progress.set_position((p.clamp(0.0, 1.0) * 100.0) as u64);
+            true
+        });
+    let model = LlamaModel::load_from_file(backend, &spec.path, &params).map_err(|e| {
+        InferError::Llama(format!(
+            "cannot load {}: {e} (corrupt or unsupported GGUF?)",
+            spec.path.display()
+        ))
+    });
+    bar.finish_and_clear();
+    let model = model?;
+    tracing::info!(
+        model = %spec.name,
+        n_gpu_layers,
+        secs = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(model)
+}
+
+/// A small deterministic generator for benchmark tokens (xorshift64*).
+struct TokenRng(u64);
+
+impl TokenRng {
+    fn next(&mut self, n_vocab: i32) -> LlamaToken {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let r = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+        LlamaToken::new((r % u64::from(n_vocab.max(1).unsigned_abs())) as i32)
+    }
+}
+
+fn bench(
+    backend: &LlamaBackend,
+    loaded: &Loaded,
+    n_threads: u32,
+    params: BenchParams,
+    load_secs: f64,
+) -> Result<BenchReport, InferError> {
+    let model = &loaded.model;
+    let n_vocab = model.n_vocab();
+    let bos = model.vocab().should_add_bos().then(|| model.vocab().bos());
+    let threads = i32::try_from(n_threads.max(1)).unwrap_or(1);
+    // llama-bench's defaults: n_batch 2048, n_ubatch 512, n_ctx = n_prompt + n_gen.
+    let n_ctx = (params.n_prompt + params.n_gen).max(16);
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(2048)
+        .with_n_ubatch(512)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model
+        .new_context(backend, ctx_params)
+        .map_err(|e| llama_err("creating a context")(&e))?;
+    let mut rng = TokenRng(0x9E37_79B9_7F4A_7C15);
+    let prompt = |ctx: &mut LlamaContext<'_>, n: u32, rng: &mut TokenRng| {
+        let n = usize::try_from(n).unwrap_or(0);
+        let mut batch = LlamaBatch::new(n.max(1), 1);
+        for i in 0..n {
+            let t = match (i, bos) {
+                (0, Some(b)) => b,
+                _ => rng.next(n_vocab),
+            };
+            batch
+                .add(t, i32::try_from(i).unwrap_or(i32::MAX), &[0], i + 1 == n)
+                .map_err(|e| llama_err("batch")(&e))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| llama_err("decoding the prompt")(&e))?;
+        ctx.synchronize();
+        Ok::<(), InferError>(())
+    };
+    let gen_run = |ctx: &mut LlamaContext<'_>, n: u32, rng: &mut TokenRng| {
+        let mut token = bos.unwrap_or_else(|| rng.next(n_vocab));
+        let mut batch = LlamaBatch::new(1, 1);
+        for i in 0..n {
+            batch.clear();
+            batch
+                .add(token, i32::try_from(i).unwrap_or(i32::MAX), &[0], true)
+                .map_err(|e| llama_err("batch")(&e))?;
+            ctx.decode(&mut batch)
+                .map_err(|e| llama_err("decoding")(&e))?;
+            ctx.synchronize();
+            token = rng.next(n_vocab);
+        }
+        Ok::<(), InferError>(())
+    };
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    if params.n_prompt > 0 {
+        // Warm-up, as llama-bench: a short prompt.
+        prompt(&mut ctx, params.n_prompt.min(32), &mut rng)?;
+        for _ in 0..params.repetitions {
+            ctx.clear_kv_cache();
+            let t = Instant::now();
+            prompt(&mut ctx, params.n_prompt, &mut rng)?;
+            pp.push(f64::from(params.n_prompt) / t.elapsed().as_secs_f64());
+        }
+    }
+    if params.n_gen > 0 {
+        ctx.clear_kv_cache();
+        gen_run(&mut ctx, 1, &mut rng)?;
+        for _ in 0..params.repetitions {
+            ctx.clear_kv_cache();
+            let t = Instant::now();
+            gen_run(&mut ctx, params.n_gen, &mut rng)?;
+            tg.push(f64::from(params.n_gen) / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(BenchReport {
+        model: loaded.name.clone(),
+        n_threads,
+        n_gpu_layers: loaded.n_gpu_layers,
+        load_secs,
+        prompt_tokens_per_sec: pp,
+        generation_tokens_per_sec: tg,
+    })
 }
 
 fn llama_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> InferError + '_ {
@@ -319,13 +754,14 @@ fn neutralise_specials(content: &str, specials: &[String]) -> String {
 
 fn generate(
     backend: &LlamaBackend,
-    model: &LlamaModel,
-    specials: &[String],
-    config: &InferConfig,
+    loaded: &Loaded,
+    n_threads: u32,
     req: &GenerateRequest,
+    deadline: Instant,
 ) -> Result<Generation, InferError> {
     let started = Instant::now();
-    let deadline = started + req.timeout;
+    let model = &loaded.model;
+    let specials = &loaded.specials;
     let vocab = model.vocab();
 
     // Prompt through the model's own chat template (GGUF `tokenizer.chat_template`).
@@ -363,7 +799,7 @@ fn generate(
     let n_ctx = u32::try_from(needed.next_multiple_of(256))
         .unwrap_or(n_ctx_train)
         .min(n_ctx_train);
-    let threads = i32::try_from(config.n_threads.max(1)).unwrap_or(1);
+    let threads = i32::try_from(n_threads.max(1)).unwrap_or(1);
     let ctx_params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(PROMPT_BATCH as u32)
@@ -429,13 +865,13 @@ fn generate(
     Ok(Generation {
         text: String::from_utf8_lossy(&out).into_owned(),
         usage: LlmUsage {
-            model: config.model_name.clone(),
+            model: loaded.name.clone(),
             prompt_tokens,
             completion_tokens: n_generated,
             prompt_tokens_per_sec: rate(f64::from(prompt_tokens), prompt_secs),
             generation_tokens_per_sec: rate(f64::from(n_generated), gen_secs),
             stop_reason: stop_reason.into(),
-            grammar: req.grammar.is_some(),
+            grammar: req.grammar.is_some() || req.json_schema.is_some(),
         },
     })
 }
@@ -450,7 +886,15 @@ fn rate(n: f64, secs: f64) -> f64 {
 
 fn build_sampler(model: &LlamaModel, req: &GenerateRequest) -> Result<LlamaSampler, InferError> {
     let mut chain = Vec::new();
-    if let Some(g) = &req.grammar {
+    let from_schema = req
+        .json_schema
+        .as_deref()
+        .map(|schema| {
+            llama_cpp_2::json_schema_to_grammar(schema)
+                .map_err(|e| InferError::Schema(e.to_string()))
+        })
+        .transpose()?;
+    if let Some(g) = req.grammar.as_ref().or(from_schema.as_ref()) {
         chain.push(
             LlamaSampler::grammar(model, g, "root")
                 .map_err(|e| InferError::Grammar(e.to_string()))?,
@@ -480,38 +924,93 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gguf_header_is_checked_before_llama_cpp() {
+    fn a_file_that_is_not_a_complete_gguf_model_is_refused_before_llama_cpp() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m.gguf");
-        std::fs::write(&p, b"GGU").unwrap();
-        assert!(
-            check_gguf_header(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("cannot read the 8-byte GGUF header")
+        for (bytes, says) in [
+            (&b"GGU"[..], "expected 4 bytes of the magic"),
+            (&b"PK\x03\x04\0\0\0\0"[..], "magic \"GGUF\""),
+            (&b"GGUF\x09\0\0\0"[..], "found version 9"),
+        ] {
+            std::fs::write(&p, bytes).unwrap();
+            let e = ModelSpec::from_file("m", &p).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("m.gguf"), "{e}");
+        }
+        let e = ModelSpec::from_file("m", d.path()).unwrap_err().to_string();
+        assert!(e.contains("regular file"), "{e}");
+    }
+
+    fn telemetry(available_mib: u64, temps: &[f64]) -> Telemetry {
+        Telemetry {
+            mem_total_bytes: 4096 << 20,
+            mem_available_bytes: available_mib << 20,
+            load: [0.0; 3],
+            cpus: 4,
+            thermal: temps
+                .iter()
+                .enumerate()
+                .map(|(i, c)| tracefleet::report::ThermalZone {
+                    zone: format!("zone{i}"),
+                    celsius: *c,
+                })
+                .collect(),
+            gpus: Vec::new(),
+            gpu_status: "absent: test".into(),
+        }
+    }
+
+    #[test]
+    fn a_request_is_refused_while_ram_is_short_or_the_device_is_hot() {
+        let limits = ResourcePolicy {
+            ram_reserve_bytes: 64 << 20,
+            max_temp_c: 80.0,
+            ..ResourcePolicy::default()
+        };
+        assert_eq!(refusal(&telemetry(1024, &[55.0]), 500 << 20, &limits), None);
+        let why = refusal(&telemetry(512, &[55.0]), 500 << 20, &limits).unwrap();
+        assert_eq!(
+            why,
+            "needs ~500 MiB of RAM plus the 64 MiB reserve, the device has 512 MiB available"
         );
-        std::fs::write(&p, b"PK\x03\x04\0\0\0\0").unwrap();
-        assert!(
-            check_gguf_header(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("expected magic \"GGUF\"")
+        let why = refusal(&telemetry(1024, &[55.0, 83.5]), 500 << 20, &limits).unwrap();
+        assert_eq!(
+            why,
+            "the device is at 83.5 °C (zone1), over its limit of 80.0 °C"
         );
-        std::fs::write(&p, b"GGUF\x09\0\0\0").unwrap();
-        assert!(
-            check_gguf_header(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("GGUF version 9")
-        );
-        std::fs::write(&p, b"GGUF\x03\0\0\0").unwrap();
-        assert!(check_gguf_header(&p).is_ok());
-        assert!(
-            check_gguf_header(d.path())
-                .unwrap_err()
-                .to_string()
-                .contains("regular file")
-        );
+        // Unknown memory (no /proc/meminfo) does not block.
+        let mut t = telemetry(0, &[]);
+        t.mem_total_bytes = 0;
+        assert_eq!(refusal(&t, 500 << 20, &limits), None);
+    }
+
+    #[test]
+    fn gpu_layers_fit_the_vram_budget() {
+        let mut info = GgufInfo {
+            version: 3,
+            metadata: Default::default(),
+            tensors: Vec::new(),
+            alignment: 32,
+            data_offset: 0,
+        };
+        use tracefleet::gguf::MetaValue::{String as S, Uint as U};
+        for (k, v) in [
+            ("general.architecture", S("llama".into())),
+            ("llama.block_count", U(30)),
+            ("llama.embedding_length", U(576)),
+            ("llama.attention.head_count", U(9)),
+            ("llama.attention.head_count_kv", U(3)),
+        ] {
+            info.metadata.insert(k.into(), v);
+        }
+        let size = 31 * (3 << 20); // 3 MiB per layer, 31 layers with the output
+        let kv_per_layer = info.kv_cache_bytes(4096).unwrap() / 30;
+        assert_eq!(kv_per_layer, 2 * 4096 * 192 * 2);
+        let per_layer = (3 << 20) + kv_per_layer;
+        assert_eq!(gpu_layers_within(0, &info, size, 4096), 0);
+        assert_eq!(gpu_layers_within(10 * per_layer, &info, size, 4096), 10);
+        assert_eq!(gpu_layers_within(u64::MAX / 2, &info, size, 4096), 31);
+        info.metadata.remove("llama.block_count");
+        assert_eq!(gpu_layers_within(u64::MAX / 2, &info, size, 4096), 0);
     }
 
     #[test]

@@ -188,11 +188,11 @@ pub fn install_bundle(
                 traces.push((v.trace.id.to_string(), v.trace.version, bytes));
             }
             EntryKind::Model => {
-                crate::infer::check_gguf_header(&path).map_err(|e| BundleError::Entry {
+                crate::models::check_file(&path).map_err(|e| BundleError::Entry {
                     name: entry.name.to_string(),
                     detail: e.to_string(),
                 })?;
-                models.push((entry.name.to_string(), path));
+                models.push((entry.name.to_string(), path, hex::encode(entry.sha256)));
             }
         }
     }
@@ -213,7 +213,7 @@ pub fn install_bundle(
         std::fs::create_dir_all(&models_dir).map_err(|e| {
             StoreError::Files(format!("cannot create {}: {e}", models_dir.display()))
         })?;
-        for (name, path) in &models {
+        for (name, path, _) in &models {
             std::fs::rename(path, models_dir.join(name))
                 .map_err(|e| StoreError::Files(format!("cannot place model {name}: {e}")))?;
         }
@@ -223,10 +223,16 @@ pub fn install_bundle(
         Ok(())
     };
     store.install_all(base, &roots, &rows, now_text, &mut place_models)?;
+    // The placed models join the device's registry (`follower models list`).
+    for (name, _, sha256) in &models {
+        crate::models::register_placed(store, state_dir, name, sha256.clone(), now_text).map_err(
+            |e| StoreError::Files(format!("model {name} placed but not registered: {e}")),
+        )?;
+    }
     Ok(Installed {
         roots: roots.iter().map(|(v, _)| *v).collect(),
         traces: traces.into_iter().map(|(id, v, _)| (id, v)).collect(),
-        models: models.into_iter().map(|(n, _)| n).collect(),
+        models: models.into_iter().map(|(n, _, _)| n).collect(),
     })
 }
 

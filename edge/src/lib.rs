@@ -4,13 +4,15 @@
 //! deterministic tool steps directly ([`host`], contained by [`sandbox`]), judgement steps with a GGUF model in-process
 //! ([`infer`]). The interpreter ([`exec`]) is a functional core over the [`exec::Host`] trait;
 //! runs are journaled step by step in the device store ([`store`]). [`agent`] is the device's
-//! side of the fleet link (MQTT).
+//! side of the fleet link (MQTT). [`models`] is the device's registry of GGUF files, checked
+//! before llama.cpp sees them.
 
 pub mod agent;
 pub mod exec;
 pub mod host;
 pub mod infer;
 pub mod install;
+pub mod models;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;

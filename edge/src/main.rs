@@ -7,7 +7,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use follower::exec::{self, Event, RunContext};
 use follower::host::{DEFAULT_READ_ROOTS, LocalHost, Stopper};
-use follower::infer::{InferConfig, Inference};
+use follower::infer::{BenchParams, GpuLayers, InferConfig, Inference, ModelSpec, ResourcePolicy};
 use follower::sandbox::{self, ResourceLimits};
 use follower::store::{NewRun, Store};
 use std::collections::BTreeMap;
@@ -98,6 +98,9 @@ enum Command {
     Check,
     /// Escalations recorded on this device (for the fleet link to send), oldest first.
     Escalations,
+    /// The device's GGUF models: register, list, verify, remove, benchmark.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// What this device has now: memory, load, CPUs, temperatures, GPUs (through NVML).
     Telemetry {
         /// Print JSON.
@@ -123,6 +126,65 @@ enum TrustCommand {
     },
     /// Show the trust root: version, expiry, keys and thresholds per role.
     Show,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Registered models: name, architecture, quantization, size, context, RAM needed.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a GGUF file (complete, every tensor inside it; hash against the manifest or
+    /// --sha256) and register it: hard-linked, else copied, into <state-dir>/models/.
+    Add {
+        /// The GGUF file.
+        file: PathBuf,
+        /// Register under this name (default: the manifest's name for the file, else the file
+        /// name without `.gguf`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The SHA-256 the file must have (hex).
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// A model manifest (`models/models.toml`): the file must match its entry.
+        #[arg(long, value_name = "models.toml")]
+        manifest: Option<PathBuf>,
+    },
+    /// Hash registered models again (all, or those named); exit 1 if one differs or is broken.
+    Verify {
+        /// Model names.
+        names: Vec<String>,
+    },
+    /// Unregister a model and delete its file.
+    Remove {
+        /// The model name.
+        name: String,
+    },
+    /// Measure prompt processing and generation speed the way llama.cpp's `llama-bench` does
+    /// (random tokens, a warm-up, mean ± sd of the repetitions).
+    Bench {
+        /// A registered model (default: the only one).
+        name: Option<String>,
+        /// A GGUF file instead of a registered model.
+        #[arg(long, conflicts_with = "name", value_name = "FILE.gguf")]
+        model: Option<PathBuf>,
+        /// Prompt tokens (llama-bench -p).
+        #[arg(short = 'p', long, default_value_t = 512)]
+        n_prompt: u32,
+        /// Generated tokens (llama-bench -n).
+        #[arg(short = 'n', long, default_value_t = 128)]
+        n_gen: u32,
+        /// Repetitions (llama-bench -r).
+        #[arg(short = 'r', long, default_value_t = 5)]
+        repetitions: u32,
+        /// Print JSON (every repetition's figures).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        infer: InferArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -197,12 +259,12 @@ struct ExecArgs {
     /// Print the report (JSON) on stdout instead of a summary.
     #[arg(long)]
     json: bool,
-    /// The GGUF model for LLM steps.
+    /// The GGUF model for LLM steps that name none (and for those naming its file stem);
+    /// default: the models registered with `follower models add`.
     #[arg(long, env = "TRACEFLEET_MODEL", value_name = "FILE.gguf")]
     model: Option<PathBuf>,
-    /// CPU threads for inference (default: available cores).
-    #[arg(long, env = "TRACEFLEET_THREADS")]
-    threads: Option<u32>,
+    #[command(flatten)]
+    infer: InferArgs,
     /// This device's id in reports (default: the id the agent enrolled it as, else the host
     /// name).
     #[arg(long, env = "TRACEFLEET_DEVICE_ID")]
@@ -214,6 +276,307 @@ struct ExecArgs {
     /// running one is aborted; the run fails.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     timeout: Option<std::time::Duration>,
+}
+
+/// How models run (for `run`, `resume` and `models bench`).
+#[derive(Args, Clone)]
+struct InferArgs {
+    /// CPU threads for inference (default: the physical cores).
+    #[arg(long, env = "TRACEFLEET_THREADS")]
+    threads: Option<u32>,
+    /// Layers offloaded to the GPU: a number, or `auto` (as many as fit in --vram-fraction of
+    /// the GPU's free memory; 0 without the `cuda` build or without a GPU).
+    #[arg(long, env = "TRACEFLEET_GPU_LAYERS", default_value = "auto", value_parser = parse_gpu_layers)]
+    gpu_layers: GpuLayersArg,
+    /// Share of free GPU memory `--gpu-layers auto` may use.
+    #[arg(long, default_value_t = 0.8, value_name = "0..1")]
+    vram_fraction: f64,
+    /// A model step waits while a thermal zone or GPU is hotter than this (°C).
+    #[arg(
+        long,
+        env = "TRACEFLEET_MAX_TEMP",
+        default_value_t = 85.0,
+        value_name = "CELSIUS"
+    )]
+    max_temp: f64,
+    /// A model step waits while loading the model would leave less RAM than this free (MiB).
+    #[arg(
+        long,
+        env = "TRACEFLEET_RAM_RESERVE_MB",
+        default_value_t = 64,
+        value_name = "MIB"
+    )]
+    ram_reserve_mb: u64,
+    /// How long a model step waits for RAM or temperature before it fails with the reason
+    /// (its on_error policy then applies).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    defer_max: std::time::Duration,
+    /// Unload a model idle this long (`0s`: keep it loaded for the whole run).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    model_idle: std::time::Duration,
+}
+
+#[derive(Clone, Copy)]
+enum GpuLayersArg {
+    Auto,
+    Fixed(u32),
+}
+
+fn parse_gpu_layers(s: &str) -> Result<GpuLayersArg, String> {
+    if s == "auto" {
+        return Ok(GpuLayersArg::Auto);
+    }
+    s.parse()
+        .map(GpuLayersArg::Fixed)
+        .map_err(|_| format!("expected `auto` or a number of layers, found {s:?}"))
+}
+
+impl InferArgs {
+    fn config(&self) -> InferConfig {
+        let defaults = InferConfig::default();
+        InferConfig {
+            n_threads: self.threads.map_or(defaults.n_threads, |t| t.max(1)),
+            gpu_layers: match self.gpu_layers {
+                GpuLayersArg::Auto => GpuLayers::Auto {
+                    vram_fraction: self.vram_fraction,
+                },
+                GpuLayersArg::Fixed(n) => GpuLayers::Fixed(n),
+            },
+            idle_unload: (!self.model_idle.is_zero()).then_some(self.model_idle),
+            limits: ResourcePolicy {
+                ram_reserve_bytes: self.ram_reserve_mb.saturating_mul(1 << 20),
+                max_temp_c: self.max_temp,
+                defer_max: self.defer_max,
+                ..ResourcePolicy::default()
+            },
+        }
+    }
+}
+
+/// The models a run's LLM steps use, each checked before llama.cpp sees it, and the default
+/// for steps that name none. `--model FILE` is the default (named by its file stem); other
+/// names come from the device's registry, whose files are hashed again when they changed since
+/// they were last verified.
+fn run_models(
+    store: &Store,
+    state_dir: &Path,
+    trace: &Trace,
+    model_file: Option<&Path>,
+) -> Result<(Vec<ModelSpec>, Option<String>)> {
+    let mut specs: Vec<ModelSpec> = Vec::new();
+    let mut default = None;
+    if let Some(file) = model_file {
+        let name = follower::infer::model_name_of(file);
+        specs.push(ModelSpec::from_file(&name, file)?);
+        default = Some(name);
+    }
+    let now = now_rfc3339();
+    let add_registered =
+        |row: follower::store::ModelRow, specs: &mut Vec<ModelSpec>| -> Result<String> {
+            if !specs.iter().any(|s| s.name == row.name) {
+                let (path, _, _) = follower::models::verify(store, state_dir, &row, false, &now)?;
+                specs.push(ModelSpec::from_file(&row.name, &path)?);
+            }
+            Ok(row.name)
+        };
+    for step in trace.llm_steps() {
+        let tracefleet::trace::Tool::Llm(call) = &step.tool else {
+            continue;
+        };
+        let found = match &call.model {
+            Some(name) if specs.iter().any(|s| &s.name == name) => Ok(()),
+            Some(name) => follower::models::find(store, name)
+                .map_err(anyhow::Error::from)
+                .and_then(|row| add_registered(row, &mut specs).map(|_| ())),
+            None if default.is_some() => Ok(()),
+            None => follower::models::only(store)
+                .map_err(anyhow::Error::from)
+                .and_then(|row| add_registered(row, &mut specs))
+                .map(|name| default = Some(name)),
+        };
+        found.with_context(|| {
+            format!(
+                "trace {} step {} needs a model (pass --model FILE.gguf, set TRACEFLEET_MODEL, or register one with `follower models add`)",
+                trace.id, step.number
+            )
+        })?;
+    }
+    Ok((specs, default))
+}
+
+fn models_command(state_dir: &Path, cmd: ModelsCommand) -> Result<ExitCode> {
+    use follower::models;
+    let store = Store::open(state_dir)?;
+    match cmd {
+        ModelsCommand::List { json } => {
+            let rows = store.models()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no models registered (add one with `follower models add FILE.gguf`)");
+            } else {
+                println!(
+                    "{:<32} {:<8} {:<10} {:>9} {:>8} {:>9}  sha256",
+                    "name", "arch", "quant", "size MiB", "context", "RAM MiB"
+                );
+                for m in rows {
+                    println!(
+                        "{:<32} {:<8} {:<10} {:>9} {:>8} {:>9}  {}",
+                        m.name,
+                        m.architecture,
+                        m.quantization,
+                        m.size >> 20,
+                        m.context_length,
+                        m.ram_needed_bytes >> 20,
+                        &m.sha256[..m.sha256.len().min(16)]
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Add {
+            file,
+            name,
+            sha256,
+            manifest,
+        } => {
+            let row = models::add(
+                &store,
+                state_dir,
+                &file,
+                &models::AddOptions {
+                    name,
+                    sha256,
+                    manifest,
+                },
+                &now_rfc3339(),
+            )?;
+            println!(
+                "added model {} ({} {}, {} MiB, context {}, needs ~{} MiB RAM) sha256 {}",
+                row.name,
+                row.architecture,
+                row.quantization,
+                row.size >> 20,
+                row.context_length,
+                row.ram_needed_bytes >> 20,
+                row.sha256
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Verify { names } => {
+            let rows = store.models()?;
+            let picked: Vec<_> = if names.is_empty() {
+                rows
+            } else {
+                names
+                    .iter()
+                    .map(|n| models::find(&store, n))
+                    .collect::<Result<_, _>>()?
+            };
+            let mut bad = 0;
+            for row in &picked {
+                match models::verify(&store, state_dir, row, true, &now_rfc3339()) {
+                    Ok(_) => println!("ok      {}  sha256 {}", row.name, row.sha256),
+                    Err(e) => {
+                        bad += 1;
+                        println!("FAILED  {}  {e}", row.name);
+                    }
+                }
+            }
+            Ok(if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        ModelsCommand::Remove { name } => {
+            let row = models::find(&store, &name)?;
+            store.remove_model(&name)?;
+            let still_used = store.models()?.iter().any(|m| m.file == row.file);
+            if !still_used {
+                let path = models::models_dir(state_dir).join(&row.file);
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    bail!(
+                        "model {name} unregistered, but {} stays: {e}",
+                        path.display()
+                    );
+                }
+            }
+            println!("removed model {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Bench {
+            name,
+            model,
+            n_prompt,
+            n_gen,
+            repetitions,
+            json,
+            infer,
+        } => {
+            let spec = match (&model, &name) {
+                (Some(file), _) => {
+                    ModelSpec::from_file(&follower::infer::model_name_of(file), file)?
+                }
+                (None, Some(n)) => {
+                    let row = models::find(&store, n)?;
+                    let (path, _, _) =
+                        models::verify(&store, state_dir, &row, false, &now_rfc3339())?;
+                    ModelSpec::from_file(&row.name, &path)?
+                }
+                (None, None) => {
+                    let row = models::only(&store)?;
+                    let (path, _, _) =
+                        models::verify(&store, state_dir, &row, false, &now_rfc3339())?;
+                    ModelSpec::from_file(&row.name, &path)?
+                }
+            };
+            drop(store);
+            let name = spec.name.clone();
+            let inference = Inference::start(infer.config(), vec![spec], Some(name.clone()))?;
+            let report = inference.bench(
+                Some(&name),
+                BenchParams {
+                    n_prompt,
+                    n_gen,
+                    repetitions: repetitions.max(1),
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let line = |test: String, v: &[f64]| {
+                    let (mean, sd) = mean_sd(v);
+                    println!(
+                        "{:<32} {:>7} {:>4} {:>10} {:>10.2} ± {:.2}",
+                        report.model, report.n_threads, report.n_gpu_layers, test, mean, sd
+                    );
+                };
+                println!(
+                    "{:<32} {:>7} {:>4} {:>10} {:>17}",
+                    "model", "threads", "ngl", "test", "tokens/s"
+                );
+                if n_prompt > 0 {
+                    line(format!("pp{n_prompt}"), &report.prompt_tokens_per_sec);
+                }
+                if n_gen > 0 {
+                    line(format!("tg{n_gen}"), &report.generation_tokens_per_sec);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    #[allow(clippy::cast_precision_loss)]
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
@@ -414,6 +777,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { file, json } => inspect(&file, json),
+        Command::Models(cmd) => models_command(&state_dir, cmd),
         Command::Run(args) => run(&state_dir, args),
         Command::Telemetry { json } => {
             let t = follower::telemetry::sample();
@@ -798,7 +1162,7 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
                     "resuming run {id}: it did not finish (the follower was killed or the device lost power); --fresh starts a new run"
                 );
                 let plan = Plan::resumed(&store, &id, unfinished, loaded)?;
-                return execute(store, plan, args.exec, lock);
+                return execute(state_dir, store, plan, args.exec, lock);
             }
         }
     }
@@ -819,7 +1183,7 @@ fn run(state_dir: &Path, args: RunArgs) -> Result<ExitCode> {
         resumes: 0,
         loaded,
     };
-    execute(store, plan, args.exec, lock)
+    execute(state_dir, store, plan, args.exec, lock)
 }
 
 fn resume(
@@ -867,7 +1231,7 @@ fn resume(
     exec::check_supported(&loaded.trace)
         .map_err(|e| anyhow!("cannot run trace {}: {e}", loaded.trace.id))?;
     let plan = Plan::resumed(&store, run_id, unfinished, loaded)?;
-    execute(store, plan, args, lock)
+    execute(state_dir, store, plan, args, lock)
 }
 
 /// An exclusive lock on a run, held by the process executing it (`flock(2)` on
@@ -945,7 +1309,13 @@ type JournalEntry = (
     Option<std::sync::mpsc::SyncSender<()>>,
 );
 
-fn execute(mut store: Store, plan: Plan, args: ExecArgs, _lock: RunLock) -> Result<ExitCode> {
+fn execute(
+    state_dir: &Path,
+    mut store: Store,
+    plan: Plan,
+    args: ExecArgs,
+    _lock: RunLock,
+) -> Result<ExitCode> {
     let Plan {
         run_id,
         base_dir,
@@ -955,18 +1325,11 @@ fn execute(mut store: Store, plan: Plan, args: ExecArgs, _lock: RunLock) -> Resu
         loaded,
     } = plan;
     let trace = &loaded.trace;
-    let inference = match trace.llm_steps().next() {
-        None => None,
-        Some(step) => {
-            let model = args.model.ok_or_else(|| {
-                anyhow!("trace {} has an LLM step (step {}) but no model is configured: pass --model FILE.gguf or set TRACEFLEET_MODEL", trace.id, step.number)
-            })?;
-            let mut config = InferConfig::cpu(model);
-            if let Some(t) = args.threads {
-                config.n_threads = t.max(1);
-            }
-            Some(Inference::start(config)?)
-        }
+    let inference = if trace.llm_steps().next().is_none() {
+        None
+    } else {
+        let (specs, default) = run_models(&store, state_dir, trace, args.model.as_deref())?;
+        Some(Inference::start(args.infer.config(), specs, default)?)
     };
     let device_roots: Vec<PathBuf> = if args.read_roots.is_empty() {
         DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()

@@ -81,6 +81,59 @@ pub fn parse_meminfo(text: &str) -> (u64, u64) {
     (field("MemTotal"), field("MemAvailable"))
 }
 
+/// Physical cores this process may run on: the distinct (package, core) pairs of the CPUs in
+/// its affinity set, from `/sys/devices/system/cpu/cpuN/topology`; at most the available
+/// parallelism, and that when the topology cannot be read. llama.cpp runs best with one thread
+/// per physical core (SMT siblings share the vector units it saturates).
+pub fn physical_cores() -> u32 {
+    let available = std::thread::available_parallelism()
+        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| parse_cpu_list(v.trim()))
+        })
+        .unwrap_or_default();
+    let cores = count_cores(Path::new("/sys/devices/system/cpu"), &allowed);
+    if cores == 0 {
+        available
+    } else {
+        cores.min(available)
+    }
+}
+
+/// CPU numbers in a kernel CPU list (`0-3,8,10-11`).
+pub fn parse_cpu_list(text: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+            // A hostile or broken list cannot make this loop long: CPUs number in thousands.
+            out.extend((a..=b.min(a.saturating_add(65_535))).take(65_536));
+        }
+    }
+    out
+}
+
+/// Distinct (package, core) pairs among `cpus` under a sysfs cpu directory; 0 when unreadable.
+pub fn count_cores(root: &Path, cpus: &[u32]) -> u32 {
+    let mut seen = std::collections::BTreeSet::new();
+    for cpu in cpus {
+        let topo = root.join(format!("cpu{cpu}/topology"));
+        let read = |f: &str| {
+            std::fs::read_to_string(topo.join(f))
+                .ok()
+                .map(|s| s.trim().to_owned())
+        };
+        if let (Some(package), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            seen.insert((package, core));
+        }
+    }
+    u32::try_from(seen.len()).unwrap_or(u32::MAX)
+}
+
 /// The three load averages from /proc/loadavg text.
 pub fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
     let mut it = text.split_whitespace().map(str::parse::<f64>);
@@ -162,6 +215,25 @@ mod tests {
             ]
         );
         assert!(thermal_zones(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn physical_cores_count_smt_siblings_once() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(parse_cpu_list(""), Vec::<u32>::new());
+        let dir = tempfile::tempdir().unwrap();
+        // Two cores with two hardware threads each: cpu0/cpu2 and cpu1/cpu3 are siblings.
+        for (cpu, core) in [(0, 0), (1, 1), (2, 0), (3, 1)] {
+            let t = dir.path().join(format!("cpu{cpu}/topology"));
+            std::fs::create_dir_all(&t).unwrap();
+            std::fs::write(t.join("physical_package_id"), "0\n").unwrap();
+            std::fs::write(t.join("core_id"), format!("{core}\n")).unwrap();
+        }
+        assert_eq!(count_cores(dir.path(), &[0, 1, 2, 3]), 2);
+        assert_eq!(count_cores(dir.path(), &[0, 2]), 1);
+        assert_eq!(count_cores(dir.path(), &[7]), 0);
+        let here = physical_cores();
+        assert!(here >= 1 && here <= sample().cpus.max(1));
     }
 
     #[test]
