@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `follower models bench` against llama.cpp's own `llama-bench`, side by side (interleaved
-# rounds), same model, same threads, same tests (pp512 and tg128 by default).
+# rounds, alternating which goes first), same model, same threads, same tests (pp512, tg128).
 #
 #   scripts/bench-infer.sh [ROUNDS] [THREADS]     (defaults 5 and the physical cores)
 #   MODEL=path/to.gguf scripts/bench-infer.sh     (default: the SmolLM2 test model)
@@ -38,7 +38,7 @@ if [ ! -x "$out/build/bin/llama-bench" ]; then
   cmake -S "$out/src" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
     -DGGML_OPENMP=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF \
-    -DLLAMA_BUILD_COMMON=ON >/dev/null
+    -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_APP=OFF >/dev/null
   cmake --build "$out/build" --target llama-bench -j "$(nproc)" >/dev/null
 fi
 B=$out/build/bin/llama-bench
@@ -46,9 +46,11 @@ B=$out/build/bin/llama-bench
 w=$(mktemp -d)
 trap 'rm -rf "$w"' EXIT
 echo "model $model, $threads threads, $rounds rounds (each: llama-bench -r 5, follower models bench -r 5)"
+lb() { "$B" -m "$model" -t "$threads" -p 512 -n 128 -r 5 -o json > "$w/lb-$1.json" 2>/dev/null; }
+fb() { "$F" --state-dir "$w/state" models bench --model "$model" --threads "$threads" -p 512 -n 128 -r 5 --json > "$w/fb-$1.json"; }
 for r in $(seq 1 "$rounds"); do
-  "$B" -m "$model" -t "$threads" -p 512 -n 128 -r 5 -o json > "$w/lb-$r.json" 2>/dev/null
-  "$F" --state-dir "$w/state" models bench --model "$model" --threads "$threads" -p 512 -n 128 -r 5 --json > "$w/fb-$r.json"
+  # Alternate which goes first, so that a trend in the machine's speed favours neither.
+  if [ $((r % 2)) -eq 1 ]; then lb "$r"; fb "$r"; else fb "$r"; lb "$r"; fi
 done
 python3 - "$w" "$rounds" <<'PY'
 import json, statistics, sys

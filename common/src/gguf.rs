@@ -526,7 +526,7 @@ impl GgufInfo {
         Ok(())
     }
 
-    /// The bytes a complete file needs: the end of the last tensor's data.
+    /// The bytes a complete file needs: the end of the last tensor's data (0 without tensors).
     pub fn data_end(&self) -> u64 {
         self.tensors
             .iter()
@@ -536,7 +536,7 @@ impl GgufInfo {
                     .saturating_add(t.nbytes)
             })
             .max()
-            .unwrap_or(self.data_offset)
+            .unwrap_or(0)
     }
 
     /// A string metadata value.
