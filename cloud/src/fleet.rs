@@ -1141,6 +1141,23 @@ mod tests {
         (Topic::Reports(device.into()).name(), wire::encode(&m))
     }
 
+    #[test]
+    fn the_example_learner_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/systemd/learner.toml");
+        let c = LearnerConfig::load(&p).unwrap();
+        assert_eq!(
+            c.db_path(),
+            Path::new("/var/lib/tracefleet-learner/learner.db")
+        );
+        assert!(c.embedded.is_none());
+        assert_eq!(c.broker.host, "broker.example");
+        assert_eq!(c.backend.unwrap().model, "claude-sonnet-4-5");
+        assert_eq!(
+            c.stuck.commands_key.as_deref(),
+            Some(Path::new("/etc/tracefleet/commands.key"))
+        );
+    }
+
     fn stats(db: &LearnerDb) -> Vec<(i64, i64, String)> {
         db.trace_stats()
             .unwrap()

@@ -713,3 +713,18 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_follower_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/systemd/follower.toml");
+        let c = AgentConfig::load(&p).unwrap();
+        assert_eq!(c.device_id, "pi-01");
+        assert_eq!(c.groups, ["canary"]);
+        assert_eq!(c.schedule.len(), 1);
+        assert!(c.run_args.iter().any(|a| a == "--max-temp"));
+    }
+}

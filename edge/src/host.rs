@@ -467,6 +467,12 @@ impl Host for LocalHost {
     }
 }
 
+/// `v` as the platform's `rlim_t` (32 bits on armv7), saturating.
+#[allow(clippy::unnecessary_fallible_conversions, clippy::useless_conversion)]
+fn rlim(v: u64) -> nix::libc::rlim_t {
+    nix::libc::rlim_t::try_from(v).unwrap_or(nix::libc::rlim_t::MAX)
+}
+
 /// Sets `limits` (and death with the follower's run thread) in the child between fork and
 /// exec.
 #[allow(unsafe_code)]
@@ -478,7 +484,10 @@ fn apply_limits(cmd: &mut Command, limits: ResourceLimits) {
         (Resource::RLIMIT_FSIZE, limits.file_size_bytes),
         (Resource::RLIMIT_NPROC, limits.processes),
     ]
-    .map(|(r, v)| (r, getrlimit(r).map_or(v, |(_, hard)| v.min(hard))));
+    .map(|(r, v)| {
+        let v = rlim(v);
+        (r, getrlimit(r).map_or(v, |(_, hard)| v.min(hard)))
+    });
     let hook = move || -> std::io::Result<()> {
         for (r, v) in values {
             setrlimit(r, v, v).map_err(std::io::Error::from)?;
