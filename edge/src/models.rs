@@ -194,7 +194,8 @@ pub fn check_file(path: &Path) -> Result<GgufInfo, ModelError> {
 /// Estimated bytes of RAM to run a model of `file_size` bytes described by `info` with a
 /// context of `n_ctx` tokens: the weights (mapped, resident once touched), the f16 KV cache,
 /// and a compute reserve of an eighth of the weights plus 32 MiB (llama.cpp's graph buffers and
-/// logits; an estimate, measured at 152 MiB peak for SmolLM2-135M Q4_1 at 4,096 tokens).
+/// logits). An estimate: for SmolLM2-135M Q4_1 and the 576 tokens a 64-token step is admitted
+/// with it says 150 MiB; such a `follower run` peaked at 145 MiB RSS (docs/benchmarks.md).
 pub fn ram_needed(info: &GgufInfo, file_size: u64, n_ctx: u64) -> u64 {
     let kv = info.kv_cache_bytes(n_ctx).unwrap_or(file_size / 4);
     file_size
