@@ -374,8 +374,7 @@ fn run_models(
     let add_registered =
         |row: follower::store::ModelRow, specs: &mut Vec<ModelSpec>| -> Result<String> {
             if !specs.iter().any(|s| s.name == row.name) {
-                let (path, _, _) = follower::models::verify(store, state_dir, &row, false, &now)?;
-                specs.push(ModelSpec::from_file(&row.name, &path)?);
+                specs.push(registered_spec(store, state_dir, &row, &now)?);
             }
             Ok(row.name)
         };
@@ -402,6 +401,23 @@ fn run_models(
         })?;
     }
     Ok((specs, default))
+}
+
+/// A registered model checked for use ([`follower::models::verify`]: header, and the hash when
+/// the file changed), described by the header that check read.
+fn registered_spec(
+    store: &Store,
+    state_dir: &Path,
+    row: &follower::store::ModelRow,
+    now: &str,
+) -> Result<ModelSpec> {
+    let (path, info, _) = follower::models::verify(store, state_dir, row, false, now)?;
+    Ok(ModelSpec {
+        name: row.name.clone(),
+        path,
+        info,
+        size: row.size,
+    })
 }
 
 fn models_command(state_dir: &Path, cmd: ModelsCommand) -> Result<ExitCode> {
@@ -520,17 +536,12 @@ fn models_command(state_dir: &Path, cmd: ModelsCommand) -> Result<ExitCode> {
                 (Some(file), _) => {
                     ModelSpec::from_file(&follower::infer::model_name_of(file), file)?
                 }
-                (None, Some(n)) => {
-                    let row = models::find(&store, n)?;
-                    let (path, _, _) =
-                        models::verify(&store, state_dir, &row, false, &now_rfc3339())?;
-                    ModelSpec::from_file(&row.name, &path)?
-                }
-                (None, None) => {
-                    let row = models::only(&store)?;
-                    let (path, _, _) =
-                        models::verify(&store, state_dir, &row, false, &now_rfc3339())?;
-                    ModelSpec::from_file(&row.name, &path)?
+                (None, n) => {
+                    let row = match n {
+                        Some(n) => models::find(&store, n)?,
+                        None => models::only(&store)?,
+                    };
+                    registered_spec(&store, state_dir, &row, &now_rfc3339())?
                 }
             };
             drop(store);
