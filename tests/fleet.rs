@@ -979,7 +979,7 @@ fn a_failing_trace_is_regenerated_through_the_messages_api_canaried_and_its_conf
     );
     let regen = &all["regenerations"][0];
     assert_eq!(regen["outcome"], "compiled", "{regen}");
-    assert_eq!(regen["from_version"], "1.0.0");
+    assert_eq!(regen["from_version"], "1.0.0", "{regen}");
     assert_eq!(regen["to_version"], "1.1.0");
     assert_eq!(regen["rounds"], 2);
     assert_eq!(regen["input_tokens"], 6600);
@@ -987,6 +987,180 @@ fn a_failing_trace_is_regenerated_through_the_messages_api_canaried_and_its_conf
     assert!(
         (regen["cost"].as_f64().expect("cost") - (6600.0 * 3.0 + 780.0 * 15.0) / 1e6).abs() < 1e-9
     );
+}
+
+#[test]
+fn serve_regenerates_on_its_own_a_trace_whose_run_escalated_and_writes_a_first_trace_for_a_new_goal()
+ {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    // Version 1.0.0 escalates on the device: its one step fails.
+    let step = |command: &str, on_error: &str| {
+        format!(
+            "### Step 1: check\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{command}\"\n```\n{on_error}"
+        )
+    };
+    let v1 = format!(
+        "---\ntrace_id: canary-check\nversion: \"1.0.0\"\ngoal_signature: check the canary\n---\n{}",
+        step(
+            "false",
+            "**Error Handling**:\n```yaml\non_error: {action: human_escalate, escalation_message: \"the canary check fails\"}\n```\n"
+        )
+    );
+    std::fs::write(ws.path("canary-1.0.0.trace.md"), &v1).expect("source");
+    let r = ws.learner(&["compile", "canary-1.0.0.trace.md", "-o", "canary-1.0.0.tfc"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&[
+        "sign",
+        "canary-1.0.0.tfc",
+        "--key",
+        "traces.key",
+        "-o",
+        "canary-1.0.0.tfs",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // A source that is not what was signed is refused, and nothing is rolled out.
+    std::fs::write(ws.path("other.trace.md"), v1.replace("false", "true")).expect("source");
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        "canary-1.0.0.tfs",
+        "--source",
+        "other.trace.md",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("not to the trace signed in"), "{r:?}");
+    assert_eq!(rollout_state(&ws, "1.0.0"), None);
+
+    // The model: the fix for canary-check, then a first trace for the new goal.
+    let fixed = format!(
+        "---\ntrace_id: canary-check\nversion: \"1.0.0\"\ngoal_signature: check the canary\n---\n{}",
+        step("true", "")
+    );
+    let goal = "count the files in the spool directory";
+    let first = format!(
+        "---\ntrace_id: count-the-files-in-the-spool-directory\ngoal_signature: {goal}\n---\n{}",
+        step("ls | wc -l", "")
+    );
+    let api = FakeMessagesApi::start(vec![
+        FakeMessagesApi::reply(&format!("````markdown\n{fixed}````"), 2000, 300),
+        FakeMessagesApi::reply(&first, 1500, 200),
+    ]);
+    let mut toml = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
+    toml.push_str(&format!(
+        "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\n\n[regenerate]\nkeys = [\"traces.key\"]\nbelow_confidence = 0.0\nout_dir = \"regenerated\"\n",
+        api.base_url
+    ));
+    std::fs::write(ws.path("learner.toml"), toml).expect("toml");
+    let _learner = ws.daemon_env(
+        "learner",
+        &["serve", "--config", "learner.toml"],
+        &[("TEST_ANTHROPIC_KEY", "sk-test")],
+    );
+    let _agent = agent(&ws);
+    wait_online(&ws, true);
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        "canary-1.0.0.tfs",
+        "--source",
+        "canary-1.0.0.trace.md",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_installed(&ws);
+    command_run(&ws, "pi-01", "canary-check");
+
+    // The escalation sets the learner off: 1.1.0, from the kept source and the failed run,
+    // canaried on the one device, then the fleet.
+    let regen = ws.wait_until(60, "the automatic regeneration", || {
+        runs(&ws)["regenerations"]
+            .as_array()
+            .and_then(|r| r.first().cloned())
+    });
+    assert_eq!(regen["outcome"], "compiled", "{regen}");
+    assert_eq!(regen["from_version"], "1.0.0", "{regen}");
+    assert_eq!(regen["rounds"], 1, "{regen}");
+    assert_eq!(regen["to_version"], "1.1.0");
+    assert_eq!(regen["failures"], 1);
+    assert!(
+        regen["trigger"].as_str().is_some_and(
+            |t| t.starts_with("escalation from pi-01") && t.contains("the canary check fails")
+        ),
+        "{regen}"
+    );
+    {
+        let requests = api.requests.lock().expect("lock");
+        let prompt = requests[0].1["messages"][0]["content"]
+            .as_str()
+            .expect("turn");
+        assert!(
+            prompt.contains("command: \"false\""),
+            "the kept source: {prompt}"
+        );
+        assert!(prompt.contains("failed step 1"), "the failed run: {prompt}");
+    }
+    let source = std::fs::read_to_string(ws.path("regenerated/canary-check-1.1.0.trace.md"))
+        .expect("the new source");
+    assert!(source.contains("version: \"1.1.0\"") && source.contains("command: \"true\""));
+    ws.wait_until(30, "the ack of 1.1.0", || {
+        runs(&ws)["acks"].as_array().and_then(|a| {
+            a.iter()
+                .any(|a| a["version"] == "1.1.0" && a["outcome"] == "installed")
+                .then_some(())
+        })
+    });
+    command_run(&ws, "pi-01", "canary-check");
+    wait_rollout(&ws, "1.1.0", "done");
+    // Good runs do not set it off again.
+    command_run(&ws, "pi-01", "canary-check");
+    wait_stored_runs(&ws, 3);
+
+    // A goal no installed trace matches: the device escalates, the learner writes version 1.0.0.
+    let r = ws.follower(&["run", "--goal", goal]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    let regen = ws.wait_until(60, "the first version for the goal", || {
+        runs(&ws)["regenerations"]
+            .as_array()
+            .and_then(|r| r.get(1).cloned())
+    });
+    assert_eq!(
+        regen["trace_id"], "count-the-files-in-the-spool-directory",
+        "{regen}"
+    );
+    assert_eq!(regen["from_version"], serde_json::Value::Null);
+    assert_eq!(regen["to_version"], "1.0.0", "{regen}");
+    assert_eq!(regen["trigger"], "new goal from pi-01");
+    {
+        let requests = api.requests.lock().expect("lock");
+        let prompt = requests[1].1["messages"][0]["content"]
+            .as_str()
+            .expect("turn");
+        assert!(
+            prompt.contains(goal) && prompt.contains("write the first version"),
+            "{prompt}"
+        );
+    }
+    ws.wait_until(30, "the new trace installed", || {
+        runs(&ws)["acks"].as_array().and_then(|a| {
+            a.iter()
+                .any(|a| {
+                    a["trace_id"] == "count-the-files-in-the-spool-directory"
+                        && a["outcome"] == "installed"
+                })
+                .then_some(())
+        })
+    });
+    assert_eq!(
+        runs(&ws)["regenerations"].as_array().map(Vec::len),
+        Some(2),
+        "nothing regenerated twice"
+    );
+    assert_eq!(api.requests.lock().expect("lock").len(), 2);
 }
 
 #[test]

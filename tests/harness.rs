@@ -351,6 +351,11 @@ impl Drop for Daemon {
 impl Workspace {
     /// Starts `name ARGS` in the workspace in the background (stderr to `<name>.log`).
     pub fn daemon(&self, name: &str, args: &[&str]) -> Daemon {
+        self.daemon_env(name, args, &[])
+    }
+
+    /// [`Workspace::daemon`] with these environment variables too.
+    pub fn daemon_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -365,6 +370,7 @@ impl Workspace {
                 std::env::var("TRACEFLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("TRACEFLEET_MODEL")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()

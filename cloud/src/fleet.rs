@@ -35,6 +35,8 @@ pub struct LearnerConfig {
     pub stuck: crate::stuck::StuckConfig,
     /// The model that regenerates traces.
     pub backend: Option<crate::regen::backend::BackendConfig>,
+    /// Automatic regeneration in `serve` (`[regenerate]`; needs `[backend]`).
+    pub regenerate: Option<crate::regen::auto::Auto>,
 }
 
 /// `learner.toml` as written.
@@ -51,6 +53,7 @@ struct RawLearnerConfig {
     #[serde(default)]
     stuck: crate::stuck::StuckConfig,
     backend: Option<crate::regen::backend::BackendConfig>,
+    regenerate: Option<crate::regen::auto::AutoConfig>,
 }
 
 fn default_client_id() -> String {
@@ -86,6 +89,22 @@ impl LearnerConfig {
                 (b, Some(e))
             }
         };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let regenerate = match raw.regenerate {
+            Some(r) => {
+                if raw.backend.is_none() {
+                    anyhow::bail!(
+                        "{}: [regenerate] without [backend]: expected the model to ask (kind, model, base_url, …)",
+                        path.display()
+                    );
+                }
+                Some(
+                    r.resolve(dir)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                )
+            }
+            None => None,
+        };
         let mut c = LearnerConfig {
             db: raw.db,
             client_id: raw.client_id,
@@ -93,9 +112,9 @@ impl LearnerConfig {
             embedded,
             stuck: raw.stuck,
             backend: raw.backend,
+            regenerate,
         };
         c.broker.apply_env()?;
-        let dir = path.parent().unwrap_or(Path::new("."));
         c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));
         c.stuck.commands_key = c.stuck.commands_key.take().map(|k| dir.join(k));
         c.stuck
@@ -213,6 +232,24 @@ const MIGRATIONS: &[M<'static>] = &[
         at            INTEGER NOT NULL
     );",
     ),
+    // What set a regeneration off; trace sources the learner keeps (the current source goes
+    // into the next regeneration's prompt); how far the automatic triggers have read the
+    // escalations.
+    M::up(
+        "ALTER TABLE regenerations ADD COLUMN trigger TEXT NOT NULL DEFAULT 'command';
+    CREATE INDEX regenerations_by_trace ON regenerations (trace_id, from_version);
+    CREATE TABLE trace_sources (
+        trace_id TEXT NOT NULL,
+        version  TEXT NOT NULL,
+        source   TEXT NOT NULL,
+        at       INTEGER NOT NULL,
+        PRIMARY KEY (trace_id, version)
+    );
+    CREATE TABLE cursors (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// The learner's database.
@@ -295,7 +332,8 @@ pub struct TraceStatsRow {
     pub confidence: f64,
 }
 
-fn unix_now() -> i64 {
+/// Seconds since the Unix epoch, now.
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -393,8 +431,8 @@ impl LearnerDb {
     /// On SQLite failure.
     pub fn record_regeneration(&self, r: &RegenerationRow) -> rusqlite::Result<()> {
         self.conn.execute(
-            "INSERT INTO regenerations (trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO regenerations (trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, at, trigger)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 r.trace_id,
                 r.from_version,
@@ -407,10 +445,42 @@ impl LearnerDb {
                 i64::try_from(r.output_tokens).unwrap_or(i64::MAX),
                 r.cost,
                 r.failures,
-                unix_now()
+                unix_now(),
+                r.trigger
             ],
         )?;
         Ok(())
+    }
+
+    /// Keeps the source of `trace_id` `version` (replacing one kept before).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn record_source(
+        &self,
+        trace_id: &str,
+        version: &str,
+        source: &str,
+    ) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO trace_sources (trace_id, version, source, at) VALUES (?1, ?2, ?3, ?4)",
+            params![trace_id, version, source, unix_now()],
+        )?;
+        Ok(())
+    }
+
+    /// The kept source of `trace_id` `version`, if any.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn source(&self, trace_id: &str, version: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT source FROM trace_sources WHERE trace_id = ?1 AND version = ?2",
+                params![trace_id, version],
+                |r| r.get(0),
+            )
+            .optional()
     }
 
     /// Every regeneration, oldest first.
@@ -419,7 +489,7 @@ impl LearnerDb {
     /// On SQLite failure.
     pub fn regenerations(&self) -> rusqlite::Result<Vec<RegenerationRow>> {
         let mut s = self.conn.prepare(
-            "SELECT trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures
+            "SELECT trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, trigger
              FROM regenerations ORDER BY id",
         )?;
         let rows = s.query_map([], |r| {
@@ -435,6 +505,7 @@ impl LearnerDb {
                 output_tokens: u64::try_from(r.get::<_, i64>(8)?).unwrap_or(0),
                 cost: r.get(9)?,
                 failures: r.get(10)?,
+                trigger: r.get(11)?,
             })
         })?;
         rows.collect()
@@ -541,7 +612,12 @@ impl LearnerDb {
         rows.collect()
     }
 
-    /// The connection, for [`crate::rollout`].
+    /// The connection, for reads other modules make ([`crate::rollout`], the triggers).
+    pub fn conn_ref(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The connection, for changes other modules make.
     pub fn conn(&mut self) -> &mut Connection {
         &mut self.conn
     }
@@ -830,6 +906,8 @@ pub struct RegenerationRow {
     pub cost: f64,
     /// Failing runs shown to the model.
     pub failures: u32,
+    /// What set it off: `command` (`learner regenerate`), or the automatic trigger and why.
+    pub trigger: String,
 }
 
 /// What a message was.
@@ -912,12 +990,23 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let mut regenerations = match (&config.regenerate, &config.backend) {
+        (Some(auto), Some(backend)) => Some(crate::regen::auto::Runner::new(
+            auto.clone(),
+            backend.clone(),
+            config.db_path(),
+        )?),
+        _ => None,
+    };
     let mut rollouts = tokio::time::interval(Duration::from_secs(1));
     rollouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(db = %config.db_path().display(), "learner serving");
     loop {
         tokio::select! {
             _ = rollouts.tick() => {
+                if let Some(r) = &mut regenerations {
+                    r.tick(&mut db, unix_now());
+                }
                 drive_rollouts(&client, &db, false);
                 match crate::stuck::check(&db.conn, unix_now(), stuck_after, stuck_grace) {
                     Ok(interventions) => {

@@ -75,6 +75,49 @@ pub fn read_secret(path: &Path) -> Result<SecretKey, KeyError> {
     })
 }
 
+/// Reads secret trace-signing keys (role `traces`).
+///
+/// # Errors
+/// When a file cannot be read, is malformed, or holds a key of another role.
+pub fn read_trace_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
+    paths
+        .iter()
+        .map(|path| {
+            let secret = read_secret(path)?;
+            if secret.role != KeyRole::Traces {
+                anyhow::bail!(
+                    "{}: a {} key: expected a trace-signing key (role traces)",
+                    path.display(),
+                    secret.role
+                );
+            }
+            Ok(secret)
+        })
+        .collect()
+}
+
+/// Signs compiled trace bytes with every key, valid from now for `expires`.
+///
+/// # Errors
+/// Without a key, or when the validity window cannot be represented.
+pub fn sign_all(
+    compiled: &[u8],
+    keys: &[SecretKey],
+    expires: std::time::Duration,
+) -> anyhow::Result<tracefleet::signed::SignedTrace> {
+    use anyhow::Context as _;
+    let (first, rest) = keys.split_first().context("no signing key")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut signed =
+        tracefleet::signed::sign(compiled, first, now, now.saturating_add(expires.as_secs()))?;
+    for k in rest {
+        tracefleet::signed::add_signature(&mut signed, k);
+    }
+    Ok(signed)
+}
+
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
     let io = |source| KeyError::Io {
         path: path.to_owned(),

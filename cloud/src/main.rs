@@ -276,6 +276,16 @@ struct Stages {
     config: PathBuf,
 }
 
+impl Stages {
+    fn staging(&self) -> learner::rollout::Staging {
+        learner::rollout::Staging {
+            canary: self.canary,
+            waves: self.waves.clone(),
+            abort_if: self.abort_if,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Roll a signed trace out wave by wave; `learner serve` publishes each wave (retained on
@@ -287,6 +297,10 @@ enum RolloutCommand {
         /// Refuse unless the signed trace is this version (guards against the wrong file).
         #[arg(long, value_name = "V")]
         version: Option<String>,
+        /// The source it was compiled from: kept by the learner, it goes into the prompt
+        /// when this version is regenerated (refused unless it compiles to the signed trace).
+        #[arg(long, value_name = "TRACE.md")]
+        source: Option<PathBuf>,
         #[command(flatten)]
         stages: Stages,
     },
@@ -505,7 +519,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             key,
             output,
         } => {
-            let secret = trace_key(&key)?;
+            let secret = trace_keys(std::slice::from_ref(&key))?.remove(0);
             let bytes = read_limited(&file, signed::MAX_SIGNED_BYTES as u64)?;
             let mut s =
                 signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
@@ -592,11 +606,16 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Rollout(RolloutCommand::Start {
             signed: file,
             version,
+            source,
             stages,
         }) => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let s = signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
+            let source = match source {
+                Some(path) => Some(source_of(&path, &file, &s)?),
+                None => None,
+            };
             if let Some(v) = version {
                 let v: tracefleet::ids::Version = v.parse().context("--version")?;
                 if v != s.header.version {
@@ -608,7 +627,16 @@ fn dispatch(cli: Cli) -> Result<()> {
                     );
                 }
             }
-            start_rollout(&stages, &bytes, &s)
+            start_rollout(&stages, &bytes, &s)?;
+            if let Some(text) = source {
+                let config = learner::fleet::LearnerConfig::load(&stages.config)?;
+                learner::fleet::LearnerDb::open(&config.db_path())?.record_source(
+                    s.header.trace_id.as_str(),
+                    &s.header.version.to_string(),
+                    &text,
+                )?;
+            }
+            Ok(())
         }
         Command::Rollout(RolloutCommand::Forward {
             trace,
@@ -998,7 +1026,7 @@ fn send_command(
 /// Reads a secret key that must be a trace-signing key.
 /// `learner regenerate`.
 fn regenerate(mut a: RegenerateArgs) -> Result<()> {
-    use learner::regen;
+    use learner::regen::{self, auto};
     let secrets = trace_keys(&a.keys)?;
     tracefleet::wire::check_name("trace id", &a.trace)?;
     let config = learner::fleet::LearnerConfig::load(&a.stages.config)?;
@@ -1037,181 +1065,117 @@ fn regenerate(mut a: RegenerateArgs) -> Result<()> {
         }
     };
     let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
-    let failures: Vec<regen::Failure> = db
-        .failed_reports(&a.trace, a.failures)?
-        .iter()
-        .map(regen::Failure::from_report)
-        .collect();
     let backend = regen::backend::AnyBackend::new(&backend_config)?;
-    let request = regen::Request {
-        trace_id: &a.trace,
-        goal: &goal,
-        current: current.as_deref(),
-        failures: &failures,
-        max_rounds: a.rounds,
+    let job = auto::Job {
+        trace_id: a.trace.clone(),
+        goal,
+        from_version: compiled_current.as_ref().map(|t| t.version.to_string()),
+        current,
+        trigger: "command".into(),
+    };
+    if a.stages.canary.is_none() {
+        a.stages.canary = Some(learner::rollout::Canary::Devices(1));
+    }
+    let signing = auto::Signing {
+        keys: std::sync::Arc::new(secrets),
+        expires: a.expires,
+        out_dir: a.out_dir.clone(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let from_version = compiled_current.as_ref().map(|t| t.version.to_string());
-    let mut row = learner::fleet::RegenerationRow {
-        trace_id: a.trace.clone(),
-        from_version: from_version.clone(),
-        to_version: None,
-        outcome: String::new(),
-        detail: String::new(),
-        model: backend_config.model.clone(),
-        rounds: 0,
-        input_tokens: 0,
-        output_tokens: 0,
-        cost: 0.0,
-        failures: u32::try_from(failures.len()).unwrap_or(u32::MAX),
-    };
-    let mut done = match rt.block_on(regen::regenerate(&backend, &request)) {
-        Ok(done) => done,
-        Err(regen::RegenError::GaveUp {
-            rounds,
-            last,
-            input_tokens,
-            output_tokens,
-        }) => {
-            row.outcome = "gave_up".into();
-            row.detail.clone_from(&last);
-            row.rounds = rounds;
-            row.input_tokens = input_tokens;
-            row.output_tokens = output_tokens;
-            db.record_regeneration(&row)?;
-            bail!(
-                "{}: the model's trace still did not compile after {rounds} rounds; nothing was signed or rolled out. Last problems:\n{last}",
-                a.trace
-            );
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // Above every version the learner or the current source knows.
-    let mut known: Vec<tracefleet::ids::Version> =
-        learner::rollout::known_versions(db.conn(), &a.trace)?
-            .iter()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-    known.extend(compiled_current.as_ref().map(|t| t.version));
-    let version = regen::next_version(&known);
-    done.trace.version = version;
-    let compiled = compile::encode_compiled(&done.trace);
-    let signed = sign_all(&compiled, &secrets, a.expires)?;
-    let bytes = signed::encode_signed(&signed);
-    std::fs::create_dir_all(&a.out_dir)?;
-    let src_path = a.out_dir.join(format!("{}-{version}.trace.md", a.trace));
-    let signed_path = a.out_dir.join(format!("{}-{version}.tfs", a.trace));
-    std::fs::write(&src_path, regen::with_version(&done.source, &version))
-        .with_context(|| format!("writing {}", src_path.display()))?;
-    std::fs::write(&signed_path, &bytes)
-        .with_context(|| format!("writing {}", signed_path.display()))?;
+    let done = rt.block_on(auto::run(
+        &mut db,
+        &backend,
+        &backend_config.model,
+        &job,
+        (a.rounds, a.failures),
+        &signing,
+        &a.stages.staging(),
+    ))?;
     println!(
-        "{}: {} wrote version {version} in {} round(s) ({} input + {} output tokens, ${:.4}) → {}, {}",
+        "{}: {} wrote version {} in {} round(s) ({} input + {} output tokens, ${:.4}) → {}, {}",
         a.trace,
         done.model,
+        done.version,
         done.rounds,
         done.input_tokens,
         done.output_tokens,
         done.cost,
-        src_path.display(),
-        signed_path.display()
+        done.source_path.display(),
+        done.signed_path.display()
     );
-    row.outcome = "compiled".into();
-    row.to_version = Some(version.to_string());
-    row.model.clone_from(&done.model);
-    row.rounds = done.rounds;
-    row.input_tokens = done.input_tokens;
-    row.output_tokens = done.output_tokens;
-    row.cost = done.cost;
-    row.detail = format!("signed {}", signed_path.display());
-    db.record_regeneration(&row)?;
-    drop(db);
-    if a.stages.canary.is_none() {
-        a.stages.canary = Some(learner::rollout::Canary::Devices(1));
+    match done.rollout {
+        Ok(waves) => {
+            println!(
+                "{}",
+                learner::rollout::describe_start(
+                    &a.trace,
+                    &done.version.to_string(),
+                    &waves,
+                    a.stages.abort_if
+                )
+            );
+            Ok(())
+        }
+        Err(e) => bail!(
+            "the regenerated trace is signed in {} but its rollout was not recorded (`learner rollout start` it when devices are known): --{e}",
+            done.signed_path.display()
+        ),
     }
-    start_rollout(&a.stages, &bytes, &signed).with_context(|| {
-        format!(
-            "the regenerated trace is signed in {} but its rollout was not recorded (`learner rollout start` it when devices are known)",
-            signed_path.display()
-        )
-    })
 }
 
 /// Records a rollout of `bytes` (the signed trace `s`) staged as `stages` says.
 fn start_rollout(stages: &Stages, bytes: &[u8], s: &signed::SignedTrace) -> Result<()> {
     let config = learner::fleet::LearnerConfig::load(&stages.config)?;
-    let mut waves = Vec::new();
-    for w in &stages.waves {
-        if w != learner::rollout::FLEET {
-            tracefleet::wire::check_name("group", w).context("--waves")?;
-        }
-        waves.push(learner::rollout::Wave::Group(w.clone()));
-    }
     let mut db = learner::fleet::LearnerDb::open(&config.db_path())?;
     let id = s.header.trace_id.to_string();
     let version = s.header.version.to_string();
-    if let Some(canary) = stages.canary {
-        let picked = learner::rollout::pick_canaries(db.conn(), &id, &waves, canary)?;
-        if picked.is_empty() {
-            bail!(
-                "--canary: no device known in the waves {}: devices become known by their heartbeats to `learner serve` (`learner devices list`)",
-                stages.waves.join(",")
-            );
-        }
-        waves.insert(0, learner::rollout::Wave::Devices(picked));
-    }
-    let (max_failure_rate, min_runs) = stages.abort_if;
-    learner::rollout::start(
+    let staging = stages.staging();
+    let waves = learner::rollout::start_staged(
         db.conn(),
-        &learner::rollout::Plan {
-            trace_id: &id,
-            version: &version,
-            signed: bytes,
-            waves: &waves,
-            max_failure_rate,
-            min_runs,
-        },
+        &staging,
+        &id,
+        &version,
+        bytes,
         i64::try_from(unix_now()).unwrap_or(i64::MAX),
-    )?;
+    )
+    .map_err(|e| anyhow::anyhow!("--{e}"))?;
     println!(
-        "rollout of {id} {version} recorded: waves {}; halts above a failure rate of {max_failure_rate} (over at least {min_runs} runs); `learner serve` publishes it",
-        waves
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(" → ")
+        "{}",
+        learner::rollout::describe_start(&id, &version, &waves, staging.abort_if)
     );
     Ok(())
 }
 
+/// The text of `path`, refused unless it compiles to the trace signed in `signed_file`.
+fn source_of(path: &Path, signed_file: &Path, s: &signed::SignedTrace) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (trace, _) = compile::compile_source(&path.display().to_string(), &text)
+        .map_err(|d| anyhow::anyhow!("{}", d.render(&text).trim_end()))?;
+    if compile::encode_compiled(&trace) != s.compiled {
+        bail!(
+            "--source {}: compiles to {} {}, not to the trace signed in {} ({} {}): expected the source that file was compiled from",
+            path.display(),
+            trace.id,
+            trace.version,
+            signed_file.display(),
+            s.header.trace_id,
+            s.header.version
+        );
+    }
+    Ok(text)
+}
+
 /// Reads secret trace-signing keys.
 fn trace_keys(paths: &[PathBuf]) -> Result<Vec<SecretKey>> {
-    paths.iter().map(|k| trace_key(k)).collect()
+    keys::read_trace_keys(paths)
 }
 
 /// Signs compiled bytes with every key (valid from now for `expires`).
 fn sign_all(compiled: &[u8], keys: &[SecretKey], expires: Duration) -> Result<signed::SignedTrace> {
-    let (first, rest) = keys.split_first().context("no signing key")?;
-    let now = unix_now();
-    let mut signed = signed::sign(compiled, first, now, now.saturating_add(expires.as_secs()))?;
-    for k in rest {
-        signed::add_signature(&mut signed, k);
-    }
-    Ok(signed)
-}
-
-fn trace_key(path: &Path) -> Result<SecretKey> {
-    let secret = keys::read_secret(path)?;
-    if secret.role != KeyRole::Traces {
-        bail!(
-            "{}: a {} key: expected a trace-signing key (role traces)",
-            path.display(),
-            secret.role
-        );
-    }
-    Ok(secret)
+    keys::sign_all(compiled, keys, expires)
 }
 
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {

@@ -244,6 +244,84 @@ pub fn start(conn: &mut Connection, plan: &Plan<'_>, now: i64) -> rusqlite::Resu
     Ok(id)
 }
 
+/// How a rollout is staged: an optional canary set in front of the waves, and when it halts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Staging {
+    /// A canary set in front of the waves, picked from the devices they reach.
+    pub canary: Option<Canary>,
+    /// Device groups in order (`*` = the whole fleet).
+    pub waves: Vec<String>,
+    /// `(max_failure_rate, min_runs)`, as [`parse_abort_if`] returns them.
+    pub abort_if: (f64, u32),
+}
+
+/// Records a rollout of the signed trace `signed` (`trace_id` `version`) staged as `staging`
+/// says, picking its canaries now; returns the waves as recorded.
+///
+/// # Errors
+/// A group name that is not a valid name, a canary set asked for where no device is known in
+/// the waves (devices become known by their heartbeats), or SQLite failure.
+pub fn start_staged(
+    conn: &mut Connection,
+    staging: &Staging,
+    trace_id: &str,
+    version: &str,
+    signed: &[u8],
+    now: i64,
+) -> anyhow::Result<Vec<Wave>> {
+    let mut waves = Vec::new();
+    for w in &staging.waves {
+        if w != FLEET {
+            tracefleet::wire::check_name("group", w).map_err(|e| anyhow::anyhow!("waves: {e}"))?;
+        }
+        waves.push(Wave::Group(w.clone()));
+    }
+    if let Some(canary) = staging.canary {
+        let picked = pick_canaries(conn, trace_id, &waves, canary)?;
+        if picked.is_empty() {
+            anyhow::bail!(
+                "canary: no device known in the waves {}: devices become known by their heartbeats to `learner serve` (`learner devices list`)",
+                staging.waves.join(",")
+            );
+        }
+        waves.insert(0, Wave::Devices(picked));
+    }
+    let (max_failure_rate, min_runs) = staging.abort_if;
+    start(
+        conn,
+        &Plan {
+            trace_id,
+            version,
+            signed,
+            waves: &waves,
+            max_failure_rate,
+            min_runs,
+        },
+        now,
+    )?;
+    Ok(waves)
+}
+
+/// One line saying what rollout was recorded.
+#[must_use]
+pub fn describe_start(
+    trace_id: &str,
+    version: &str,
+    waves: &[Wave],
+    abort_if: (f64, u32),
+) -> String {
+    format!(
+        "rollout of {trace_id} {version} recorded: waves {}; halts above a failure rate of {} (over at least {} runs); `learner serve` publishes it",
+        waves
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" → "),
+        abort_if.0,
+        abort_if.1
+    )
+}
+
 /// Asks `learner serve` to stop the running rollout of `trace_id` and withdraw it.
 ///
 /// # Errors

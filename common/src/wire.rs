@@ -311,6 +311,26 @@ pub struct EscalationMessage {
     pub at: u64,
 }
 
+/// How an escalation's `reason` begins when no installed trace matched a goal (its
+/// `trace_id` is `-`); the goal follows as a JSON string. [`no_trace_for_goal`] writes it,
+/// [`unmatched_goal`] reads it back: the learner writes a first trace for such goals.
+pub const NO_TRACE_FOR_GOAL: &str = "no installed trace matches the goal ";
+
+/// The escalation reason for a goal no installed trace matched.
+#[must_use]
+pub fn no_trace_for_goal(goal: &str) -> String {
+    format!(
+        "{NO_TRACE_FOR_GOAL}{}",
+        serde_json::to_string(goal).unwrap_or_default()
+    )
+}
+
+/// The goal in an escalation reason written by [`no_trace_for_goal`], if it is one.
+#[must_use]
+pub fn unmatched_goal(reason: &str) -> Option<String> {
+    serde_json::from_str(reason.strip_prefix(NO_TRACE_FOR_GOAL)?).ok()
+}
+
 /// Device → learner: online (published at connect) or offline (the last will), retained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -562,6 +582,24 @@ pub fn pushed_trace_version(bytes: &[u8]) -> Option<(TraceId, Version)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_goal_with_no_trace_is_read_back_from_its_escalation_reason() {
+        for goal in [
+            "reboot the reactor",
+            "quote \" and \\ and \u{1b} and ünïcode",
+            "",
+        ] {
+            let reason = no_trace_for_goal(goal);
+            assert!(reason.starts_with(NO_TRACE_FOR_GOAL));
+            assert_eq!(unmatched_goal(&reason).as_deref(), Some(goal));
+        }
+        assert_eq!(unmatched_goal("the agent could not start a run"), None);
+        assert_eq!(
+            unmatched_goal("no installed trace matches the goal not json"),
+            None
+        );
+    }
 
     #[test]
     fn topics_round_trip_and_refuse_wildcards_and_escapes() {

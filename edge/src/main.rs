@@ -1129,7 +1129,7 @@ fn select_by_goal(store: &Store, goal: &str) -> Result<Loaded> {
     }
     let now = now_rfc3339();
     let Some((score, trace, file)) = best.filter(|(s, _, _)| *s >= MIN_GOAL_SIMILARITY) else {
-        let reason = format!("no installed trace matches the goal {goal:?}");
+        let reason = tracefleet::wire::no_trace_for_goal(goal);
         store.record_escalation("-", None, &reason, &now)?;
         bail!("{reason} (similarity below {MIN_GOAL_SIMILARITY}); escalation recorded");
     };

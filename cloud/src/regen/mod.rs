@@ -10,6 +10,7 @@
 //! the last diagnostics. Signing, the version bump ([`next_version`], [`with_version`]) and
 //! the canary rollout are `learner regenerate`'s.
 
+pub mod auto;
 pub mod backend;
 
 use backend::{Backend, BackendError, Prompt, Role, Turn};
@@ -101,6 +102,13 @@ impl Failure {
         }
     }
 }
+
+/// The version a reply is compiled under until the learner gives it its own.
+const PLACEHOLDER_VERSION: tracefleet::ids::Version = tracefleet::ids::Version {
+    major: 0,
+    minor: 0,
+    patch: 1,
+};
 
 /// The version a regenerated trace gets: the next minor version above every version known.
 #[must_use]
@@ -318,7 +326,12 @@ pub async fn regenerate<B: Backend>(
         cost += c.cost;
         let feedback = match extract_trace(&c.text) {
             None => "Your reply has no trace: reply with the complete trace source, starting with its `---` frontmatter line.".to_owned(),
-            Some(source) => match tracefleet::compile::compile_source(&file, &source) {
+            // The version is the learner's to choose (see `next_version`): whatever the
+            // model wrote there, or nothing, is replaced.
+            Some(source) => match tracefleet::compile::compile_source(
+                &file,
+                &with_version(&source, &PLACEHOLDER_VERSION),
+            ) {
                 Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => {
                     return Ok(Regenerated {
                         source,
@@ -502,6 +515,15 @@ mod tests {
             other => panic!("{other}"),
         }
         assert_eq!(backend.prompts.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_reply_without_a_version_compiles_the_learner_gives_it_one() {
+        let unversioned = GOOD.replacen("version: \"1.0.0\"\n", "", 1);
+        assert_ne!(unversioned, GOOD);
+        let backend = Scripted::new(&[&unversioned]);
+        let r = regenerate(&backend, &request(1)).await.unwrap();
+        assert_eq!((r.rounds, r.source.as_str()), (1, unversioned.as_str()));
     }
 
     #[tokio::test]
