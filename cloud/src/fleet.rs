@@ -511,6 +511,69 @@ impl LearnerDb {
         rows.collect()
     }
 
+    /// The fleet at a glance: a row per device and trace it has installed (a device with
+    /// none has one row without a trace), by device then trace.
+    ///
+    /// # Errors
+    /// On SQLite failure; a device's installed list that does not parse counts as empty.
+    pub fn fleet_table(&self) -> rusqlite::Result<Vec<FleetRow>> {
+        let mut devices = self
+            .conn
+            .prepare("SELECT device_id, online, installed_json FROM devices ORDER BY device_id")?;
+        let devices: Vec<(String, bool, String)> = devices
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut runs = self.conn.prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(status = 'success'), 0),
+               (SELECT status FROM runs WHERE device_id = ?1 AND trace_id = ?2 AND trace_version = ?3
+                ORDER BY received_at DESC, run_id DESC LIMIT 1)
+             FROM runs WHERE device_id = ?1 AND trace_id = ?2 AND trace_version = ?3",
+        )?;
+        let mut out = Vec::new();
+        for (device_id, online, installed) in devices {
+            let mut installed: Vec<wire::InstalledTrace> =
+                serde_json::from_str(&installed).unwrap_or_default();
+            installed.sort_by(|a, b| a.trace_id.cmp(&b.trace_id));
+            if installed.is_empty() {
+                out.push(FleetRow {
+                    device_id: device_id.clone(),
+                    online,
+                    trace_id: None,
+                    version: None,
+                    runs: 0,
+                    successes: 0,
+                    last_status: None,
+                    confidence: None,
+                });
+            }
+            for t in installed {
+                let (runs, successes, last_status) = runs
+                    .query_row(params![device_id, t.trace_id, t.version], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?;
+                let confidence = self
+                    .conn
+                    .query_row(
+                        "SELECT confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                        params![t.trace_id, t.version],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                out.push(FleetRow {
+                    device_id: device_id.clone(),
+                    online,
+                    trace_id: Some(t.trace_id),
+                    version: Some(t.version),
+                    runs,
+                    successes,
+                    last_status,
+                    confidence,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Devices, by id.
     ///
     /// # Errors
@@ -879,6 +942,27 @@ fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
+}
+
+/// A device and one trace installed on it (from its last heartbeat), with how it ran there.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FleetRow {
+    /// The device.
+    pub device_id: String,
+    /// Whether its last status said online.
+    pub online: bool,
+    /// The trace (`None`: the device has none installed).
+    pub trace_id: Option<String>,
+    /// The installed version.
+    pub version: Option<String>,
+    /// Runs of that version the device reported.
+    pub runs: i64,
+    /// Those that succeeded.
+    pub successes: i64,
+    /// The status of the newest of them.
+    pub last_status: Option<String>,
+    /// The version's fleet-wide confidence, once it has runs.
+    pub confidence: Option<f64>,
 }
 
 /// A regeneration as recorded.

@@ -90,6 +90,9 @@ enum Command {
         #[arg(long, value_name = "learner.toml")]
         config: PathBuf,
     },
+    /// The fleet at a glance: each device and each trace installed on it — version, runs
+    /// there (ok/failed), the last outcome, the version's fleet confidence.
+    Fleet(ListArgs),
     /// Devices the learner has heard of.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -536,6 +539,34 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Serve { config } => {
             learner::fleet::serve(&learner::fleet::LearnerConfig::load(&config)?)
+        }
+        Command::Fleet(ListArgs { config, json }) => {
+            let db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let rows = db.fleet_table()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<16} {:<8} {:<28} {:<9} {:>5} {:>6} {:<8} {:>10}",
+                    "DEVICE", "STATUS", "TRACE", "VERSION", "RUNS", "FAILED", "LAST", "CONFIDENCE"
+                );
+                for r in rows {
+                    println!(
+                        "{:<16} {:<8} {:<28} {:<9} {:>5} {:>6} {:<8} {:>10}",
+                        r.device_id,
+                        if r.online { "online" } else { "offline" },
+                        r.trace_id.as_deref().unwrap_or("-"),
+                        r.version.as_deref().unwrap_or("-"),
+                        r.runs,
+                        r.runs - r.successes,
+                        r.last_status.as_deref().unwrap_or("-"),
+                        r.confidence.map_or("-".into(), |c| format!("{c:.3}"))
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Devices(DevicesCommand::List(ListArgs { config, json })) => {
             let db = learner::fleet::LearnerDb::open(

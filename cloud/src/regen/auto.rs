@@ -468,7 +468,7 @@ fn goal_and_source(
 
 /// The jobs the triggers ask for now, oldest cause first. Escalations are read once (a
 /// cursor in the database moves past them); confidence is looked at every time, and
-/// [`handled`] keeps a version from being regenerated twice.
+/// a version is never regenerated twice (see the module docs).
 ///
 /// # Errors
 /// On SQLite failure.
