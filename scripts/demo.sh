@@ -6,7 +6,8 @@
 #   LLM step, reports flowing back; on one device the log was just rotated, its run fails and
 #   escalates; the learner regenerates the trace by itself (through Claude with
 #   ANTHROPIC_API_KEY set, else through a clearly labelled RECORDED reply), signs it, canaries
-#   it and rolls it out fleet-wide; every device runs it; the fleet table. Then the USB path:
+#   it and rolls it out fleet-wide; every device runs it; the fleet table, the costs, the
+#   experiences exported as memory_log.md. Then the USB path:
 #   a signed bundle installed on a device that never connects.
 # Everything lands in a fresh directory (or $TRACEFLEET_DEMO_DIR); nothing outside it changes.
 # TRACEFLEET_PROFILE=dev uses the debug build (what the tests build) instead of release.
@@ -15,7 +16,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 root=$PWD
 if [ "${TRACEFLEET_PROFILE:-release}" = dev ]; then
-  cargo build --locked -p follower -p learner >&2
+  # The same invocation as scripts/test.sh: after the tests, nothing is rebuilt.
+  cargo build --workspace --all-targets --locked >&2
   bin=$root/target/debug
 else
   cargo build --release --locked -p follower -p learner >&2
@@ -117,6 +119,13 @@ out_dir = "regenerated"
 canary = "1"
 waves = ["*"]
 abort_if = "failure-rate>0.5 over 1 runs"
+
+# Each candidate is run once with the follower's engine on the failing run's inputs first.
+[dry_run]
+follower = "$follower"
+model = "$model"
+read_roots = ["$work/sites"]
+threads = 2
 EOF
 step "learner serve: embedded MQTT broker on 127.0.0.1:$port, ingest, rollouts, regeneration"
 RUST_LOG=info "$learner" serve --config learner.toml 2>serve.log &
@@ -176,6 +185,8 @@ step "learner: the escalation sets off a regeneration; the result is signed and 
 wait_for 120 "the regeneration" "any(r['outcome'] == 'compiled' for r in j['regenerations'])"
 json "$learner" runs list --config learner.toml --json -- \
   "'\n'.join(f\"   {r['trace_id']} {r['from_version']} → {r['to_version']} by {r['model']} in {r['rounds']} round(s), {r['input_tokens']}+{r['output_tokens']} tokens, \${r['cost']:.4f}; trigger: {r['trigger'][:90]}\" for r in j['regenerations'])"
+json "$learner" runs list --config learner.toml --json -- \
+  "'   ' + [r for r in j['regenerations'] if r['outcome'] == 'compiled'][0]['detail'].split('; signed')[0]"
 [ -n "${ANTHROPIC_API_KEY:-}" ] || say "(RECORDED reply: model \"recorded-reply\", token counts estimated by the stand-in)"
 say "new source: $work/regenerated/dpkg-log-triage-1.1.0.trace.md"
 wait_for 60 "the canary's install of 1.1.0" "any(a['version'] == '1.1.0' for a in j['acks'])"
@@ -192,6 +203,11 @@ step "the fleet"
 "$learner" fleet --config learner.toml | sed 's/^/   /'
 echo
 "$learner" rollout status --config learner.toml | sed 's/^/   /'
+
+step "what learning cost against what the runs took (measured), and the experiences"
+"$learner" costs --config learner.toml | sed 's/^/   /'
+"$learner" memory export -o memory_log.md --config learner.toml | sed 's/^/   /'
+"$learner" memory query --outcome failure --config learner.toml | cut -c1-160 | sed 's/^/   /'
 
 step "the USB path: a signed bundle for a device that never connects"
 "$learner" bundle create -o usb.tfb regenerated/dpkg-log-triage-1.1.0.tfs --model "$model" \

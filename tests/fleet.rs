@@ -878,24 +878,51 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
     assert!(r.stderr.contains("no completed rollout"), "{r:?}");
 }
 
+/// A fleet of one device, pi-01, whose run of `canary-check` 1.0.0 (one Bash step running
+/// `command`) failed and is stored by the learner; the daemons live as long as the result.
+struct FailedRun {
+    _broker: Broker,
+    _learner: Daemon,
+    _agent: Daemon,
+    /// The source of 1.0.0 (`canary-1.0.0.trace.md`).
+    source: String,
+}
+
+fn fleet_with_a_failed_run(ws: &Workspace, command: &str) -> FailedRun {
+    let broker = Broker::start(ws);
+    fleet(ws, &broker);
+    let learner = serve(ws);
+    let agent = agent(ws);
+    wait_online(ws, true);
+    let bad = canary_trace(ws, "1.0.0", command);
+    start_canary_rollout(ws, &bad, "1.0.0");
+    command_run(ws, "pi-01", "canary-check");
+    let stored = wait_stored_runs(ws, 1);
+    assert_eq!(stored[0].1, "failed", "{stored:?}");
+    FailedRun {
+        _broker: broker,
+        _learner: learner,
+        _agent: agent,
+        source: std::fs::read_to_string(ws.path("canary-1.0.0.trace.md")).expect("source"),
+    }
+}
+
+/// Appends `tables` (`[backend]`, `[dry_run]` …) to the workspace's learner.toml.
+fn configure_learner(ws: &Workspace, tables: &str) {
+    let mut toml = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
+    toml.push_str(tables);
+    std::fs::write(ws.path("learner.toml"), toml).expect("toml");
+}
+
 #[test]
 fn a_failing_trace_is_regenerated_through_the_messages_api_canaried_and_its_confidence_recovers() {
     let ws = Workspace::new();
-    let broker = Broker::start(&ws);
-    fleet(&ws, &broker);
-    let _learner = serve(&ws);
-    let _agent = agent(&ws);
-    wait_online(&ws, true);
     // Version 1.0.0 fails on the device.
-    let bad = canary_trace(&ws, "1.0.0", "false");
-    start_canary_rollout(&ws, &bad, "1.0.0");
-    command_run(&ws, "pi-01", "canary-check");
-    let stored = wait_stored_runs(&ws, 1);
-    assert_eq!(stored[0].1, "failed", "{stored:?}");
+    let failed = fleet_with_a_failed_run(&ws, "false");
 
     // The model: rate-limited once, then a reply that does not compile, then the fix.
-    let fixed = std::fs::read_to_string(ws.path("canary-1.0.0.trace.md"))
-        .expect("source")
+    let fixed = failed
+        .source
         .replace("command: \"false\"", "command: \"true\"");
     let broken = fixed.replace("tool: Bash", "tool: Shell");
     let api = FakeMessagesApi::start(vec![
@@ -911,12 +938,13 @@ fn a_failing_trace_is_regenerated_through_the_messages_api_canaried_and_its_conf
         ),
         FakeMessagesApi::reply(&fixed, 3600, 380),
     ]);
-    let mut toml = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
-    toml.push_str(&format!(
-        "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\ninput_price_per_mtok = 3.0\noutput_price_per_mtok = 15.0\n",
-        api.base_url
-    ));
-    std::fs::write(ws.path("learner.toml"), toml).expect("toml");
+    configure_learner(
+        &ws,
+        &format!(
+            "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\ninput_price_per_mtok = 3.0\noutput_price_per_mtok = 15.0\n",
+            api.base_url
+        ),
+    );
     let r = ws.learner_env(
         &[
             "regenerate",
@@ -1049,12 +1077,13 @@ fn serve_regenerates_on_its_own_a_trace_whose_run_escalated_and_writes_a_first_t
         FakeMessagesApi::reply(&format!("````markdown\n{fixed}````"), 2000, 300),
         FakeMessagesApi::reply(&first, 1500, 200),
     ]);
-    let mut toml = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
-    toml.push_str(&format!(
-        "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\n\n[regenerate]\nkeys = [\"traces.key\"]\nbelow_confidence = 0.0\nout_dir = \"regenerated\"\n",
-        api.base_url
-    ));
-    std::fs::write(ws.path("learner.toml"), toml).expect("toml");
+    configure_learner(
+        &ws,
+        &format!(
+            "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\n\n[regenerate]\nkeys = [\"traces.key\"]\nbelow_confidence = 0.0\nout_dir = \"regenerated\"\n",
+            api.base_url
+        ),
+    );
     let _learner = ws.daemon_env(
         "learner",
         &["serve", "--config", "learner.toml"],
@@ -1161,6 +1190,300 @@ fn serve_regenerates_on_its_own_a_trace_whose_run_escalated_and_writes_a_first_t
         "nothing regenerated twice"
     );
     assert_eq!(api.requests.lock().expect("lock").len(), 2);
+
+    // The experiences: every run and both regenerations, exported LLMunix-style and queried.
+    let r = ws.learner(&[
+        "memory",
+        "export",
+        "-o",
+        "memory_log.md",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let log = std::fs::read_to_string(ws.path("memory_log.md")).expect("memory_log.md");
+    let runs_stored = stored_runs(&ws).len();
+    assert_eq!(
+        log.matches("\nexperience_id: run-").count(),
+        runs_stored,
+        "{log}"
+    );
+    assert_eq!(log.matches("\nexperience_id: regen-").count(), 2, "{log}");
+    assert!(
+        log.contains("final_outcome: failure")
+            && log.contains("Escalated from step 1: the canary check fails"),
+        "{log}"
+    );
+    let r = ws.learner(&[
+        "memory",
+        "query",
+        "--outcome",
+        "regenerated",
+        "--config",
+        "learner.toml",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let q: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+    let traces: Vec<&str> = q
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["trace_id"].as_str())
+        .collect();
+    assert_eq!(
+        traces,
+        ["canary-check", "count-the-files-in-the-spool-directory"]
+    );
+    let r = ws.learner(&["costs", "--config", "learner.toml", "--json"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let costs: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+    let canary = costs
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["trace_id"] == "canary-check"))
+        .expect("canary-check costs");
+    assert_eq!(canary["regenerations"], 1, "{canary}");
+    assert_eq!(canary["learner_input_tokens"], 2000, "{canary}");
+    assert_eq!(canary["runs"], 3, "{canary}");
+    assert_eq!(canary["successes"], 2, "{canary}");
+    assert!(
+        canary["learner_median_secs"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0),
+        "{canary}"
+    );
+}
+
+#[test]
+fn regeneration_through_an_openai_compatible_server_gives_up_on_replies_that_never_compile_and_rolls_nothing_out()
+ {
+    let ws = Workspace::new();
+    let failed = fleet_with_a_failed_run(&ws, "false");
+    let broken = failed.source.replace("tool: Bash", "tool: Shell");
+    let api = FakeMessagesApi::start_openai(vec![
+        FakeMessagesApi::openai_reply("I would rather not.", 900, 10),
+        FakeMessagesApi::openai_reply(&broken, 1000, 120),
+    ]);
+    configure_learner(
+        &ws,
+        &format!(
+            "[backend]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"qwen2.5-coder\"\napi_key_env = \"TEST_OPENAI_KEY\"\n",
+            api.base_url
+        ),
+    );
+    let r = ws.learner_env(
+        &[
+            "regenerate",
+            "canary-check",
+            "--source",
+            "canary-1.0.0.trace.md",
+            "--key",
+            "traces.key",
+            "--rounds",
+            "2",
+            "--config",
+            "learner.toml",
+        ],
+        &[("TEST_OPENAI_KEY", "sk-local")],
+    );
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("did not compile after 2 rounds") && r.stderr.contains("Shell"),
+        "{r:?}"
+    );
+    {
+        let requests = api.requests.lock().expect("lock");
+        assert_eq!(requests.len(), 2);
+        assert!(requests.iter().all(|(key, _)| key == "Bearer sk-local"));
+        let messages = requests[1].1["messages"].as_array().expect("messages");
+        assert_eq!(messages[0]["role"], "system", "the system prompt first");
+        assert_eq!(messages[2]["content"], "I would rather not.");
+        assert!(
+            messages[3]["content"]
+                .as_str()
+                .is_some_and(|c| c.contains("no trace")),
+            "{messages:?}"
+        );
+    }
+    let all = runs(&ws);
+    let regen = &all["regenerations"][0];
+    assert_eq!(regen["outcome"], "gave_up", "{regen}");
+    assert_eq!(regen["rounds"], 2);
+    assert_eq!(regen["input_tokens"], 1900);
+    assert_eq!(regen["to_version"], serde_json::Value::Null);
+    assert!(rollout_state(&ws, "1.1.0").is_none(), "nothing rolled out");
+    assert!(
+        !ws.path("canary-check-1.1.0.tfs").exists(),
+        "nothing signed"
+    );
+}
+
+#[test]
+fn a_candidate_that_compiles_but_fails_its_dry_run_goes_back_to_the_model_before_anything_is_signed()
+ {
+    let ws = Workspace::new();
+    let failed = fleet_with_a_failed_run(&ws, "test -f ready.flag");
+    let source = &failed.source;
+    // The first reply compiles and fails the same way; the second creates the flag first.
+    let same = source.replace("version: \"1.0.0\"", "version: \"1.0.1\"");
+    let fixed = source.replace(
+        "test -f ready.flag",
+        "touch ready.flag && test -f ready.flag",
+    );
+    let api = FakeMessagesApi::start(vec![
+        FakeMessagesApi::reply(&same, 1000, 100),
+        FakeMessagesApi::reply(&fixed, 1200, 110),
+    ]);
+    configure_learner(
+        &ws,
+        &format!(
+            "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\n\n[dry_run]\nfollower = \"{}\"\ntimeout = \"30s\"\n",
+            api.base_url,
+            tracefleet_e2e::bin("follower").display()
+        ),
+    );
+    let tmp = ws.path("tmp").display().to_string();
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let r = ws.learner_env(
+        &[
+            "regenerate",
+            "canary-check",
+            "--source",
+            "canary-1.0.0.trace.md",
+            "--key",
+            "traces.key",
+            "--config",
+            "learner.toml",
+        ],
+        &[("TEST_ANTHROPIC_KEY", "sk-test"), ("TMPDIR", &tmp)],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("dry run passed"), "{r:?}");
+    assert!(r.stdout.contains("version 1.1.0 in 2 round(s)"), "{r:?}");
+    {
+        let requests = api.requests.lock().expect("lock");
+        let feedback = requests[1].1["messages"][2]["content"]
+            .as_str()
+            .expect("turn");
+        assert!(
+            feedback.contains("compiles, but a dry run of it")
+                && feedback.contains("failed: step 1"),
+            "{feedback}"
+        );
+    }
+    let regen = &runs(&ws)["regenerations"][0];
+    assert_eq!(regen["outcome"], "compiled", "{regen}");
+    assert!(
+        regen["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("dry run passed")),
+        "{regen}"
+    );
+    let kept = std::fs::read_to_string(ws.path("canary-check-1.1.0.trace.md")).expect("source");
+    assert!(kept.contains("touch ready.flag"), "{kept}");
+    // The dry runs' scratch directories are gone.
+    let scratch = std::fs::read_dir(ws.path("tmp/tracefleet-dry-run"))
+        .expect("the scratch root")
+        .count();
+    assert_eq!(scratch, 0);
+}
+
+#[test]
+fn two_serve_instances_split_ingest_through_a_shared_subscription_and_the_survivor_takes_the_lead()
+{
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    // Two instances, one database (learner.db beside both configs), one shared group.
+    let base = std::fs::read_to_string(ws.path("learner.toml")).expect("toml");
+    for (file, id) in [
+        ("learner.toml", "learner-a"),
+        ("learner-b.toml", "learner-b"),
+    ] {
+        std::fs::write(
+            ws.path(file),
+            format!("client_id = \"{id}\"\nshared_group = \"learners\"\n{base}"),
+        )
+        .expect("toml");
+    }
+    // `serve` as `name` (logging to `<name>.log`, ingest at debug) with `config`.
+    let start = |name: &str, config: &str| {
+        ws.daemon_as(
+            name,
+            "learner",
+            &["serve", "--config", config],
+            &[("RUST_LOG", "info,learner=debug")],
+        )
+    };
+    // Waits until `<name>.log` says `what`.
+    let wait_log = |name: &str, what: &str| {
+        ws.wait_until(30, &format!("{name}: {what}"), || {
+            std::fs::read_to_string(ws.path(&format!("{name}.log")))
+                .ok()
+                .filter(|l| l.contains(what))
+        });
+    };
+    let a = start("serve-a", "learner.toml");
+    wait_log("serve-a", "leader=true");
+    let _b = start("serve-b", "learner-b.toml");
+    wait_log("serve-b", "connected to the broker");
+    let _sim = ws.daemon(
+        "learner",
+        &[
+            "simulate",
+            "--devices",
+            "20",
+            "--prefix",
+            "sim",
+            "--reports",
+            "50",
+            "--heartbeat-secs",
+            "1",
+            "--config",
+            "learner.toml",
+        ],
+    );
+    ws.wait_until(120, "1,000 reports stored", || {
+        (learner_run_count(&ws) >= 1000).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(learner_run_count(&ws), 1000, "each report stored once");
+    let stored_by = |log: &str| {
+        std::fs::read_to_string(ws.path(log))
+            .expect("log")
+            .matches("what=Report(")
+            .count()
+    };
+    let (by_a, by_b) = (stored_by("serve-a.log"), stored_by("serve-b.log"));
+    assert!(by_a > 0 && by_b > 0, "both ingest: {by_a} + {by_b}");
+    assert!(by_a + by_b >= 1000, "{by_a} + {by_b}");
+    assert!(
+        !std::fs::read_to_string(ws.path("serve-b.log"))
+            .expect("log")
+            .contains("leader=true"),
+        "one leader"
+    );
+
+    // The leader dies: the other takes the lead once the lease runs out, and drives a
+    // rollout to a real device.
+    drop(a);
+    let _agent = agent(&ws);
+    wait_log("serve-b", "leader=true");
+    let signed = canary_trace(&ws, "1.0.0", "true");
+    let r = ws.learner(&["rollout", "start", &signed, "--config", "learner-b.toml"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_log("follower", "installed a pushed trace");
+    // The broker keeps routing a share of the group's messages to the dead instance's
+    // persistent session, where they wait: nothing is lost, and they arrive when it is
+    // restarted (systemd's Restart=always), now as a follower of the new leader.
+    let _a = start("serve-a", "learner.toml");
+    wait_installed(&ws);
+    let a_log = std::fs::read_to_string(ws.path("serve-a.log")).expect("log");
+    assert_eq!(
+        a_log.matches("leader=true").count(),
+        1,
+        "it led only before it died"
+    );
 }
 
 #[test]

@@ -356,10 +356,15 @@ impl Workspace {
 
     /// [`Workspace::daemon`] with these environment variables too.
     pub fn daemon_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        self.daemon_as(name, name, args, env)
+    }
+
+    /// [`Workspace::daemon_env`] logging to `<log>.log` (two daemons of one binary).
+    pub fn daemon_as(&self, log: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.path(&format!("{name}.log")))
+            .open(self.path(&format!("{log}.log")))
             .expect("log file");
         let child = Command::new(bin(name))
             .args(args)
@@ -389,7 +394,18 @@ impl Workspace {
                 return v;
             }
             if t.elapsed() > std::time::Duration::from_secs(secs) {
-                let logs: String = ["learner.log", "follower.log", "mosquitto/mosquitto.log"]
+                // Every daemon's log (`<name>.log` in the workspace) and the broker's.
+                let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+                    .map(|d| {
+                        d.filter_map(Result::ok)
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .filter(|n| n.ends_with(".log"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                names.push("mosquitto/mosquitto.log".into());
+                let logs: String = names
                     .iter()
                     .map(|l| {
                         format!(
@@ -466,6 +482,18 @@ impl FakeMessagesApi {
     /// # Panics
     /// When it cannot bind.
     pub fn start(replies: Vec<ScriptedReply>) -> Self {
+        Self::start_at("/v1/messages", replies)
+    }
+
+    /// The same server speaking the OpenAI chat-completions wire format instead (`POST
+    /// /v1/chat/completions`, as llama-server, Ollama and vLLM do; configure `base_url` +
+    /// `/v1`): the stand-in for a local model server. Replies from [`FakeMessagesApi::openai_reply`];
+    /// the recorded key is the `Authorization` header.
+    pub fn start_openai(replies: Vec<ScriptedReply>) -> Self {
+        Self::start_at("/v1/chat/completions", replies)
+    }
+
+    fn start_at(route: &'static str, replies: Vec<ScriptedReply>) -> Self {
         use std::sync::{Arc, Mutex};
         let replies = Arc::new(Mutex::new(std::collections::VecDeque::from(replies)));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -484,6 +512,7 @@ impl FakeMessagesApi {
                     async move {
                         let key = headers
                             .get("x-api-key")
+                            .or_else(|| headers.get("authorization"))
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or_default()
                             .to_owned();
@@ -508,7 +537,7 @@ impl FakeMessagesApi {
                         resp
                     }
                 };
-                let app = axum::Router::new().route("/v1/messages", axum::routing::post(handler));
+                let app = axum::Router::new().route(route, axum::routing::post(handler));
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 axum::serve(listener, app).await.expect("serve");
             });
@@ -528,6 +557,19 @@ impl FakeMessagesApi {
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn", "stop_sequence": null,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        });
+        (200, None, body.to_string())
+    }
+
+    /// A successful OpenAI chat-completions reply carrying `text`.
+    #[must_use]
+    pub fn openai_reply(text: &str, prompt_tokens: u64, completion_tokens: u64) -> ScriptedReply {
+        let body = serde_json::json!({
+            "id": "chatcmpl-test", "object": "chat.completion", "created": 1_790_000_000,
+            "model": "qwen2.5-coder-7b-instruct-q4_k_m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}
         });
         (200, None, body.to_string())
     }

@@ -24,8 +24,12 @@ use tracefleet::wire::{self, Ack, AckOutcome, EscalationMessage, Heartbeat, Stat
 pub struct LearnerConfig {
     /// The learner's database (default `learner.db` beside the config file).
     pub db: Option<PathBuf>,
-    /// MQTT client id (default `tracefleet-learner`).
+    /// MQTT client id (default `tracefleet-learner`); unique per `serve` instance.
     pub client_id: String,
+    /// MQTT shared-subscription group (`$share/<group>/…`): several `serve` instances with
+    /// this group and one database split the devices' messages between them; one of them
+    /// (the lease holder) drives rollouts, the watchdog and regeneration.
+    pub shared_group: Option<String>,
     /// Where the learner's clients (`serve`, `command`, `simulate`) reach the broker: the
     /// `[broker]` table, or the embedded broker's address.
     pub broker: BrokerConfig,
@@ -37,6 +41,8 @@ pub struct LearnerConfig {
     pub backend: Option<crate::regen::backend::BackendConfig>,
     /// Automatic regeneration in `serve` (`[regenerate]`; needs `[backend]`).
     pub regenerate: Option<crate::regen::auto::Auto>,
+    /// Dry runs of regenerated candidates (`[dry_run]`).
+    pub dry_run: Option<crate::regen::dry_run::DryRunner>,
 }
 
 /// `learner.toml` as written.
@@ -46,6 +52,7 @@ struct RawLearnerConfig {
     db: Option<PathBuf>,
     #[serde(default = "default_client_id")]
     client_id: String,
+    shared_group: Option<String>,
     /// An external broker.
     broker: Option<BrokerConfig>,
     /// The embedded broker's settings (the default without `[broker]`).
@@ -54,6 +61,7 @@ struct RawLearnerConfig {
     stuck: crate::stuck::StuckConfig,
     backend: Option<crate::regen::backend::BackendConfig>,
     regenerate: Option<crate::regen::auto::AutoConfig>,
+    dry_run: Option<crate::regen::dry_run::DryRunConfig>,
 }
 
 fn default_client_id() -> String {
@@ -90,6 +98,10 @@ impl LearnerConfig {
             }
         };
         let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(g) = &raw.shared_group {
+            wire::check_name("shared_group", g)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         let regenerate = match raw.regenerate {
             Some(r) => {
                 if raw.backend.is_none() {
@@ -105,14 +117,23 @@ impl LearnerConfig {
             }
             None => None,
         };
+        let dry_run = match raw.dry_run {
+            Some(d) => Some(
+                d.resolve(dir, std::env::temp_dir().join("tracefleet-dry-run"))
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let mut c = LearnerConfig {
             db: raw.db,
             client_id: raw.client_id,
+            shared_group: raw.shared_group,
             broker,
             embedded,
             stuck: raw.stuck,
             backend: raw.backend,
             regenerate,
+            dry_run,
         };
         c.broker.apply_env()?;
         c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));
@@ -248,6 +269,16 @@ const MIGRATIONS: &[M<'static>] = &[
     CREATE TABLE cursors (
         name  TEXT PRIMARY KEY,
         value INTEGER NOT NULL
+    );",
+    ),
+    // How long each regeneration took (the cost accounting sets it against runs).
+    M::up("ALTER TABLE regenerations ADD COLUMN duration_ms INTEGER;"),
+    // Which `serve` instance leads (drives rollouts, the watchdog, regeneration), until when.
+    M::up(
+        "CREATE TABLE leases (
+        name   TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until  INTEGER NOT NULL
     );",
     ),
 ];
@@ -431,8 +462,8 @@ impl LearnerDb {
     /// On SQLite failure.
     pub fn record_regeneration(&self, r: &RegenerationRow) -> rusqlite::Result<()> {
         self.conn.execute(
-            "INSERT INTO regenerations (trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, at, trigger)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            "INSERT INTO regenerations (trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, at, trigger, duration_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 r.trace_id,
                 r.from_version,
@@ -446,7 +477,8 @@ impl LearnerDb {
                 r.cost,
                 r.failures,
                 unix_now(),
-                r.trigger
+                r.trigger,
+                r.duration_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX))
             ],
         )?;
         Ok(())
@@ -489,7 +521,7 @@ impl LearnerDb {
     /// On SQLite failure.
     pub fn regenerations(&self) -> rusqlite::Result<Vec<RegenerationRow>> {
         let mut s = self.conn.prepare(
-            "SELECT trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, trigger
+            "SELECT trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, trigger, duration_ms
              FROM regenerations ORDER BY id",
         )?;
         let rows = s.query_map([], |r| {
@@ -506,6 +538,9 @@ impl LearnerDb {
                 cost: r.get(9)?,
                 failures: r.get(10)?,
                 trigger: r.get(11)?,
+                duration_ms: r
+                    .get::<_, Option<i64>>(12)?
+                    .map(|ms| u64::try_from(ms).unwrap_or(0)),
             })
         })?;
         rows.collect()
@@ -992,6 +1027,9 @@ pub struct RegenerationRow {
     pub failures: u32,
     /// What set it off: `command` (`learner regenerate`), or the automatic trigger and why.
     pub trigger: String,
+    /// How long asking the model (all rounds) took, milliseconds; `None` when nothing was
+    /// asked.
+    pub duration_ms: Option<u64>,
 }
 
 /// What a message was.
@@ -1031,6 +1069,24 @@ pub enum IngestError {
     /// SQLite.
     #[error("learner database: {0}")]
     Db(#[from] rusqlite::Error),
+}
+
+/// How long a `serve` instance's lead lasts without renewal (it renews every second).
+pub const LEASE_SECS: i64 = 10;
+
+/// Takes or renews the lead for `holder`: `true` when `holder` leads until `now +
+/// LEASE_SECS` (it held the lease, or the lease had run out).
+///
+/// # Errors
+/// On SQLite failure.
+pub fn lead(conn: &Connection, holder: &str, now: i64) -> rusqlite::Result<bool> {
+    let changed = conn.execute(
+        "INSERT INTO leases (name, holder, until) VALUES ('serve', ?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET holder = ?1, until = ?2
+         WHERE leases.holder = ?1 OR leases.until < ?3",
+        params![holder, now + LEASE_SECS, now],
+    )?;
+    Ok(changed == 1)
 }
 
 /// `learner serve`: connects to the broker and ingests until SIGTERM/SIGINT.
@@ -1078,16 +1134,36 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
         (Some(auto), Some(backend)) => Some(crate::regen::auto::Runner::new(
             auto.clone(),
             backend.clone(),
+            config.dry_run.clone(),
             config.db_path(),
         )?),
         _ => None,
     };
     let mut rollouts = tokio::time::interval(Duration::from_secs(1));
     rollouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader = false;
     tracing::info!(db = %config.db_path().display(), "learner serving");
     loop {
         tokio::select! {
             _ = rollouts.tick() => {
+                let leads = match lead(&db.conn, &config.client_id, unix_now()) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "lease");
+                        false
+                    }
+                };
+                if leads != leader {
+                    tracing::info!(leader = leads, "lead of rollouts, watchdog and regeneration");
+                    leader = leads;
+                    if leads {
+                        // Taking over: publish every running rollout's waves again.
+                        drive_rollouts(&client, &db, true);
+                    }
+                }
+                if !leader {
+                    continue;
+                }
                 if let Some(r) = &mut regenerations {
                     r.tick(&mut db, unix_now());
                 }
@@ -1104,7 +1180,7 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
             ev = eventloop.poll() => match ev {
                 Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_))) => {
                     backoff = Duration::from_millis(250);
-                    connected(&client, &db)?;
+                    connected(&client, &db, config.shared_group.as_deref(), leader)?;
                 }
                 Ok(rumqttc::Event::Incoming(Incoming::Publish(p))) => {
                     // Whatever else has already arrived joins this message in one
@@ -1131,7 +1207,7 @@ async fn serve_loop(config: &LearnerConfig) -> anyhow::Result<()> {
                     }
                     ingest_and_ack(&client, &mut db, &mut batch);
                     if reconnected {
-                        connected(&client, &db)?;
+                        connected(&client, &db, config.shared_group.as_deref(), leader)?;
                     }
                 }
                 Ok(_) => {}
@@ -1164,17 +1240,27 @@ async fn ready_event(
 /// Most messages ingested in one transaction.
 const INGEST_BATCH: usize = 512;
 
-/// On every (re)connection: subscribes to what devices publish and publishes the rollouts'
-/// waves again (the broker may have lost its retained messages).
-fn connected(client: &AsyncClient, db: &LearnerDb) -> anyhow::Result<()> {
-    tracing::info!("connected to the broker");
+/// On every (re)connection: subscribes to what devices publish (through the shared group
+/// when there is one) and, when this instance leads, publishes the rollouts' waves again
+/// (the broker may have lost its retained messages).
+fn connected(
+    client: &AsyncClient,
+    db: &LearnerDb,
+    shared_group: Option<&str>,
+    leader: bool,
+) -> anyhow::Result<()> {
+    tracing::info!(shared_group, "connected to the broker");
     let kinds = ["heartbeat", "reports", "acks", "escalations", "status"];
-    client.try_subscribe_many(
-        kinds
-            .iter()
-            .map(|k| rumqttc::SubscribeFilter::new(wire::all_devices(k), QoS::AtLeastOnce)),
-    )?;
-    drive_rollouts(client, db, true);
+    client.try_subscribe_many(kinds.iter().map(|k| {
+        let topic = match shared_group {
+            Some(g) => format!("$share/{g}/{}", wire::all_devices(k)),
+            None => wire::all_devices(k),
+        };
+        rumqttc::SubscribeFilter::new(topic, QoS::AtLeastOnce)
+    }))?;
+    if leader {
+        drive_rollouts(client, db, true);
+    }
     Ok(())
 }
 
@@ -1312,6 +1398,23 @@ mod tests {
             report_json: serde_json::to_string(&r).unwrap(),
         };
         (Topic::Reports(device.into()).name(), wire::encode(&m))
+    }
+
+    #[test]
+    fn one_serve_instance_leads_until_its_lease_runs_out() {
+        let d = tempfile::tempdir().unwrap();
+        let db = LearnerDb::open(&d.path().join("learner.db")).unwrap();
+        let c = &db.conn;
+        assert!(lead(c, "learner-a", 100).unwrap());
+        assert!(!lead(c, "learner-b", 101).unwrap());
+        assert!(lead(c, "learner-a", 105).unwrap(), "the holder renews");
+        assert!(
+            !lead(c, "learner-b", 100 + LEASE_SECS + 5).unwrap(),
+            "renewed at 105"
+        );
+        // A stops renewing (killed): B takes over once the lease has run out.
+        assert!(lead(c, "learner-b", 105 + LEASE_SECS + 1).unwrap());
+        assert!(!lead(c, "learner-a", 105 + LEASE_SECS + 2).unwrap());
     }
 
     #[test]

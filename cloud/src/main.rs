@@ -93,6 +93,12 @@ enum Command {
     /// The fleet at a glance: each device and each trace installed on it — version, runs
     /// there (ok/failed), the last outcome, the version's fleet confidence.
     Fleet(ListArgs),
+    /// The fleet's experiences (every reported run and every regeneration), LLMunix-style.
+    #[command(subcommand)]
+    Memory(MemoryCommand),
+    /// Per trace: what the learner's model spent writing it (tokens, dollars, seconds) against
+    /// what its runs on devices took — measured, from the stored records.
+    Costs(ListArgs),
     /// Devices the learner has heard of.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -195,6 +201,66 @@ struct ListArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum MemoryCommand {
+    /// Write the experiences as LLMunix's `memory_log.md` (SmartMemory: YAML frontmatter and
+    /// learnings per experience).
+    Export {
+        /// Where to write it (`-`: standard output).
+        #[arg(short, long, default_value = "memory_log.md")]
+        output: PathBuf,
+        #[command(flatten)]
+        filter: MemoryFilter,
+        /// The learner's config.
+        #[arg(long, value_name = "learner.toml")]
+        config: PathBuf,
+    },
+    /// List experiences, oldest first.
+    Query {
+        #[command(flatten)]
+        filter: MemoryFilter,
+        /// At most this many, the newest.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+}
+
+/// Which experiences.
+#[derive(clap::Args)]
+struct MemoryFilter {
+    /// `success`, `success_with_recovery`, `failure`, `stopped`, `regenerated`, `gave_up`,
+    /// `backend_error`, `skipped`.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// The trace's metadata.task_type.
+    #[arg(long)]
+    task_type: Option<String>,
+    /// A tag every experience must carry (repeatable): task type, domain, `risk:LEVEL`,
+    /// trace id, `escalated`, `regeneration`.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// One trace.
+    #[arg(long)]
+    trace: Option<String>,
+    /// Goals similar to this.
+    #[arg(long)]
+    goal: Option<String>,
+}
+
+impl MemoryFilter {
+    fn filter(self) -> learner::memory::Filter {
+        learner::memory::Filter {
+            outcome: self.outcome,
+            task_type: self.task_type,
+            tags: self.tags,
+            trace_id: self.trace,
+            goal: self.goal,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -462,6 +528,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -539,6 +607,99 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Serve { config } => {
             learner::fleet::serve(&learner::fleet::LearnerConfig::load(&config)?)
+        }
+        Command::Memory(MemoryCommand::Export {
+            output,
+            filter,
+            config,
+        }) => {
+            let db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let filter = filter.filter();
+            let selected: Vec<_> = learner::memory::experiences(&db)?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect();
+            let text = learner::memory::render_memory_log(&selected);
+            if output.as_os_str() == "-" {
+                print!("{text}");
+            } else {
+                std::fs::write(&output, text)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                println!("{} experience(s) → {}", selected.len(), output.display());
+            }
+            Ok(())
+        }
+        Command::Memory(MemoryCommand::Query {
+            filter,
+            limit,
+            list: ListArgs { config, json },
+        }) => {
+            let db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let filter = filter.filter();
+            let mut selected: Vec<_> = learner::memory::experiences(&db)?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect();
+            if let Some(n) = limit {
+                selected.drain(..selected.len().saturating_sub(n));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&selected)?);
+            } else {
+                for e in selected {
+                    println!(
+                        "{}\t{}\t{}\t{} {}\t{}\t{:.1}s\t${:.4}\t{}",
+                        e.timestamp,
+                        e.experience_id,
+                        e.final_outcome,
+                        e.trace_id,
+                        e.trace_version.as_deref().unwrap_or("-"),
+                        e.device_id.as_deref().unwrap_or("learner"),
+                        e.execution_time_secs,
+                        e.estimated_cost,
+                        e.learnings
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Costs(ListArgs { config, json }) => {
+            let db = learner::fleet::LearnerDb::open(
+                &learner::fleet::LearnerConfig::load(&config)?.db_path(),
+            )?;
+            let costs = learner::memory::costs(&db)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&costs)?);
+            } else {
+                let secs = |s: Option<f64>| s.map_or("-".into(), |s| format!("{s:.1}s"));
+                for c in costs {
+                    println!(
+                        "{}: learner {} version(s) in {} attempt(s), {}+{} tokens, ${:.4}, median {} — devices {} runs ({} ok), median {}, {} on-device tokens, no API fees{}{}",
+                        c.trace_id,
+                        c.regenerations,
+                        c.attempts,
+                        c.learner_input_tokens,
+                        c.learner_output_tokens,
+                        c.learner_cost,
+                        secs(c.learner_median_secs),
+                        c.runs,
+                        c.successes,
+                        secs(c.run_median_secs),
+                        c.run_tokens,
+                        c.learner_cost_per_run.map_or(String::new(), |d| format!(
+                            "; learning spread over the runs: ${d:.4}/run"
+                        )),
+                        c.speedup.map_or(String::new(), |x| format!(
+                            "; a run is {x:.1}× faster than asking the learner's model"
+                        ))
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Fleet(ListArgs { config, json }) => {
             let db = learner::fleet::LearnerDb::open(
@@ -1120,10 +1281,17 @@ fn regenerate(mut a: RegenerateArgs) -> Result<()> {
         &backend,
         &backend_config.model,
         &job,
-        (a.rounds, a.failures),
+        &auto::Attempt {
+            max_rounds: a.rounds,
+            failures: a.failures,
+            dry_run: config.dry_run.as_ref(),
+        },
         &signing,
         &a.stages.staging(),
     ))?;
+    if let Some(d) = &done.dry_run {
+        println!("{}: {d}", a.trace);
+    }
     println!(
         "{}: {} wrote version {} in {} round(s) ({} input + {} output tokens, ${:.4}) → {}, {}",
         a.trace,

@@ -180,6 +180,17 @@ pub struct Job {
     pub trigger: String,
 }
 
+/// How hard to try.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    /// Most rounds (a reply, then a repair per round).
+    pub max_rounds: u32,
+    /// Failed runs shown to the model, newest first.
+    pub failures: u32,
+    /// Dry-run each candidate that compiles.
+    pub dry_run: Option<&'a super::dry_run::DryRunner>,
+}
+
 /// How a result is signed and where it is written.
 pub struct Signing {
     /// Trace-signing keys (shared with the thread a job runs on).
@@ -211,6 +222,8 @@ pub struct Done {
     pub model: String,
     /// The rollout's waves, or why it was not started.
     pub rollout: Result<Vec<Wave>, String>,
+    /// How the dry run went (`None`: none configured).
+    pub dry_run: Option<String>,
 }
 
 /// Why a job produced no trace.
@@ -251,11 +264,15 @@ pub async fn run<B: Backend>(
     backend: &B,
     model: &str,
     job: &Job,
-    limits: (u32, u32),
+    attempt: &Attempt<'_>,
     signing: &Signing,
     staging: &Staging,
 ) -> Result<Done, JobError> {
-    let (max_rounds, failure_limit) = limits;
+    let Attempt {
+        max_rounds,
+        failures: failure_limit,
+        dry_run,
+    } = *attempt;
     let failures: Vec<Failure> = db
         .failed_reports(&job.trace_id, failure_limit)
         .map_err(anyhow::Error::from)?
@@ -275,6 +292,7 @@ pub async fn run<B: Backend>(
         cost: 0.0,
         failures: u32::try_from(failures.len()).unwrap_or(u32::MAX),
         trigger: job.trigger.clone(),
+        duration_ms: None,
     };
     let request = Request {
         trace_id: &job.trace_id,
@@ -282,8 +300,12 @@ pub async fn run<B: Backend>(
         current: job.current.as_deref(),
         failures: &failures,
         max_rounds,
+        dry_run,
     };
-    let mut done = match super::regenerate(backend, &request).await {
+    let asked = std::time::Instant::now();
+    let result = super::regenerate(backend, &request).await;
+    row.duration_ms = Some(u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX));
+    let mut done = match result {
         Ok(done) => done,
         Err(RegenError::GaveUp {
             rounds,
@@ -361,9 +383,13 @@ pub async fn run<B: Backend>(
     row.input_tokens = done.input_tokens;
     row.output_tokens = done.output_tokens;
     row.cost = done.cost;
+    let dry = done
+        .dry_run
+        .as_ref()
+        .map_or(String::new(), |d| format!("{d}; "));
     row.detail = match &rollout {
         Ok(waves) => format!(
-            "signed {}; rolled out: {}",
+            "{dry}signed {}; rolled out: {}",
             signed_path.display(),
             waves
                 .iter()
@@ -371,7 +397,7 @@ pub async fn run<B: Backend>(
                 .collect::<Vec<_>>()
                 .join(" → ")
         ),
-        Err(e) => format!("signed {}; not rolled out: {e}", signed_path.display()),
+        Err(e) => format!("{dry}signed {}; not rolled out: {e}", signed_path.display()),
     };
     db.record_regeneration(&row).map_err(anyhow::Error::from)?;
     Ok(Done {
@@ -384,6 +410,7 @@ pub async fn run<B: Backend>(
         cost: done.cost,
         model: done.model,
         rollout,
+        dry_run: done.dry_run,
     })
 }
 
@@ -591,6 +618,7 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> rusqlite::Result<Vec<Jo
                     cost: 0.0,
                     failures: 0,
                     trigger,
+                    duration_ms: None,
                 })?;
                 continue;
             }
@@ -611,6 +639,7 @@ pub struct Runner {
     auto: Auto,
     backend: BackendConfig,
     keys: std::sync::Arc<Vec<SecretKey>>,
+    dry_run: Option<super::dry_run::DryRunner>,
     db_path: PathBuf,
     queue: VecDeque<Job>,
     running: Option<std::thread::JoinHandle<()>>,
@@ -622,13 +651,19 @@ impl Runner {
     /// # Errors
     /// A key that cannot be read or is not a trace-signing key, or a backend that cannot be
     /// built (its API key missing from the environment).
-    pub fn new(auto: Auto, backend: BackendConfig, db_path: PathBuf) -> anyhow::Result<Self> {
+    pub fn new(
+        auto: Auto,
+        backend: BackendConfig,
+        dry_run: Option<super::dry_run::DryRunner>,
+        db_path: PathBuf,
+    ) -> anyhow::Result<Self> {
         let keys = std::sync::Arc::new(crate::keys::read_trace_keys(&auto.config.keys)?);
         AnyBackend::new(&backend)?;
         Ok(Runner {
             auto,
             backend,
             keys,
+            dry_run,
             db_path,
             queue: VecDeque::new(),
             running: None,
@@ -681,8 +716,9 @@ impl Runner {
             out_dir: self.auto.config.out_dir.clone(),
         };
         let staging = self.auto.staging.clone();
-        let limits = (self.auto.config.max_rounds, self.auto.config.failures);
+        let (max_rounds, failures) = (self.auto.config.max_rounds, self.auto.config.failures);
         let db_path = self.db_path.clone();
+        let dry_run = self.dry_run.clone();
         std::thread::spawn(move || {
             let result = (|| -> anyhow::Result<Done> {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -695,7 +731,11 @@ impl Runner {
                     &client,
                     &backend.model,
                     &job,
-                    limits,
+                    &Attempt {
+                        max_rounds,
+                        failures,
+                        dry_run: dry_run.as_ref(),
+                    },
                     &signing,
                     &staging,
                 ))?)
@@ -762,6 +802,7 @@ mod tests {
             cost: 0.0,
             failures: 0,
             trigger: "test".into(),
+            duration_ms: Some(1500),
         }
     }
 

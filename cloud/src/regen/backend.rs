@@ -284,60 +284,75 @@ impl AnyBackend {
     }
 
     fn parse(&self, url: &str, body: &[u8], attempts: u32) -> Result<Completion, BackendError> {
-        let malformed = |detail: String| BackendError::Malformed {
-            url: url.to_owned(),
-            detail,
-        };
-        let (text, model, stop_reason, input_tokens, output_tokens) = match self.config.kind {
-            Kind::Anthropic => {
-                let r: AnthropicReply =
-                    serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
-                let text: String = r
-                    .content
-                    .iter()
-                    .filter(|b| b.kind == "text")
-                    .filter_map(|b| b.text.as_deref())
-                    .collect();
-                (
-                    text,
-                    r.model,
-                    r.stop_reason,
-                    r.usage.input_tokens,
-                    r.usage.output_tokens,
-                )
-            }
-            Kind::Openai => {
-                let r: OpenAiReply =
-                    serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
-                let choice = r
-                    .choices
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| malformed("no choices".into()))?;
-                let usage = r.usage.unwrap_or_default();
-                (
-                    choice.message.content.unwrap_or_default(),
-                    r.model.unwrap_or_else(|| self.config.model.clone()),
-                    choice.finish_reason,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                )
-            }
-        };
-        #[allow(clippy::cast_precision_loss)]
-        let cost = (input_tokens as f64 * self.config.input_price_per_mtok
-            + output_tokens as f64 * self.config.output_price_per_mtok)
-            / 1e6;
-        Ok(Completion {
-            text,
-            model,
-            stop_reason,
-            input_tokens,
-            output_tokens,
-            attempts,
-            cost,
-        })
+        parse_reply(&self.config, url, body, attempts)
     }
+}
+
+/// A reply body in `config.kind`'s wire format, as a [`Completion`] (`url` names the
+/// endpoint in errors; `attempts` is recorded). Decodes bytes from outside: fuzzed
+/// (`cloud/fuzz`, target `regen_reply`).
+///
+/// # Errors
+/// [`BackendError::Malformed`] when the body is not that format's reply.
+pub fn parse_reply(
+    config: &BackendConfig,
+    url: &str,
+    body: &[u8],
+    attempts: u32,
+) -> Result<Completion, BackendError> {
+    let malformed = |detail: String| BackendError::Malformed {
+        url: url.to_owned(),
+        detail,
+    };
+    let (text, model, stop_reason, input_tokens, output_tokens) = match config.kind {
+        Kind::Anthropic => {
+            let r: AnthropicReply =
+                serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+            let text: String = r
+                .content
+                .iter()
+                .filter(|b| b.kind == "text")
+                .filter_map(|b| b.text.as_deref())
+                .collect();
+            (
+                text,
+                r.model,
+                r.stop_reason,
+                r.usage.input_tokens,
+                r.usage.output_tokens,
+            )
+        }
+        Kind::Openai => {
+            let r: OpenAiReply =
+                serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+            let choice = r
+                .choices
+                .into_iter()
+                .next()
+                .ok_or_else(|| malformed("no choices".into()))?;
+            let usage = r.usage.unwrap_or_default();
+            (
+                choice.message.content.unwrap_or_default(),
+                r.model.unwrap_or_else(|| config.model.clone()),
+                choice.finish_reason,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+        }
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let cost = (input_tokens as f64 * config.input_price_per_mtok
+        + output_tokens as f64 * config.output_price_per_mtok)
+        / 1e6;
+    Ok(Completion {
+        text,
+        model,
+        stop_reason,
+        input_tokens,
+        output_tokens,
+        attempts,
+        cost,
+    })
 }
 
 impl Backend for AnyBackend {

@@ -12,6 +12,7 @@
 
 pub mod auto;
 pub mod backend;
+pub mod dry_run;
 
 use backend::{Backend, BackendError, Prompt, Role, Turn};
 use tracefleet::diag::Diagnostic;
@@ -38,6 +39,8 @@ pub struct Failure {
     pub error: Option<String>,
     /// Failed validations and step outputs, capped at [`MAX_EXCERPT_BYTES`].
     pub excerpt: String,
+    /// The run's inputs (after defaults): what a dry run of a candidate uses.
+    pub inputs: std::collections::BTreeMap<String, String>,
 }
 
 impl Failure {
@@ -99,6 +102,7 @@ impl Failure {
             failed_step: r.failed_step,
             error: r.error.clone(),
             excerpt: cap(&excerpt, MAX_EXCERPT_BYTES),
+            inputs: r.inputs.clone(),
         }
     }
 }
@@ -159,7 +163,7 @@ pub fn with_version(source: &str, version: &tracefleet::ids::Version) -> String 
 }
 
 /// What to regenerate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Request<'a> {
     /// The trace id the result must keep.
     pub trace_id: &'a str,
@@ -171,6 +175,8 @@ pub struct Request<'a> {
     pub failures: &'a [Failure],
     /// Most rounds (a reply, then a repair per round).
     pub max_rounds: u32,
+    /// Dry-run each candidate that compiles on the newest failure's inputs.
+    pub dry_run: Option<&'a dry_run::DryRunner>,
 }
 
 /// A trace that compiles, and what it took.
@@ -192,6 +198,8 @@ pub struct Regenerated {
     pub cost: f64,
     /// The model that answered.
     pub model: String,
+    /// How the dry run went (`None`: none configured).
+    pub dry_run: Option<String>,
 }
 
 /// Why no trace came out.
@@ -333,16 +341,52 @@ pub async fn regenerate<B: Backend>(
                 &with_version(&source, &PLACEHOLDER_VERSION),
             ) {
                 Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => {
-                    return Ok(Regenerated {
-                        source,
-                        trace,
-                        warnings,
-                        rounds: round,
-                        input_tokens,
-                        output_tokens,
-                        cost,
-                        model: c.model,
-                    });
+                    let dry = match req.dry_run {
+                        Some(d) => Some(
+                            d.run(
+                                &trace,
+                                &with_version(&source, &PLACEHOLDER_VERSION),
+                                req.failures.first().map(|f| &f.inputs),
+                            )
+                            .await,
+                        ),
+                        None => None,
+                    };
+                    let run_id = req.failures.first().map_or("-", |f| f.run_id.as_str());
+                    let verdict = match dry {
+                        None => Ok(None),
+                        Some(dry_run::DryOutcome::Passed { secs }) => Ok(Some(format!(
+                            "dry run passed on the inputs of run {run_id} in {secs:.1} s"
+                        ))),
+                        Some(dry_run::DryOutcome::Skipped(why)) => {
+                            Ok(Some(format!("not dry-run: {why}")))
+                        }
+                        Some(dry_run::DryOutcome::Failed(report)) => {
+                            let f = Failure::from_report(&report);
+                            Err(format!(
+                                "The trace compiles, but a dry run of it on the inputs of run {run_id} failed: step {}; error: {}\n\n```\n{}\n```\n\nReply with the complete corrected trace.",
+                                f.failed_step.map_or("-".into(), |s| s.to_string()),
+                                f.error.as_deref().unwrap_or("-"),
+                                f.excerpt
+                            ))
+                        }
+                    };
+                    match verdict {
+                        Ok(dry_run) => {
+                            return Ok(Regenerated {
+                                source,
+                                trace,
+                                warnings,
+                                rounds: round,
+                                input_tokens,
+                                output_tokens,
+                                cost,
+                                model: c.model,
+                                dry_run,
+                            });
+                        }
+                        Err(feedback) => feedback,
+                    }
                 }
                 Ok((trace, _)) => format!(
                     "The trace_id is {:?}: it must stay {:?}. Reply with the complete corrected trace.",
@@ -424,6 +468,7 @@ mod tests {
             current: Some(GOOD),
             failures: &[],
             max_rounds,
+            dry_run: None,
         }
     }
 
@@ -549,6 +594,7 @@ mod tests {
             failed_step: Some(2),
             error: Some("validation failed: output_contains".into()),
             excerpt: "x".repeat(MAX_EXCERPT_BYTES + 500),
+            inputs: std::collections::BTreeMap::new(),
         }];
         let req = Request {
             failures: &failures,
