@@ -37,7 +37,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then bold=$'\033[1m' inverse=$'\033[7m' plain=$'\033[0m'; else bold='' inverse='' plain=''; fi
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 say() { printf '   %s\n' "$*"; }
 die() {
   echo "demo: $*" >&2
@@ -99,7 +100,7 @@ else
 base_url = \"http://127.0.0.1:$(cat api.port)\"
 model = \"recorded-reply\"
 api_key_env = \"TRACEFLEET_DEMO_KEY\""
-  printf '   \033[7m RECORDED \033[0m no ANTHROPIC_API_KEY: the regeneration below is answered by a local\n'
+  printf '   %s RECORDED %s no ANTHROPIC_API_KEY: the regeneration below is answered by a local\n' "$inverse" "$plain"
   say "Messages-API stand-in replaying traces/recorded/dpkg-log-triage-1.1.0.reply.md — not a live model."
   say "Set ANTHROPIC_API_KEY to have Claude write it."
 fi

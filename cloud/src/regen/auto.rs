@@ -312,12 +312,14 @@ pub async fn run<B: Backend>(
             last,
             input_tokens,
             output_tokens,
+            cost,
         }) => {
             row.outcome = "gave_up".into();
             row.detail.clone_from(&last);
             row.rounds = rounds;
             row.input_tokens = input_tokens;
             row.output_tokens = output_tokens;
+            row.cost = cost;
             db.record_regeneration(&row).map_err(anyhow::Error::from)?;
             return Err(JobError::GaveUp {
                 trace: job.trace_id.clone(),
@@ -325,9 +327,19 @@ pub async fn run<B: Backend>(
                 last,
             });
         }
-        Err(RegenError::Backend(source)) => {
+        Err(RegenError::Backend {
+            source,
+            rounds,
+            input_tokens,
+            output_tokens,
+            cost,
+        }) => {
             row.outcome = "backend_error".into();
             row.detail = source.to_string();
+            row.rounds = rounds;
+            row.input_tokens = input_tokens;
+            row.output_tokens = output_tokens;
+            row.cost = cost;
             db.record_regeneration(&row).map_err(anyhow::Error::from)?;
             return Err(JobError::Backend {
                 trace: job.trace_id.clone(),
@@ -465,15 +477,28 @@ fn handled(
     Ok(found.is_some())
 }
 
-/// The goal and current source for regenerating `trace_id` `version`: the kept source (its
-/// goal_signature) if the learner has it, else the goal of the newest signed trace of it
-/// the learner rolled out. `None` when neither is known.
+/// The goal and current source for regenerating `trace_id` `version`: the kept source of
+/// that version (else the newest kept one) and its goal_signature, else the goal of the
+/// newest signed trace of it the learner rolled out. `None` when neither is known.
 fn goal_and_source(
     db: &LearnerDb,
     trace_id: &str,
     version: &str,
 ) -> rusqlite::Result<Option<(String, Option<String>)>> {
-    if let Some(source) = db.source(trace_id, version)?
+    // That version's source; else the newest kept one (a roll-forward re-signs content
+    // under a new version without a source of its own).
+    let kept = match db.source(trace_id, version)? {
+        Some(s) => Some(s),
+        None => db
+            .conn_ref()
+            .query_row(
+                "SELECT source FROM trace_sources WHERE trace_id = ?1 ORDER BY at DESC, rowid DESC LIMIT 1",
+                [trace_id],
+                |r| r.get(0),
+            )
+            .optional()?,
+    };
+    if let Some(source) = kept
         && let Ok((t, _)) = tracefleet::compile::compile_source(trace_id, &source)
     {
         return Ok(Some((t.goal_signature, Some(source))));

@@ -205,9 +205,22 @@ pub struct Regenerated {
 /// Why no trace came out.
 #[derive(Debug, thiserror::Error)]
 pub enum RegenError {
-    /// The model could not be asked.
-    #[error(transparent)]
-    Backend(#[from] BackendError),
+    /// The model could not be asked (after the backend's own retries).
+    #[error(
+        "{source} (after {rounds} answered round(s), {input_tokens} input and {output_tokens} output tokens)"
+    )]
+    Backend {
+        /// The cause.
+        source: BackendError,
+        /// Rounds answered before it.
+        rounds: u32,
+        /// Input tokens spent.
+        input_tokens: u64,
+        /// Output tokens spent.
+        output_tokens: u64,
+        /// Dollars spent.
+        cost: f64,
+    },
     /// No reply compiled within the rounds allowed.
     #[error(
         "no compiling trace after {rounds} rounds ({input_tokens} input and {output_tokens} output tokens); last problems:\n{last}"
@@ -221,6 +234,8 @@ pub enum RegenError {
         input_tokens: u64,
         /// Output tokens spent.
         output_tokens: u64,
+        /// Dollars spent.
+        cost: f64,
     },
 }
 
@@ -328,7 +343,16 @@ pub async fn regenerate<B: Backend>(
     let (mut input_tokens, mut output_tokens, mut cost) = (0, 0, 0.0);
     let mut last = String::new();
     for round in 1..=req.max_rounds.max(1) {
-        let c = backend.complete(&prompt).await?;
+        let c = backend
+            .complete(&prompt)
+            .await
+            .map_err(|source| RegenError::Backend {
+                source,
+                rounds: round - 1,
+                input_tokens,
+                output_tokens,
+                cost,
+            })?;
         input_tokens += c.input_tokens;
         output_tokens += c.output_tokens;
         cost += c.cost;
@@ -414,6 +438,7 @@ pub async fn regenerate<B: Backend>(
         last,
         input_tokens,
         output_tokens,
+        cost,
     })
 }
 
@@ -441,12 +466,12 @@ mod tests {
     impl Backend for Scripted {
         async fn complete(&self, prompt: &Prompt) -> Result<Completion, BackendError> {
             self.prompts.lock().unwrap().push(prompt.clone());
-            let text = self
-                .replies
-                .lock()
-                .unwrap()
-                .pop()
-                .expect("a scripted reply");
+            let Some(text) = self.replies.lock().unwrap().pop() else {
+                return Err(BackendError::Malformed {
+                    url: "scripted".into(),
+                    detail: "no reply scripted".into(),
+                });
+            };
             Ok(Completion {
                 text,
                 model: "scripted".into(),
@@ -560,6 +585,25 @@ mod tests {
             other => panic!("{other}"),
         }
         assert_eq!(backend.prompts.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_backend_failing_after_a_round_reports_what_that_round_cost() {
+        let broken = GOOD.replacen("tool: Bash", "tool: Bashh", 1);
+        let backend = Scripted::new(&[&broken]);
+        match regenerate(&backend, &request(3)).await.unwrap_err() {
+            RegenError::Backend {
+                rounds,
+                input_tokens,
+                output_tokens,
+                cost,
+                ..
+            } => {
+                assert_eq!((rounds, input_tokens, output_tokens), (1, 100, 10));
+                assert!((cost - 0.5).abs() < 1e-12);
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[tokio::test]
