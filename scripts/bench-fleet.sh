@@ -15,6 +15,7 @@
 #   BROKER=embedded scripts/bench-fleet.sh …      the broker embedded in `learner serve`
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 rounds=${1:-3}
 fleet=${2:-1000}
 devices=10
@@ -30,34 +31,11 @@ embedded=$([ "${BROKER:-mosquitto}" = embedded ] && echo 1 || echo 0)
 if [ "$embedded" = 1 ]; then
   broker_toml() { printf '[embedded]\nlisten = "127.0.0.1:%s"\n' "$port"; }
 else
-  mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-  # max_inflight_messages 0: see docs/mosquitto/tracefleet.conf.
-  printf 'user %s\nlistener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 0\n' \
-    "$(id -un)" "$port" > "$w/mosquitto.conf"
-  "$mosq" -c "$w/mosquitto.conf" >"$w/mosquitto.log" 2>&1 & pids+=($!)
-  sleep 0.3
+  start_mosquitto "$port"
   broker_toml() { printf '[broker]\nport = %s\ninflight = 100\n' "$port"; }
 fi
 cd "$w"
-now_ms() { date +%s%3N; }
 sql() { python3 -c "import sqlite3,sys; print(sqlite3.connect('file:learner.db?mode=ro', uri=True).execute(sys.argv[1]).fetchone()[0])" "$1" 2>/dev/null || echo 0; }
-# Polls the runs table every 10 ms from one process; prints the time (ms) the count reached $1.
-wait_runs() {
-  python3 - "$1" <<'PY'
-import sqlite3, sys, time
-n = int(sys.argv[1])
-while True:
-    try:
-        c = sqlite3.connect('file:learner.db?mode=ro', uri=True)
-        if c.execute('SELECT COUNT(*) FROM runs').fetchone()[0] >= n:
-            print(int(time.time() * 1000)); break
-        c.close()
-    except sqlite3.Error:
-        pass
-    time.sleep(0.01)
-PY
-}
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 total=$((devices * reports))
 : > ingest.t; : > broker.t

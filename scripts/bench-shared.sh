@@ -8,6 +8,7 @@
 #   scripts/bench-shared.sh [ROUNDS] [INSTANCES]      (defaults 5, 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 rounds=${1:-5}
 instances=${2:-2}
 devices=10
@@ -19,29 +20,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
 trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mosq=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-printf 'user %s\nlistener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 0\n' \
-  "$(id -un)" "$port" > "$w/mosquitto.conf"
-"$mosq" -c "$w/mosquitto.conf" >"$w/mosquitto.log" 2>&1 & pids+=($!)
-sleep 0.3
+start_mosquitto "$port"
 cd "$w"
-now_ms() { date +%s%3N; }
-wait_runs() {
-  python3 - "$1" <<'PY'
-import sqlite3, sys, time
-n = int(sys.argv[1])
-while True:
-    try:
-        c = sqlite3.connect('file:learner.db?mode=ro', uri=True)
-        if c.execute('SELECT COUNT(*) FROM runs').fetchone()[0] >= n:
-            print(int(time.time() * 1000)); break
-        c.close()
-    except sqlite3.Error:
-        pass
-    time.sleep(0.01)
-PY
-}
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 total=$((devices * reports))
 
 # measure N TAG: N serve instances (a shared group when N > 1), one fresh database; prints
