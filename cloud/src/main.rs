@@ -12,19 +12,27 @@ use tracefleet::signed::{self, KeyRole, PublicKey, SecretKey};
 use tracefleet::trust::{RoleKey, RoleKeys, TrustRoot, sign_root};
 use tracefleet::{compile, source};
 
-/// Compile, sign and (later) roll out tracefleet traces.
+/// The examples under `learner --help`; tests parse them and run them in order
+/// (`tests/newcomer.rs`), the follower's after them.
+const AFTER_HELP: &str = "A trace from source to a device:
+  learner keys generate --role root --out root.key     # root.key (0600) + .pub; keep offline
+  learner keys generate --role traces --out traces.key
+  learner trust create --root-key root.key.pub --traces-key traces.key.pub \\
+      --sign root.key -o root-v1.tfr                    # the fleet's trust root, version 1
+  learner compile my.trace.md -o my.tfc                 # check; errors show file:line:col
+  learner sign my.tfc --key traces.key -o my.tfs        # sign (expires in 365d by default)
+  follower trust init root-v1.tfr && follower install my.tfs && follower run my-trace
+
+The trace format: docs/trace-language.md. Exit codes: 0 ok, 2 bad input.";
+
+/// Compile, sign and roll out tracefleet traces; ingest what the fleet reports.
 #[derive(Parser)]
 #[command(
     name = "learner",
     version,
     about,
     long_about = None,
-    after_help = "A trace from source to a device:\n  \
-        learner keys generate --out traces.key          # traces.key (0600) + traces.key.pub\n  \
-        learner compile my.trace.md -o my.tfc            # check; errors show file:line:col\n  \
-        learner sign my.tfc --key traces.key -o my.tfs   # sign (expires in 365d by default)\n  \
-        follower trust init traces.key.pub && follower run my.tfs\n\n\
-        The trace format: docs/trace-language.md. Exit codes: 0 ok, 2 bad input."
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -1454,10 +1462,33 @@ fn compile_all(
 }
 
 #[cfg(test)]
+#[path = "../../tests/examples.rs"]
+mod examples;
+
+#[cfg(test)]
 mod cli_tests {
+    use super::examples;
+    use clap::Parser;
+
     #[test]
     fn the_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    fn assert_parses(text: &str, at_least: usize) {
+        examples::assert_all_parse(text, "learner", at_least, |args| {
+            super::Cli::try_parse_from(args).map(drop)
+        });
+    }
+
+    #[test]
+    fn every_example_of_the_help_text_parses() {
+        assert_parses(super::AFTER_HELP, 3);
+    }
+
+    #[test]
+    fn every_example_of_the_readme_by_hand_section_parses() {
+        assert_parses(&examples::readme_by_hand(), 10);
     }
 }

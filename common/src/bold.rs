@@ -23,7 +23,7 @@
 //! Positions point at the field's line in the source.
 
 use crate::diag::{Diagnostic, Severity};
-use crate::source::{Block, LineIndex, SourceStep, SourceTrace};
+use crate::source::{Block, LineIndex, SourceForm, SourceStep, SourceTrace};
 use pulldown_cmark::{Event, HeadingLevel, Options, Parser, Tag, TagEnd};
 use serde_norway::{Mapping, Value};
 
@@ -38,6 +38,8 @@ enum Node {
     /// A paragraph: its fields (see [`Inline`]).
     Para {
         fields: Vec<(Option<String>, String)>,
+        /// Per field, how many lines below `line` it starts.
+        offsets: Vec<usize>,
         line: usize,
     },
     List {
@@ -66,6 +68,9 @@ struct Item {
 struct Inline {
     /// (label, value) per field; the first may have no label (plain text).
     fields: Vec<(Option<String>, String)>,
+    /// Per field, the number of line breaks seen before it started.
+    offsets: Vec<usize>,
+    breaks: usize,
     in_label: bool,
     at_line_start: bool,
     started: bool,
@@ -75,6 +80,7 @@ impl Inline {
     fn strong_start(&mut self) {
         if !self.started || self.at_line_start {
             self.fields.push((Some(String::new()), String::new()));
+            self.offsets.push(self.breaks);
             self.in_label = true;
         }
         self.started = true;
@@ -86,6 +92,7 @@ impl Inline {
     fn text(&mut self, t: &str) {
         if self.fields.is_empty() {
             self.fields.push((None, String::new()));
+            self.offsets.push(self.breaks);
         }
         if !t.trim().is_empty() {
             self.started = true;
@@ -100,6 +107,7 @@ impl Inline {
     }
     fn line_break(&mut self) {
         self.text(" ");
+        self.breaks += 1;
         self.at_line_start = true;
     }
     /// The fields, labels without their trailing `:`, values without a leading `:`.
@@ -240,6 +248,7 @@ fn nodes(text: &str) -> Vec<Node> {
                             &mut stack,
                             &mut out,
                             Node::Para {
+                                offsets: inline.offsets.clone(),
                                 fields: inline.finish(),
                                 line,
                             },
@@ -295,9 +304,14 @@ pub(crate) fn is_bold_variant(text: &str) -> bool {
 /// The `**Label**: value` fields of a paragraph, with the paragraph's line.
 fn fields_of(n: &Node) -> Vec<(String, String, usize)> {
     match n {
-        Node::Para { fields, line } => fields
+        Node::Para {
+            fields,
+            offsets,
+            line,
+        } => fields
             .iter()
-            .filter_map(|(l, r)| l.clone().map(|l| (l, r.clone(), *line)))
+            .zip(offsets)
+            .filter_map(|((l, r), o)| l.clone().map(|l| (l, r.clone(), line + o)))
             .collect(),
         _ => Vec::new(),
     }
@@ -306,7 +320,7 @@ fn fields_of(n: &Node) -> Vec<(String, String, usize)> {
 /// The paragraph's first field, when it starts with a label.
 fn field_of(n: &Node) -> Option<(String, String, usize)> {
     match n {
-        Node::Para { fields, line } => match fields.first() {
+        Node::Para { fields, line, .. } => match fields.first() {
             Some((Some(l), r)) => Some((l.clone(), r.clone(), *line)),
             _ => None,
         },
@@ -353,6 +367,7 @@ fn block(value: &Value, line: usize) -> Block {
 /// Translates a bold-field trace into a [`SourceTrace`].
 pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
     let mut out = SourceTrace::empty(file);
+    out.form = SourceForm::BoldFields;
     let mut header = Mapping::new();
     let mut metadata = Mapping::new();
     let mut header_line = 1;
@@ -402,7 +417,9 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
                         "success_rate" => "success_rate",
                         "usage_count" => "usage_count",
                         "estimated_cost" => "estimated_cost",
-                        "estimated_time" | "estimated_time_secs" => "estimated_time_secs",
+                        "estimated_time" | "estimated_time_secs" | "estimated_time_seconds" => {
+                            "estimated_time_secs"
+                        }
                         "version" => "version",
                         "created" | "created_at" => "created_at",
                         "last_used" => "last_used",
@@ -412,7 +429,20 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
                         "requires_human" => "requires_human",
                         "risk_level" => "risk_level",
                         "learned_by" => "learned_by",
-                        _ => continue,
+                        _ => {
+                            // Prose fields of the guide's form (`**Confidence Evolution:**`,
+                            // `**Description:**`, …) are documentation: never an error.
+                            if section != "preconditions" && section != "postconditions" {
+                                out.diagnostics.push(Diagnostic {
+                                    severity: Severity::Warning,
+                                    file: file.to_owned(),
+                                    line,
+                                    column: 1,
+                                    message: format!("`**{label}:**` is not a field of the trace language (bold-field form): it is kept in the source only"),
+                                });
+                            }
+                            continue;
+                        }
                     };
                     let v = match k {
                         "estimated_cost" => scalar(value.trim_start_matches('$')),
@@ -463,7 +493,27 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
                     continue;
                 };
                 match k.as_str() {
-                    "tool" => {
+                    "tool_call" if rest.is_empty() => match nodes.get(i) {
+                        // The guide's form: `- **Tool:** NAME` and `- **Parameters:**` bullets.
+                        Some(Node::List { items }) => {
+                            i += 1;
+                            let call = tool_call_of(items);
+                            // Without a `- **Tool:**` bullet the compiler says what is missing.
+                            if call.contains_key("tool") {
+                                step.tool_call = Some(block(&Value::Mapping(call), *line));
+                            }
+                        }
+                        Some(Node::Code { text, line }) => {
+                            i += 1;
+                            step.tool_call = Some(Block {
+                                text: text.clone(),
+                                line: *line,
+                                synthetic: false,
+                            });
+                        }
+                        _ => {}
+                    },
+                    "tool" | "tool_call" => {
                         // Parameters follow as their own field; collect them now.
                         let mut call = Mapping::new();
                         call.insert("tool".into(), Value::String(rest.clone()));
@@ -477,7 +527,7 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
                     "validation" | "validations" => {
                         if let Some(Node::List { items }) = nodes.get(i) {
                             i += 1;
-                            let checks: Vec<Value> = items.iter().map(check_of).collect();
+                            let checks = checks_of(items);
                             step.validation = Some(block(&Value::Sequence(checks), *line));
                         } else if let Some(Node::Code { text, line }) = nodes.get(i) {
                             i += 1;
@@ -492,7 +542,17 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
                         if let Some(Node::List { items }) = nodes.get(i) {
                             i += 1;
                             let mut m = Mapping::new();
-                            for it in items {
+                            // `- **On Error:**` with nested bullets, or the bullets themselves.
+                            let flat: Vec<&Item> = items
+                                .iter()
+                                .flat_map(|it| match pair(it) {
+                                    Some((k, v)) if k == "on_error" && v.is_empty() => {
+                                        child_items(it).collect::<Vec<_>>()
+                                    }
+                                    _ => vec![it],
+                                })
+                                .collect();
+                            for it in flat {
                                 if let Some((k, v)) = pair(it) {
                                     let k = match k.as_str() {
                                         "message" => "error_message".to_owned(),
@@ -540,6 +600,19 @@ pub(crate) fn parse(file: &str, text: &str) -> SourceTrace {
     if !metadata.is_empty() {
         header.insert("metadata".into(), Value::Mapping(metadata));
     }
+    if !header.contains_key("version")
+        && let Some(Value::String(id)) = header.get("trace_id")
+        && let Some(version) = version_suffix(id)
+    {
+        out.diagnostics.push(Diagnostic {
+            severity: Severity::Note,
+            file: file.to_owned(),
+            line: header_line,
+            column: 1,
+            message: format!("no `**Version:**` field (bold-field form): version {version} is taken from the trace id's `-v` suffix"),
+        });
+        header.insert("version".into(), Value::String(version));
+    }
     out.frontmatter = Some(block(&Value::Mapping(header), header_line));
     out
 }
@@ -568,28 +641,14 @@ fn parameters(rest: &[Node]) -> (Mapping, usize) {
             for row in rows.iter().skip(1) {
                 if let [k, v, ..] = row.as_slice() {
                     m.insert(
-                        Value::String(k.trim_matches('`').to_owned()),
+                        Value::String(key(k.trim_matches('`'))),
                         Value::String(v.trim_matches('`').to_owned()),
                     );
                 }
             }
             (m, 2)
         }
-        Some(Node::List { items }) => {
-            for it in items {
-                if let Some((k, v)) = it
-                    .rest
-                    .split_once(':')
-                    .map(|(k, v)| (k.trim().trim_matches('`'), v.trim()))
-                {
-                    m.insert(
-                        Value::String(k.to_owned()),
-                        Value::String(v.trim_matches('`').to_owned()),
-                    );
-                }
-            }
-            (m, 2)
-        }
+        Some(Node::List { items }) => (param_map(items), 2),
         Some(Node::Code { text, .. }) => match serde_norway::from_str::<Value>(text) {
             Ok(Value::Mapping(p)) => (p, 2),
             _ => (m, 1),
@@ -598,22 +657,140 @@ fn parameters(rest: &[Node]) -> (Mapping, usize) {
     }
 }
 
+/// The items of the lists nested under `it`.
+fn child_items(it: &Item) -> impl Iterator<Item = &Item> {
+    it.children.iter().flat_map(|c| match c {
+        Node::List { items } => items.as_slice(),
+        _ => &[],
+    })
+}
+
+/// A parameter value from Markdown text: integers, floats that print back as written, and
+/// `true`/`false` typed (`max_tokens`, `temperature`, …); everything else text, so that
+/// `1.10` or `yes` stay what the author wrote.
+fn param_scalar(v: &str) -> Value {
+    let v = v.trim().trim_matches('`');
+    if let Ok(n) = v.parse::<u64>() {
+        return Value::Number(n.into());
+    }
+    if let Ok(f) = v.parse::<f64>()
+        && f.is_finite()
+        && f.to_string() == v
+    {
+        return Value::Number(f.into());
+    }
+    match v {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => Value::String(v.to_owned()),
+    }
+}
+
+/// `- key: value` or `- **Key:** value` bullets → parameters, names matched without regard
+/// to case and spaces (`File Path` → `file_path`, `URL` → `url`).
+fn param_map(items: &[Item]) -> Mapping {
+    let mut m = Mapping::new();
+    for it in items {
+        if let Some((k, v)) = pair(it) {
+            m.insert(Value::String(k), param_scalar(&v));
+        }
+    }
+    m
+}
+
+/// The guide's `**Tool Call:**` bullets: `- **Tool:** NAME`, `- **Parameters:**` with nested
+/// `- **Name:** value` bullets; other bullets are tool-call keys (`timeout_secs`, `foreach`).
+fn tool_call_of(items: &[Item]) -> Mapping {
+    let mut call = Mapping::new();
+    for it in items {
+        let Some((k, v)) = pair(it) else { continue };
+        match k.as_str() {
+            "tool" => {
+                call.insert("tool".into(), Value::String(v));
+            }
+            "parameters" => {
+                let nested: Vec<Item> = child_items(it).cloned().collect();
+                let mut params = param_map(&nested);
+                if !v.is_empty() && params.is_empty() {
+                    params.insert("value".into(), Value::String(v));
+                }
+                call.insert("parameters".into(), Value::Mapping(params));
+            }
+            _ => {
+                call.insert(Value::String(k), param_scalar(&v));
+            }
+        }
+    }
+    call
+}
+
+/// A `**Validation:**` list: numbered checks (`1. **Check name**` with nested `- Type: …`
+/// bullets), or the guide's bullets (`- **Check:** …`, `- **Type:** …`, `- **Parameters:**`
+/// with nested bullets; a new `Check` starts the next check).
+fn checks_of(items: &[Item]) -> Vec<Value> {
+    let fielded = items
+        .iter()
+        .any(|it| matches!(pair(it), Some((k, _)) if k == "check" || k == "type"));
+    if !fielded {
+        return items.iter().map(check_of).collect();
+    }
+    let mut checks = Vec::new();
+    let mut current: Vec<&Item> = Vec::new();
+    for it in items {
+        let starts = match pair(it) {
+            Some((k, _)) if k == "check" => true,
+            Some((k, _)) if k == "type" => current
+                .iter()
+                .any(|c| matches!(pair(c), Some((k, _)) if k == "type")),
+            _ => false,
+        };
+        if starts && !current.is_empty() {
+            checks.push(check_from(None, &current));
+            current.clear();
+        }
+        current.push(it);
+    }
+    if !current.is_empty() {
+        checks.push(check_from(None, &current));
+    }
+    checks
+}
+
 /// `1. **Check name**` with nested `- Type: …` bullets → `{check, type, parameters}`.
 fn check_of(it: &Item) -> Value {
+    let name = match pair(it) {
+        Some((k, v)) if k == "check" && it.label.is_some() => v,
+        _ => it.label.clone().unwrap_or_else(|| it.rest.clone()),
+    };
+    check_from(Some(name), &child_items(it).collect::<Vec<_>>())
+}
+
+/// A check from its field bullets (`check`, `type`, `parameters` with nested bullets, or a
+/// parameter directly).
+fn check_from(name: Option<String>, fields: &[&Item]) -> Value {
     let mut check = Mapping::new();
-    let name = it.label.clone().unwrap_or_else(|| it.rest.clone());
-    check.insert("check".into(), Value::String(name));
+    if let Some(name) = name {
+        check.insert("check".into(), Value::String(name));
+    }
     let mut params = Mapping::new();
-    for child in &it.children {
-        if let Node::List { items } = child {
-            for sub in items {
-                if let Some((k, v)) = pair(sub) {
-                    if k == "type" {
-                        check.insert("type".into(), Value::String(v));
-                    } else {
+    for sub in fields {
+        let Some((k, v)) = pair(sub) else { continue };
+        match k.as_str() {
+            "check" => {
+                check.insert("check".into(), Value::String(v));
+            }
+            "type" => {
+                check.insert("type".into(), Value::String(v));
+            }
+            "parameters" => {
+                for p in child_items(sub) {
+                    if let Some((k, v)) = pair(p) {
                         params.insert(Value::String(k), scalar(&v));
                     }
                 }
+            }
+            _ => {
+                params.insert(Value::String(k), scalar(&v));
             }
         }
     }
@@ -621,4 +798,124 @@ fn check_of(it: &Item) -> Value {
         check.insert("parameters".into(), Value::Mapping(params));
     }
     Value::Mapping(check)
+}
+
+/// `research-ai-trends-v1.0` → `1.0.0`: the version LLMunix's guide writes into trace ids.
+fn version_suffix(id: &str) -> Option<String> {
+    let (_, v) = id.rsplit_once("-v")?;
+    v.parse::<crate::ids::Version>().ok().map(|v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::diag::Severity;
+    use crate::trace::Tool;
+
+    /// The example trace of LLMunix's Dual-Mode Deployment Guide, as it is written there.
+    const GUIDE: &str = "# Execution Trace: research-ai-trends-v1.0
+
+**Trace ID:** research-ai-trends-v1.0
+**Goal Signature:** research AI trends and generate report
+**Confidence:** 0.95
+**Estimated Cost:** 0.15
+**Estimated Time (seconds):** 120
+**Success Rate:** 0.94
+**Usage Count:** 17
+
+---
+
+## Step 1: Fetch AI news from TechCrunch
+
+**Description:** Fetch AI news from TechCrunch
+
+**Tool Call:**
+- **Tool:** WebFetch
+- **Parameters:**
+  - **URL:** https://techcrunch.com/category/artificial-intelligence/
+  - **Prompt:** Extract top 5 AI trends
+
+**Validation:**
+- **Check:** Response contains AI topics
+- **Type:** content_contains
+- **Parameters:**
+  - **Substring:** AI
+";
+
+    #[test]
+    fn the_deployment_guides_example_compiles_with_its_version_from_the_id() {
+        let (trace, diags) = crate::compile_source("guide.md", GUIDE)
+            .unwrap_or_else(|d| panic!("{}", d.render(GUIDE)));
+        assert_eq!(trace.id.as_str(), "research-ai-trends-v1.0");
+        assert_eq!(trace.version.to_string(), "1.0.0");
+        assert_eq!(trace.steps.len(), 1);
+        match &trace.steps[0].tool {
+            Tool::WebFetch { url, prompt } => {
+                assert_eq!(
+                    url.0,
+                    "https://techcrunch.com/category/artificial-intelligence/"
+                );
+                assert_eq!(prompt.as_ref().unwrap().0, "Extract top 5 AI trends");
+            }
+            other => panic!("expected WebFetch, found {other:?}"),
+        }
+        assert_eq!(trace.steps[0].validations.len(), 1);
+        let notes: Vec<_> = diags
+            .iter()
+            .filter(|d| d.severity == Severity::Note)
+            .collect();
+        assert_eq!(notes.len(), 1, "{diags:?}");
+        assert!(notes[0].message.contains("version 1.0.0"), "{}", notes[0]);
+        assert!(
+            diags.iter().all(|d| d.severity == Severity::Note),
+            "{diags:?}"
+        );
+    }
+
+    #[test]
+    fn prose_fields_of_the_guide_are_warned_about_never_errors() {
+        let text = GUIDE.replace(
+            "**Usage Count:** 17\n",
+            "**Usage Count:** 17\n\n**Confidence Evolution:** 0.75 → 0.95 over 17 runs\n",
+        );
+        let (_, diags) = crate::compile_source("guide.md", &text)
+            .unwrap_or_else(|d| panic!("{}", d.render(&text)));
+        let warning = diags
+            .iter()
+            .find(|d| d.severity == Severity::Warning)
+            .unwrap();
+        assert!(
+            warning.message.contains("**Confidence Evolution:**"),
+            "{warning}"
+        );
+        assert_eq!(warning.line, 11);
+        let note = diags.iter().find(|d| d.severity == Severity::Note).unwrap();
+        assert_eq!(note.line, 3, "the note points at the trace id: {note}");
+    }
+
+    #[test]
+    fn a_missing_version_names_the_bold_field_form_not_a_frontmatter() {
+        let text = GUIDE.replace(
+            "research-ai-trends-v1.0\n**Goal",
+            "research-ai-trends\n**Goal",
+        );
+        let err = crate::compile_source("guide.md", &text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("**Version:**"), "{msg}");
+        assert!(!msg.contains("frontmatter"), "{msg}");
+    }
+
+    #[test]
+    fn parameter_names_match_without_regard_to_case_and_spaces() {
+        let text = "**Trace ID:** t\n**Version:** 1.0.0\n**Goal:** g\n\n## Step 1: w\n\n**Tool Call:**\n- **Tool:** Write\n- **Parameters:**\n  - **File Path:** out.txt\n  - **CONTENT:** hello\n";
+        let (trace, _) =
+            crate::compile_source("t.md", text).unwrap_or_else(|d| panic!("{}", d.render(text)));
+        match &trace.steps[0].tool {
+            Tool::Write { file_path, content } => {
+                assert_eq!(file_path.0, "out.txt");
+                assert_eq!(content.0, "hello");
+            }
+            other => panic!("expected Write, found {other:?}"),
+        }
+    }
 }

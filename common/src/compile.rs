@@ -11,7 +11,7 @@
 
 use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::ids::{TraceId, VarName, Version};
-use crate::source::{self, Block, SourceStep, SourceTrace};
+use crate::source::{self, Block, SourceForm, SourceStep, SourceTrace};
 use crate::trace::{
     BUILTIN_VARIABLES, Check, CheckKind, DEFAULT_MAX_TOKENS, DEFAULT_STEP_TIMEOUT_SECS, Dependency,
     Foreach, ForeachSource, GrepOutput, Input, LlmCall, Metadata, OnError, OutputDecl,
@@ -108,6 +108,7 @@ pub fn compile_source(file: &str, text: &str) -> Result<(Trace, Vec<Diagnostic>)
     let src = source::parse(file, text);
     let mut cx = Cx {
         file: file.to_owned(),
+        form: src.form,
         diags: src.diagnostics.clone(),
     };
     let trace = cx.lower(&src);
@@ -267,6 +268,7 @@ struct Params<'a> {
 
 struct Cx {
     file: String,
+    form: SourceForm,
     diags: Vec<Diagnostic>,
 }
 
@@ -342,7 +344,10 @@ impl Cx {
             None => {
                 self.error(
                     fm_block.line,
-                    "missing `trace_id` in frontmatter: expected e.g. `trace_id: dpkg-log-triage`",
+                    match self.form {
+                        SourceForm::Frontmatter => "missing `trace_id` in frontmatter: expected e.g. `trace_id: dpkg-log-triage`".to_owned(),
+                        SourceForm::BoldFields => format!("missing {} in {}: expected e.g. `**Trace ID:** dpkg-log-triage`", self.form.key("trace_id"), self.form.header()),
+                    },
                 );
                 None
             }
@@ -373,7 +378,10 @@ impl Cx {
             None => {
                 self.error(
                     fm_block.line,
-                    "missing `version` in frontmatter: expected e.g. `version: \"1.0.0\"`",
+                    match self.form {
+                        SourceForm::Frontmatter => "missing `version` in frontmatter: expected e.g. `version: \"1.0.0\"`".to_owned(),
+                        SourceForm::BoldFields => format!("missing {} in {}: expected e.g. `**Version:** 1.0.0`, or a trace id ending in `-vMAJOR.MINOR`", self.form.key("version"), self.form.header()),
+                    },
                 );
                 None
             }
@@ -382,7 +390,11 @@ impl Cx {
         if goal_signature.trim().is_empty() {
             self.error(
                 fm_block.line,
-                "missing `goal_signature` in frontmatter: expected the normalised goal text",
+                format!(
+                    "missing {} in {}: expected the normalised goal text",
+                    self.form.key("goal_signature"),
+                    self.form.header()
+                ),
             );
         }
         for (key, v) in [
@@ -800,7 +812,10 @@ impl Cx {
 
         // Tool call.
         let Some(tc_block) = &s.tool_call else {
-            self.error(s.line, format!("step {} has no **Tool Call**: block: expected a fenced YAML block with `tool` and `parameters`", s.number));
+            match self.form {
+                SourceForm::Frontmatter => self.error(s.line, format!("step {} has no **Tool Call**: block: expected a fenced YAML block with `tool` and `parameters`", s.number)),
+                SourceForm::BoldFields => self.error(s.line, format!("step {} names no tool (bold-field form): expected `**Tool:** NAME`, or `**Tool Call:**` followed by a `- **Tool:** NAME` bullet", s.number)),
+            }
             return (None, Vec::new(), None);
         };
         let Some(raw) =

@@ -5,6 +5,8 @@ use std::fmt;
 /// How serious a [`Diagnostic`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
+    /// Information about how the source was read (e.g. a value inferred from another field).
+    Note,
     /// Suspicious but accepted (LLMunix tolerated it).
     Warning,
     /// The trace does not compile.
@@ -29,6 +31,7 @@ pub struct Diagnostic {
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sev = match self.severity {
+            Severity::Note => "note",
             Severity::Warning => "warning",
             Severity::Error => "error",
         };
@@ -87,6 +90,7 @@ impl Diagnostics {
             let cs = match d.severity {
                 Severity::Error => Cs::error(),
                 Severity::Warning => Cs::warning(),
+                Severity::Note => Cs::note(),
             }
             .with_message(&d.message)
             .with_labels(vec![Label::primary((), start..end.max(start))]);

@@ -123,11 +123,55 @@ pub struct SourceStep {
     pub dependencies: Option<(String, usize)>,
 }
 
+/// Which of the two accepted source forms a file is written in. Diagnostics name it, so that
+/// a message never talks about a part the detected form does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceForm {
+    /// YAML frontmatter and `**Tool Call**:` fenced YAML blocks (LLMunix's trace schema).
+    Frontmatter,
+    /// `**Trace ID:** …` bold fields and bullets, no frontmatter (LLMunix's deployment guide).
+    BoldFields,
+}
+
+impl SourceForm {
+    /// How the trace's header is called in this form, for diagnostics.
+    pub fn header(self) -> &'static str {
+        match self {
+            SourceForm::Frontmatter => "frontmatter",
+            SourceForm::BoldFields => "the bold-field header (`**Field:** value` lines)",
+        }
+    }
+
+    /// How a header key is written in this form: `version` or `**Version:**`.
+    pub fn key(self, key: &str) -> String {
+        match self {
+            SourceForm::Frontmatter => format!("`{key}`"),
+            SourceForm::BoldFields => {
+                let label: Vec<String> = key
+                    .split('_')
+                    .map(|w| match w {
+                        "id" => "ID".to_owned(),
+                        w => {
+                            let mut c = w.chars();
+                            c.next().map_or_else(String::new, |f| {
+                                f.to_uppercase().collect::<String>() + c.as_str()
+                            })
+                        }
+                    })
+                    .collect();
+                format!("`**{}:**`", label.join(" "))
+            }
+        }
+    }
+}
+
 /// A trace source split into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceTrace {
     /// The file name used in diagnostics.
     pub file: String,
+    /// The form the file is written in.
+    pub form: SourceForm,
     /// The YAML frontmatter.
     pub frontmatter: Option<Block>,
     /// The first `#` heading, if any.
@@ -161,6 +205,7 @@ impl SourceTrace {
     pub fn empty(file: &str) -> Self {
         Self {
             file: file.to_owned(),
+            form: SourceForm::Frontmatter,
             frontmatter: None,
             title: None,
             steps: Vec::new(),

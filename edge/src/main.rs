@@ -19,6 +19,18 @@ use tracefleet::signed::{self, SIGNED_MAGIC};
 use tracefleet::trust;
 use tracefleet::{Trace, compile};
 
+/// The examples under `follower --help`; tests parse them and run them in order
+/// (`tests/newcomer.rs`), after the learner's.
+const AFTER_HELP: &str = "On a device:
+  follower trust init root-v1.tfr          # provision the fleet's trust root, once
+  follower install my.tfs                  # verify and install a signed trace
+  follower inspect my.tfs                  # what a signed trace holds
+  follower run my-trace --output report.json   # run an installed trace by its id
+  follower runs list
+
+Exit codes: 0 the run succeeded; 1 the run executed and failed; 2 bad input, refused
+verification or a usage error (nothing ran).";
+
 /// Verify and execute signed traces on this device, offline.
 #[derive(Parser)]
 #[command(
@@ -26,13 +38,7 @@ use tracefleet::{Trace, compile};
     version,
     about,
     long_about = None,
-    after_help = "On a device:\n  \
-        follower trust init traces.key.pub                       # trust a trace-signing key\n  \
-        follower inspect my.tfs                                  # what a signed trace holds\n  \
-        follower run my.tfs --model model.gguf --output report.json\n  \
-        follower runs list\n\n\
-        Exit codes: 0 the run succeeded; 1 the run executed and failed; 2 bad input, refused\n\
-        verification or a usage error (nothing ran)."
+    after_help = AFTER_HELP
 )]
 struct Cli {
     /// Where the follower keeps its state (trusted keys, runs).
@@ -45,7 +51,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Manage the keys this device trusts to sign traces.
+    /// Manage this device's trust root (the keys it trusts to sign traces and commands).
     #[command(subcommand)]
     Trust(TrustCommand),
     /// Show what a trace file holds: signed trace, compiled trace or trace source.
@@ -1801,10 +1807,33 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
 }
 
 #[cfg(test)]
+#[path = "../../tests/examples.rs"]
+mod examples;
+
+#[cfg(test)]
 mod cli_tests {
+    use super::examples;
+    use clap::Parser;
+
     #[test]
     fn the_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    fn assert_parses(text: &str, at_least: usize) {
+        examples::assert_all_parse(text, "follower", at_least, |args| {
+            super::Cli::try_parse_from(args).map(drop)
+        });
+    }
+
+    #[test]
+    fn every_example_of_the_help_text_parses() {
+        assert_parses(super::AFTER_HELP, 3);
+    }
+
+    #[test]
+    fn every_example_of_the_readme_by_hand_section_parses() {
+        assert_parses(&examples::readme_by_hand(), 10);
     }
 }
