@@ -701,9 +701,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                         c.learner_cost_per_run.map_or(String::new(), |d| format!(
                             "; learning spread over the runs: ${d:.4}/run"
                         )),
-                        c.speedup.map_or(String::new(), |x| format!(
-                            "; a run is {x:.1}× faster than asking the learner's model"
-                        ))
+                        c.speed_comparison()
+                            .map_or(String::new(), |x| format!("; {x}"))
                     );
                 }
             }

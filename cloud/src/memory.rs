@@ -457,6 +457,26 @@ pub struct TraceCost {
     pub speedup: Option<f64>,
 }
 
+impl TraceCost {
+    /// Both times and their ratio, the right way round: `a run takes 3.1 s, the learner's
+    /// model took 4.1 s per regeneration: a run is 1.3× faster` (or `… 2.5× slower`).
+    /// `None` when either time is unknown.
+    pub fn speed_comparison(&self) -> Option<String> {
+        let (learner, run) = (self.learner_median_secs?, self.run_median_secs?);
+        if learner <= 0.0 || run <= 0.0 {
+            return None;
+        }
+        let (ratio, way) = if run <= learner {
+            (learner / run, "faster")
+        } else {
+            (run / learner, "slower")
+        };
+        Some(format!(
+            "a run takes {run:.1} s (median), the learner's model took {learner:.1} s per regeneration: a run is {ratio:.1}× {way}"
+        ))
+    }
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -537,6 +557,39 @@ mod tests {
     use super::*;
     use crate::fleet::RegenerationRow;
     use tracefleet::wire::{self, ReportMessage, Topic};
+
+    fn timed(learner: Option<f64>, run: Option<f64>) -> TraceCost {
+        TraceCost {
+            trace_id: "t".into(),
+            goal: "g".into(),
+            regenerations: 1,
+            attempts: 1,
+            learner_input_tokens: 0,
+            learner_output_tokens: 0,
+            learner_cost: 0.0,
+            learner_median_secs: learner,
+            runs: 1,
+            successes: 1,
+            run_median_secs: run,
+            run_tokens: 0,
+            learner_cost_per_run: None,
+            speedup: None,
+        }
+    }
+
+    #[test]
+    fn the_speed_comparison_gives_both_times_and_the_ratio_the_right_way_round() {
+        let faster = timed(Some(10.0), Some(2.0)).speed_comparison().unwrap();
+        assert!(faster.contains("a run takes 2.0 s"), "{faster}");
+        assert!(faster.contains("took 10.0 s"), "{faster}");
+        assert!(faster.ends_with("a run is 5.0× faster"), "{faster}");
+        // The demo's case: the learner's model (a recorded reply plus the dry run) was quicker.
+        let slower = timed(Some(4.0), Some(5.0)).speed_comparison().unwrap();
+        assert!(slower.ends_with("a run is 1.2× slower"), "{slower}");
+        assert!(!slower.contains("faster"), "{slower}");
+        assert_eq!(timed(None, Some(1.0)).speed_comparison(), None);
+        assert_eq!(timed(Some(1.0), Some(0.0)).speed_comparison(), None);
+    }
 
     const SOURCE: &str = "---\ntrace_id: t\nversion: \"1.0.0\"\ngoal_signature: \"triage the log: count \\\"errors\\\"\"\nmetadata:\n  task_type: log_triage\n  domain: system_administration\n  risk_level: low\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"true\"\n```\n";
 

@@ -80,6 +80,42 @@ pub struct LlmUsage {
     pub grammar: bool,
 }
 
+impl LlmUsage {
+    /// The figures of several generations as one: prompt and generated tokens summed, each
+    /// rate as total tokens over the total time the items spent in that phase (an item's time
+    /// is its tokens over its rate), the stop reason shared by all or `mixed`, `grammar` if any
+    /// used one, the model of the first (a step has one model). `None` for no generations.
+    pub fn total(items: &[LlmUsage]) -> Option<LlmUsage> {
+        let first = items.first()?;
+        let rate = |tokens: fn(&LlmUsage) -> u32, per_sec: fn(&LlmUsage) -> f64| {
+            let (mut n, mut secs) = (0u64, 0f64);
+            for u in items {
+                n += u64::from(tokens(u));
+                if per_sec(u) > 0.0 {
+                    secs += f64::from(tokens(u)) / per_sec(u);
+                }
+            }
+            (n, if secs > 0.0 { n as f64 / secs } else { 0.0 })
+        };
+        let (prompt, prompt_rate) = rate(|u| u.prompt_tokens, |u| u.prompt_tokens_per_sec);
+        let (completion, generation_rate) =
+            rate(|u| u.completion_tokens, |u| u.generation_tokens_per_sec);
+        Some(LlmUsage {
+            model: first.model.clone(),
+            prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
+            completion_tokens: u32::try_from(completion).unwrap_or(u32::MAX),
+            prompt_tokens_per_sec: prompt_rate,
+            generation_tokens_per_sec: generation_rate,
+            stop_reason: if items.iter().all(|u| u.stop_reason == first.stop_reason) {
+                first.stop_reason.clone()
+            } else {
+                "mixed".into()
+            },
+            grammar: items.iter().any(|u| u.grammar),
+        })
+    }
+}
+
 /// The record of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepResult {
@@ -105,10 +141,15 @@ pub struct StepResult {
     pub duration_secs: f64,
     /// Validation outcomes of the last attempt.
     pub validations: Vec<CheckResult>,
-    /// Model accounting for LLM steps.
+    /// Model accounting for LLM steps. For a `foreach` LLM step, the sums over its items
+    /// ([`LlmUsage::total`]): tokens added up, rates over the time all items took.
     pub llm: Option<LlmUsage>,
     /// For `foreach` steps: how many items there were.
     pub items: Option<u32>,
+    /// For `foreach` LLM steps: each item's own figures, in item order (the last attempt of
+    /// each item that ran). Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub llm_items: Vec<LlmUsage>,
 }
 
 /// Step outputs longer than this (bytes) are truncated in reports.

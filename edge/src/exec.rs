@@ -703,6 +703,7 @@ fn not_run(step: &Step) -> StepResult {
         validations: Vec::new(),
         llm: None,
         items: None,
+        llm_items: Vec::new(),
     }
 }
 
@@ -769,6 +770,7 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
                     prompt_tokens: 0,
                     completion_tokens: 0,
                 };
+                let mut usages = Vec::new();
                 for item in &items {
                     if host.interruption().is_some() {
                         total.result.status = StepStatus::Failed;
@@ -780,6 +782,7 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
                     };
                     item_vars.values.insert(each.var.to_string(), item.clone());
                     let r = run_item(step, &item_vars, host);
+                    usages.extend(r.result.llm.clone());
                     total.prompt_tokens += r.prompt_tokens;
                     total.completion_tokens += r.completion_tokens;
                     let ok = r.result.status == StepStatus::Success;
@@ -794,6 +797,9 @@ fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
                     }
                 }
                 total.result.items = Some(u32::try_from(items.len()).unwrap_or(u32::MAX));
+                // The step's figures are the sums over its items; each item's beside them.
+                total.result.llm = LlmUsage::total(&usages);
+                total.result.llm_items = usages;
                 total.full_output = outputs.join("\n");
                 total.result.output = total.full_output.clone();
                 total
@@ -1436,6 +1442,8 @@ mod tests {
         files: HashMap<String, String>,
         slept: Vec<Duration>,
         clock: Duration,
+        /// Scripted model answers, in order.
+        generations: VecDeque<Generation>,
     }
 
     impl Host for FakeHost {
@@ -1494,7 +1502,9 @@ mod tests {
                 .ok_or_else(|| "no scripted answer".to_owned())
         }
         fn generate(&mut self, _: &GenerateRequest) -> Result<Generation, String> {
-            Err("no model in this test".into())
+            self.generations
+                .pop_front()
+                .ok_or_else(|| "no model in this test".into())
         }
         fn sleep(&mut self, d: Duration) {
             self.slept.push(d);
@@ -1736,6 +1746,60 @@ mod tests {
         assert_eq!(r.status, RunStatus::Success);
         assert_eq!(r.step_results[0].items, Some(0));
         assert!(h.commands.is_empty());
+    }
+
+    fn generation(text: &str, prompt: u32, completion: u32, secs: f64, stop: &str) -> Generation {
+        Generation {
+            text: text.into(),
+            usage: LlmUsage {
+                model: "m".into(),
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                // Prompt and generation each took `secs`.
+                prompt_tokens_per_sec: f64::from(prompt) / secs,
+                generation_tokens_per_sec: f64::from(completion) / secs,
+                stop_reason: stop.into(),
+                grammar: true,
+            },
+        }
+    }
+
+    #[test]
+    fn a_foreach_llm_step_reports_the_sums_over_its_items_and_each_items_figures() {
+        let t = trace(
+            "inputs:\n  lines: \"x\\ny\\nz\"\n---\n### Step 1: judge\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: \"judge {l}\"\n  grammar: 'root ::= \"a\" | \"b\"'\nforeach: {lines: lines, as: l}\n```\n",
+        );
+        let mut h = FakeHost {
+            generations: [
+                generation("a", 100, 1, 1.0, "grammar"),
+                generation("b", 200, 3, 1.0, "grammar"),
+                generation("a", 300, 2, 2.0, "eos"),
+            ]
+            .into(),
+            ..FakeHost::default()
+        };
+        let r = run_with(&t, &mut h);
+        assert_eq!(r.status, RunStatus::Success, "{r:?}");
+        let s = &r.step_results[0];
+        assert_eq!(s.items, Some(3));
+        assert_eq!(s.llm_items.len(), 3);
+        assert_eq!(
+            s.llm_items
+                .iter()
+                .map(|u| u.prompt_tokens)
+                .collect::<Vec<_>>(),
+            [100, 200, 300]
+        );
+        let sum = s.llm.as_ref().unwrap();
+        assert_eq!((sum.prompt_tokens, sum.completion_tokens), (600, 6));
+        // 600 prompt tokens in 1 + 1 + 2 s; 6 generated in the same 4 s.
+        assert!((sum.prompt_tokens_per_sec - 150.0).abs() < 1e-9, "{sum:?}");
+        assert!(
+            (sum.generation_tokens_per_sec - 1.5).abs() < 1e-9,
+            "{sum:?}"
+        );
+        assert_eq!(sum.stop_reason, "mixed");
+        assert_eq!((r.prompt_tokens, r.completion_tokens), (600, 6));
     }
 
     #[test]
