@@ -225,6 +225,62 @@ impl fmt::Display for RunId {
     }
 }
 
+/// A device id: 1–64 bytes of `[A-Za-z0-9._-]`, not `.` or `..`. Safe as an MQTT topic level
+/// (no wildcards or separators) and as a file name; the same rule as the fleet link's
+/// topic levels ([`crate::wire::check_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    /// Longest device id, bytes.
+    pub const MAX_BYTES: usize = 64;
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let ok = (1..=Self::MAX_BYTES).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s != "."
+            && s != "..";
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(id_error(
+                "device id",
+                "1-64 characters of A-Z, a-z, 0-9, '.', '_', '-' (not '.' or '..')",
+                s,
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = IdError;
+    fn try_from(s: String) -> Result<Self, IdError> {
+        s.parse()
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(v: DeviceId) -> Self {
+        v.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +321,36 @@ mod tests {
                 .is_err()
         );
         assert!("../../etc/passwd".parse::<RunId>().is_err());
+    }
+
+    #[test]
+    fn device_id_rules_are_the_topic_level_rules() {
+        for good in ["pi-01", "Jetson_7", "site.a", "x"] {
+            assert!(good.parse::<DeviceId>().is_ok(), "{good}");
+            assert!(crate::wire::check_name("device id", good).is_ok(), "{good}");
+        }
+        let long = "d".repeat(65);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "+",
+            "#",
+            "a b",
+            "\u{202e}x",
+            "pi\u{1b}[31m",
+            &long,
+        ] {
+            assert!(bad.parse::<DeviceId>().is_err(), "{bad:?}");
+            assert!(
+                crate::wire::check_name("device id", bad).is_err(),
+                "{bad:?}"
+            );
+        }
+        let id: DeviceId = serde_json::from_str("\"pi-01\"").unwrap();
+        assert_eq!(id.as_str(), "pi-01");
+        assert!(serde_json::from_str::<DeviceId>("\"../x\"").is_err());
     }
 
     proptest! {

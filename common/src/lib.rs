@@ -2,13 +2,15 @@
 //!
 //! This crate owns every wire and file format exactly once:
 //! - [`source`]: the Markdown trace source (LLMunix-compatible) → syntax with line numbers;
-//! - [`compile`]: checks and lowering to the typed IR in [`trace`], and the postcard-encoded
-//!   compiled form with its format version byte;
+//! - [`compile`]: checks and lowering to the typed IR in [`trace`]; [`compiled`]: the
+//!   postcard-encoded compiled form with its format version byte;
 //! - [`signed`]: ed25519 keys, key files and the signed-trace envelope with its verification;
 //! - [`report`]: the run report (a superset of the LLMunix follower report);
 //! - [`shell`]: a Bash step's shell policy (allowed commands, command substitution);
 //! - [`wire`]: the fleet link's MQTT topics, payloads and signed commands;
-//! - [`gguf`]: the header of a GGUF model file, read with every length checked.
+//! - [`gguf`]: the header of a GGUF model file, read with every length checked;
+//! - [`ids`]: validated identifiers (trace, device, run ids, versions, variable names);
+//! - [`time`]: epoch seconds and RFC 3339, the fleet's two ways of writing time.
 //!
 //! It knows nothing of SQLite, llama.cpp or a device's file system layout, and of MQTT clients
 //! only behind the `mqtt` feature ([`link`]: the broker settings both sides share):
@@ -17,6 +19,7 @@
 mod bold;
 pub mod bundle;
 pub mod compile;
+pub mod compiled;
 pub mod confidence;
 pub mod diag;
 pub mod gguf;
@@ -27,6 +30,7 @@ pub mod report;
 pub mod shell;
 pub mod signed;
 pub mod source;
+pub mod time;
 pub mod trace;
 pub mod trust;
 pub mod wire;
