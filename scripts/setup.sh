@@ -4,6 +4,8 @@
 #   - python3 + pip (to obtain the test model from PyPI);
 #   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port, and
 #     openssl, with which the TLS test makes its certificates;
+#   - procps: the tests signal processes with kill(1) and look for them with pgrep (a bare
+#     Debian 12 — debootstrap minbase, the debian:bookworm image — has neither);
 #   - the test/demo model, verified by sha256 (models/fetch.sh).
 # Needs a Rust toolchain >= 1.95 (rustup) on PATH.
 set -euo pipefail
@@ -37,6 +39,7 @@ command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v openssl >/dev/null || need+=(openssl)
+{ type -P kill && type -P pgrep; } >/dev/null || need+=(procps) # type -P: not bash's builtin kill
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   as_root apt-get update -qq
@@ -51,6 +54,7 @@ have_libclang || missing+=("libclang.so or libclang-N.so (Debian package libclan
 python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package python3-pip): models/fetch.sh downloads the test model with it")
 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=("mosquitto (Debian package mosquitto): the fleet tests' MQTT broker")
 openssl version >/dev/null 2>&1 || missing+=("openssl (Debian package openssl): the TLS test's certificates")
+{ type -P kill && type -P pgrep; } >/dev/null || missing+=("kill and pgrep (Debian package procps): the tests signal processes and look for them")
 if ! command -v cargo >/dev/null; then
   missing+=("a Rust toolchain >= 1.95 on PATH: install rustup (https://rustup.rs), then open a new shell or run: . \"\$HOME/.cargo/env\"")
 elif ! rustc_version=$(rustc --version 2>/dev/null) || \
