@@ -4,9 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // tests state expectations by unwrapping
 
-#[path = "examples.rs"]
-#[allow(dead_code)] // the parse checks are used by the binaries' unit tests
-mod examples;
+use crate::examples;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;

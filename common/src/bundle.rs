@@ -228,8 +228,8 @@ pub fn read_header(
         .map_err(|e| f(format!("cannot read the 8-byte start: {e}")))?;
     if &start[..3] != BUNDLE_MAGIC {
         return Err(f(format!(
-            "expected magic bytes \"TFB\", found {:02x?}",
-            &start[..3]
+            "expected magic bytes \"TFB\", found \"{}\"",
+            start[..3].escape_ascii()
         )));
     }
     if start[3] != BUNDLE_FORMAT_VERSION {

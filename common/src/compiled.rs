@@ -25,7 +25,7 @@ pub enum DecodeError {
         limit: usize,
     },
     /// Not a compiled trace.
-    #[error("not a compiled trace: expected magic bytes \"TFC\", found {found:02x?}")]
+    #[error("not a compiled trace: expected magic bytes \"TFC\" and a format byte, found \"{}\" ({} bytes)", found.escape_ascii(), found.len())]
     BadMagic {
         /// The first bytes found.
         found: Vec<u8>,
@@ -69,7 +69,7 @@ pub fn decode_compiled(bytes: &[u8]) -> Result<Trace, DecodeError> {
     }
     if bytes.len() < 4 || &bytes[..3] != COMPILED_MAGIC {
         return Err(DecodeError::BadMagic {
-            found: bytes.iter().take(3).copied().collect(),
+            found: bytes.iter().take(4).copied().collect(),
         });
     }
     if bytes[3] != COMPILED_FORMAT_VERSION {

@@ -78,8 +78,15 @@ impl Diagnostics {
         use codespan_reporting::term::{Config, emit_into_string};
         let index = crate::source::LineIndex::new(source);
         let mut out = String::new();
+        // One SimpleFile per file name: building it indexes every line of the source, so
+        // building it per diagnostic made rendering quadratic (a 1 MiB source of repeated
+        // step headings took minutes).
+        let mut files: std::collections::HashMap<&str, SimpleFile<&str, &str>> =
+            std::collections::HashMap::new();
         for d in &self.0 {
-            let file = SimpleFile::new(d.file.as_str(), source);
+            let file = files
+                .entry(d.file.as_str())
+                .or_insert_with(|| SimpleFile::new(d.file.as_str(), source));
             let mut start = index.offset(d.line, d.column).min(source.len());
             while !source.is_char_boundary(start) {
                 start -= 1;
@@ -94,7 +101,7 @@ impl Diagnostics {
             }
             .with_message(&d.message)
             .with_labels(vec![Label::primary((), start..end.max(start))]);
-            match emit_into_string(&Config::default(), &file, &cs) {
+            match emit_into_string(&Config::default(), &*file, &cs) {
                 Ok(text) => out.push_str(&text),
                 Err(_) => out.push_str(&format!("{d}\n")),
             }

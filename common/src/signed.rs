@@ -375,7 +375,7 @@ pub enum VerifyError {
         limit: usize,
     },
     /// Not a signed trace.
-    #[error("not a signed trace: expected magic bytes \"TFS\", found {found:02x?}")]
+    #[error("not a signed trace: expected magic bytes \"TFS\" and a format byte, found \"{}\" ({} bytes)", found.escape_ascii(), found.len())]
     BadMagic {
         /// The first bytes found.
         found: Vec<u8>,
@@ -569,7 +569,7 @@ pub fn decode_signed(bytes: &[u8]) -> Result<SignedTrace, VerifyError> {
     }
     if bytes.len() < 4 || &bytes[..3] != SIGNED_MAGIC {
         return Err(VerifyError::BadMagic {
-            found: bytes.iter().take(3).copied().collect(),
+            found: bytes.iter().take(4).copied().collect(),
         });
     }
     if bytes[3] != SIGNED_FORMAT_VERSION {
@@ -695,6 +695,14 @@ mod tests {
 
     fn signed_by(k: &SecretKey, created: u64, expires: u64) -> SignedTrace {
         sign(&compiled(), k, created, expires).unwrap()
+    }
+
+    #[test]
+    fn a_short_or_foreign_start_is_shown_as_text_with_its_length() {
+        let e = decode_signed(b"TFS").unwrap_err().to_string();
+        assert!(e.contains("found \"TFS\" (3 bytes)"), "{e}");
+        let e = decode_signed(b"\x7fELF\x02\x01").unwrap_err().to_string();
+        assert!(e.contains("found \"\\x7fELF\" (4 bytes)"), "{e}");
     }
 
     #[test]

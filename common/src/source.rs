@@ -183,6 +183,9 @@ pub struct SourceTrace {
     pub sections: Vec<Block>,
     /// Structural problems found while splitting.
     pub diagnostics: Vec<Diagnostic>,
+    /// Step headings refused (malformed, number out of range): already reported, so that
+    /// "the trace has no steps" is not said as well.
+    pub rejected_step_headings: usize,
 }
 
 impl SourceStep {
@@ -211,6 +214,7 @@ impl SourceTrace {
             steps: Vec::new(),
             sections: Vec::new(),
             diagnostics: Vec::new(),
+            rejected_step_headings: 0,
         }
     }
 }
@@ -579,7 +583,22 @@ fn on_heading(
             out.steps.push(SourceStep::new(number, title, line));
             true
         }
+        (Err(_), Some(_)) if !digits.is_empty() => {
+            out.rejected_step_headings += 1;
+            out.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                file: out.file.clone(),
+                line,
+                column,
+                message: format!(
+                    "step number {digits} is too large: expected a number from 0 to {}",
+                    u32::MAX
+                ),
+            });
+            false
+        }
         _ => {
+            out.rejected_step_headings += 1;
             out.diagnostics.push(Diagnostic {
                 severity: Severity::Error,
                 file: out.file.clone(),

@@ -262,8 +262,9 @@ pub fn decode_root(bytes: &[u8]) -> Result<(SignedRoot, TrustRoot), TrustError> 
     }
     if bytes.len() < 4 || &bytes[..3] != ROOT_MAGIC {
         return Err(f(format!(
-            "expected magic bytes \"TFR\", found {:02x?}",
-            &bytes[..bytes.len().min(3)]
+            "expected magic bytes \"TFR\" and a format byte, found \"{}\" ({} bytes)",
+            bytes[..bytes.len().min(4)].escape_ascii(),
+            bytes.len()
         )));
     }
     if bytes[3] != ROOT_FORMAT_VERSION {

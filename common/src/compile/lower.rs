@@ -147,7 +147,7 @@ impl Cx {
         }
 
         // Steps.
-        if src.steps.is_empty() {
+        if src.steps.is_empty() && src.rejected_step_headings == 0 {
             self.error(
                 fm_block.line,
                 "the trace has no steps: expected at least one `### Step N: title` section",
@@ -268,14 +268,25 @@ impl Cx {
         );
         let mut raw_outputs: Vec<RawOutput> = fm.outputs;
         for block in &src.sections {
-            let is_section = serde_norway::from_str::<Value>(&block.text).is_ok_and(|v| {
-                v.as_mapping()
-                    .is_some_and(|m| m.contains_key("postconditions") || m.contains_key("outputs"))
+            // A block that starts a top-level `postconditions:` or `outputs:` key is part of
+            // the trace, parsed or not: a block that does not parse (a syntax error, a
+            // duplicate key, an alias bomb) is an error, never a silently dropped check.
+            // Other blocks are prose examples and other code.
+            let declares = block.text.lines().any(|l| {
+                let key = l.split(':').next().unwrap_or("");
+                l.contains(':') && (key == "postconditions" || key == "outputs")
             });
+            let is_section = declares
+                || serde_norway::from_str::<Value>(&block.text).is_ok_and(|v| {
+                    v.as_mapping().is_some_and(|m| {
+                        m.contains_key("postconditions") || m.contains_key("outputs")
+                    })
+                });
             if !is_section {
-                continue; // prose examples and other code are not part of the trace
+                continue;
             }
-            let Some(section) = self.yaml::<RawSection>(block, "section") else {
+            let Some(section) = self.yaml::<RawSection>(block, "postconditions/outputs section")
+            else {
                 continue;
             };
             if let Some(raw) = section.postconditions {
