@@ -1,7 +1,8 @@
 //! The compiled form of a trace: `b"TFC"`, one format-version byte
 //! ([`COMPILED_FORMAT_VERSION`]), then the postcard encoding (postcard 1.x wire format) of
 //! [`Trace`]. Decoding refuses inputs over [`MAX_COMPILED_BYTES`], a wrong magic or version,
-//! and trailing bytes.
+//! and trailing bytes, and a trace that breaks a rule the compiler enforces
+//! ([`crate::invariants`]).
 
 use crate::trace::Trace;
 
@@ -44,6 +45,10 @@ pub enum DecodeError {
     /// Bytes after the body.
     #[error("compiled trace has {0} trailing bytes after its body: expected none")]
     Trailing(usize),
+    /// Well-formed bytes whose trace breaks a rule the compiler enforces (a tampered or
+    /// foreign compiled trace, even when a trusted key signed it).
+    #[error("compiled trace breaks a rule the compiler enforces: {0}")]
+    Invariant(String),
 }
 
 /// Encodes a trace in the compiled form.
@@ -79,5 +84,6 @@ pub fn decode_compiled(bytes: &[u8]) -> Result<Trace, DecodeError> {
     if !rest.is_empty() {
         return Err(DecodeError::Trailing(rest.len()));
     }
+    crate::invariants::check(&trace).map_err(DecodeError::Invariant)?;
     Ok(trace)
 }

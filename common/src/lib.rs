@@ -24,6 +24,7 @@ pub mod confidence;
 pub mod diag;
 pub mod gguf;
 pub mod ids;
+pub mod invariants;
 #[cfg(feature = "mqtt")]
 pub mod link;
 pub mod report;

@@ -234,7 +234,15 @@ proptest! {
     #[test]
     fn compiled_form_round_trips(t in trace()) {
         let bytes = encode_compiled(&t);
-        prop_assert_eq!(decode_compiled(&bytes).unwrap(), t);
+        // The encoding round-trips any IR value…
+        prop_assert_eq!(&postcard::from_bytes::<Trace>(&bytes[4..]).unwrap(), &t);
+        // …and the decoder accepts exactly the values that keep the compiler's rules.
+        match tracefleet::invariants::check(&t) {
+            Ok(()) => prop_assert_eq!(decode_compiled(&bytes).unwrap(), t),
+            Err(e) => prop_assert!(
+                matches!(decode_compiled(&bytes), Err(tracefleet::compile::DecodeError::Invariant(m)) if m == e)
+            ),
+        }
     }
 
     #[test]
