@@ -170,8 +170,8 @@ fn fallback(
     }
 }
 
-fn resolved<'a>(
-    templates: Vec<&'a Template>,
+fn resolved(
+    templates: Vec<&Template>,
     known: impl Fn(&str) -> bool,
     what: &str,
 ) -> Result<(), String> {
