@@ -61,15 +61,19 @@ wait_for() {
   done
 }
 runs_of() { echo "sum(1 for r in j['runs'] if r['device_id'] == '$1')"; }
-# run_on DEVICE: a signed command to run the trace on the device's site; waits for its report.
+# run_on DEVICE VERSION STATUS: a signed command to run the trace on the device's site; waits
+# for its report and checks that it is of VERSION and ended with STATUS (the demo fails if not).
 run_on() {
-  local d=$1 before
+  local d=$1 version=$2 expect=$3 before got
   before=$(json "$learner" runs list --config learner.toml --json -- "$(runs_of "$d")")
   "$learner" command "$d" run dpkg-log-triage --var "log_path=$work/sites/$d/dpkg.log" \
     --key commands.key --config learner.toml >/dev/null
   wait_for 180 "a report from $d" "$(runs_of "$d") > $before"
   json "$learner" runs list --config learner.toml --json -- \
     "'   ' + [f\"{r['device_id']}: run {r['run_id'][:13]}… of {r['trace_id']} {r['trace_version']}: {r['status']}\" for r in j['runs'] if r['device_id'] == '$d'][-1]"
+  got=$(json "$learner" runs list --config learner.toml --json -- \
+    "[r['trace_version'] + ' ' + r['status'] for r in j['runs'] if r['device_id'] == '$d'][-1]")
+  [ "$got" = "$version $expect" ] || die "$d ran $got: expected $version $expect"
 }
 acked_by_all() { echo "sum(1 for a in j['acks'] if a['version'] == '$1' and a['outcome'] in ('installed', 'already_installed')) >= 3"; }
 canary_of() {
@@ -173,12 +177,15 @@ rotated=$(for d in pi-01 pi-02 pi-03; do [ "$d" = "$canary" ] || echo "$d"; done
 mv "sites/$rotated/dpkg.log" "sites/$rotated/dpkg.log.1"
 printf '%s startup archives unpack\n%s startup packages configure\n' "$(date '+%F %T')" "$(date '+%F %T')" >"sites/$rotated/dpkg.log"
 say "on $rotated the log was rotated a moment ago"
-run_on "$canary"
+run_on "$canary" 1.0.0 success
 wait_for 60 "every device's install of 1.0.0" "$(acked_by_all 1.0.0)"
 say "the rollout reached the whole fleet"
 
 step "every other device runs it on its own log (SmolLM2 judges the risk in-process)"
-for d in pi-01 pi-02 pi-03; do [ "$d" = "$canary" ] || run_on "$d"; done
+for d in pi-01 pi-02 pi-03; do
+  [ "$d" = "$canary" ] && continue
+  if [ "$d" = "$rotated" ]; then run_on "$d" 1.0.0 failed; else run_on "$d" 1.0.0 success; fi
+done
 json "$learner" runs list --config learner.toml --json -- \
   "'\n'.join(f\"   escalation from {e['device_id']}: {e['reason']}\" for e in j['escalations'])"
 
@@ -193,12 +200,12 @@ say "new source: $work/regenerated/dpkg-log-triage-1.1.0.trace.md"
 wait_for 60 "the canary's install of 1.1.0" "any(a['version'] == '1.1.0' for a in j['acks'])"
 canary=$(canary_of 1.1.0)
 say "canary: $canary"
-run_on "$canary"
+run_on "$canary" 1.1.0 success
 wait_for 60 "every device's install of 1.1.0" "$(acked_by_all 1.1.0)"
 say "1.1.0 reached the whole fleet"
 
 step "every other device runs 1.1.0 — $rotated included"
-for d in pi-01 pi-02 pi-03; do [ "$d" = "$canary" ] || run_on "$d"; done
+for d in pi-01 pi-02 pi-03; do [ "$d" = "$canary" ] || run_on "$d" 1.1.0 success; done
 
 step "the fleet"
 "$learner" fleet --config learner.toml | sed 's/^/   /'
