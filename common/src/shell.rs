@@ -100,10 +100,77 @@ pub enum ShellError {
         /// The construct.
         what: String,
     },
+    /// A variable that changes what a command loads or runs (`LD_PRELOAD`, `PATH`, …) set,
+    /// exported or read under an allow-list: `LD_PRELOAD=./x.so ls` would run `x.so`'s code
+    /// inside an allowed command.
+    #[error(
+        "`{name}` changes what a command loads or runs: setting, exporting or reading it is refused under allowed_commands (found `{word}`)"
+    )]
+    LoaderVariable {
+        /// The variable.
+        name: String,
+        /// The word that sets it, as written.
+        word: String,
+    },
     /// The text is not a shell program.
     #[error("cannot parse the command as POSIX shell: {0}")]
     Syntax(String),
 }
+
+/// Variables that change what a program loads or runs, or what the shell runs on its own
+/// (the dynamic loader's `LD_*`, `PATH`, the shells' start-up files and hooks, interpreters'
+/// module paths and option variables, programs that run a pager, editor or SSH command).
+/// Under an allow-list none of them may be set, exported or read into.
+pub const LOADER_VARIABLES: &[&str] = &[
+    "PATH",
+    "ENV",
+    "BASH_ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "PROMPT_COMMAND",
+    "CDPATH",
+    "GCONV_PATH",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "RESOLV_HOST_CONF",
+    "MALLOC_CONF",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PERL5LIB",
+    "PERLLIB",
+    "PERL5OPT",
+    "RUBYLIB",
+    "RUBYOPT",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+    "GIT_EXEC_PATH",
+    "GIT_SSH",
+    "GIT_SSH_COMMAND",
+    "GIT_CONFIG_GLOBAL",
+    "GIT_PAGER",
+    "PAGER",
+    "MANPAGER",
+    "EDITOR",
+    "VISUAL",
+    "BROWSER",
+    "SYSTEMD_PAGER",
+    "LESSOPEN",
+    "LESSCLOSE",
+];
+
+/// Whether setting `name` can change what a command loads or runs ([`LOADER_VARIABLES`], and
+/// every `LD_*` and `DYLD_*` variable).
+pub fn is_loader_variable(name: &str) -> bool {
+    name.starts_with("LD_") || name.starts_with("DYLD_") || LOADER_VARIABLES.contains(&name)
+}
+
+/// Builtins whose arguments name variables they set or export.
+const SETS_VARIABLES: &[&str] = &["export", "local", "readonly", "declare", "typeset", "read"];
 
 /// Checks `command` (a Bash step's command line with its placeholders rendered as environment
 /// references) against the step's policy: `allowed` (`None` = any command) and whether
@@ -413,7 +480,17 @@ impl Checker<'_> {
             match item {
                 CommandPrefixOrSuffixItem::IoRedirect(r) => self.redirect(r, depth)?,
                 CommandPrefixOrSuffixItem::Word(w) => self.word(w, depth)?,
-                CommandPrefixOrSuffixItem::AssignmentWord(_, w) => self.word(w, depth)?,
+                CommandPrefixOrSuffixItem::AssignmentWord(a, w) => {
+                    let (brush_parser::ast::AssignmentName::VariableName(name)
+                    | brush_parser::ast::AssignmentName::ArrayElementName(name, _)) = &a.name;
+                    if is_loader_variable(name) {
+                        return Err(ShellError::LoaderVariable {
+                            name: name.clone(),
+                            word: w.value.clone(),
+                        });
+                    }
+                    self.word(w, depth)?;
+                }
                 CommandPrefixOrSuffixItem::ProcessSubstitution(_, sub) => {
                     self.list(&sub.list, depth)?;
                 }
@@ -426,6 +503,32 @@ impl Checker<'_> {
         let literal = self.literal(name).ok_or_else(|| ShellError::ComputedName {
             word: name.value.clone(),
         })?;
+        if SETS_VARIABLES.contains(&literal.as_str()) {
+            // `export LD_PRELOAD=./x.so`, `read PATH`: the names among the arguments.
+            for w in s
+                .suffix
+                .iter()
+                .flat_map(|p| p.0.iter())
+                .filter_map(|i| match i {
+                    CommandPrefixOrSuffixItem::Word(w)
+                    | CommandPrefixOrSuffixItem::AssignmentWord(_, w) => Some(w),
+                    _ => None,
+                })
+            {
+                let text = self.literal(w).unwrap_or_else(|| w.value.clone());
+                let name = text
+                    .split(['=', '['])
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches('+');
+                if is_loader_variable(name) {
+                    return Err(ShellError::LoaderVariable {
+                        name: name.to_owned(),
+                        word: w.value.clone(),
+                    });
+                }
+            }
+        }
         if ALWAYS_ALLOWED.contains(&literal.as_str()) || self.allowed.contains(&literal) {
             Ok(())
         } else {

@@ -95,6 +95,41 @@ fn pipelines_lists_and_compound_commands_are_walked() {
 }
 
 #[test]
+fn variables_that_change_what_a_command_loads_are_refused_under_an_allow_list() {
+    let ok = allowed(&["ls", "grep"]);
+    // The hostile probe's bypass: a shared object written with printf, then preloaded.
+    for (cmd, var) in [
+        (
+            "printf 'x' > evil.so; LD_PRELOAD=./evil.so ls",
+            "LD_PRELOAD",
+        ),
+        ("LD_LIBRARY_PATH=. ls", "LD_LIBRARY_PATH"),
+        ("PATH=.:$PATH ls", "PATH"),
+        ("export LD_PRELOAD=./evil.so; ls", "LD_PRELOAD"),
+        ("export PATH; ls", "PATH"),
+        ("read -r LD_AUDIT < f; export LD_AUDIT; ls", "LD_AUDIT"),
+        ("BASH_ENV=./x grep y f", "BASH_ENV"),
+        ("if true; then GCONV_PATH=. ls; fi", "GCONV_PATH"),
+        ("declare -x PYTHONPATH=. ; ls", "PYTHONPATH"),
+        ("local ENV=./rc", "ENV"),
+    ] {
+        match check(cmd, Some(&ok), false) {
+            Err(ShellError::LoaderVariable { name, .. }) => assert_eq!(name, var, "{cmd}"),
+            other => panic!("{cmd}: expected {var} refused, found {other:?}"),
+        }
+    }
+    // Ordinary variables stay allowed, and without an allow-list nothing is restricted.
+    for cmd in [
+        "LC_ALL=C grep -c x f",
+        "export TF_OUT=1; ls",
+        "read -r line < f; ls",
+    ] {
+        assert_eq!(check(cmd, Some(&ok), false), Ok(()), "{cmd}");
+    }
+    assert_eq!(check("LD_PRELOAD=./x.so ls", None, false), Ok(()));
+}
+
+#[test]
 fn computed_command_names_are_refused() {
     let ok = allowed(&["grep"]);
     for cmd in ["\"${TF_VAR_tool}\" x", "$CMD", "g${X}rep x"] {
