@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up of a Debian machine for tracefleet (idempotent; safe to run again):
-#   - Debian packages llama.cpp needs to build: cmake, libclang-dev (bindgen), a C++ compiler;
+#   - Debian packages llama.cpp needs to build: cmake and make (cmake only recommends it),
+#     libclang-dev (bindgen), a C++ compiler;
 #   - python3 + pip (to obtain the test model from PyPI);
 #   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port, and
 #     openssl, with which the TLS test makes its certificates;
@@ -33,6 +34,7 @@ have_libclang() {
 
 need=()
 command -v cmake >/dev/null || need+=(cmake)
+command -v make >/dev/null || need+=(make)
 command -v c++ >/dev/null || need+=(g++)
 have_libclang || need+=(libclang-dev)
 command -v python3 >/dev/null || need+=(python3)
@@ -49,6 +51,7 @@ fi
 # Each prerequisite must be usable now, installed or not: say exactly what is missing.
 missing=()
 cmake --version >/dev/null 2>&1 || missing+=("cmake (Debian package cmake): llama.cpp's build")
+make --version >/dev/null 2>&1 || missing+=("make (Debian package make): cmake's build tool for llama.cpp")
 c++ --version >/dev/null 2>&1 || missing+=("a C++ compiler (Debian package g++): llama.cpp")
 have_libclang || missing+=("libclang.so or libclang-N.so (Debian package libclang-dev): bindgen loads it to build llama-cpp-sys-2; libclang-cpp.so alone does not do")
 python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package python3-pip): models/fetch.sh downloads the test model with it")
