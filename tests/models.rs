@@ -183,6 +183,55 @@ parameters:
 ```
 "#;
 
+/// The real model with the u32 value of metadata key `key` replaced by `value`.
+fn patched(ws: &Workspace, key: &str, value: u32) -> String {
+    let mut bytes = std::fs::read(model()).unwrap();
+    // key: u64 length, the name, then the u32 type tag (4) and the value.
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    needle.extend_from_slice(&4u32.to_le_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .unwrap_or_else(|| panic!("{key} (u32) not found in the model"))
+        + needle.len();
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    let name = format!("patched-{}.gguf", key.replace('.', "-"));
+    std::fs::write(ws.path(&name), bytes).unwrap();
+    name
+}
+
+#[test]
+fn a_model_whose_hyperparameters_would_crash_llama_cpp_is_refused_before_it_loads() {
+    // The hostile probe's files: block_count 1000 aborted llama.cpp (exit 134), context_length
+    // 2^32 - 1 panicked in our code, and the unfinished run then crash-looped on every resume.
+    let ws = Workspace::new();
+    std::fs::write(ws.path("classify.trace.md"), CLASSIFY).unwrap();
+    for (key, value) in [
+        ("llama.block_count", 1000),
+        ("llama.context_length", u32::MAX),
+        ("llama.block_count", 31),
+    ] {
+        let file = patched(&ws, key, value);
+        let r = ws.follower(&["models", "add", &file]);
+        assert_eq!(r.code, Some(2), "{key}={value}: {r:?}");
+        assert!(
+            r.stderr.contains(&format!("`{key}`")),
+            "{key}: {}",
+            r.stderr
+        );
+        // A run handed the file directly refuses it before any step, without a crash.
+        let r = run_classify(&ws, &["--model", &file]);
+        assert_eq!(r.code, Some(2), "{key}={value}: {r:?}");
+        assert!(
+            r.stderr.contains(&format!("`{key}`")),
+            "{key}: {}",
+            r.stderr
+        );
+    }
+    assert!(registered(&ws).is_empty());
+}
+
 fn run_classify(ws: &Workspace, extra: &[&str]) -> tracefleet_e2e::Run {
     let mut args = vec![
         "run",

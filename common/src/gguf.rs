@@ -17,7 +17,7 @@
 //! tokenizer's vocabulary) are walked, not kept: [`MetaValue::Array`] records their element type
 //! and length only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 
 /// Longest string value kept in [`GgufInfo::metadata`] (chat templates are a few KiB); longer
@@ -496,8 +496,18 @@ pub fn read_file(path: &std::path::Path) -> Result<GgufInfo, String> {
     }
     let info = read_header(std::io::BufReader::new(file), meta.len()).map_err(|e| e.to_string())?;
     info.check_len(meta.len()).map_err(|e| e.to_string())?;
+    info.check_hyperparameters().map_err(|e| e.to_string())?;
     Ok(info)
 }
+
+/// Most transformer blocks llama.cpp accepts (`LLAMA_MAX_LAYERS`; more aborts it).
+pub const MAX_BLOCK_COUNT: u64 = 512;
+/// Largest training context accepted, tokens (2^24; published models stay far below).
+pub const MAX_CONTEXT_LENGTH: u64 = 1 << 24;
+/// Largest embedding length accepted.
+pub const MAX_EMBEDDING_LENGTH: u64 = 1 << 20;
+/// Most experts llama.cpp accepts (`LLAMA_MAX_EXPERTS`).
+pub const MAX_EXPERTS: u64 = 512;
 
 impl GgufInfo {
     /// Checks that the data section holds every tensor in a file of `file_len` bytes.
@@ -521,6 +531,74 @@ impl GgufInfo {
                     ),
                     found: format!("a file of {file_len} bytes (truncated?)"),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the architecture's hyperparameters against what llama.cpp asserts on (it
+    /// aborts the whole process, or our arithmetic overflows, on values such as a
+    /// `block_count` of 1000 or a `context_length` of 2^32 − 1 — found by patching a real
+    /// model): block count 1..=[`MAX_BLOCK_COUNT`] and equal to the blocks the tensor
+    /// directory holds (`blk.N.*`), context length 1..=[`MAX_CONTEXT_LENGTH`], embedding
+    /// length 1..=[`MAX_EMBEDDING_LENGTH`], head counts positive with the KV heads dividing
+    /// the heads, experts at most [`MAX_EXPERTS`] and used experts at most the experts. Keys a
+    /// file does not have are not checked (llama.cpp refuses a model that needs them).
+    ///
+    /// # Errors
+    /// The first value out of range, naming its key.
+    pub fn check_hyperparameters(&self) -> Result<(), GgufError> {
+        let Some(arch) = self.architecture() else {
+            return Ok(());
+        };
+        let bad = |suffix: &str, expected: String, found: String| GgufError {
+            offset: 0,
+            expected: format!("`{arch}.{suffix}` {expected}"),
+            found,
+        };
+        let range = |suffix: &str, lo: u64, hi: u64| -> Result<Option<u64>, GgufError> {
+            let key = format!("{arch}.{suffix}");
+            match self.metadata.get(&key) {
+                None | Some(MetaValue::Array { .. }) => Ok(None),
+                Some(MetaValue::Uint(v)) if (lo..=hi).contains(v) => Ok(Some(*v)),
+                Some(other) => Err(bad(
+                    suffix,
+                    format!("from {lo} to {hi}"),
+                    format!("{other:?}"),
+                )),
+            }
+        };
+        let blocks = range("block_count", 1, MAX_BLOCK_COUNT)?;
+        range("context_length", 1, MAX_CONTEXT_LENGTH)?;
+        range("embedding_length", 1, MAX_EMBEDDING_LENGTH)?;
+        let heads = range("attention.head_count", 1, MAX_EMBEDDING_LENGTH)?;
+        let kv_heads = range("attention.head_count_kv", 1, MAX_EMBEDDING_LENGTH)?;
+        if let (Some(h), Some(kv)) = (heads, kv_heads)
+            && h % kv != 0
+        {
+            return Err(bad(
+                "attention.head_count_kv",
+                format!("dividing the {h} attention heads"),
+                kv.to_string(),
+            ));
+        }
+        if let Some(experts) = range("expert_count", 0, MAX_EXPERTS)? {
+            range("expert_used_count", 0, experts)?;
+        }
+        if let Some(n) = blocks {
+            let indices: BTreeSet<u64> = self
+                .tensors
+                .iter()
+                .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+                .collect();
+            if let Some(&last) = indices.last()
+                && (last + 1 != n)
+            {
+                return Err(bad(
+                    "block_count",
+                    "equal to the blocks in the tensor directory".into(),
+                    format!("{n}, with tensors for blocks 0 to {last}"),
+                ));
             }
         }
         Ok(())
@@ -722,5 +800,71 @@ mod tests {
         let (block, size) = ggml_type_layout(3).unwrap();
         assert_eq!(576 / block * size * 49152, 17_694_720);
         assert!(ggml_type_layout(4).is_none(), "Q4_2 was removed from ggml");
+    }
+
+    fn model(meta: &[(&str, u64)], blocks: u64) -> GgufInfo {
+        let mut metadata = BTreeMap::new();
+        metadata.insert(
+            "general.architecture".to_owned(),
+            MetaValue::String("llama".into()),
+        );
+        for (k, v) in meta {
+            metadata.insert(format!("llama.{k}"), MetaValue::Uint(*v));
+        }
+        let tensors = (0..blocks)
+            .map(|b| TensorInfo {
+                name: format!("blk.{b}.attn_q.weight"),
+                dims: vec![8],
+                ggml_type: 0,
+                offset: 0,
+                nbytes: 32,
+            })
+            .collect();
+        GgufInfo {
+            version: 3,
+            metadata,
+            tensors,
+            alignment: 32,
+            data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn hyperparameters_llama_cpp_aborts_on_are_refused_before_it_sees_the_file() {
+        let good = [
+            ("block_count", 30),
+            ("context_length", 8192),
+            ("embedding_length", 576),
+            ("attention.head_count", 9),
+            ("attention.head_count_kv", 3),
+        ];
+        assert_eq!(model(&good, 30).check_hyperparameters(), Ok(()));
+        let with = |key: &'static str, v: u64| {
+            let mut m = good.to_vec();
+            m.retain(|(k, _)| *k != key);
+            m.push((key, v));
+            m
+        };
+        for (meta, blocks, key) in [
+            (with("block_count", 1000), 30, "block_count"),
+            (with("block_count", 1000), 1000, "block_count"),
+            (with("block_count", 40), 30, "block_count"),
+            (
+                with("context_length", u64::from(u32::MAX)),
+                30,
+                "context_length",
+            ),
+            (with("context_length", 0), 30, "context_length"),
+            (with("attention.head_count", 0), 30, "attention.head_count"),
+            (
+                with("attention.head_count_kv", 4),
+                30,
+                "attention.head_count_kv",
+            ),
+            (with("embedding_length", 1 << 40), 30, "embedding_length"),
+        ] {
+            let e = model(&meta, blocks).check_hyperparameters().unwrap_err();
+            assert!(e.to_string().contains(&format!("`llama.{key}`")), "{e}");
+        }
     }
 }
