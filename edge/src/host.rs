@@ -1,4 +1,4 @@
-//! The real tools behind [`crate::exec::Host`]: files, shell commands and the model.
+//! The real tools behind [`crate::effects::Host`]: files, shell commands and the model.
 //!
 //! Path policy: relative paths resolve inside the run's base directory. Reads may also reach
 //! the device's read-only roots (default `/var/log`, `/etc`, `/usr/share`), because traces
@@ -17,7 +17,7 @@
 //! run before its next step; a second (`abort`) also ends the running command (SIGTERM to its
 //! group, SIGKILL after the grace period). A run deadline ends the run the same way.
 
-use crate::exec::{
+use crate::effects::{
     FileKind, GenerateRequest, Generation, Host, Interruption, MAX_LISTED_FILES, ShellOutput,
 };
 use crate::infer::Inference;
@@ -35,8 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Largest file a Read step or a check reads (bytes).
 pub const MAX_READ_BYTES: u64 = 8 * 1024 * 1024;
-/// Largest stdout kept from a shell command (bytes); the rest is discarded.
-pub const MAX_STDOUT_BYTES: usize = 4 * 1024 * 1024;
+pub use crate::effects::MAX_STDOUT_BYTES;
 /// Largest stderr kept from a shell command (bytes).
 pub const MAX_STDERR_BYTES: usize = 64 * 1024;
 /// Time between SIGTERM and SIGKILL when a command times out.

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use tracefleet::gguf::GgufInfo;
 use tracefleet::report::{LlmUsage, Telemetry};
 
-use crate::exec::{GenerateRequest, Generation};
+use crate::effects::{GenerateRequest, Generation};
 use crate::models::ram_needed;
 
 /// Tokens decoded per `decode` call while reading the prompt.

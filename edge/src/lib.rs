@@ -8,6 +8,7 @@
 //! before llama.cpp sees them.
 
 pub mod agent;
+pub mod effects;
 pub mod exec;
 pub mod host;
 pub mod infer;

@@ -4,7 +4,7 @@
 //! Lives at `<state-dir>/follower.db`. Every write is one transaction, so a crash leaves the
 //! database at the last committed step.
 
-use crate::exec::Completed;
+use crate::effects::Completed;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
