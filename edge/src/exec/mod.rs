@@ -25,9 +25,9 @@ pub use crate::effects::{
 };
 pub use checks::check_supported;
 use checks::{check, schema_violation};
-use scheduler::{Progress, conditions, not_run, schedule};
+use scheduler::{Progress, conditions, schedule};
 use search::{glob_files, grep};
-use step::{StepRun, run_step};
+use step::{StepRun, not_run, run_step};
 
 use std::collections::BTreeMap;
 use tracefleet::Trace;

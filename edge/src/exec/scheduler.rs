@@ -266,25 +266,6 @@ fn interrupt(report: &mut Report, why: Interruption) {
     }
 }
 
-pub(super) fn not_run(step: &Step) -> StepResult {
-    StepResult {
-        step: step.number,
-        title: step.title.clone(),
-        tool: step.tool.name().to_owned(),
-        status: StepStatus::NotRun,
-        attempts: 0,
-        output: String::new(),
-        output_truncated: false,
-        exit_code: None,
-        error: None,
-        duration_secs: 0.0,
-        validations: Vec::new(),
-        llm: None,
-        items: None,
-        llm_items: Vec::new(),
-    }
-}
-
 /// Evaluates pre- or postconditions; the error names the ones that failed.
 pub(super) fn conditions(
     checks: &[Check],
