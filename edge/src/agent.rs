@@ -1,4 +1,5 @@
-//! `follower agent`: the device's side of the fleet link (DESIGN.md, "Fleet link (MQTT)").
+//! `follower agent`: the device's side of the fleet link (MQTT topics and payloads in
+//! `tracefleet::wire`).
 //!
 //! One task, one loop over a closed `Event` enum: MQTT events (rumqttc, persistent session,
 //! QoS 1, manual acks), the heartbeat tick, the schedule, run processes exiting, and shutdown
@@ -13,8 +14,8 @@
 //!   so a broker that lost the session loses nothing; the learner ingests idempotently by
 //!   run id, so a message sent twice counts once.
 //! - **Traces** arrive retained on the fleet and group topics and, for a canary, its own trace
-//!   topic; each is verified and installed
-//!   through the same store path as `follower install` and acknowledged through the outbox.
+//!   topic; each is verified and installed by [`crate::install::install_signed`], as by
+//!   `follower install`, and acknowledged through the outbox.
 //!   The MQTT message is acknowledged only after that (a crash before it gets it again).
 //! - **Commands** are verified against the trust root's command keys, for this device, within
 //!   their expiry and with a counter above the last accepted one (stored before acting).
@@ -22,7 +23,8 @@
 //!   report); `stop`, `abort` and `kill` signal it (SIGTERM, a second SIGTERM, SIGKILL), the
 //!   same signals an operator would send.
 
-use crate::store::{OutboxKind, Store};
+use crate::install::{InstallError, SignedRefused, install_signed};
+use crate::store::{OutboxKind, Store, StoreError};
 use rumqttc::{AsyncClient, EventLoop, Incoming, LastWill, Outgoing, QoS};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -563,38 +565,34 @@ impl Agent {
         Ok(())
     }
 
-    /// Returns the version and whether it was new.
+    /// Returns the version and whether it was new (an already installed version is not an
+    /// error: retained traces arrive again on every reconnect).
     fn install(&mut self, topic_id: &str, bytes: &[u8]) -> anyhow::Result<(String, bool)> {
-        if bytes.len() > signed::MAX_SIGNED_BYTES {
-            anyhow::bail!(
-                "{} bytes: expected at most {} for a signed trace",
-                bytes.len(),
-                signed::MAX_SIGNED_BYTES
-            );
+        match install_signed(
+            &mut self.store,
+            bytes,
+            Some(topic_id),
+            unix_now(),
+            &rfc3339_now(),
+        ) {
+            Ok(t) => Ok((t.version.to_string(), true)),
+            Err(SignedRefused { error, .. }) => match error {
+                InstallError::NoRoot => anyhow::bail!("no trust root"),
+                InstallError::Store(StoreError::Rollback {
+                    trace_id,
+                    installed,
+                    offered,
+                }) => {
+                    if installed == offered {
+                        return Ok((offered.to_string(), false));
+                    }
+                    anyhow::bail!(
+                        "{trace_id} {offered} is older than the installed {installed}, and versions never go backwards"
+                    )
+                }
+                other => Err(other.into()),
+            },
         }
-        let (root, _) = self
-            .store
-            .trust_root()?
-            .ok_or_else(|| anyhow::anyhow!("no trust root"))?;
-        let v = signed::verify_with_root(bytes, &root, unix_now())?;
-        let id = v.trace.id.to_string();
-        if id != topic_id {
-            anyhow::bail!("trace {id} published on the topic of {topic_id}: expected the same id");
-        }
-        let version = v.trace.version;
-        if let Some(installed) = self.store.installed_version(&id)? {
-            if installed == version {
-                return Ok((version.to_string(), false));
-            }
-            if installed > version {
-                anyhow::bail!(
-                    "{id} {version} is older than the installed {installed}, and versions never go backwards"
-                );
-            }
-        }
-        self.store
-            .install_trace(Some(root.version), &id, version, bytes, &rfc3339_now())?;
-        Ok((version.to_string(), true))
     }
 
     fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {

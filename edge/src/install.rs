@@ -1,5 +1,9 @@
 //! Installing what arrives from outside: signed traces and bundles.
 //!
+//! A signed trace ([`install_signed`], used by `follower install` and by the agent for pushed
+//! traces) is verified against the device's trust root and written in one transaction that
+//! refuses a version not above the installed one.
+//!
 //! A bundle is streamed: its header is verified first (trust-root updates it carries, then the
 //! manifest's signatures, expiry and freeze rule), then every entry is copied into a staging
 //! directory beside the store while it is hashed, and checked against the manifest. Only when
@@ -40,6 +44,24 @@ pub enum InstallError {
     /// The device has no trust root.
     #[error("this device has no trust root yet (run `follower trust init ROOT.tfr`)")]
     NoRoot,
+    /// A signed trace larger than a signed trace may be.
+    #[error("{size} bytes: expected at most {max} for a signed trace", max = signed::MAX_SIGNED_BYTES)]
+    TooLarge {
+        /// Its size in bytes.
+        size: usize,
+    },
+    /// A signed trace's verification.
+    #[error(transparent)]
+    Signed(#[from] signed::VerifyError),
+    /// A signed trace for another trace id than the one expected (a pushed trace on the
+    /// topic of another).
+    #[error("trace {found} published on the topic of {expected}: expected the same id")]
+    WrongTrace {
+        /// The expected id.
+        expected: String,
+        /// The signed trace's id.
+        found: String,
+    },
     /// Reading or staging files.
     #[error("{what}: {source}")]
     Io {
@@ -64,6 +86,77 @@ pub struct Installed {
     pub traces: Vec<(String, Version)>,
     /// Model files placed in `<state-dir>/models/`.
     pub models: Vec<String>,
+}
+
+/// A signed trace installed by [`install_signed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedInstalled {
+    /// Its id.
+    pub trace_id: String,
+    /// Its version.
+    pub version: Version,
+    /// The trust-root version it was verified against.
+    pub root_version: u32,
+}
+
+/// Why [`install_signed`] installed nothing, and which trace it was when the refusal came
+/// after verification (the store refused it: not above the installed version, or SQLite).
+#[derive(Debug)]
+pub struct SignedRefused {
+    /// The verified trace's id; `None` when it was refused before or by verification.
+    pub trace_id: Option<String>,
+    /// Why.
+    pub error: InstallError,
+}
+
+/// Verifies a signed trace against the device's trust root (signatures, content hash,
+/// expiry; the trace id must be `expect_id` when given) and installs it. The version check
+/// and the write are one transaction: a version not above the installed one is refused with
+/// [`StoreError::Rollback`] (inside [`InstallError::Store`]) and nothing changes.
+///
+/// # Errors
+/// [`SignedRefused`]; nothing is installed then. Recording the refusal is the caller's.
+#[allow(clippy::result_large_err)] // a refusal is rare; its error is moved once
+pub fn install_signed(
+    store: &mut Store,
+    bytes: &[u8],
+    expect_id: Option<&str>,
+    now: u64,
+    now_text: &str,
+) -> Result<SignedInstalled, SignedRefused> {
+    let unverified = |error: InstallError| SignedRefused {
+        trace_id: None,
+        error,
+    };
+    if bytes.len() > signed::MAX_SIGNED_BYTES {
+        return Err(unverified(InstallError::TooLarge { size: bytes.len() }));
+    }
+    let (root, _) = store
+        .trust_root()
+        .map_err(|e| unverified(e.into()))?
+        .ok_or_else(|| unverified(InstallError::NoRoot))?;
+    let v = signed::verify_with_root(bytes, &root, now).map_err(|e| unverified(e.into()))?;
+    let trace_id = v.trace.id.to_string();
+    if let Some(expected) = expect_id
+        && trace_id != expected
+    {
+        return Err(unverified(InstallError::WrongTrace {
+            expected: expected.to_owned(),
+            found: trace_id,
+        }));
+    }
+    let version = v.trace.version;
+    match store.install_trace(Some(root.version), &trace_id, version, bytes, now_text) {
+        Ok(()) => Ok(SignedInstalled {
+            trace_id,
+            version,
+            root_version: root.version,
+        }),
+        Err(e) => Err(SignedRefused {
+            trace_id: Some(trace_id),
+            error: e.into(),
+        }),
+    }
 }
 
 /// Removes the staging directory whatever happens.

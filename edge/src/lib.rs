@@ -8,11 +8,15 @@
 //! before llama.cpp sees them.
 
 pub mod agent;
+pub mod clock;
+pub mod effects;
 pub mod exec;
+pub mod files;
 pub mod host;
 pub mod infer;
 pub mod install;
 pub mod models;
+pub mod runner;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;

@@ -1,0 +1,356 @@
+//! One step: its error policy around attempts (retry with backoff, skip, fallback,
+//! escalation), `foreach` items, and each tool's call through the [`Host`].
+
+use super::*;
+use std::time::Duration;
+use tracefleet::ids::VarName;
+use tracefleet::report::{LlmUsage, MAX_REPORTED_OUTPUT, StepResult, StepStatus, truncate_utf8};
+use tracefleet::trace::{CheckKind, Foreach, ForeachSource, OnError, Step, Tool};
+
+/// One executed step.
+pub(super) struct StepRun {
+    /// The record (output truncated for the report; fields of the last attempt).
+    pub(super) result: StepResult,
+    /// The untruncated output of the last attempt.
+    pub(super) full_output: String,
+    /// Prompt tokens over all attempts.
+    pub(super) prompt_tokens: u64,
+    /// Generated tokens over all attempts.
+    pub(super) completion_tokens: u64,
+}
+
+/// Runs one step with its error policy: once, or once per `foreach` item (each item bound to
+/// the step's item variable; zero items is a successful no-op; the first item that fails after
+/// its retries fails the step). A foreach step's output is its items' outputs, one per line.
+pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
+    let start = host.monotonic();
+    let mut run = match &step.foreach {
+        None => run_item(step, vars, host),
+        Some(each) => match foreach_items(each, vars, host) {
+            Err(e) => {
+                let mut result = not_run(step);
+                result.status = StepStatus::Failed;
+                result.attempts = 1;
+                result.error = Some(format!("foreach: {e}"));
+                StepRun {
+                    result,
+                    full_output: String::new(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                }
+            }
+            Ok(items) => {
+                let mut outputs = Vec::with_capacity(items.len());
+                let mut total = StepRun {
+                    result: StepResult {
+                        status: StepStatus::Success,
+                        ..not_run(step)
+                    },
+                    full_output: String::new(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                };
+                let mut usages = Vec::new();
+                for item in &items {
+                    if host.interruption().is_some() {
+                        total.result.status = StepStatus::Failed;
+                        total.result.error = Some(format!("interrupted before item {item:?}"));
+                        break;
+                    }
+                    let mut item_vars = Vars {
+                        values: vars.values.clone(),
+                    };
+                    item_vars.values.insert(each.var.to_string(), item.clone());
+                    let r = run_item(step, &item_vars, host);
+                    usages.extend(r.result.llm.clone());
+                    total.prompt_tokens += r.prompt_tokens;
+                    total.completion_tokens += r.completion_tokens;
+                    let ok = r.result.status == StepStatus::Success;
+                    outputs.push(r.full_output.trim_end_matches('\n').to_owned());
+                    total.result = r.result;
+                    if !ok {
+                        total.result.error = Some(format!(
+                            "item {item:?}: {}",
+                            total.result.error.clone().unwrap_or_default()
+                        ));
+                        break;
+                    }
+                }
+                total.result.items = Some(u32::try_from(items.len()).unwrap_or(u32::MAX));
+                // The step's figures are the sums over its items; each item's beside them.
+                total.result.llm = LlmUsage::total(&usages);
+                total.result.llm_items = usages;
+                total.full_output = outputs.join("\n");
+                total.result.output = total.full_output.clone();
+                total
+            }
+        },
+    };
+    if run.result.status == StepStatus::Failed && step.on_error == OnError::Skip {
+        run.result.status = StepStatus::Skipped;
+    }
+    run.result.duration_secs = (host.monotonic() - start).as_secs_f64();
+    run.result.output_truncated = truncate_utf8(&mut run.result.output, MAX_REPORTED_OUTPUT);
+    run
+}
+
+/// The items a `foreach` runs over.
+fn foreach_items(each: &Foreach, vars: &Vars, host: &mut dyn Host) -> Result<Vec<String>, String> {
+    let value = |v: &VarName| {
+        vars.lookup(v.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("variable `{{{v}}}` has no value (its step did not succeed)"))
+    };
+    match &each.over {
+        ForeachSource::Lines(v) => Ok(value(v)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        ForeachSource::JsonArray(v) => {
+            let text = value(v)?;
+            let parsed: serde_json::Value = serde_json::from_str(text.trim())
+                .map_err(|e| format!("`{{{v}}}` is not JSON: {e}"))?;
+            let items = parsed
+                .as_array()
+                .ok_or_else(|| format!("`{{{v}}}` is JSON but not an array"))?;
+            Ok(items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                .collect())
+        }
+        ForeachSource::Glob(pattern) => {
+            glob_files(host, pattern, None).map(|out| out.lines().map(str::to_owned).collect())
+        }
+    }
+}
+
+/// Runs one step's tool and validations under its retry policy (no skip conversion, no
+/// timing: [`run_step`] does those).
+fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
+    let (max_attempts, delay) = match step.on_error {
+        OnError::Retry {
+            retry_count,
+            delay_secs,
+            ..
+        } => (retry_count.saturating_add(1), delay_secs),
+        OnError::Fail | OnError::Skip | OnError::Fallback { .. } | OnError::Escalate { .. } => {
+            (1, 0.0)
+        }
+    };
+    let timeout = Duration::from_secs(u64::from(step.timeout_secs));
+    let mut result = not_run(step);
+    let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+    for attempt in 1..=max_attempts {
+        result.attempts = attempt;
+        result.exit_code = None;
+        result.llm = None;
+        let outcome = run_tool(step, vars, host, timeout);
+        if let Ok(Attempt { llm: Some(u), .. }) = &outcome {
+            prompt_tokens += u64::from(u.prompt_tokens);
+            completion_tokens += u64::from(u.completion_tokens);
+        }
+        let (ok, error) = match outcome {
+            Ok(a) => {
+                result.validations = step
+                    .validations
+                    .iter()
+                    .map(|c| check(c, vars, host, Some(&a.output), a.exit_code))
+                    .collect();
+                let failed: Vec<String> = result
+                    .validations
+                    .iter()
+                    .filter(|v| !v.passed)
+                    .map(|v| format!("{} ({})", v.check, v.detail))
+                    .collect();
+                // A Bash step that exits non-zero fails unless a command_exit_code
+                // validation says which code is expected.
+                let exit_checked = step
+                    .validations
+                    .iter()
+                    .any(|c| matches!(c.kind, CheckKind::CommandExitCode { .. }));
+                let exit_failed = !exit_checked && a.exit_code.is_some_and(|c| c != 0);
+                let error = if exit_failed {
+                    Some(format!(
+                        "command exited with status {}",
+                        a.exit_code.unwrap_or_default()
+                    ))
+                } else if !failed.is_empty() {
+                    Some(format!("validation failed: {}", failed.join("; ")))
+                } else {
+                    None
+                };
+                result.exit_code = a.exit_code;
+                result.llm = a.llm;
+                result.output = a.output;
+                (error.is_none(), error)
+            }
+            Err(e) => {
+                result.validations.clear();
+                result.output.clear();
+                (false, Some(e))
+            }
+        };
+        if ok {
+            result.status = StepStatus::Success;
+            result.error = None;
+            break;
+        }
+        result.status = StepStatus::Failed;
+        result.error = error;
+        if attempt < max_attempts && host.interruption().is_none() {
+            let backoff = delay * f64::from(2u32.saturating_pow(attempt - 1));
+            host.sleep(Duration::from_secs_f64(backoff.min(3600.0)));
+        }
+    }
+    let full_output = result.output.clone();
+    StepRun {
+        result,
+        full_output,
+        prompt_tokens,
+        completion_tokens,
+    }
+}
+
+fn run_tool(
+    step: &Step,
+    vars: &Vars,
+    host: &mut dyn Host,
+    timeout: Duration,
+) -> Result<Attempt, String> {
+    match &step.tool {
+        Tool::Read {
+            file_path,
+            offset,
+            limit,
+        } => {
+            let path = vars.render(file_path)?;
+            let output = host.read_file(&path, *offset, *limit)?;
+            Ok(Attempt {
+                output,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::Write { file_path, content } => {
+            let path = vars.render(file_path)?;
+            let content = vars.render(content)?;
+            host.write_file(&path, &content)?;
+            Ok(Attempt {
+                output: content,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::Bash { command } => {
+            let (command, env) = vars.render_shell(command)?;
+            let out = host.shell(&command, &env, timeout)?;
+            if out.exit_code.is_none() {
+                return Err(format!(
+                    "command was killed by a signal; stderr: {}",
+                    out.stderr.trim()
+                ));
+            }
+            Ok(Attempt {
+                output: out.stdout,
+                exit_code: out.exit_code,
+                llm: None,
+            })
+        }
+        Tool::Grep {
+            pattern,
+            path,
+            glob,
+            case_insensitive,
+            output_mode,
+        } => {
+            let root = path.as_ref().map(|p| vars.render(p)).transpose()?;
+            let output = grep(
+                host,
+                pattern,
+                root.as_deref(),
+                glob.as_deref(),
+                *case_insensitive,
+                *output_mode,
+            )?;
+            Ok(Attempt {
+                output,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::Glob { pattern, path } => {
+            let root = path.as_ref().map(|p| vars.render(p)).transpose()?;
+            let output = glob_files(host, pattern, root.as_deref())?;
+            Ok(Attempt {
+                output,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::WebFetch { url, .. } => {
+            let url = vars.render(url)?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "expected an http:// or https:// URL, found {url:?}"
+                ));
+            }
+            Ok(Attempt {
+                output: host.fetch(&url, timeout)?,
+                exit_code: None,
+                llm: None,
+            })
+        }
+        Tool::Llm(call) => {
+            let request = GenerateRequest {
+                model: call.model.clone(),
+                system: call.system.as_ref().map(|s| vars.render(s)).transpose()?,
+                prompt: vars.render(&call.prompt)?,
+                max_tokens: call.max_tokens,
+                temperature: call.temperature,
+                top_p: call.top_p,
+                seed: call.seed,
+                grammar: call.grammar.clone(),
+                json_schema: call.json_schema.clone(),
+                stop: call.stop.clone(),
+                timeout,
+            };
+            let g = host.generate(&request)?;
+            // Constrained decoding keeps the output inside the schema's grammar, but a
+            // generation cut short (max_tokens, a stop string) can still end mid-object.
+            if let Some(schema) = &call.json_schema
+                && let Some(why) = schema_violation(schema, &g.text)?
+            {
+                return Err(format!(
+                    "the model's output does not conform to the step's json_schema (stopped by {} after {} tokens): {why}",
+                    g.usage.stop_reason, g.usage.completion_tokens
+                ));
+            }
+            Ok(Attempt {
+                output: g.text,
+                exit_code: None,
+                llm: Some(g.usage),
+            })
+        }
+    }
+}
+
+pub(super) fn not_run(step: &Step) -> StepResult {
+    StepResult {
+        step: step.number,
+        title: step.title.clone(),
+        tool: step.tool.name().to_owned(),
+        status: StepStatus::NotRun,
+        attempts: 0,
+        output: String::new(),
+        output_truncated: false,
+        exit_code: None,
+        error: None,
+        duration_secs: 0.0,
+        validations: Vec::new(),
+        llm: None,
+        items: None,
+        llm_items: Vec::new(),
+    }
+}

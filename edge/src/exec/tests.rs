@@ -1,0 +1,443 @@
+//! Unit tests of the interpreter against a scripted host (moved from `exec.rs` unchanged).
+
+use super::*;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// A scripted host: shell answers come from a queue; files live in a map.
+#[derive(Default)]
+struct FakeHost {
+    shell_answers: VecDeque<ShellOutput>,
+    commands: Vec<(String, Vec<(String, String)>)>,
+    files: HashMap<String, String>,
+    slept: Vec<Duration>,
+    clock: Duration,
+    /// Scripted model answers, in order.
+    generations: VecDeque<Generation>,
+}
+
+impl Host for FakeHost {
+    fn read_file(&mut self, path: &str, _: Option<u64>, _: Option<u64>) -> Result<String, String> {
+        self.files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| format!("no file {path}"))
+    }
+    fn write_file(&mut self, path: &str, content: &str) -> Result<(), String> {
+        self.files.insert(path.to_owned(), content.to_owned());
+        Ok(())
+    }
+    fn list_files(&mut self, dir: &str) -> Result<Vec<String>, String> {
+        let prefix = if dir == "." {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut v: Vec<String> = self
+            .files
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+    fn file_kind(&mut self, path: &str) -> Result<FileKind, String> {
+        if path == "."
+            || self
+                .files
+                .keys()
+                .any(|k| k.starts_with(&format!("{path}/")))
+        {
+            return Ok(FileKind::Directory);
+        }
+        Ok(self
+            .files
+            .get(path)
+            .map_or(FileKind::Missing, |c| FileKind::File(c.len() as u64)))
+    }
+    fn shell(
+        &mut self,
+        command: &str,
+        env: &[(String, String)],
+        _: Duration,
+    ) -> Result<ShellOutput, String> {
+        self.commands.push((command.to_owned(), env.to_vec()));
+        self.shell_answers
+            .pop_front()
+            .ok_or_else(|| "no scripted answer".to_owned())
+    }
+    fn generate(&mut self, _: &GenerateRequest) -> Result<Generation, String> {
+        self.generations
+            .pop_front()
+            .ok_or_else(|| "no model in this test".into())
+    }
+    fn sleep(&mut self, d: Duration) {
+        self.slept.push(d);
+        self.clock += d;
+    }
+    fn monotonic(&self) -> Duration {
+        self.clock
+    }
+    fn timestamp(&self) -> String {
+        "2026-11-21T00:00:00Z".into()
+    }
+}
+
+fn out(stdout: &str, code: i32) -> ShellOutput {
+    ShellOutput {
+        stdout: stdout.into(),
+        stderr: String::new(),
+        exit_code: Some(code),
+    }
+}
+
+fn trace(body: &str) -> Trace {
+    let src = format!("---\ntrace_id: t\nversion: \"1.0\"\ngoal_signature: g\n{body}");
+    tracefleet::compile_source("t.trace.md", &src)
+        .unwrap_or_else(|d| panic!("{d}"))
+        .0
+}
+
+#[test]
+fn shell_policy_is_enforced_even_when_the_compiler_was_bypassed() {
+    let mut t = trace(
+        "---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: grep x f\nallowed_commands: [grep]\n```\n",
+    );
+    assert_eq!(check_supported(&t), Ok(()));
+    for (command, expected) in [
+        (
+            "grep x f | rm -rf /",
+            "command `rm` is not in allowed_commands [grep]",
+        ),
+        ("grep x \"$(cat /etc/shadow)\"", "command substitution '$('"),
+        ("grep x `id`", "command substitution '`'"),
+    ] {
+        t.steps[0].tool = Tool::Bash {
+            command: Template(command.into()),
+        };
+        let e = check_supported(&t).unwrap_err();
+        assert!(e.starts_with("step 1: ") && e.contains(expected), "{e}");
+    }
+    t.steps[0].allowed_commands = None;
+    t.steps[0].command_substitution = true;
+    assert_eq!(check_supported(&t), Ok(()));
+}
+
+fn run_with(t: &Trace, host: &mut FakeHost) -> Report {
+    let cx = RunContext {
+        run_id: "r".into(),
+        device_id: "d".into(),
+        base_dir: "/b".into(),
+    };
+    let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
+    let mut events = 0;
+    let (mut started, mut finished) = (Vec::new(), Vec::new());
+    let r = run(t, &cx, &inputs, host, &mut |e| match e {
+        Event::StepStarted(s) => started.push(s.step),
+        Event::StepFinished(s, _) => {
+            finished.push(s.step);
+            events += 1;
+        }
+    });
+    // Every step that finished was journaled as started, once per run of it.
+    started.sort_unstable();
+    finished.sort_unstable();
+    assert_eq!(started, finished);
+    assert_eq!(
+        events,
+        r.step_results
+            .iter()
+            .filter(|s| s.status != StepStatus::NotRun)
+            .count()
+    );
+    r
+}
+
+const STEP: &str = "### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: check\noutput_variable: first\n```\n**Validation**:\n```yaml\n- check: ready\n  type: content_contains\n  parameters:\n    text: ready\n```\n";
+
+#[test]
+fn retry_backs_off_exponentially_then_succeeds() {
+    let t = trace(&format!(
+        "---\n{STEP}**Error Handling**:\n```yaml\non_error: {{action: retry, retry_count: 3, delay_seconds: 1}}\n```\n"
+    ));
+    let mut h = FakeHost {
+        shell_answers: [out("not yet", 0), out("boom", 1), out("ready", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success);
+    assert_eq!(r.step_results[0].attempts, 3);
+    assert_eq!(
+        h.slept,
+        vec![Duration::from_secs(1), Duration::from_secs(2)]
+    );
+    assert!(r.all_validations_passed);
+}
+
+#[test]
+fn skip_goes_on_but_never_binds_the_failed_output() {
+    let t = trace(&format!(
+        "---\n{STEP}**Error Handling**:\n```yaml\non_error: {{action: skip}}\n```\n### Step 2: uses it\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: out.txt\n  content: \"{{first}}\"\n```\n"
+    ));
+    let mut h = FakeHost {
+        shell_answers: [out("not yet", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.step_results[0].status, StepStatus::Skipped);
+    assert_eq!(r.step_results[1].status, StepStatus::Failed);
+    assert!(
+        r.step_results[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("`{first}` has no value")
+    );
+    assert!(!h.files.contains_key("out.txt"));
+    assert!(!r.all_validations_passed);
+    assert_eq!(r.failed_step, Some(2));
+}
+
+#[test]
+fn failed_precondition_runs_no_step() {
+    let t = trace(&format!(
+        "preconditions:\n  - condition: input exists\n    validation_type: file_exists\n    parameters: {{path: in.txt}}\n---\n{STEP}"
+    ));
+    let mut h = FakeHost::default();
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Failed);
+    assert!(!r.all_preconditions_met);
+    assert_eq!(r.step_results[0].status, StepStatus::NotRun);
+    assert!(h.commands.is_empty());
+}
+
+#[test]
+fn shell_values_travel_in_the_environment() {
+    let t = trace(
+        "inputs:\n  target: \"$(reboot)\"\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: ls {target}\n```\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [out("", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success);
+    let (cmd, env) = &h.commands[0];
+    assert_eq!(cmd, "ls \"${TF_VAR_target}\"");
+    assert_eq!(
+        env,
+        &vec![("TF_VAR_target".to_owned(), "$(reboot)".to_owned())]
+    );
+}
+
+#[test]
+fn json_schema_validation_passes_and_fails_with_the_instance_path() {
+    let t = trace(
+        "---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: cat r.json\n```\n**Validation**:\n```yaml\n- check: the risk record\n  type: json_schema\n  parameters:\n    schema:\n      type: object\n      required: [risk]\n      properties:\n        risk: {enum: [low, medium, high]}\n        count: {type: integer, minimum: 0}\n```\n",
+    );
+    for (answer, ok, detail) in [
+        (
+            r#"{"risk": "low", "count": 3}"#,
+            true,
+            "valid against the schema",
+        ),
+        (r#"{"risk": "extreme"}"#, false, "at /risk:"),
+        (r#"{"count": -1, "risk": "low"}"#, false, "at /count:"),
+        (r#"{"count": 1}"#, false, "\"risk\" is a required property"),
+        ("not json", false, "expected JSON, found an error at line 1"),
+    ] {
+        let mut h = FakeHost {
+            shell_answers: [out(answer, 0)].into(),
+            ..FakeHost::default()
+        };
+        let r = run_with(&t, &mut h);
+        let v = &r.step_results[0].validations[0];
+        assert_eq!(v.passed, ok, "{answer}: {v:?}");
+        assert!(v.detail.contains(detail), "{answer}: {}", v.detail);
+    }
+}
+
+#[test]
+fn nonzero_exit_fails_unless_expected() {
+    let t = trace(
+        "---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: grep x f\n```\n**Validation**:\n```yaml\n- check: no match is fine\n  type: command_exit_code\n  parameters: {expected: 1}\n```\n### Step 2: t\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: false\n```\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [out("", 1), out("", 1)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.step_results[0].status, StepStatus::Success);
+    assert_eq!(r.step_results[1].status, StepStatus::Failed);
+    assert!(
+        r.step_results[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("exited with status 1")
+    );
+}
+
+#[test]
+fn foreach_runs_each_line_and_zero_items_is_a_no_op() {
+    let t = trace(
+        "inputs:\n  names: \"a\\nb\\n\\nc\"\n---\n### Step 1: each\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo {n}\nforeach: {lines: names, as: n}\n```\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [out("A\n", 0), out("B\n", 0), out("C\n", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success);
+    assert_eq!(r.step_results[0].items, Some(3));
+    assert_eq!(r.step_results[0].output, "A\nB\nC");
+    let items: Vec<&str> = h
+        .commands
+        .iter()
+        .map(|(_, env)| env[0].1.as_str())
+        .collect();
+    assert_eq!(items, vec!["a", "b", "c"]);
+
+    let mut empty = BTreeMap::new();
+    empty.insert("names".to_owned(), "\n\n".to_owned());
+    let inputs = resolve_inputs(&t, &empty).unwrap();
+    let cx = RunContext {
+        run_id: "r".into(),
+        device_id: "d".into(),
+        base_dir: "/b".into(),
+    };
+    let mut h = FakeHost::default();
+    let r = run(&t, &cx, &inputs, &mut h, &mut |_| {});
+    assert_eq!(r.status, RunStatus::Success);
+    assert_eq!(r.step_results[0].items, Some(0));
+    assert!(h.commands.is_empty());
+}
+
+fn generation(text: &str, prompt: u32, completion: u32, secs: f64, stop: &str) -> Generation {
+    Generation {
+        text: text.into(),
+        usage: LlmUsage {
+            model: "m".into(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            // Prompt and generation each took `secs`.
+            prompt_tokens_per_sec: f64::from(prompt) / secs,
+            generation_tokens_per_sec: f64::from(completion) / secs,
+            stop_reason: stop.into(),
+            grammar: true,
+        },
+    }
+}
+
+#[test]
+fn a_foreach_llm_step_reports_the_sums_over_its_items_and_each_items_figures() {
+    let t = trace(
+        "inputs:\n  lines: \"x\\ny\\nz\"\n---\n### Step 1: judge\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: \"judge {l}\"\n  grammar: 'root ::= \"a\" | \"b\"'\nforeach: {lines: lines, as: l}\n```\n",
+    );
+    let mut h = FakeHost {
+        generations: [
+            generation("a", 100, 1, 1.0, "grammar"),
+            generation("b", 200, 3, 1.0, "grammar"),
+            generation("a", 300, 2, 2.0, "eos"),
+        ]
+        .into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success, "{r:?}");
+    let s = &r.step_results[0];
+    assert_eq!(s.items, Some(3));
+    assert_eq!(s.llm_items.len(), 3);
+    assert_eq!(
+        s.llm_items
+            .iter()
+            .map(|u| u.prompt_tokens)
+            .collect::<Vec<_>>(),
+        [100, 200, 300]
+    );
+    let sum = s.llm.as_ref().unwrap();
+    assert_eq!((sum.prompt_tokens, sum.completion_tokens), (600, 6));
+    // 600 prompt tokens in 1 + 1 + 2 s; 6 generated in the same 4 s.
+    assert!((sum.prompt_tokens_per_sec - 150.0).abs() < 1e-9, "{sum:?}");
+    assert!(
+        (sum.generation_tokens_per_sec - 1.5).abs() < 1e-9,
+        "{sum:?}"
+    );
+    assert_eq!(sum.stop_reason, "mixed");
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (600, 6));
+}
+
+#[test]
+fn foreach_over_a_glob_and_a_failing_item() {
+    let t = trace(
+        "---\n### Step 1: each log\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: wc -l {f}\nforeach: {glob: \"*.log\", as: f}\n```\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [out("1\n", 0), out("", 2)].into(),
+        ..FakeHost::default()
+    };
+    h.files.insert("a.log".into(), "x".into());
+    h.files.insert("b.log".into(), "y".into());
+    h.files.insert("c.txt".into(), "z".into());
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Failed);
+    assert!(
+        r.step_results[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("item \"b.log\""),
+        "{:?}",
+        r.step_results[0].error
+    );
+    assert_eq!(h.commands.len(), 2);
+}
+
+#[test]
+fn fallback_recovers_and_the_fallback_step_runs_only_in_that_role() {
+    let t = trace(
+        "---\n### Step 1: primary\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: primary\noutput_variable: got\n```\n**Error Handling**:\n```yaml\non_error: {action: retry, retry_count: 1, fallback_step: 3}\n```\n### Step 2: uses it\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: out.txt\n  content: \"{got}\"\n```\n**Dependencies**: Step 1\n### Step 3: plan b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: plan-b\n```\n**Dependencies**: None\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [out("", 1), out("", 1), out("from b", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with_events(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert_eq!(r.step_results[0].status, StepStatus::Recovered);
+    assert_eq!(r.step_results[0].attempts, 2);
+    assert_eq!(r.step_results[2].status, StepStatus::Success);
+    assert_eq!(h.files.get("out.txt").map(String::as_str), Some("from b"));
+    let cmds: Vec<&str> = h.commands.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        cmds,
+        vec!["primary", "primary", "plan-b"],
+        "plan b ran once, as the fallback"
+    );
+}
+
+#[test]
+fn escalation_fails_the_run_and_is_reported() {
+    let t = trace(
+        "---\n### Step 1: needs a human\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: check\n```\n**Error Handling**:\n```yaml\non_error: {action: human_escalate, escalation_message: \"call the site engineer\"}\n```\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [out("", 3)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.escalations.len(), 1);
+    assert_eq!(r.escalations[0].message, "call the site engineer");
+    assert!(r.escalations[0].error.contains("status 3"));
+}
+
+fn run_with_events(t: &Trace, host: &mut FakeHost) -> Report {
+    let cx = RunContext {
+        run_id: "r".into(),
+        device_id: "d".into(),
+        base_dir: "/b".into(),
+    };
+    let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
+    run(t, &cx, &inputs, host, &mut |_| {})
+}

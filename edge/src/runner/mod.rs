@@ -1,0 +1,615 @@
+//! A run of a trace on this device, start to finish: which trace (verified again), the run's
+//! lock and plan (new, or the continuation of an unfinished one), its models, the read roots
+//! (the device's, narrowed by the trace), the host, the signal handling, the Landlock-
+//! restricted run thread and the journal, then the report, the outcome and the escalations
+//! in the store.
+//!
+//! Two invariants live here:
+//! - **A step's result is journaled before the next step starts.** The interpreter runs on
+//!   its own thread; each finished step's record travels to the calling thread, which writes
+//!   it to the store and only then lets the run thread go on ([`run_journaled`]). A start
+//!   record is written while the step runs (resuming never depends on it).
+//! - **The store is out of the run's reach.** The run thread restricts itself with Landlock
+//!   to the base directory and the read roots before the interpreter starts; only the calling
+//!   thread, which is not restricted, writes the store.
+
+mod load;
+mod models;
+#[cfg(test)]
+mod tests;
+
+pub use load::{Loaded, MIN_GOAL_SIMILARITY, load_trace, select_by_goal, verify_signed};
+pub use models::{registered_spec, run_models};
+
+use crate::clock::now_rfc3339;
+use crate::effects::{Completed, Host};
+use crate::exec::{self, Event, RunContext};
+use crate::host::{DEFAULT_READ_ROOTS, LocalHost, Stopper};
+use crate::infer::{InferConfig, Inference};
+use crate::sandbox::{self, ResourceLimits};
+use crate::store::{NewRun, Store, StoreError, Unfinished};
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracefleet::Trace;
+use tracefleet::compile;
+use tracefleet::report::{Protection, Report, RunStatus, StepResult};
+
+/// How a run executes (`run` and `resume`), resolved from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// The default model file for LLM steps that name none (else the registry's).
+    pub model: Option<PathBuf>,
+    /// How the inference thread runs.
+    pub infer: InferConfig,
+    /// This device's id in the report (else the enrolled id, else the host name).
+    pub device_id: Option<String>,
+    /// The device's read roots (empty: [`DEFAULT_READ_ROOTS`]).
+    pub read_roots: Vec<PathBuf>,
+    /// Time limit for the whole run.
+    pub timeout: Option<Duration>,
+}
+
+/// What to run: a new run of a named trace or of the trace matching a goal.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// An installed trace id or a trace file.
+    pub trace: Option<PathBuf>,
+    /// Pick the installed trace for this goal instead.
+    pub goal: Option<String>,
+    /// The trace's inputs as given.
+    pub vars: Vec<(String, String)>,
+    /// The run's working directory (default `<state-dir>/runs/<run-id>`).
+    pub base_dir: Option<PathBuf>,
+    /// Do not continue an unfinished run of the same trace and inputs.
+    pub fresh: bool,
+    /// Run sources and unsigned compiled traces (for authors).
+    pub allow_unsigned: bool,
+    /// The new run's id (default: a fresh UUIDv7).
+    pub run_id: Option<String>,
+}
+
+/// An exclusive lock on a run, held by the process executing it (`flock(2)` on
+/// `<state-dir>/locks/<run-id>`): a run whose lock is free and whose status is `running` was
+/// left by a process that ended without finishing it.
+struct RunLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// The lock, or `None` when another process holds it.
+    fn try_acquire(state_dir: &Path, run_id: &str) -> Result<Option<Self>> {
+        let dir = state_dir.join("locks");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(run_id);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(Self { _lock: lock, path })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(anyhow!("locking {}: {e}", path.display())),
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A run about to execute, new or resumed, holding its store connection (one per command:
+/// each close of the last one checkpoints the WAL) and its lock.
+pub struct Prepared {
+    store: Store,
+    lock: RunLock,
+    run_id: String,
+    base_dir: PathBuf,
+    inputs: BTreeMap<String, String>,
+    /// Steps journaled by an earlier attempt of this run.
+    done: BTreeMap<u32, Completed>,
+    resumes: u32,
+    loaded: Loaded,
+}
+
+impl Prepared {
+    /// Continues `run_id` from its journal, counting the resume in the store.
+    fn resumed(
+        store: Store,
+        lock: RunLock,
+        run_id: &str,
+        unfinished: Unfinished,
+        loaded: Loaded,
+    ) -> Result<Self> {
+        let resumes = store.mark_resumed(run_id)?;
+        Ok(Self {
+            store,
+            lock,
+            run_id: run_id.to_owned(),
+            base_dir: PathBuf::from(unfinished.base_dir),
+            inputs: unfinished.inputs,
+            done: unfinished.done,
+            resumes,
+            loaded,
+        })
+    }
+
+    /// The run's id.
+    #[must_use]
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+}
+
+/// Prepares a new run — or, after a crash (power loss, SIGKILL), the continuation of the
+/// unfinished run of the same trace version with the same inputs (unless `fresh` or a base
+/// directory is given), so its completed steps are not repeated. A run still going in
+/// another process holds its lock and is left alone. Notices for the operator (compiler
+/// warnings, the resume) go to `notice`.
+///
+/// # Errors
+/// The trace cannot be loaded or verified, is not supported, its inputs do not resolve, or
+/// the run is locked.
+pub fn prepare(
+    state_dir: &Path,
+    req: RunRequest,
+    notice: &mut dyn FnMut(&str),
+) -> Result<Prepared> {
+    let store = Store::open(state_dir)?;
+    let loaded = match (&req.goal, &req.trace) {
+        (Some(goal), _) => select_by_goal(&store, goal)?,
+        (None, Some(path)) => load_trace(&store, path, req.allow_unsigned, notice)?,
+        (None, None) => bail!("name a trace or give --goal TEXT"),
+    };
+    let trace = &loaded.trace;
+    exec::check_supported(trace).map_err(|e| anyhow!("cannot run trace {}: {e}", trace.id))?;
+    let given: BTreeMap<String, String> = req.vars.into_iter().collect();
+    let inputs =
+        exec::resolve_inputs(trace, &given).with_context(|| format!("trace {}", trace.id))?;
+
+    if !req.fresh && req.base_dir.is_none() {
+        let version = trace.version.to_string();
+        for id in store.running_like(trace.id.as_str(), &version, &inputs)? {
+            if let Some(lock) = RunLock::try_acquire(state_dir, &id)? {
+                let Some(unfinished) = store.unfinished(&id)? else {
+                    continue;
+                };
+                notice(&format!(
+                    "resuming run {id}: it did not finish (the follower was killed or the device lost power); --fresh starts a new run"
+                ));
+                return Prepared::resumed(store, lock, &id, unfinished, loaded);
+            }
+        }
+    }
+
+    let run_id = req
+        .run_id
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let base_dir = req
+        .base_dir
+        .unwrap_or_else(|| state_dir.join("runs").join(&run_id));
+    let lock = RunLock::try_acquire(state_dir, &run_id)?
+        .ok_or_else(|| anyhow!("run {run_id} is locked by another process"))?;
+    Ok(Prepared {
+        store,
+        lock,
+        run_id,
+        base_dir,
+        inputs,
+        done: BTreeMap::new(),
+        resumes: 0,
+        loaded,
+    })
+}
+
+/// Prepares the continuation of a stopped or interrupted run: its stored trace verified
+/// again (or, unsigned, only with `allow_unsigned`), its inputs and journal.
+///
+/// # Errors
+/// No such unfinished run, it is running elsewhere, or its trace no longer verifies.
+pub fn prepare_resume(state_dir: &Path, run_id: &str, allow_unsigned: bool) -> Result<Prepared> {
+    let store = Store::open(state_dir)?;
+    let Some(unfinished) = store.unfinished(run_id)? else {
+        bail!(
+            "no stopped or interrupted run {run_id}: a finished run cannot be resumed (see `follower runs list`)"
+        );
+    };
+    let lock = RunLock::try_acquire(state_dir, run_id)?
+        .ok_or_else(|| anyhow!("run {run_id} is still running in another follower process"))?;
+    let loaded = if unfinished.signed {
+        // Verified again: the root may have rotated or the signature expired since.
+        let (v, _) = verify_signed(&store, &unfinished.trace_file)
+            .with_context(|| format!("refusing to resume run {run_id}"))?;
+        Loaded::signed(
+            v.trace,
+            "resumed, verified".into(),
+            unfinished.trace_file.clone(),
+        )
+    } else {
+        if !allow_unsigned {
+            bail!("run {run_id} is of an unsigned trace: resuming it needs --allow-unsigned again");
+        }
+        let trace = compile::decode_compiled(&unfinished.trace_file)
+            .with_context(|| format!("the trace stored with run {run_id}"))?;
+        Loaded::unsigned(trace, "resumed, UNSIGNED")
+    };
+    if loaded.trace.id.as_str() != unfinished.trace_id
+        || loaded.trace.version.to_string() != unfinished.trace_version
+    {
+        bail!(
+            "run {run_id} ran {} {}, but its stored trace is {} {}",
+            unfinished.trace_id,
+            unfinished.trace_version,
+            loaded.trace.id,
+            loaded.trace.version
+        );
+    }
+    exec::check_supported(&loaded.trace)
+        .map_err(|e| anyhow!("cannot run trace {}: {e}", loaded.trace.id))?;
+    Prepared::resumed(store, lock, run_id, unfinished, loaded)
+}
+
+/// A run that executed (successfully or not).
+#[derive(Debug)]
+pub struct Finished {
+    /// The report, as stored.
+    pub report: Report,
+    /// How the trace was obtained, for the summary.
+    pub provenance: String,
+}
+
+/// The read roots of a run: the device's, narrowed by the trace's `read_paths` — a trace may
+/// narrow them, never widen them.
+///
+/// # Errors
+/// A read path of the trace lies outside every device root.
+pub fn narrow_read_roots(trace: &Trace, device_roots: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    if trace.read_paths.is_empty() {
+        return Ok(device_roots);
+    }
+    let mut narrowed = Vec::new();
+    for r in &trace.read_paths {
+        let p = PathBuf::from(r);
+        if !device_roots.iter().any(|d| p.starts_with(d)) {
+            bail!(
+                "cannot run trace {}: it reads {r}, outside this device's read roots [{}]",
+                trace.id,
+                device_roots
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        narrowed.push(p);
+    }
+    Ok(narrowed)
+}
+
+/// Executes a prepared run: the report is stored, and for a verified trace that did not stop
+/// the outcome counts in the version's statistics and each escalation is recorded.
+///
+/// # Errors
+/// Setting the run up failed (models, base directory, store), the run thread panicked, or
+/// the journal could not be written (the run was stopped then; its report is still stored).
+pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Result<Finished> {
+    let Prepared {
+        mut store,
+        lock: _lock,
+        run_id,
+        base_dir,
+        inputs,
+        done,
+        resumes,
+        loaded,
+    } = prepared;
+    let trace = &loaded.trace;
+    let inference = if trace.llm_steps().next().is_none() {
+        None
+    } else {
+        let (specs, default) = run_models(&store, state_dir, trace, opts.model.as_deref())?;
+        Some(Inference::start(opts.infer.clone(), specs, default)?)
+    };
+    let device_roots: Vec<PathBuf> = if opts.read_roots.is_empty() {
+        DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()
+    } else {
+        opts.read_roots.clone()
+    };
+    let read_roots = narrow_read_roots(trace, device_roots)?;
+    let limits = ResourceLimits::default();
+    let stopper = Stopper::default();
+    let mut host = LocalHost::new(&base_dir, &read_roots, inference)
+        .with_context(|| format!("base directory {}", base_dir.display()))?
+        .with_limits(limits)
+        .with_stopper(stopper.clone());
+    if let Some(t) = opts.timeout {
+        host = host.with_deadline(t);
+    }
+    let device_id = match &opts.device_id {
+        Some(id) => Some(id.clone()),
+        None => store.device_id()?,
+    };
+    let device_id = device_id.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into())
+    });
+    let cx = RunContext {
+        run_id: run_id.clone(),
+        device_id,
+        base_dir: host.base_dir().display().to_string(),
+    };
+    let policy = sandbox::Policy {
+        base_dir: host.base_dir().to_owned(),
+        read_roots: host.read_roots().to_vec(),
+        network: trace.metadata.requires_internet,
+    };
+    let mut protections = static_protections(trace, &policy, limits, opts.timeout);
+    let telemetry_start = crate::telemetry::sample();
+
+    if resumes == 0 {
+        store.begin_run(&NewRun {
+            run_id: &run_id,
+            trace_id: trace.id.as_str(),
+            version: &trace.version.to_string(),
+            started_at: &now_rfc3339(),
+            base_dir: &cx.base_dir,
+            trace_file: &loaded.file,
+            signed: loaded.signed,
+            inputs: &inputs,
+        })?;
+    }
+
+    let signals = SignalThread::start(stopper.clone())?;
+    let journaled = run_journaled(
+        trace,
+        &cx,
+        &inputs,
+        &done,
+        &mut host,
+        Some(&policy),
+        &stopper,
+        &mut |result, output| match output {
+            None => store.record_step_start(&run_id, result),
+            Some(output) => store.record_step(&run_id, result, output),
+        },
+    );
+    signals.stop();
+    let Journaled {
+        mut report,
+        landlock,
+        journal_error,
+    } = journaled?;
+
+    protections.extend(landlock);
+    report.protections = protections;
+    report.resumes = resumes;
+    report.telemetry_start = Some(telemetry_start);
+    report.telemetry_end = Some(crate::telemetry::sample());
+    record_finished(&mut store, &report, loaded.signed)?;
+    if let Some(e) = journal_error {
+        return Err(e).context("journaling the run");
+    }
+    Ok(Finished {
+        report,
+        provenance: loaded.provenance,
+    })
+}
+
+/// Stores the report; for a verified trace that did not stop, counts the outcome in the
+/// version's statistics and records each escalation. Statistics are kept for verified traces
+/// only: author runs of sources do not count, and a stopped run is not an outcome.
+fn record_finished(store: &mut Store, report: &Report, signed: bool) -> Result<(), StoreError> {
+    store.finish_run(report)?;
+    if signed && report.status != RunStatus::Stopped {
+        let success = report.status == RunStatus::Success;
+        store.record_outcome(
+            &report.trace_id,
+            &report.trace_version,
+            success,
+            &now_rfc3339(),
+        )?;
+        for e in &report.escalations {
+            let reason = format!("step {}: {} ({})", e.step, e.message, e.error);
+            store.record_escalation(
+                &report.trace_id,
+                Some(&report.run_id),
+                &reason,
+                &now_rfc3339(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// SIGINT/SIGTERM handling for one run: the first stops after the current step, the second
+/// aborts it (through the host's [`Stopper`]).
+struct SignalThread {
+    handle: signal_hook::iterator::Handle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SignalThread {
+    fn start(stopper: Stopper) -> Result<Self> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])
+        .context("installing the signal handlers")?;
+        let handle = signals.handle();
+        let thread = std::thread::spawn(move || {
+            for sig in signals.forever() {
+                stopper.request();
+                let what = if stopper.level() == 1 {
+                    "stopping after the current step (send it again to abort the step)"
+                } else {
+                    "aborting the current step"
+                };
+                eprintln!("follower: signal {sig}: {what}");
+            }
+        });
+        Ok(Self { handle, thread })
+    }
+
+    fn stop(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
+}
+
+/// A journal entry on its way from the sandboxed run thread to the store — a step's record
+/// with its full output when it finished, without when it starts — and, for a finished step,
+/// the channel that tells the run thread it was written. A start is written while the step
+/// runs (resuming does not depend on it: a step without a result runs again either way); a
+/// result is written before the next step starts.
+type JournalEntry = (
+    StepResult,
+    Option<String>,
+    Option<std::sync::mpsc::SyncSender<()>>,
+);
+
+/// Writes one journal record: a step's start (no output) or its result (its full output).
+pub(crate) type JournalWriter<'a> =
+    dyn FnMut(&StepResult, Option<&str>) -> Result<(), StoreError> + 'a;
+
+/// What [`run_journaled`] returns.
+#[derive(Debug)]
+pub(crate) struct Journaled {
+    /// The interpreter's report.
+    pub(crate) report: Report,
+    /// What the run thread's Landlock restriction put in force (empty without a policy).
+    pub(crate) landlock: Vec<Protection>,
+    /// The first journal write that failed (the run was stopped then).
+    pub(crate) journal_error: Option<StoreError>,
+}
+
+/// Runs the interpreter on its own thread — restricted by Landlock to `policy` first, when
+/// given, with every process it starts — while the calling thread, outside the sandbox,
+/// writes the journal through `journal` (a start: no output; a result: the full output). A
+/// finished step's result is written before the run thread goes on; a journal write that
+/// fails stops the run (without a journal it could not be resumed faithfully).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_journaled(
+    trace: &Trace,
+    cx: &RunContext,
+    inputs: &BTreeMap<String, String>,
+    done: &BTreeMap<u32, Completed>,
+    host: &mut (dyn Host + Send),
+    policy: Option<&sandbox::Policy>,
+    stopper: &Stopper,
+    journal: &mut JournalWriter<'_>,
+) -> Result<Journaled> {
+    let (journal_tx, journal_rx) = std::sync::mpsc::channel::<JournalEntry>();
+    let mut journal_error = None;
+    let (report, landlock) = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            let landlock = policy
+                .map(sandbox::restrict_current_thread)
+                .unwrap_or_default();
+            let journal_tx = journal_tx;
+            let report = exec::resume(trace, cx, inputs, done, host, &mut |event| match event {
+                Event::StepStarted(result) => {
+                    let _ = journal_tx.send((result.clone(), None, None));
+                }
+                Event::StepFinished(result, output) => {
+                    let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+                    let entry = (result.clone(), Some(output.to_owned()), Some(ack_tx));
+                    if journal_tx.send(entry).is_ok() {
+                        let _ = ack_rx.recv();
+                    }
+                }
+            });
+            (report, landlock)
+        });
+        for (result, output, ack) in journal_rx {
+            if let Err(e) = journal(&result, output.as_deref()) {
+                stopper.request();
+                journal_error.get_or_insert(e);
+            }
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
+        }
+        worker.join()
+    })
+    .map_err(|_| anyhow!("the run thread panicked"))?;
+    Ok(Journaled {
+        report,
+        landlock,
+        journal_error,
+    })
+}
+
+/// The protections that do not depend on the kernel, for the report.
+fn static_protections(
+    trace: &Trace,
+    policy: &sandbox::Policy,
+    limits: ResourceLimits,
+    timeout: Option<Duration>,
+) -> Vec<Protection> {
+    let bash: Vec<&tracefleet::trace::Step> = trace
+        .steps
+        .iter()
+        .filter(|s| matches!(s.tool, tracefleet::trace::Tool::Bash { .. }))
+        .collect();
+    let restricted = bash.iter().filter(|s| s.allowed_commands.is_some()).count();
+    let no_subst = bash.iter().filter(|s| !s.command_substitution).count();
+    let p = |name: &str, active: bool, detail: String| Protection {
+        name: name.into(),
+        active,
+        detail,
+    };
+    vec![
+        p(
+            "path policy",
+            true,
+            format!(
+                "writes inside {}; reads there and in [{}]; `..` and symlink escapes refused",
+                policy.base_dir.display(),
+                policy
+                    .read_roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        p(
+            "scrubbed environment",
+            true,
+            "Bash steps see PATH, HOME, LANG, LC_ALL, TMPDIR, TRACEFLEET_BASE_DIR and their TF_VAR_* values only".into(),
+        ),
+        p(
+            "allowed_commands",
+            restricted > 0,
+            format!(
+                "{restricted} of {} Bash steps restricted to their allowed commands (checked with a POSIX shell parser)",
+                bash.len()
+            ),
+        ),
+        p(
+            "no command substitution",
+            no_subst > 0,
+            format!("refused in {no_subst} of {} Bash steps", bash.len()),
+        ),
+        limits.protection(),
+        p(
+            "timeouts",
+            true,
+            match timeout {
+                Some(t) => format!(
+                    "per step (the trace's timeout_secs); whole run {}",
+                    humantime::format_duration(t)
+                ),
+                None => "per step (the trace's timeout_secs); no run limit".into(),
+            },
+        ),
+    ]
+}
