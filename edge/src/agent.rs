@@ -29,9 +29,10 @@ use rumqttc::{AsyncClient, EventLoop, Incoming, LastWill, Outgoing, QoS};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracefleet::link::BrokerConfig;
 use tracefleet::signed;
+use tracefleet::time::{rfc3339_now, unix_now};
 use tracefleet::wire::{self, Ack, AckOutcome, Action, Heartbeat, Status, Topic};
 
 /// `follower.toml`.
@@ -175,16 +176,6 @@ struct Agent {
     running: HashMap<String, Running>,
     exited: tokio::sync::mpsc::UnboundedSender<(String, std::io::Result<std::process::ExitStatus>)>,
     shutting_down: bool,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn rfc3339_now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 /// Runs the agent until SIGTERM or SIGINT.

@@ -8,7 +8,6 @@
 //! before llama.cpp sees them.
 
 pub mod agent;
-pub mod clock;
 pub mod effects;
 pub mod exec;
 pub mod files;

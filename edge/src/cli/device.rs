@@ -2,11 +2,11 @@
 //! the escalations waiting to be sent, its resources now.
 
 use anyhow::Result;
-use follower::clock::unix_now;
 use follower::store::Store;
 use std::path::Path;
 use std::process::ExitCode;
 use tracefleet::signed;
+use tracefleet::time::unix_now;
 
 /// `follower check`: SQLite integrity, and every installed trace still verifies.
 pub fn check(state_dir: &Path) -> Result<ExitCode> {

@@ -3,12 +3,12 @@
 
 use super::trust::print_root;
 use anyhow::{Context, Result, anyhow};
-use follower::clock::unix_to_rfc3339;
 use follower::files::read_limited;
 use std::path::Path;
 use std::process::ExitCode;
 use tracefleet::compile;
 use tracefleet::signed::{self, SIGNED_MAGIC};
+use tracefleet::time::rfc3339;
 use tracefleet::trust;
 
 pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
@@ -29,8 +29,8 @@ pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
         );
         println!(
             "  created {}, expires {}",
-            unix_to_rfc3339(manifest.created_at),
-            unix_to_rfc3339(manifest.expires_at)
+            rfc3339(manifest.created_at),
+            rfc3339(manifest.expires_at)
         );
         for e in &manifest.entries {
             println!(
@@ -83,7 +83,7 @@ pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
     println!("trace {} {}", trace.id, trace.version);
     println!("goal: {}", trace.goal_signature);
     if let Some(s) = header {
-        let fmt = unix_to_rfc3339;
+        let fmt = rfc3339;
         println!(
             "signed: created {}, expires {}, content sha256 {}",
             fmt(s.header.created_at),

@@ -3,13 +3,13 @@
 //! terminal.
 
 use anyhow::{Context, Result, anyhow, bail};
-use follower::clock::{now_rfc3339, unix_now};
 use follower::files::read_limited;
 use follower::install::{SignedRefused, install_signed};
 use follower::store::Store;
 use std::path::Path;
 use std::process::ExitCode;
 use tracefleet::signed::{self, SIGNED_MAGIC};
+use tracefleet::time::{rfc3339_now, unix_now};
 
 /// `follower install FILE`: verify, refuse rollback, store atomically.
 pub fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
@@ -28,7 +28,7 @@ pub fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
         );
     }
     let mut store = Store::open(state_dir)?;
-    match install_signed(&mut store, &bytes, None, unix_now(), &now_rfc3339()) {
+    match install_signed(&mut store, &bytes, None, unix_now(), &rfc3339_now()) {
         Ok(t) => {
             println!("installed {} {}", t.trace_id, t.version);
             Ok(ExitCode::SUCCESS)
@@ -38,14 +38,14 @@ pub fn install(state_dir: &Path, file: &Path) -> Result<ExitCode> {
             error,
         }) => {
             let e = anyhow::Error::from(error);
-            store.log_refusal("trace", &shown, &format!("{e:#}"), &now_rfc3339())?;
+            store.log_refusal("trace", &shown, &format!("{e:#}"), &rfc3339_now())?;
             Err(e.context(format!("refusing {shown}")))
         }
         Err(SignedRefused {
             trace_id: Some(id),
             error,
         }) => {
-            store.log_refusal("trace", &id, &error.to_string(), &now_rfc3339())?;
+            store.log_refusal("trace", &id, &error.to_string(), &rfc3339_now())?;
             Err(error.into())
         }
     }
@@ -78,7 +78,7 @@ fn install_bundle(state_dir: &Path, file: &Path) -> Result<ExitCode> {
         state_dir,
         file,
         unix_now(),
-        &now_rfc3339(),
+        &rfc3339_now(),
         &mut progress,
     );
     if let Some(b) = bar {
@@ -98,7 +98,7 @@ fn install_bundle(state_dir: &Path, file: &Path) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            store.log_refusal("bundle", &shown, &e.to_string(), &now_rfc3339())?;
+            store.log_refusal("bundle", &shown, &e.to_string(), &rfc3339_now())?;
             Err(anyhow!(e).context(format!("refusing {shown}")))
         }
     }

@@ -4,12 +4,12 @@
 use super::run::InferArgs;
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use follower::clock::now_rfc3339;
 use follower::infer::{BenchParams, Inference, ModelSpec};
 use follower::runner::registered_spec;
 use follower::store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tracefleet::time::rfc3339_now;
 
 #[derive(Subcommand)]
 pub enum ModelsCommand {
@@ -115,7 +115,7 @@ pub fn command(state_dir: &Path, cmd: ModelsCommand) -> Result<ExitCode> {
                     sha256,
                     manifest,
                 },
-                &now_rfc3339(),
+                &rfc3339_now(),
             )?;
             println!(
                 "added model {} ({} {}, {} MiB, context {}, needs ~{} MiB RAM) sha256 {}",
@@ -141,7 +141,7 @@ pub fn command(state_dir: &Path, cmd: ModelsCommand) -> Result<ExitCode> {
             };
             let mut bad = 0;
             for row in &picked {
-                match models::verify(&store, state_dir, row, true, &now_rfc3339()) {
+                match models::verify(&store, state_dir, row, true, &rfc3339_now()) {
                     Ok(_) => println!("ok      {}  sha256 {}", row.name, row.sha256),
                     Err(e) => {
                         bad += 1;
@@ -191,7 +191,7 @@ pub fn command(state_dir: &Path, cmd: ModelsCommand) -> Result<ExitCode> {
                         Some(n) => models::find(&store, n)?,
                         None => models::only(&store)?,
                     };
-                    registered_spec(&store, state_dir, &row, &now_rfc3339())?
+                    registered_spec(&store, state_dir, &row, &rfc3339_now())?
                 }
             };
             drop(store);

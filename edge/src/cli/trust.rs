@@ -3,12 +3,12 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
-use follower::clock::{now_rfc3339, unix_now, unix_to_rfc3339};
 use follower::files::read_limited;
 use follower::store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tracefleet::signed;
+use tracefleet::time::{rfc3339, rfc3339_now, unix_now};
 use tracefleet::trust;
 
 #[derive(Subcommand)]
@@ -43,7 +43,7 @@ pub fn command(state_dir: &Path, cmd: TrustCommand) -> Result<ExitCode> {
             }
             let accepted = trust::verify_initial(&bytes, unix_now())
                 .with_context(|| format!("refusing {}", root.display()))?;
-            store.add_trust_roots(None, &[(accepted.version, &bytes)], &now_rfc3339())?;
+            store.add_trust_roots(None, &[(accepted.version, &bytes)], &rfc3339_now())?;
             println!("trust root v{} installed", accepted.version);
             print_root(&accepted);
             Ok(ExitCode::SUCCESS)
@@ -61,7 +61,7 @@ pub fn command(state_dir: &Path, cmd: TrustCommand) -> Result<ExitCode> {
             let chain = trust::verify_chain(&current, &slices, unix_now())
                 .context("refusing the trust-root update")?;
             let rows: Vec<(u32, &[u8])> = chain.iter().map(|(r, b)| (r.version, *b)).collect();
-            store.add_trust_roots(Some(current.version), &rows, &now_rfc3339())?;
+            store.add_trust_roots(Some(current.version), &rows, &rfc3339_now())?;
             if let Some((newest, _)) = chain.last() {
                 println!("trust root v{} → v{}", current.version, newest.version);
                 print_root(newest);
@@ -83,7 +83,7 @@ pub fn command(state_dir: &Path, cmd: TrustCommand) -> Result<ExitCode> {
 }
 
 pub fn print_root(root: &trust::TrustRoot) {
-    println!("  expires {}", unix_to_rfc3339(root.expires_at));
+    println!("  expires {}", rfc3339(root.expires_at));
     for role in [
         signed::KeyRole::Root,
         signed::KeyRole::Traces,
@@ -95,7 +95,7 @@ pub fn print_root(root: &trust::TrustRoot) {
             let id = signed::PublicKey::from_bytes(role, &k.public_key)
                 .map(|p| p.key_id().to_string())
                 .unwrap_or_default();
-            println!("    {id}  expires {}", unix_to_rfc3339(k.expires_at));
+            println!("    {id}  expires {}", rfc3339(k.expires_at));
         }
     }
 }

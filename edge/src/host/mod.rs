@@ -41,7 +41,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Largest file a Read step or a check reads (bytes).
 pub const MAX_READ_BYTES: u64 = 8 * 1024 * 1024;
@@ -361,6 +361,6 @@ impl Host for LocalHost {
     }
 
     fn timestamp(&self) -> String {
-        humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+        tracefleet::time::rfc3339_now()
     }
 }

@@ -3,12 +3,12 @@
 //! (`allow_unsigned`), or the installed trace that best matches a goal and has earned
 //! autonomy.
 
-use crate::clock::{now_rfc3339, unix_now};
 use crate::files::read_limited;
 use crate::store::Store;
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::Path;
 use tracefleet::signed::{self, SIGNED_MAGIC};
+use tracefleet::time::{rfc3339_now, unix_now};
 use tracefleet::{Trace, compile};
 
 /// A trace ready to run: the trace, how it was obtained, and the file to keep with the run
@@ -165,7 +165,7 @@ pub fn select_by_goal(store: &Store, goal: &str) -> Result<Loaded> {
             best = Some((score, v.trace, bytes));
         }
     }
-    let now = now_rfc3339();
+    let now = rfc3339_now();
     let Some((score, trace, file)) = best.filter(|(s, _, _)| *s >= MIN_GOAL_SIMILARITY) else {
         let reason = tracefleet::wire::no_trace_for_goal(goal);
         store.record_escalation("-", None, &reason, &now)?;

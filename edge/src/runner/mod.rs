@@ -21,7 +21,6 @@ mod tests;
 pub use load::{Loaded, MIN_GOAL_SIMILARITY, load_trace, select_by_goal, verify_signed};
 pub use models::{registered_spec, run_models};
 
-use crate::clock::now_rfc3339;
 use crate::effects::{Completed, Host};
 use crate::exec::{self, Event, RunContext};
 use crate::host::{DEFAULT_READ_ROOTS, LocalHost, Stopper};
@@ -35,6 +34,7 @@ use std::time::Duration;
 use tracefleet::Trace;
 use tracefleet::compile;
 use tracefleet::report::{Protection, Report, RunStatus, StepResult};
+use tracefleet::time::rfc3339_now;
 
 /// How a run executes (`run` and `resume`), resolved from the command line.
 #[derive(Debug, Clone, Default)]
@@ -359,7 +359,7 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
             run_id: &run_id,
             trace_id: trace.id.as_str(),
             version: &trace.version.to_string(),
-            started_at: &now_rfc3339(),
+            started_at: &rfc3339_now(),
             base_dir: &cx.base_dir,
             trace_file: &loaded.file,
             signed: loaded.signed,
@@ -414,7 +414,7 @@ fn record_finished(store: &mut Store, report: &Report, signed: bool) -> Result<(
             &report.trace_id,
             &report.trace_version,
             success,
-            &now_rfc3339(),
+            &rfc3339_now(),
         )?;
         for e in &report.escalations {
             let reason = format!("step {}: {} ({})", e.step, e.message, e.error);
@@ -422,7 +422,7 @@ fn record_finished(store: &mut Store, report: &Report, signed: bool) -> Result<(
                 &report.trace_id,
                 Some(&report.run_id),
                 &reason,
-                &now_rfc3339(),
+                &rfc3339_now(),
             )?;
         }
     }

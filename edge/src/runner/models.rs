@@ -1,12 +1,12 @@
 //! The models a run's LLM steps use: `--model FILE` as the default, other names from the
 //! device's registry, each checked before llama.cpp sees it.
 
-use crate::clock::now_rfc3339;
 use crate::infer::{ModelSpec, model_name_of};
 use crate::store::{ModelRow, Store};
 use anyhow::{Context, Result};
 use std::path::Path;
 use tracefleet::Trace;
+use tracefleet::time::rfc3339_now;
 
 /// The models a run's LLM steps use, each checked before llama.cpp sees it, and the default
 /// for steps that name none. `--model FILE` is the default (named by its file stem); other
@@ -28,7 +28,7 @@ pub fn run_models(
         specs.push(ModelSpec::from_file(&name, file)?);
         default = Some(name);
     }
-    let now = now_rfc3339();
+    let now = rfc3339_now();
     let add_registered = |row: ModelRow, specs: &mut Vec<ModelSpec>| -> Result<String> {
         if !specs.iter().any(|s| s.name == row.name) {
             specs.push(registered_spec(store, state_dir, &row, &now)?);
