@@ -15,6 +15,7 @@
 //! `regen::auto` → (`db`, `rollout`, `keys`); `rollout`, `stuck`, `memory` → `db`; `db`
 //! depends on no other module of the crate.
 
+pub mod authoring;
 pub mod broker;
 pub mod config;
 pub mod db;

@@ -1,4 +1,4 @@
-//! Experiences and what learning costs (DESIGN.md, "Learner"; LLMunix's SmartMemory).
+//! Experiences and what learning costs (LLMunix's SmartMemory).
 //!
 //! An **experience** is a run a device reported or a regeneration the learner made: the goal,
 //! the outcome, the trace version, time, cost, tokens and what was learnt. Both are already

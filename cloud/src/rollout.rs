@@ -1,7 +1,8 @@
-//! Staged rollouts (DESIGN.md, "Learner"): a signed trace version goes out wave by wave, each
-//! wave a device group (`*` = the whole fleet) published retained on the group's trace topic,
-//! or a canary set — devices picked by `learner rollout start --canary N|P%` — published
-//! retained on each canary's own trace topic.
+//! Staged rollouts, the decisions only (the rows are [`crate::db`]'s, `serve` publishes):
+//! a signed trace version goes out wave by wave, each wave a device group (`*` = the whole
+//! fleet) published retained on the group's trace topic, or a canary set — devices picked
+//! by `learner rollout start --canary N|P%` — published retained on each canary's own trace
+//! topic. A roll-forward ([`forward`]) re-signs the last good content above every version.
 //!
 //! `learner rollout start` records the rollout; `learner serve` drives it ([`tick`]): it
 //! publishes the first wave, and moves to the next only when every device known in the

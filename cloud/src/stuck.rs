@@ -1,6 +1,6 @@
 //! Stuck runs: a device whose run goes on past its expected time is sent `abort`, then
-//! `kill`, and the learner records it for a human (DESIGN.md, "Learner"; issue: stuck-step
-//! handling).
+//! `kill`, and the learner records it for a human. The decisions only: the records are
+//! [`crate::db`]'s, the commands are signed and sent by `serve` ([`crate::serve::duties`]).
 //!
 //! The running runs come from the devices' heartbeats. A run's expected time is the larger of
 //! the configured minimum (`[stuck] min_after`, default 10 min) and three times the longest
@@ -102,4 +102,119 @@ pub fn check(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracefleet::wire::{self, Heartbeat, ReportMessage, RunningRun, Topic};
+
+    const MIN_AFTER: Duration = Duration::from_secs(600);
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn heartbeat(db: &mut LearnerDb, device: &str, running: &[(&str, &str, u64)]) {
+        let hb = Heartbeat {
+            device_id: device.into(),
+            sent_at: 0,
+            follower_version: "0".into(),
+            groups: vec![],
+            installed: vec![],
+            running: running
+                .iter()
+                .map(|(run, trace, started)| RunningRun {
+                    run_id: (*run).into(),
+                    trace_id: (*trace).into(),
+                    started_at: *started,
+                })
+                .collect(),
+            telemetry: tracefleet::report::Telemetry::default(),
+        };
+        db.ingest(&Topic::Heartbeat(device.into()).name(), &wire::encode(&hb))
+            .unwrap();
+    }
+
+    fn success(db: &mut LearnerDb, run: &str, trace: &str, secs: f64) {
+        let mut r = crate::simulate::synthetic_report("pi-09", run, trace, "1.0.0", true);
+        r.execution_time_secs = secs;
+        let m = ReportMessage {
+            run_id: run.into(),
+            report_json: serde_json::to_string(&r).unwrap(),
+        };
+        db.ingest(&Topic::Reports("pi-09".into()).name(), &wire::encode(&m))
+            .unwrap();
+    }
+
+    fn actions(db: &LearnerDb, now: i64) -> Vec<(String, Action)> {
+        check(db, now, MIN_AFTER, GRACE)
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.device_id, i.action))
+            .collect()
+    }
+
+    #[test]
+    fn a_run_past_its_time_gets_abort_then_kill_after_the_grace_and_an_escalation_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&d.path().join("l.db")).unwrap();
+        heartbeat(&mut db, "pi-01", &[("r1", "t", 1000)]);
+        // Within min_after: nothing.
+        assert_eq!(actions(&db, 1600), vec![]);
+        let abort = vec![("pi-01".to_owned(), Action::Abort(Some("r1".into())))];
+        assert_eq!(actions(&db, 1601), abort);
+        // Stored: not sent twice, not even by a restarted learner, before the grace is over.
+        assert_eq!(actions(&db, 1631), vec![]);
+        assert!(db.escalations().unwrap().is_empty());
+        let kill = vec![("pi-01".to_owned(), Action::Kill(Some("r1".into())))];
+        assert_eq!(actions(&db, 1632), kill);
+        let e = db.escalations().unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].trace_id.as_str(), e[0].run_id.as_deref()),
+            ("t", Some("r1"))
+        );
+        assert!(
+            e[0].reason
+                .starts_with("stuck: the run went on 632 s (expected at most 600 s)")
+        );
+        // After the kill the watchdog has nothing more to send.
+        assert_eq!(actions(&db, 5000), vec![]);
+        assert_eq!(db.escalations().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_expected_time_is_three_times_the_longest_successful_run_when_that_is_longer() {
+        let d = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&d.path().join("l.db")).unwrap();
+        success(&mut db, "ok-1", "slow", 300.0);
+        success(&mut db, "ok-2", "slow", 100.0);
+        heartbeat(&mut db, "pi-01", &[("r1", "slow", 0), ("r2", "fast", 0)]);
+        // "fast" has no successful run: min_after counts; "slow": 3 × 300 s.
+        let at = |now| {
+            actions(&db, now)
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(601), vec![Action::Abort(Some("r2".into()))]);
+        // r1 is not late at 900 s (r2, aborted at 601 s, gets its kill).
+        assert_eq!(at(900), vec![Action::Kill(Some("r2".into()))]);
+        assert_eq!(at(901), vec![Action::Abort(Some("r1".into()))]);
+    }
+
+    #[test]
+    fn runs_of_offline_devices_are_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&d.path().join("l.db")).unwrap();
+        heartbeat(&mut db, "pi-01", &[("r1", "t", 0)]);
+        let offline = wire::Status {
+            online: false,
+            at: 1,
+        };
+        db.ingest(
+            &Topic::Status("pi-01".into()).name(),
+            &wire::encode(&offline),
+        )
+        .unwrap();
+        assert_eq!(actions(&db, 100_000), vec![]);
+    }
 }

@@ -2,14 +2,13 @@
 //! `keys generate`, `sign` and `cosign`, `trust create` (a trust root from public key files)
 //! and `bundle create` (signed traces, models and root updates in one signed file for USB).
 
-use super::{read_limited, unix_now};
+use super::read_limited;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use learner::keys;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tracefleet::signed::{self, KeyRole, PublicKey, SecretKey};
-use tracefleet::trust::{RoleKey, RoleKeys, TrustRoot, sign_root};
+use tracefleet::signed::{self, KeyRole};
 use tracefleet::{compile, source};
 
 // `learner compile`'s arguments.
@@ -238,7 +237,7 @@ pub fn bundle(
         expires,
     }: BundleCommand,
 ) -> Result<()> {
-    bundle_create(
+    learner::authoring::create_bundle(
         &output,
         &signed_files,
         &models,
@@ -246,7 +245,16 @@ pub fn bundle(
         &trust_root,
         &key_files,
         expires,
-    )
+    )?;
+    println!(
+        "bundle {} ({} traces, {} models, {} root updates), expires in {}",
+        output.display(),
+        signed_files.len(),
+        models.len(),
+        roots.len(),
+        humantime::format_duration(expires)
+    );
+    Ok(())
 }
 
 /// `learner trust create`.
@@ -264,160 +272,25 @@ pub fn trust(
         output,
     }: TrustCommand,
 ) -> Result<()> {
-    let now = unix_now();
-    let expires_at = now.saturating_add(expires.as_secs());
-    let role = |files: &[PathBuf], want: KeyRole, threshold: u32| -> Result<RoleKeys> {
-        let keys = files
-            .iter()
-            .map(|f| {
-                let text = std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                let k = PublicKey::from_file(&text).with_context(|| format!("{}", f.display()))?;
-                if k.role != want {
-                    bail!("{}: a {} key: expected a {want} key", f.display(), k.role);
-                }
-                Ok(RoleKey {
-                    public_key: k.to_bytes(),
-                    expires_at,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(RoleKeys { threshold, keys })
-    };
-    let commands = if commands_keys.is_empty() {
-        // Commands default to the trace-signing keys' material under the commands role.
-        let mut r = role(&traces_keys, KeyRole::Traces, commands_threshold)?;
-        r.threshold = commands_threshold;
-        r
-    } else {
-        role(&commands_keys, KeyRole::Commands, commands_threshold)?
-    };
-    let root = TrustRoot {
-        version,
-        created_at: now,
-        expires_at,
-        root: role(&root_keys, KeyRole::Root, root_threshold)?,
-        traces: role(&traces_keys, KeyRole::Traces, traces_threshold)?,
-        commands,
-    };
-    let secrets = signers
-        .iter()
-        .map(|f| keys::read_secret(f))
-        .collect::<Result<Vec<_>, _>>()?;
-    let refs: Vec<&SecretKey> = secrets.iter().collect();
-    let bytes = sign_root(&root, &refs)?;
+    let (root, bytes, signatures) =
+        learner::authoring::create_root(&learner::authoring::RootPlan {
+            version,
+            expires,
+            root_keys: &root_keys,
+            root_threshold,
+            traces_keys: &traces_keys,
+            traces_threshold,
+            commands_keys: &commands_keys,
+            commands_threshold,
+            signers: &signers,
+        })?;
     std::fs::write(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
     println!(
         "trust root v{version} → {} (root {root_threshold}/{}, traces {traces_threshold}/{}, {} signature(s))",
         output.display(),
         root.root.keys.len(),
         root.traces.keys.len(),
-        refs.len()
-    );
-    Ok(())
-}
-
-fn bundle_create(
-    output: &Path,
-    signed_files: &[PathBuf],
-    models: &[PathBuf],
-    roots: &[PathBuf],
-    trust_root: &Path,
-    key_files: &[PathBuf],
-    expires: Duration,
-) -> Result<()> {
-    use sha2::{Digest, Sha256};
-    use std::io::Write;
-    use tracefleet::bundle::{EntryKind, EntryName, Manifest, ManifestEntry};
-    let secrets = keys::read_trace_keys(key_files)?;
-    let refs: Vec<&SecretKey> = secrets.iter().collect();
-    let root_bytes = read_limited(trust_root, tracefleet::trust::MAX_ROOT_BYTES as u64)?;
-    let (_, root) = tracefleet::trust::decode_root(&root_bytes)
-        .with_context(|| format!("{}", trust_root.display()))?;
-    let now = unix_now();
-    let expires_at = now.saturating_add(expires.as_secs());
-    if expires_at > root.expires_at {
-        bail!(
-            "the bundle would expire after trust root v{} (in {} s): a bundle must not outlive its metadata; pass a shorter --expires",
-            root.version,
-            root.expires_at.saturating_sub(now)
-        );
-    }
-    // (file, kind, entry name)
-    let mut items: Vec<(PathBuf, EntryKind, String)> = Vec::new();
-    for f in signed_files {
-        let bytes = read_limited(f, signed::MAX_SIGNED_BYTES as u64)?;
-        let s = signed::decode_signed(&bytes).with_context(|| format!("{}", f.display()))?;
-        items.push((
-            f.clone(),
-            EntryKind::Trace,
-            format!("{}-{}.tfs", s.header.trace_id, s.header.version),
-        ));
-    }
-    for m in models {
-        // A device refuses a model that is not a complete GGUF file: say so here instead.
-        tracefleet::gguf::read_file(m).map_err(|e| anyhow!("model {}: {e}", m.display()))?;
-        let name = m
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        items.push((m.clone(), EntryKind::Model, name));
-    }
-    let mut entries = Vec::new();
-    for (path, kind, name) in &items {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut h = Sha256::new();
-        let mut size = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = std::io::Read::read(&mut f, &mut buf)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            size += n as u64;
-        }
-        entries.push(ManifestEntry {
-            name: EntryName::try_from(name.clone())?,
-            kind: *kind,
-            size,
-            sha256: h.finalize().into(),
-        });
-    }
-    let root_files = roots
-        .iter()
-        .map(|r| read_limited(r, tracefleet::trust::MAX_ROOT_BYTES as u64))
-        .collect::<Result<Vec<_>>>()?;
-    let manifest = Manifest {
-        created_at: now,
-        expires_at,
-        entries,
-    };
-    let header = tracefleet::bundle::encode_header(root_files, &manifest, &refs)?;
-    let tmp = output.with_extension("part");
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
-    );
-    out.write_all(&header)?;
-    for (path, _, _) in &items {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        std::io::copy(&mut f, &mut out).with_context(|| format!("copying {}", path.display()))?;
-    }
-    out.into_inner()
-        .map_err(|e| anyhow!("writing {}: {e}", tmp.display()))?
-        .sync_all()?;
-    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
-    println!(
-        "bundle {} ({} traces, {} models, {} root updates), expires in {}",
-        output.display(),
-        signed_files.len(),
-        models.len(),
-        roots.len(),
-        humantime::format_duration(expires)
+        signatures
     );
     Ok(())
 }

@@ -14,7 +14,7 @@ pub mod fleet;
 pub mod rollout;
 pub mod serve;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use learner::config::LearnerConfig;
 use learner::db::LearnerDb;
 use std::path::{Path, PathBuf};
@@ -51,16 +51,4 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Reads `path`, refused when it is larger than `limit` bytes.
-pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
-    if meta.len() > limit {
-        bail!(
-            "{} is {} bytes: expected at most {limit}",
-            path.display(),
-            meta.len()
-        );
-    }
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
+pub use learner::authoring::read_limited;

@@ -1,5 +1,5 @@
-//! Regeneration as a job, and the triggers that start one without a person (DESIGN.md,
-//! "Learner": learn once, execute many times).
+//! Regeneration as a job, and the triggers that start one without a person (learn once with
+//! a large model, execute many times on small ones).
 //!
 //! [`run`] is the whole pipeline both `learner regenerate` and `learner serve` use: the
 //! trace's newest failed runs and its kept source go into the prompt ([`super::regenerate`]),

@@ -154,3 +154,66 @@ fn rollouts(db: &LearnerDb, now: i64, republish: bool) -> Vec<Outgoing> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{Plan, Wave};
+
+    fn rollout(db: &mut LearnerDb, waves: &[Wave]) {
+        crate::rollout::start(
+            db,
+            &Plan {
+                trace_id: "t",
+                version: "1.0.0",
+                signed: b"signed",
+                waves,
+                max_failure_rate: 0.2,
+                min_runs: 1,
+            },
+            0,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn only_the_lease_holder_publishes_and_a_new_leader_republishes_what_was_published() {
+        let d = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&d.path().join("l.db")).unwrap();
+        // Two waves of groups no device is known in: each passes as soon as it is looked at.
+        rollout(
+            &mut db,
+            &[Wave::Group("lab".into()), Wave::Group("*".into())],
+        );
+        let mut a = Duties::new("a", StuckConfig::default(), None, None);
+        let mut b = Duties::new("b", StuckConfig::default(), None, None);
+        let lab = Outgoing {
+            topic: Topic::GroupTrace("lab".into(), "t".into()).name(),
+            payload: b"signed".to_vec(),
+            retain: true,
+        };
+        let fleet = Outgoing {
+            topic: Topic::FleetTrace("t".into()).name(),
+            payload: b"signed".to_vec(),
+            retain: true,
+        };
+        // Taking the lead republishes (nothing yet) and advances twice: the first wave goes
+        // out, and passes at once (no device known in it), so the second goes out too.
+        assert_eq!(a.tick(&mut db, 100), vec![lab.clone(), fleet.clone()]);
+        assert!(a.leads());
+        assert_eq!(b.tick(&mut db, 101), vec![], "a holds the lease");
+        assert!(!b.leads());
+        assert_eq!(b.on_connect(&db, 101), vec![]);
+        // A reconnection republishes what was published (and the rollout moves on: done).
+        assert_eq!(a.on_connect(&db, 101), vec![lab.clone(), fleet.clone()]);
+        assert_eq!(crate::rollout::list(&db).unwrap()[0].state, "done");
+        assert_eq!(a.tick(&mut db, 102), vec![]);
+        // a dies; b takes over once the lease ran out and republishes the waves.
+        let later = 102 + crate::db::LEASE_SECS + 1;
+        assert_eq!(b.tick(&mut db, later), vec![lab.clone(), fleet.clone()]);
+        assert!(b.leads());
+        assert_eq!(b.tick(&mut db, later + 1), vec![]);
+        assert_eq!(a.tick(&mut db, later + 2), vec![], "a lost the lead");
+        assert!(!a.leads());
+    }
+}

@@ -229,3 +229,50 @@ fn ingest_and_ack(
     }
     batch.clear();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{Plan, Wave};
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_ticks_each_second_without_a_broker_and_ends_when_shutdown_completes() {
+        let d = tempfile::tempdir().unwrap();
+        // A broker that is not there: the loop retries with a backoff and still ticks.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let path = d.path().join("learner.toml");
+        std::fs::write(
+            &path,
+            format!("client_id = \"serve-test\"\n[broker]\nhost = \"127.0.0.1\"\nport = {port}\n"),
+        )
+        .unwrap();
+        let config = LearnerConfig::load(&path).unwrap();
+        let mut db = config.open_db().unwrap();
+        crate::rollout::start(
+            &mut db,
+            &Plan {
+                trace_id: "t",
+                version: "1.0.0",
+                signed: b"signed",
+                waves: &[Wave::Group("lab".into()), Wave::Group("*".into())],
+                max_failure_rate: 0.2,
+                min_runs: 1,
+            },
+            0,
+        )
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        run(&config, tokio::time::sleep(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(5), "{took:?}");
+        assert!(took < Duration::from_secs(16), "{took:?}");
+        // Ticks took the lead and drove the rollout through both (empty) waves.
+        let r = &crate::rollout::list(&db).unwrap()[0];
+        assert_eq!((r.state.as_str(), r.wave), ("done", 1));
+        assert!(!db.lead("another", unix_now()).unwrap());
+    }
+}
