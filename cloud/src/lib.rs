@@ -1,6 +1,7 @@
 //! `learner`: the tracefleet cloud companion.
 //!
-//! It compiles trace sources, generates keys and signs compiled traces ([`keys`]), and runs
+//! It compiles trace sources, generates keys and signs compiled traces ([`keys`]), creates
+//! trust roots and USB bundles ([`authoring`]), and runs
 //! the learner's side of the fleet link: `learner serve` ([`serve`]) ingests what devices
 //! publish into the learner's database ([`db`], which owns the schema and every SQL
 //! statement) and drives staged rollouts ([`rollout`]) and the stuck-run watchdog
@@ -10,10 +11,11 @@
 //! fleet's experiences and what learning cost ([`memory`]). `learner.toml` is read once, by
 //! [`config`]; [`simulate`] runs many simulated followers for tests and benchmarks.
 //!
-//! Modules depend on each other without circles: `config` → (`broker`, `stuck`, `regen`,
-//! `db`); `serve` → (`config`, `db`, `rollout`, `stuck`, `regen`, `keys`, `broker`);
-//! `regen::auto` → (`db`, `rollout`, `keys`); `rollout`, `stuck`, `memory` → `db`; `db`
-//! depends on no other module of the crate.
+//! Modules depend on each other without circles (non-test code): `db` on no other module
+//! of the crate; `stuck` → `db`; `rollout` → (`db`, `keys`); `regen` → (`db`, `rollout`,
+//! `keys`); `memory` → (`db`, `regen`); `authoring` → `keys`; `config` → (`db`, `broker`,
+//! `stuck`, `regen`); `publish`, `simulate` → `config`; `serve` → (`config`, `db`,
+//! `rollout`, `stuck`, `regen`, `keys`, `broker`).
 
 pub mod authoring;
 pub mod broker;

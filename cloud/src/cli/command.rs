@@ -1,14 +1,12 @@
-//! `learner command DEVICE run|stop|abort|kill`: a command signed with the command keys,
-//! numbered by the database's per-device counter and published with QoS 1
-//! ([`learner::publish::publish_once`]).
+//! `learner command DEVICE run|stop|abort|kill`: the keys and the action from the
+//! arguments; [`learner::publish::send_command`] numbers, signs and publishes it.
 
-use super::unix_now;
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 use learner::keys;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tracefleet::signed::{KeyRole, SecretKey};
+use tracefleet::signed::KeyRole;
 
 // `learner command`'s arguments.
 #[derive(clap::Args)]
@@ -108,25 +106,7 @@ fn send_command(
         CommandAction::Abort { run } => Action::Abort(run),
         CommandAction::Kill { run } => Action::Kill(run),
     };
-    let mut db = config.open_db()?;
-    let now = unix_now();
-    let command = wire::Command {
-        device_id: device.to_owned(),
-        counter: db.next_command_counter(device)?,
-        issued_at: now,
-        expires_at: now.saturating_add(expires.as_secs()),
-        action,
-    };
-    let refs: Vec<&SecretKey> = keys.iter().collect();
-    let payload = wire::encode(&wire::sign_command(&command, &refs));
-    learner::publish::publish_once(
-        &config,
-        &format!("{}-command", config.client_id),
-        &wire::Topic::Commands(device.to_owned()).name(),
-        payload,
-        false,
-        Duration::from_secs(30),
-    )?;
+    let command = learner::publish::send_command(&config, device, action, &keys, expires)?;
     println!(
         "sent to {device}: {:?} (counter {})",
         command.action, command.counter

@@ -21,8 +21,6 @@ pub mod rollouts;
 mod schema;
 pub mod stuck;
 
-pub use ingest::{IngestError, Ingested};
-
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::Migrations;
 use std::path::Path;

@@ -103,8 +103,7 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shared_group = config.shared_group.as_deref();
-    let shutdown = std::pin::pin!(shutdown);
-    let mut shutdown = shutdown;
+    let mut shutdown = std::pin::pin!(shutdown);
     tracing::info!(db = %config.db_path().display(), "learner serving");
     loop {
         let event = tokio::select! {
