@@ -1,6 +1,6 @@
-//! The MQTT broker embedded in `learner serve` (DESIGN.md, "Fleet link": "for a zero-setup
-//! single machine — a broker embedded in `learner serve`"): rumqttd, MQTT 3.1.1, plain TCP,
-//! started on its own threads before the learner connects to it as an ordinary client.
+//! The MQTT broker embedded in `learner serve`, for a zero-setup single machine: rumqttd,
+//! MQTT 3.1.1, plain TCP, started on its own threads before the learner connects to it as an
+//! ordinary client.
 //!
 //! What it keeps — sessions of devices that are offline, their queued QoS 1 messages, the
 //! retained rollout waves — lives in memory: a learner restart is a broker restart. A clean

@@ -1,4 +1,4 @@
-//! Experiences and what learning costs (DESIGN.md, "Learner"; LLMunix's SmartMemory).
+//! Experiences and what learning costs (LLMunix's SmartMemory).
 //!
 //! An **experience** is a run a device reported or a regeneration the learner made: the goal,
 //! the outcome, the trace version, time, cost, tokens and what was learnt. Both are already
@@ -15,7 +15,8 @@
 //! seconds) against what its runs on devices took (seconds, on-device tokens, no API fees):
 //! the measured form of "learn once, execute many times".
 
-use crate::fleet::LearnerDb;
+use crate::db::LearnerDb;
+use crate::db::memory::StoredRegeneration;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use tracefleet::report::{Report, RunStatus, StepStatus};
@@ -103,8 +104,7 @@ struct Known {
 }
 
 /// Trace metadata by trace id: the newest kept source, else the newest rollout.
-fn catalogue(db: &LearnerDb) -> rusqlite::Result<HashMap<String, Known>> {
-    let conn = db.conn_ref();
+fn catalogue(db: &LearnerDb) -> crate::db::Result<HashMap<String, Known>> {
     let mut out: HashMap<String, Known> = HashMap::new();
     let mut put = |t: tracefleet::trace::Trace| {
         let m = &t.metadata;
@@ -125,18 +125,14 @@ fn catalogue(db: &LearnerDb) -> rusqlite::Result<HashMap<String, Known>> {
         );
     };
     // Oldest first, so the newest wins; rollouts first, so a kept source wins.
-    let mut s = conn.prepare("SELECT signed FROM rollouts ORDER BY id")?;
-    for bytes in s.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
-        let bytes = bytes?;
+    for bytes in db.rollout_signed_all()? {
         if let Ok(signed) = tracefleet::signed::decode_signed(&bytes)
             && let Ok(t) = tracefleet::compile::decode_compiled(&signed.compiled)
         {
             put(t);
         }
     }
-    let mut s = conn.prepare("SELECT trace_id, source FROM trace_sources ORDER BY at, rowid")?;
-    for row in s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-        let (id, source) = row?;
+    for (id, source) in db.kept_sources()? {
         if let Ok((t, _)) = tracefleet::compile::compile_source(&id, &source) {
             put(t);
         }
@@ -155,60 +151,31 @@ fn rfc3339(unix: i64) -> String {
 ///
 /// # Errors
 /// On SQLite failure; a stored report that no longer parses is skipped.
-pub fn experiences(db: &LearnerDb) -> rusqlite::Result<Vec<Experience>> {
+pub fn experiences(db: &LearnerDb) -> crate::db::Result<Vec<Experience>> {
     let known = catalogue(db)?;
-    let conn = db.conn_ref();
     let mut out: Vec<(i64, Experience)> = Vec::new();
-    let mut s =
-        conn.prepare("SELECT report_json, received_at FROM runs ORDER BY received_at, rowid")?;
-    for row in s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-        let (json, at) = row?;
+    for (json, at) in db.reports_by_arrival()? {
         let Ok(r) = serde_json::from_str::<Report>(&json) else {
             continue;
         };
         out.push((at, run_experience(&r, known.get(&r.trace_id))));
     }
-    let mut s = conn.prepare(
-        "SELECT id, trace_id, from_version, to_version, outcome, detail, model, rounds, input_tokens, output_tokens, cost, failures, at, trigger, duration_ms
-         FROM regenerations ORDER BY id",
-    )?;
-    let rows = s.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<String>>(2)?,
-            r.get::<_, Option<String>>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, String>(5)?,
-            r.get::<_, String>(6)?,
-            r.get::<_, u32>(7)?,
-            (
-                r.get::<_, i64>(8)?,
-                r.get::<_, i64>(9)?,
-                r.get::<_, f64>(10)?,
-            ),
-            r.get::<_, u32>(11)?,
-            r.get::<_, i64>(12)?,
-            r.get::<_, String>(13)?,
-            r.get::<_, Option<i64>>(14)?,
-        ))
-    })?;
-    for row in rows {
-        let (
-            id,
+    for StoredRegeneration { id, at, row } in db.stored_regenerations()? {
+        let crate::db::regen::RegenerationRow {
             trace_id,
-            from,
-            to,
+            from_version: from,
+            to_version: to,
             outcome,
             detail,
             model,
             rounds,
-            (tin, tout, cost),
+            input_tokens: tin,
+            output_tokens: tout,
+            cost,
             failures,
-            at,
             trigger,
-            ms,
-        ) = row?;
+            duration_ms: ms,
+        } = row;
         let k = known.get(&trace_id).cloned().unwrap_or_default();
         let final_outcome = if outcome == "compiled" {
             "regenerated".to_owned()
@@ -260,8 +227,8 @@ pub fn experiences(db: &LearnerDb) -> rusqlite::Result<Vec<Experience>> {
                 },
                 execution_time_secs: ms.map_or(0.0, |ms| ms as f64 / 1000.0),
                 estimated_cost: cost,
-                input_tokens: u64::try_from(tin).unwrap_or(0),
-                output_tokens: u64::try_from(tout).unwrap_or(0),
+                input_tokens: tin,
+                output_tokens: tout,
                 task_type: k.task_type.clone(),
                 tags,
                 output_summary,
@@ -494,7 +461,7 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 ///
 /// # Errors
 /// On SQLite failure.
-pub fn costs(db: &LearnerDb) -> rusqlite::Result<Vec<TraceCost>> {
+pub fn costs(db: &LearnerDb) -> crate::db::Result<Vec<TraceCost>> {
     let all = experiences(db)?;
     let mut ids: Vec<&str> = all.iter().map(|e| e.trace_id.as_str()).collect();
     ids.sort_unstable();
@@ -555,7 +522,7 @@ pub fn costs(db: &LearnerDb) -> rusqlite::Result<Vec<TraceCost>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::RegenerationRow;
+    use crate::db::regen::RegenerationRow;
     use tracefleet::wire::{self, ReportMessage, Topic};
 
     fn timed(learner: Option<f64>, run: Option<f64>) -> TraceCost {

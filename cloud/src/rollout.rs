@@ -1,7 +1,8 @@
-//! Staged rollouts (DESIGN.md, "Learner"): a signed trace version goes out wave by wave, each
-//! wave a device group (`*` = the whole fleet) published retained on the group's trace topic,
-//! or a canary set — devices picked by `learner rollout start --canary N|P%` — published
-//! retained on each canary's own trace topic.
+//! Staged rollouts, the decisions only (the rows are [`crate::db`]'s, `serve` publishes):
+//! a signed trace version goes out wave by wave, each wave a device group (`*` = the whole
+//! fleet) published retained on the group's trace topic, or a canary set — devices picked
+//! by `learner rollout start --canary N|P%` — published retained on each canary's own trace
+//! topic. A roll-forward ([`forward`]) re-signs the last good content above every version.
 //!
 //! `learner rollout start` records the rollout; `learner serve` drives it ([`tick`]): it
 //! publishes the first wave, and moves to the next only when every device known in the
@@ -12,7 +13,7 @@
 //! until a newer version — a roll-forward — arrives: versions never go backwards). A wave with
 //! no known device passes at once.
 
-use rusqlite::{Connection, params};
+use crate::db::{LearnerDb, rollouts::NewRollout};
 use sha2::{Digest, Sha256};
 
 /// The whole fleet, as a wave.
@@ -75,23 +76,14 @@ pub fn parse_canary(s: &str) -> Result<Canary, String> {
 /// # Errors
 /// SQLite; `Ok` with an empty set when no device is known.
 pub fn pick_canaries(
-    conn: &Connection,
+    db: &LearnerDb,
     trace_id: &str,
     waves: &[Wave],
     canary: Canary,
-) -> rusqlite::Result<Vec<String>> {
-    let mut s = conn.prepare("SELECT device_id, online, groups_json FROM devices")?;
-    let rows = s.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, bool>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
+) -> crate::db::Result<Vec<String>> {
     let mut candidates = Vec::new();
-    for row in rows {
-        let (id, online, groups) = row?;
-        let groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
+    for d in db.device_groups()? {
+        let (id, online, groups) = (d.device_id, d.online, d.groups);
         let reached = waves.iter().any(|w| match w {
             Wave::Group(g) => g == FLEET || groups.contains(g),
             Wave::Devices(d) => d.contains(&id),
@@ -219,29 +211,18 @@ pub struct Plan<'a> {
 ///
 /// # Errors
 /// On SQLite failure.
-pub fn start(conn: &mut Connection, plan: &Plan<'_>, now: i64) -> rusqlite::Result<i64> {
-    let tx = conn.transaction()?;
-    tx.execute(
-        "UPDATE rollouts SET state = 'superseded', reason = 'a newer rollout of this trace started', updated_at = ?2
-         WHERE trace_id = ?1 AND state = 'running'",
-        params![plan.trace_id, now],
-    )?;
-    tx.execute(
-        "INSERT INTO rollouts (trace_id, version, signed, waves_json, wave, state, max_failure_rate, min_runs, reason, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, -1, 'running', ?5, ?6, '', ?7, ?7)",
-        params![
-            plan.trace_id,
-            plan.version,
-            plan.signed,
-            serde_json::to_string(plan.waves).unwrap_or_default(),
-            plan.max_failure_rate,
-            plan.min_runs,
-            now
-        ],
-    )?;
-    let id = tx.last_insert_rowid();
-    tx.commit()?;
-    Ok(id)
+pub fn start(db: &mut LearnerDb, plan: &Plan<'_>, now: i64) -> crate::db::Result<i64> {
+    db.insert_rollout(
+        &NewRollout {
+            trace_id: plan.trace_id,
+            version: plan.version,
+            signed: plan.signed,
+            waves_json: &serde_json::to_string(plan.waves).unwrap_or_default(),
+            max_failure_rate: plan.max_failure_rate,
+            min_runs: plan.min_runs,
+        },
+        now,
+    )
 }
 
 /// How a rollout is staged: an optional canary set in front of the waves, and when it halts.
@@ -262,7 +243,7 @@ pub struct Staging {
 /// A group name that is not a valid name, a canary set asked for where no device is known in
 /// the waves (devices become known by their heartbeats), or SQLite failure.
 pub fn start_staged(
-    conn: &mut Connection,
+    db: &mut LearnerDb,
     staging: &Staging,
     trace_id: &str,
     version: &str,
@@ -277,7 +258,7 @@ pub fn start_staged(
         waves.push(Wave::Group(w.clone()));
     }
     if let Some(canary) = staging.canary {
-        let picked = pick_canaries(conn, trace_id, &waves, canary)?;
+        let picked = pick_canaries(db, trace_id, &waves, canary)?;
         if picked.is_empty() {
             anyhow::bail!(
                 "canary: no device known in the waves {}: devices become known by their heartbeats to `learner serve` (`learner devices list`)",
@@ -288,7 +269,7 @@ pub fn start_staged(
     }
     let (max_failure_rate, min_runs) = staging.abort_if;
     start(
-        conn,
+        db,
         &Plan {
             trace_id,
             version,
@@ -300,6 +281,59 @@ pub fn start_staged(
         now,
     )?;
     Ok(waves)
+}
+
+/// A roll-forward, prepared: the content of the last completed rollout re-signed under a
+/// version above every version known.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The version whose content it carries (the last completed rollout's).
+    pub good: String,
+    /// The highest version known before it.
+    pub top: tracefleet::ids::Version,
+    /// Its version (`top` with the patch number one higher).
+    pub version: tracefleet::ids::Version,
+    /// The re-signed trace.
+    pub signed: tracefleet::signed::SignedTrace,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Prepares a roll-forward of `trace_id` (how a bad version is undone: versions never go
+/// backwards on a device): the content of its last completed rollout, re-signed with
+/// `keys` under the next patch version above every version the learner knows of it.
+/// Nothing is recorded: [`start_staged`] rolls the result out.
+///
+/// # Errors
+/// No completed rollout, no version known, a stored trace that no longer decodes, a patch
+/// version overflow, signing, or the database.
+pub fn forward(
+    db: &LearnerDb,
+    trace_id: &str,
+    keys: &[tracefleet::signed::SecretKey],
+    expires: std::time::Duration,
+) -> anyhow::Result<Forward> {
+    use anyhow::Context as _;
+    use tracefleet::{compile, signed};
+    let (good, good_signed) = last_good(db, trace_id)?
+        .with_context(|| format!("{trace_id}: no completed rollout to roll forward to (`learner rollout status` lists them)"))?;
+    let top =
+        newest_version(db, trace_id)?.with_context(|| format!("{trace_id}: no version known"))?;
+    let mut content = compile::decode_compiled(&signed::decode_signed(&good_signed)?.compiled)?;
+    content.version = tracefleet::ids::Version {
+        patch: top.patch.checked_add(1).context("patch version overflow")?,
+        ..top
+    };
+    let compiled = compile::encode_compiled(&content);
+    let resigned = crate::keys::sign_all(&compiled, keys, expires)?;
+    let bytes = signed::encode_signed(&resigned);
+    Ok(Forward {
+        good,
+        top,
+        version: content.version,
+        signed: resigned,
+        bytes,
+    })
 }
 
 /// One line saying what rollout was recorded.
@@ -325,73 +359,65 @@ pub fn describe_start(
 /// Asks `learner serve` to stop the running rollout of `trace_id` and withdraw it.
 ///
 /// # Errors
-/// On SQLite failure; `Ok(false)` when none is running.
-pub fn abort(conn: &Connection, trace_id: &str, now: i64) -> rusqlite::Result<bool> {
-    Ok(conn.execute(
-        "UPDATE rollouts SET state = 'aborting', reason = 'aborted by an operator', updated_at = ?2
-         WHERE trace_id = ?1 AND state IN ('running', 'halted')",
-        params![trace_id, now],
-    )? > 0)
+/// On database failure; `Ok(false)` when none is running.
+pub fn abort(db: &LearnerDb, trace_id: &str, now: i64) -> crate::db::Result<bool> {
+    db.abort_rollout(trace_id, now)
 }
 
 /// Every rollout, newest first, with its run counts.
 ///
 /// # Errors
-/// On SQLite failure.
-pub fn list(conn: &Connection) -> rusqlite::Result<Vec<Rollout>> {
-    // Runs and failures from the per-version statistics ingest keeps (stopped runs are not
-    // counted there): no scan of the runs table every tick.
-    let mut s = conn.prepare_cached(
-        "SELECT r.id, r.trace_id, r.version, r.waves_json, r.wave, r.state, r.max_failure_rate, r.min_runs, r.reason,
-           COALESCE(s.runs, 0), COALESCE(s.runs - s.successes, 0)
-         FROM rollouts r LEFT JOIN trace_stats s ON s.trace_id = r.trace_id AND s.version = r.version
-         ORDER BY r.id DESC",
-    )?;
-    let rows = s.query_map([], |r| {
-        Ok(Rollout {
-            id: r.get(0)?,
-            trace_id: r.get(1)?,
-            version: r.get(2)?,
-            waves: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-            wave: r.get(4)?,
-            state: r.get(5)?,
-            max_failure_rate: r.get(6)?,
-            min_runs: r.get(7)?,
-            reason: r.get(8)?,
-            runs: r.get(9)?,
-            failures: r.get(10)?,
+/// On database failure.
+pub fn list(db: &LearnerDb) -> crate::db::Result<Vec<Rollout>> {
+    Ok(db
+        .rollouts()?
+        .into_iter()
+        .map(|r| Rollout {
+            id: r.id,
+            trace_id: r.trace_id,
+            version: r.version,
+            waves: serde_json::from_str(&r.waves_json).unwrap_or_default(),
+            wave: r.wave,
+            state: r.state,
+            max_failure_rate: r.max_failure_rate,
+            min_runs: r.min_runs,
+            reason: r.reason,
+            runs: r.runs,
+            failures: r.failures,
         })
-    })?;
-    rows.collect()
+        .collect())
 }
 
 /// The last good content of `trace_id`: the version and signed trace of its newest rollout
 /// that completed (`done`), if any.
 ///
 /// # Errors
-/// On SQLite failure.
-pub fn last_good(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<(String, Vec<u8>)>> {
-    conn.prepare(
-        "SELECT version, signed FROM rollouts WHERE trace_id = ?1 AND state = 'done' ORDER BY id DESC LIMIT 1",
-    )?
-    .query_map([trace_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-    .next()
-    .transpose()
+/// On database failure.
+pub fn last_good(db: &LearnerDb, trace_id: &str) -> crate::db::Result<Option<(String, Vec<u8>)>> {
+    db.last_good(trace_id)
 }
 
 /// Every version of `trace_id` the learner has heard of: rolled out, acknowledged or
 /// reported. A roll-forward goes above all of them.
 ///
 /// # Errors
-/// On SQLite failure.
-pub fn known_versions(conn: &Connection, trace_id: &str) -> rusqlite::Result<Vec<String>> {
-    conn.prepare(
-        "SELECT version FROM rollouts WHERE trace_id = ?1
-         UNION SELECT version FROM acks WHERE trace_id = ?1
-         UNION SELECT version FROM trace_stats WHERE trace_id = ?1",
-    )?
-    .query_map([trace_id], |r| r.get(0))?
-    .collect()
+/// On database failure.
+pub fn known_versions(db: &LearnerDb, trace_id: &str) -> crate::db::Result<Vec<String>> {
+    db.known_versions(trace_id)
+}
+
+/// The newest version of `trace_id` the learner knows, if any.
+///
+/// # Errors
+/// On database failure.
+pub fn newest_version(
+    db: &LearnerDb,
+    trace_id: &str,
+) -> crate::db::Result<Option<tracefleet::ids::Version>> {
+    Ok(known_versions(db, trace_id)?
+        .iter()
+        .filter_map(|v| v.parse::<tracefleet::ids::Version>().ok())
+        .max())
 }
 
 /// A message the engine wants published (QoS 1).
@@ -404,22 +430,17 @@ pub struct Publish {
 }
 
 /// Devices known (from heartbeats) to belong to `wave`, or the canary set.
-fn wave_devices(conn: &Connection, wave: &Wave) -> rusqlite::Result<Vec<String>> {
+fn wave_devices(db: &LearnerDb, wave: &Wave) -> crate::db::Result<Vec<String>> {
     let group = match wave {
         Wave::Group(g) => g,
         Wave::Devices(d) => return Ok(d.clone()),
     };
-    let mut s = conn.prepare_cached("SELECT device_id, groups_json FROM devices")?;
-    let rows = s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, groups) = row?;
-        let groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
-        if group == FLEET || groups.contains(group) {
-            out.push(id);
-        }
-    }
-    Ok(out)
+    Ok(db
+        .device_groups()?
+        .into_iter()
+        .filter(|d| group == FLEET || d.groups.contains(group))
+        .map(|d| d.device_id)
+        .collect())
 }
 
 /// Advances every rollout one step; returns what to publish. `republish` also returns the
@@ -428,17 +449,13 @@ fn wave_devices(conn: &Connection, wave: &Wave) -> rusqlite::Result<Vec<String>>
 ///
 /// # Errors
 /// On SQLite failure.
-pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Vec<Publish>> {
+pub fn tick(db: &LearnerDb, now: i64, republish: bool) -> crate::db::Result<Vec<Publish>> {
     let mut out = Vec::new();
-    for r in list(conn)? {
+    for r in list(db)? {
         let published = usize::try_from(r.wave + 1).unwrap_or(0).min(r.waves.len());
         let reached = &r.waves[..published];
-        let set = |state: &str, wave: i64, reason: &str| {
-            conn.execute(
-                "UPDATE rollouts SET state = ?2, wave = ?3, reason = ?4, updated_at = ?5 WHERE id = ?1",
-                params![r.id, state, wave, reason, now],
-            )
-        };
+        let set =
+            |state: &str, wave: i64, reason: &str| db.set_rollout(r.id, state, wave, reason, now);
         match r.state.as_str() {
             "aborting" => {
                 out.extend(publishes(reached, &r.trace_id, &[]));
@@ -450,10 +467,7 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
             _ => continue,
         }
         // Loaded only for a rollout that may publish it (up to 1 MiB, every second).
-        let signed: Vec<u8> =
-            conn.query_row("SELECT signed FROM rollouts WHERE id = ?1", [r.id], |x| {
-                x.get(0)
-            })?;
+        let signed = db.rollout_signed(r.id)?;
         if republish {
             out.extend(publishes(reached, &r.trace_id, &signed));
         }
@@ -481,20 +495,10 @@ pub fn tick(conn: &Connection, now: i64, republish: bool) -> rusqlite::Result<Ve
         let next = if r.wave < 0 {
             0
         } else {
-            let devices = wave_devices(conn, &r.waves[published - 1])?;
+            let devices = wave_devices(db, &r.waves[published - 1])?;
             // Which devices acked the version, and runs per device, in one query each.
-            let acked_by: std::collections::HashSet<String> = conn
-                .prepare_cached(
-                    "SELECT device_id FROM acks WHERE trace_id = ?1 AND version = ?2 AND outcome IN ('installed', 'already_installed')",
-                )?
-                .query_map(params![r.trace_id, r.version], |x| x.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            let runs_by: std::collections::HashMap<String, i64> = conn
-                .prepare_cached(
-                    "SELECT device_id, COUNT(*) FROM runs WHERE trace_id = ?1 AND trace_version = ?2 AND status != 'stopped' GROUP BY device_id",
-                )?
-                .query_map(params![r.trace_id, r.version], |x| Ok((x.get(0)?, x.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+            let acked_by = db.acked_devices(&r.trace_id, &r.version)?;
+            let runs_by = db.runs_by_device(&r.trace_id, &r.version)?;
             let acked = devices.iter().filter(|d| acked_by.contains(*d)).count();
             let runs: i64 = devices.iter().filter_map(|d| runs_by.get(d)).sum();
             let passed = devices.is_empty() || (acked == devices.len() && runs >= r.min_runs);
@@ -541,18 +545,14 @@ mod tests {
     #[test]
     fn canaries_are_online_devices_of_the_waves_in_an_order_that_depends_on_the_trace() {
         let dir = tempfile::tempdir().unwrap();
-        let mut db = crate::fleet::LearnerDb::open(&dir.path().join("l.db")).unwrap();
-        let conn = db.conn();
+        let db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        let conn = &db;
         for i in 0..20 {
-            conn.execute(
-                "INSERT INTO devices (device_id, online, last_seen, groups_json) VALUES (?1, ?2, 0, ?3)",
-                params![
-                    format!("d{i:02}"),
-                    i % 2 == 0,
-                    if i < 16 { r#"["wave1"]"# } else { r#"["lab"]"# }
-                ],
-            )
-            .unwrap();
+            db.put_device(
+                &format!("d{i:02}"),
+                i % 2 == 0,
+                if i < 16 { r#"["wave1"]"# } else { r#"["lab"]"# },
+            );
         }
         let wave1 = [Wave::Group("wave1".into())];
         let a = pick_canaries(conn, "trace-a", &wave1, Canary::Devices(3)).unwrap();

@@ -105,7 +105,7 @@ pub fn synthetic_report(
 ///
 /// # Errors
 /// When the broker settings cannot be used.
-pub fn run(config: &crate::fleet::LearnerConfig, sim: &Simulation) -> anyhow::Result<Arc<Totals>> {
+pub fn run(config: &crate::config::LearnerConfig, sim: &Simulation) -> anyhow::Result<Arc<Totals>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -306,7 +306,7 @@ pub fn baseline_size() -> usize {
 /// # Errors
 /// When the broker cannot be reached or the messages do not all arrive within two minutes.
 pub fn broker_baseline(
-    config: &crate::fleet::LearnerConfig,
+    config: &crate::config::LearnerConfig,
     devices: usize,
     per_device: usize,
     size: usize,

@@ -1,5 +1,5 @@
-//! Regeneration as a job, and the triggers that start one without a person (DESIGN.md,
-//! "Learner": learn once, execute many times).
+//! Regeneration as a job, and the triggers that start one without a person (learn once with
+//! a large model, execute many times on small ones).
 //!
 //! [`run`] is the whole pipeline both `learner regenerate` and `learner serve` use: the
 //! trace's newest failed runs and its kept source go into the prompt ([`super::regenerate`]),
@@ -26,9 +26,8 @@
 
 use super::backend::{AnyBackend, Backend, BackendConfig};
 use super::{Failure, RegenError, Request};
-use crate::fleet::{LearnerDb, RegenerationRow};
+use crate::db::{LearnerDb, regen::RegenerationRow, unix_now};
 use crate::rollout::{Staging, Wave};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Deserialize;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -348,7 +347,7 @@ pub async fn run<B: Backend>(
         }
     };
     // Above every version the learner or the current source knows.
-    let mut known: Vec<Version> = crate::rollout::known_versions(db.conn(), &job.trace_id)
+    let mut known: Vec<Version> = crate::rollout::known_versions(db, &job.trace_id)
         .map_err(anyhow::Error::from)?
         .iter()
         .filter_map(|v| v.parse().ok())
@@ -380,12 +379,12 @@ pub async fn run<B: Backend>(
     db.record_source(&job.trace_id, &version.to_string(), &source)
         .map_err(anyhow::Error::from)?;
     let rollout = crate::rollout::start_staged(
-        db.conn(),
+        db,
         staging,
         &job.trace_id,
         &version.to_string(),
         &bytes,
-        crate::fleet::unix_now(),
+        unix_now(),
     )
     .map_err(|e| e.to_string());
     row.outcome = "compiled".into();
@@ -448,33 +447,17 @@ pub fn goal_trace_id(goal: &str) -> String {
     if id.is_empty() { "goal".into() } else { id }
 }
 
-/// The newest version of `trace_id` the learner knows, if any.
-fn newest_version(conn: &Connection, trace_id: &str) -> rusqlite::Result<Option<Version>> {
-    Ok(crate::rollout::known_versions(conn, trace_id)?
-        .iter()
-        .filter_map(|v| v.parse::<Version>().ok())
-        .max())
-}
-
 /// Whether `trace_id` `from_version` needs no attempt now: one compiled already, or one
 /// failed less than `retry_after` ago.
 fn handled(
-    conn: &Connection,
+    db: &LearnerDb,
     trace_id: &str,
     from_version: Option<&str>,
     retry_after: Duration,
     now: i64,
-) -> rusqlite::Result<bool> {
+) -> crate::db::Result<bool> {
     let since = now.saturating_sub(i64::try_from(retry_after.as_secs()).unwrap_or(i64::MAX));
-    let found: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM regenerations WHERE trace_id = ?1 AND from_version IS ?2
-             AND (outcome = 'compiled' OR at > ?3) LIMIT 1",
-            params![trace_id, from_version, since],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(found.is_some())
+    db.regenerated_since(trace_id, from_version, since)
 }
 
 /// The goal and current source for regenerating `trace_id` `version`: the kept source of
@@ -484,33 +467,19 @@ fn goal_and_source(
     db: &LearnerDb,
     trace_id: &str,
     version: &str,
-) -> rusqlite::Result<Option<(String, Option<String>)>> {
+) -> crate::db::Result<Option<(String, Option<String>)>> {
     // That version's source; else the newest kept one (a roll-forward re-signs content
     // under a new version without a source of its own).
     let kept = match db.source(trace_id, version)? {
         Some(s) => Some(s),
-        None => db
-            .conn_ref()
-            .query_row(
-                "SELECT source FROM trace_sources WHERE trace_id = ?1 ORDER BY at DESC, rowid DESC LIMIT 1",
-                [trace_id],
-                |r| r.get(0),
-            )
-            .optional()?,
+        None => db.newest_source(trace_id)?,
     };
     if let Some(source) = kept
         && let Ok((t, _)) = tracefleet::compile::compile_source(trace_id, &source)
     {
         return Ok(Some((t.goal_signature, Some(source))));
     }
-    let signed: Option<Vec<u8>> = db
-        .conn_ref()
-        .query_row(
-            "SELECT signed FROM rollouts WHERE trace_id = ?1 ORDER BY id DESC LIMIT 1",
-            [trace_id],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let signed = db.newest_rollout_signed(trace_id)?;
     Ok(signed.and_then(|bytes| {
         let s = tracefleet::signed::decode_signed(&bytes).ok()?;
         let t = tracefleet::compile::decode_compiled(&s.compiled).ok()?;
@@ -524,29 +493,19 @@ fn goal_and_source(
 ///
 /// # Errors
 /// On SQLite failure.
-pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> rusqlite::Result<Vec<Job>> {
+pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> crate::db::Result<Vec<Job>> {
     let c = &auto.config;
     let mut candidates: Vec<(String, Option<String>, String)> = Vec::new();
     // Escalations since the cursor.
-    let cursor: i64 = db
-        .conn()
-        .query_row(
-            "SELECT value FROM cursors WHERE name = 'escalations'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0);
-    let escalations: Vec<(i64, String, String, Option<String>, String)> = db
-        .conn()
-        .prepare(
-            "SELECT id, device_id, trace_id, run_id, reason FROM escalations WHERE id > ?1 ORDER BY id",
-        )?
-        .query_map([cursor], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    for (_, device, trace_id, run_id, reason) in &escalations {
+    let escalations = db.escalations_after_cursor()?;
+    for crate::db::regen::NewEscalation {
+        device_id: device,
+        trace_id,
+        run_id,
+        reason,
+        ..
+    } in &escalations
+    {
         if trace_id == "-" {
             if let (true, Some(goal)) = (c.new_goals, tracefleet::wire::unmatched_goal(reason)) {
                 candidates.push((
@@ -563,18 +522,15 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> rusqlite::Result<Vec<Jo
             ));
         }
     }
-    if let Some((last, ..)) = escalations.last() {
-        db.conn().execute(
-            "INSERT OR REPLACE INTO cursors (name, value) VALUES ('escalations', ?1)",
-            [last],
-        )?;
+    if let Some(last) = escalations.last() {
+        db.move_escalation_cursor(last.id)?;
     }
     // Confidence of each trace's newest version.
     let stats = db.trace_stats()?;
     let mut trace_ids: Vec<&str> = stats.iter().map(|s| s.trace_id.as_str()).collect();
     trace_ids.dedup();
     for trace_id in trace_ids {
-        let Some(newest) = newest_version(db.conn_ref(), trace_id)? else {
+        let Some(newest) = crate::rollout::newest_version(db, trace_id)? else {
             continue;
         };
         let newest = newest.to_string();
@@ -600,8 +556,8 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> rusqlite::Result<Vec<Jo
         }
         if let Some(goal) = goal {
             // A first version, unless the learner already knows this trace.
-            if newest_version(db.conn_ref(), &trace_id)?.is_some()
-                || handled(db.conn_ref(), &trace_id, None, auto.retry_after, now)?
+            if crate::rollout::newest_version(db, &trace_id)?.is_some()
+                || handled(db, &trace_id, None, auto.retry_after, now)?
             {
                 continue;
             }
@@ -614,17 +570,11 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> rusqlite::Result<Vec<Jo
             });
             continue;
         }
-        let Some(version) = newest_version(db.conn_ref(), &trace_id)? else {
+        let Some(version) = crate::rollout::newest_version(db, &trace_id)? else {
             continue;
         };
         let version = version.to_string();
-        if handled(
-            db.conn_ref(),
-            &trace_id,
-            Some(&version),
-            auto.retry_after,
-            now,
-        )? {
+        if handled(db, &trace_id, Some(&version), auto.retry_after, now)? {
             continue;
         }
         let (goal, current) = match goal_and_source(db, &trace_id, &version)? {
@@ -715,7 +665,7 @@ impl Runner {
         while let Some(job) = self.queue.pop_front() {
             // Another attempt may have handled it since it was queued.
             match handled(
-                db.conn_ref(),
+                db,
                 &job.trace_id,
                 job.from_version.as_deref(),
                 self.auto.retry_after,
@@ -838,7 +788,7 @@ mod tests {
         let auto: AutoConfig = toml::from_str("keys = [\"traces.key\"]\nmin_runs = 2").unwrap();
         let auto = auto.resolve(d.path()).unwrap();
         assert_eq!(auto.config.keys, vec![d.path().join("traces.key")]);
-        let now = crate::fleet::unix_now();
+        let now = unix_now();
 
         // One failure: confidence 0.525, and fewer runs than min_runs.
         report(&mut db, "r1", false);

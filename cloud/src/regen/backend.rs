@@ -1,4 +1,4 @@
-//! The models that write traces (DESIGN.md, "Learner"): Claude through the Anthropic
+//! The models that write traces: Claude through the Anthropic
 //! Messages API, and any OpenAI-compatible chat-completions endpoint (llama-server, Ollama,
 //! vLLM). Both behind [`Backend`]; [`AnyBackend`] is the one `learner.toml` chooses.
 //!

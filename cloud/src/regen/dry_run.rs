@@ -211,3 +211,137 @@ impl DryRunner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "---\ntrace_id: t\nversion: \"1.0.0\"\ngoal_signature: do the thing\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"true\"\n```\n";
+
+    fn config(text: &str) -> DryRunConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    fn trace() -> tracefleet::trace::Trace {
+        tracefleet::compile::compile_source("t", SOURCE).unwrap().0
+    }
+
+    fn inputs() -> BTreeMap<String, String> {
+        BTreeMap::from([("path".to_owned(), "/var/log/x".to_owned())])
+    }
+
+    /// A stand-in for the follower: writes `report` where `--output` says, or nothing.
+    fn fake_follower(dir: &Path, report: Option<&Report>) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let script = dir.join("follower");
+        let copy = match report {
+            Some(r) => {
+                let json = dir.join("canned.json");
+                std::fs::write(&json, serde_json::to_string(r).unwrap()).unwrap();
+                format!("cp '{}' \"$out\"", json.display())
+            }
+            None => "echo 'no model here' >&2; exit 2".to_owned(),
+        };
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output ] && out=$2; shift; done\n{copy}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    #[test]
+    fn settings_resolve_against_the_config_directory_and_a_bad_timeout_is_named() {
+        let d = Path::new("/etc/tracefleet");
+        let r = config("follower = \"bin/follower\"\nmodel = \"m.gguf\"\nread_roots = [\"data\"]")
+            .resolve(d, "/tmp/s".into())
+            .unwrap();
+        assert_eq!(r.follower, d.join("bin/follower"));
+        assert_eq!(r.model, Some(d.join("m.gguf")));
+        assert_eq!(r.read_roots, vec![d.join("data")]);
+        assert_eq!(r.timeout, Duration::from_secs(120));
+        // A bare name is looked up on PATH, as a command.
+        let r = config("follower = \"follower\"")
+            .resolve(d, "/tmp/s".into())
+            .unwrap();
+        assert_eq!(r.follower, Path::new("follower"));
+        let e = config("timeout = \"later\"")
+            .resolve(d, "/tmp/s".into())
+            .unwrap_err();
+        assert!(
+            e.contains("[dry_run] timeout \"later\"") && e.contains("expected"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_dry_run_is_skipped_saying_why() {
+        let d = tempfile::tempdir().unwrap();
+        let r = config("follower = \"/nonexistent/follower\"")
+            .resolve(d.path(), d.path().join("scratch"))
+            .unwrap();
+        let skipped = |o: DryOutcome| match o {
+            DryOutcome::Skipped(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(skipped(r.run(&trace(), SOURCE, None).await).contains("no recorded inputs"));
+        let why = skipped(r.run(&trace(), SOURCE, Some(&inputs())).await);
+        assert!(
+            why.starts_with("cannot start the follower /nonexistent/follower"),
+            "{why}"
+        );
+        let llm_source = SOURCE.replace(
+            "tool: Bash\nparameters:\n  command: \"true\"",
+            "tool: LLM\nparameters:\n  prompt: \"say hi\"",
+        );
+        let llm = tracefleet::compile::compile_source("t", &llm_source)
+            .unwrap()
+            .0;
+        let why = skipped(r.run(&llm, SOURCE, Some(&inputs())).await);
+        assert!(why.contains("LLM steps"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn the_followers_report_decides_passed_failed_or_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let scratch = d.path().join("scratch");
+        let run = |report: Option<Report>| {
+            let follower = fake_follower(d.path(), report.as_ref());
+            let r = config(&format!("follower = \"{}\"", follower.display()))
+                .resolve(d.path(), scratch.clone())
+                .unwrap();
+            async move { r.run(&trace(), SOURCE, Some(&inputs())).await }
+        };
+        let ok = crate::simulate::synthetic_report("learner-dry-run", "r", "t", "1.0.0", true);
+        assert!(matches!(
+            run(Some(ok.clone())).await,
+            DryOutcome::Passed { .. }
+        ));
+        let failed = crate::simulate::synthetic_report("learner-dry-run", "r", "t", "1.0.0", false);
+        assert!(
+            matches!(run(Some(failed.clone())).await, DryOutcome::Failed(r) if r.run_id == "r")
+        );
+        let mut unmet = failed;
+        unmet.all_preconditions_met = false;
+        match run(Some(unmet)).await {
+            DryOutcome::Skipped(why) => {
+                assert!(why.contains("inputs are not available here"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match run(None).await {
+            DryOutcome::Skipped(why) => {
+                assert!(
+                    why.contains("wrote no report") && why.ends_with("no model here"),
+                    "{why}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Every scratch directory is removed afterwards.
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    }
+}

@@ -1,5 +1,5 @@
-//! Regeneration (DESIGN.md, "Learner"): a model writes or repairs a trace, and the learner
-//! proves it compiles before anything else happens to it.
+//! Regeneration: a model writes or repairs a trace, and the learner proves it compiles
+//! before anything else happens to it.
 //!
 //! [`regenerate`] builds the prompt — the trace language (docs/trace-language.md, compiled
 //! in), the goal, the current source if there is one, the failing runs — asks a

@@ -1,0 +1,359 @@
+//! Authoring commands: `compile` (trace sources to compiled traces, diagnostics printed),
+//! `keys generate`, `sign` and `cosign`, `trust create` (a trust root from public key files)
+//! and `bundle create` (signed traces, models and root updates in one signed file for USB).
+
+use super::read_limited;
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use learner::keys;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracefleet::signed::{self, KeyRole};
+use tracefleet::{compile, source};
+
+// `learner compile`'s arguments.
+#[derive(clap::Args)]
+pub struct CompileArgs {
+    /// Trace sources.
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+    /// Output file (one source) or directory (several); default: beside each source, `.tfc`.
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// Only check; write nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// How to print diagnostics: `human` (source line and caret) or `short`
+    /// (`file:line:col: error: message`, one per line).
+    #[arg(long, value_enum, default_value = "human")]
+    pub message_format: MessageFormat,
+}
+
+// `learner sign`'s arguments.
+#[derive(clap::Args)]
+pub struct SignArgs {
+    /// The compiled trace (from `learner compile`).
+    pub compiled: PathBuf,
+    /// Secret trace-signing key(s).
+    #[arg(long = "key", value_name = "KEY", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// How long the signature stays valid (e.g. `90d`, `12h`).
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub expires: Duration,
+    /// The signed trace to write.
+    #[arg(short, long, value_name = "SIGNED")]
+    pub output: PathBuf,
+}
+
+// `learner cosign`'s arguments.
+#[derive(clap::Args)]
+pub struct CosignArgs {
+    /// The signed trace.
+    pub signed: PathBuf,
+    /// The secret trace-signing key.
+    #[arg(long, value_name = "KEY")]
+    pub key: PathBuf,
+    /// Where to write the result (default: in place).
+    #[arg(short, long, value_name = "SIGNED")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum BundleCommand {
+    /// Pack signed traces (and optionally model files and trust-root updates) into one signed
+    /// bundle file.
+    Create {
+        /// The bundle to write.
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Signed traces (`.tfs`).
+        #[arg(required = true)]
+        signed: Vec<PathBuf>,
+        /// GGUF model files to carry.
+        #[arg(long = "model", value_name = "GGUF")]
+        models: Vec<PathBuf>,
+        /// Trust-root updates to carry (oldest first); devices apply them before the traces.
+        #[arg(long = "root", value_name = "ROOT.tfr")]
+        roots: Vec<PathBuf>,
+        /// The trust root devices will verify the bundle with (the newest `--root` if given):
+        /// the bundle may not outlive it.
+        #[arg(long, value_name = "ROOT.tfr")]
+        trust_root: PathBuf,
+        /// Secret trace-signing key(s) that sign the manifest.
+        #[arg(long = "key", value_name = "KEY", required = true)]
+        keys: Vec<PathBuf>,
+        /// How long the bundle stays valid (capped by the trust root's expiry).
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TrustCommand {
+    /// Create and sign a trust root naming the root, trace-signing and command-signing keys.
+    ///
+    /// For a rotation, give the next version and sign with a threshold of the current root's
+    /// keys and a threshold of the new root's keys.
+    Create {
+        /// Root version (1 for a new fleet; current + 1 for a rotation).
+        #[arg(long, default_value_t = 1)]
+        version: u32,
+        /// How long the root stays valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// Root public keys (`.pub`).
+        #[arg(long = "root-key", value_name = "PUB", required = true)]
+        root_keys: Vec<PathBuf>,
+        /// Root signatures needed to accept a later root.
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u32,
+        /// Trace-signing public keys.
+        #[arg(long = "traces-key", value_name = "PUB", required = true)]
+        traces_keys: Vec<PathBuf>,
+        /// Trace signatures a device needs.
+        #[arg(long, default_value_t = 1)]
+        traces_threshold: u32,
+        /// Command-signing public keys (default: the trace-signing keys).
+        #[arg(long = "commands-key", value_name = "PUB")]
+        commands_keys: Vec<PathBuf>,
+        /// Command signatures a device needs.
+        #[arg(long, default_value_t = 1)]
+        commands_threshold: u32,
+        /// Secret root keys that sign this root (for a rotation: old and new root keys).
+        #[arg(long = "sign", value_name = "KEY", required = true)]
+        signers: Vec<PathBuf>,
+        /// The root file to write.
+        #[arg(short, long, value_name = "ROOT.tfr")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Generate an ed25519 key: the secret key at FILE (0600), the public key at FILE.pub.
+    Generate {
+        /// What the key may sign.
+        #[arg(long, value_enum, default_value = "traces")]
+        role: Role,
+        /// The secret key file to create (never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageFormat {
+    Human,
+    Short,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Role {
+    Root,
+    Traces,
+    Commands,
+}
+
+/// `learner compile`.
+pub fn compile(a: CompileArgs) -> Result<()> {
+    compile_all(&a.sources, a.output.as_deref(), a.check, a.message_format)
+}
+
+/// `learner keys generate`.
+pub fn generate_key(KeysCommand::Generate { role, out }: KeysCommand) -> Result<()> {
+    let role = match role {
+        Role::Root => KeyRole::Root,
+        Role::Traces => KeyRole::Traces,
+        Role::Commands => KeyRole::Commands,
+    };
+    let public = keys::generate(role, &out)?;
+    println!("{role} key {}", public.key_id());
+    println!("secret: {} (0600)", out.display());
+    println!("public: {}", keys::public_path(&out).display());
+    Ok(())
+}
+
+/// `learner sign`.
+pub fn sign(
+    SignArgs {
+        compiled,
+        keys: key_files,
+        expires,
+        output,
+    }: SignArgs,
+) -> Result<()> {
+    let secrets = keys::read_trace_keys(&key_files)?;
+    let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
+    let signed = keys::sign_all(&bytes, &secrets, expires)
+        .with_context(|| format!("{}", compiled.display()))?;
+    std::fs::write(&output, signed::encode_signed(&signed))
+        .with_context(|| format!("writing {}", output.display()))?;
+    let ids: Vec<String> = secrets
+        .iter()
+        .map(|k| k.public().key_id().to_string())
+        .collect();
+    println!(
+        "signed {} {} with {} → {}",
+        signed.header.trace_id,
+        signed.header.version,
+        ids.join(", "),
+        output.display()
+    );
+    Ok(())
+}
+
+/// `learner cosign`.
+pub fn cosign(
+    CosignArgs {
+        signed: file,
+        key,
+        output,
+    }: CosignArgs,
+) -> Result<()> {
+    let secret = keys::read_trace_keys(std::slice::from_ref(&key))?.remove(0);
+    let bytes = read_limited(&file, signed::MAX_SIGNED_BYTES as u64)?;
+    let mut s = signed::decode_signed(&bytes).with_context(|| format!("{}", file.display()))?;
+    signed::add_signature(&mut s, &secret);
+    let out = output.unwrap_or(file);
+    std::fs::write(&out, signed::encode_signed(&s))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{} now carries {} signature(s)",
+        out.display(),
+        s.signatures.len()
+    );
+    Ok(())
+}
+
+/// `learner bundle create`.
+pub fn bundle(
+    BundleCommand::Create {
+        output,
+        signed: signed_files,
+        models,
+        roots,
+        trust_root,
+        keys: key_files,
+        expires,
+    }: BundleCommand,
+) -> Result<()> {
+    learner::authoring::create_bundle(
+        &output,
+        &signed_files,
+        &models,
+        &roots,
+        &trust_root,
+        &key_files,
+        expires,
+    )?;
+    println!(
+        "bundle {} ({} traces, {} models, {} root updates), expires in {}",
+        output.display(),
+        signed_files.len(),
+        models.len(),
+        roots.len(),
+        humantime::format_duration(expires)
+    );
+    Ok(())
+}
+
+/// `learner trust create`.
+pub fn trust(
+    TrustCommand::Create {
+        version,
+        expires,
+        root_keys,
+        root_threshold,
+        traces_keys,
+        traces_threshold,
+        commands_keys,
+        commands_threshold,
+        signers,
+        output,
+    }: TrustCommand,
+) -> Result<()> {
+    let (root, bytes, signatures) =
+        learner::authoring::create_root(&learner::authoring::RootPlan {
+            version,
+            expires,
+            root_keys: &root_keys,
+            root_threshold,
+            traces_keys: &traces_keys,
+            traces_threshold,
+            commands_keys: &commands_keys,
+            commands_threshold,
+            signers: &signers,
+        })?;
+    std::fs::write(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "trust root v{version} → {} (root {root_threshold}/{}, traces {traces_threshold}/{}, {} signature(s))",
+        output.display(),
+        root.root.keys.len(),
+        root.traces.keys.len(),
+        signatures
+    );
+    Ok(())
+}
+
+fn compile_all(
+    sources: &[PathBuf],
+    output: Option<&Path>,
+    check: bool,
+    format: MessageFormat,
+) -> Result<()> {
+    let mut failed = 0usize;
+    for src in sources {
+        let shown = src.display().to_string();
+        let bytes = read_limited(src, source::MAX_SOURCE_BYTES as u64)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| anyhow!("{shown}: not UTF-8 (byte {})", e.utf8_error().valid_up_to()))?;
+        match compile::compile_source(&shown, &text) {
+            Err(diags) => {
+                match format {
+                    MessageFormat::Human => eprint!("{}", diags.render(&text)),
+                    MessageFormat::Short => eprintln!("{diags}"),
+                }
+                failed += 1;
+            }
+            Ok((trace, warnings)) => {
+                let warnings = tracefleet::Diagnostics(warnings);
+                match format {
+                    MessageFormat::Human => eprint!("{}", warnings.render(&text)),
+                    MessageFormat::Short => warnings.0.iter().for_each(|w| eprintln!("{w}")),
+                }
+                if check {
+                    println!(
+                        "{shown}: ok ({} {}, {} steps)",
+                        trace.id,
+                        trace.version,
+                        trace.steps.len()
+                    );
+                    continue;
+                }
+                let out = match output {
+                    Some(o) if sources.len() == 1 => o.to_path_buf(),
+                    Some(dir) => dir.join(format!("{}.tfc", trace.id)),
+                    None => src.with_file_name(format!("{}.tfc", trace.id)),
+                };
+                let bytes = compile::encode_compiled(&trace);
+                std::fs::write(&out, &bytes)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                println!(
+                    "{shown} → {} ({} {}, {} steps, {} bytes)",
+                    out.display(),
+                    trace.id,
+                    trace.version,
+                    trace.steps.len(),
+                    bytes.len()
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} trace source(s) did not compile",
+            sources.len()
+        );
+    }
+    Ok(())
+}

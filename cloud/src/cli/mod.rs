@@ -1,0 +1,54 @@
+//! The `learner` command line, one module per command family: each defines its commands'
+//! arguments (clap) and maps them onto the library, then prints what comes back. What holds
+//! invariants — rollouts, regeneration, the database — is library code.
+//!
+//! - [`build`]: `compile`, `keys`, `sign`, `cosign`, `trust`, `bundle`;
+//! - [`fleet`]: the listings (`fleet`, `devices`, `runs`, `memory`, `costs`);
+//! - [`rollout`]: `rollout start|forward|status|abort`, `regenerate`;
+//! - [`command`]: `command DEVICE run|stop|abort|kill`;
+//! - [`serve`]: `serve`, `simulate`.
+
+pub mod build;
+pub mod command;
+pub mod fleet;
+pub mod rollout;
+pub mod serve;
+
+use anyhow::Result;
+use learner::config::LearnerConfig;
+use learner::db::LearnerDb;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Where a listing reads from, and how it prints.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// The learner's config.
+    #[arg(long, value_name = "learner.toml")]
+    pub config: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Loads `config` and opens the database it names.
+pub fn open(config: &Path) -> Result<(LearnerConfig, LearnerDb)> {
+    let config = LearnerConfig::load(config)?;
+    let db = config.open_db()?;
+    Ok((config, db))
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub use learner::authoring::read_limited;

@@ -1,0 +1,428 @@
+//! Ingest: what devices publish (reports, heartbeats, status, acks, escalations), decoded,
+//! checked against its topic and stored, in batches of one transaction.
+//!
+//! Ingest is idempotent: a report is stored once per run id (a device may send it twice
+//! around a reconnect), and the trace version's statistics and fleet-wide confidence (the
+//! LLMunix rule, [`tracefleet::confidence`]) change only when a run is new. The caller
+//! acknowledges each MQTT message after its transaction commits, so a learner killed in
+//! between gets it again. The device a message is from is the one in its topic (the broker's
+//! ACL lets a device publish only under its own); a payload that claims another is refused.
+//! A payload that does not decode changes nothing — never a crash, never a half-stored row.
+
+use super::{LearnerDb, unix_now};
+use rusqlite::{Connection, OptionalExtension, params};
+use tracefleet::report::RunStatus;
+use tracefleet::wire::{self, Ack, AckOutcome, EscalationMessage, Heartbeat, Status, Topic};
+
+impl LearnerDb {
+    /// Ingests one message published on `topic` (a batch of one: [`LearnerDb::ingest_batch`]).
+    /// Returns what it was, for logs; a payload that is refused returns an error and changes
+    /// nothing.
+    ///
+    /// # Errors
+    /// [`IngestError`]: the topic, the payload, or SQLite.
+    pub fn ingest(&mut self, topic: &str, payload: &[u8]) -> Result<Ingested, IngestError> {
+        self.ingest_batch(&[(topic, payload)])?
+            .pop()
+            .unwrap_or_else(|| unreachable!("one result per message"))
+    }
+
+    /// Ingests messages in arrival order in one transaction: one result per message, in
+    /// the same order. A refused message (topic, payload, impersonation) changes nothing and
+    /// does not stop the others; every other message is stored when this returns `Ok`, and
+    /// none is when it returns `Err` (acknowledge them only after `Ok`). The outcome is the
+    /// same as ingesting them one by one: a run id seen twice is stored once, and the
+    /// confidence follows the runs in arrival order.
+    ///
+    /// # Errors
+    /// SQLite (nothing of the batch is stored).
+    pub fn ingest_batch(
+        &mut self,
+        messages: &[(&str, &[u8])],
+    ) -> super::Result<Vec<Result<Ingested, IngestError>>> {
+        let now = unix_now();
+        let tx = self.conn.transaction()?;
+        let mut batch = Batch::default();
+        let mut out = Vec::with_capacity(messages.len());
+        for (topic, payload) in messages {
+            out.push(match decode_message(topic, payload) {
+                Ok(m) => Ok(batch.store(&tx, m, now)?),
+                Err(e) => Err(e),
+            });
+        }
+        batch.finish(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+/// A message decoded and checked against its topic, ready to store.
+enum Message {
+    Report {
+        device: String,
+        report: Box<tracefleet::report::Report>,
+        json: String,
+    },
+    Heartbeat(String, Heartbeat),
+    Status(String, Status),
+    Ack(String, Ack),
+    Escalation(String, EscalationMessage),
+}
+
+/// Decodes a message and checks that the device in its payload is the one in its topic.
+fn decode_message(topic: &str, payload: &[u8]) -> Result<Message, IngestError> {
+    let topic = Topic::parse(topic)?;
+    let claimed = |device: &String, payload: &str| {
+        if payload == device {
+            Ok(())
+        } else {
+            Err(IngestError::Impersonation {
+                topic: device.clone(),
+                payload: payload.to_owned(),
+            })
+        }
+    };
+    Ok(match topic {
+        Topic::Reports(device) => {
+            let (m, report) = wire::decode_report(payload)?;
+            claimed(&device, &report.device_id)?;
+            Message::Report {
+                device,
+                report: Box::new(report),
+                json: m.report_json,
+            }
+        }
+        Topic::Heartbeat(device) => {
+            let hb: Heartbeat = wire::decode(payload, "heartbeat")?;
+            claimed(&device, &hb.device_id)?;
+            Message::Heartbeat(device, hb)
+        }
+        Topic::Status(device) => Message::Status(device, wire::decode(payload, "status")?),
+        Topic::Acks(device) => Message::Ack(device, wire::decode(payload, "ack")?),
+        Topic::Escalations(device) => {
+            let e: EscalationMessage = wire::decode(payload, "escalation")?;
+            claimed(&device, &e.device_id)?;
+            Message::Escalation(device, e)
+        }
+        t @ (Topic::Commands(_)
+        | Topic::FleetTrace(_)
+        | Topic::GroupTrace(..)
+        | Topic::DeviceTrace(..)) => {
+            return Err(IngestError::NotForUs(t.name()));
+        }
+    })
+}
+
+/// What one ingest transaction keeps in memory: each trace version's statistics (read once,
+/// written once at the end) and the devices already marked seen.
+#[derive(Default)]
+struct Batch {
+    stats: std::collections::HashMap<(String, String), (i64, i64, f64)>,
+    seen: std::collections::HashSet<String>,
+}
+
+impl Batch {
+    fn seen(&mut self, tx: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
+        if !self.seen.contains(device) {
+            seen(tx, device, now)?;
+            self.seen.insert(device.to_owned());
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, tx: &Connection, m: Message, now: i64) -> rusqlite::Result<Ingested> {
+        Ok(match m {
+            Message::Report {
+                device,
+                report,
+                json,
+            } => {
+                let status = match report.status {
+                    RunStatus::Success => "success",
+                    RunStatus::Failed => "failed",
+                    RunStatus::Stopped => "stopped",
+                };
+                let new = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO runs (run_id, device_id, trace_id, trace_version, status, started_at, finished_at, report_json, received_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )?
+                    .execute(params![
+                        report.run_id,
+                        device,
+                        report.trace_id,
+                        report.trace_version,
+                        status,
+                        report.started_at,
+                        report.finished_at,
+                        json,
+                        now
+                    ])?
+                    == 1;
+                if new && report.status != RunStatus::Stopped {
+                    let key = (report.trace_id.clone(), report.trace_version.clone());
+                    let stats = match self.stats.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let old = tx
+                                .prepare_cached(
+                                    "SELECT runs, successes, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                                )?
+                                .query_row(params![report.trace_id, report.trace_version], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                })
+                                .optional()?;
+                            e.insert(old.unwrap_or((
+                                0,
+                                0,
+                                tracefleet::confidence::INITIAL_CONFIDENCE,
+                            )))
+                        }
+                    };
+                    let success = report.status == RunStatus::Success;
+                    stats.0 += 1;
+                    stats.1 += i64::from(success);
+                    stats.2 = tracefleet::confidence::update(stats.2, success);
+                }
+                self.seen(tx, &device, now)?;
+                if new {
+                    Ingested::Report(report.run_id)
+                } else {
+                    Ingested::Duplicate(report.run_id)
+                }
+            }
+            Message::Heartbeat(device, hb) => {
+                tx.prepare_cached(
+                    "INSERT INTO devices (device_id, online, last_seen, follower_version, groups_json, installed_json, running_json, telemetry_json)
+                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (device_id) DO UPDATE SET online = 1, last_seen = excluded.last_seen, follower_version = excluded.follower_version,
+                       groups_json = excluded.groups_json, installed_json = excluded.installed_json, running_json = excluded.running_json, telemetry_json = excluded.telemetry_json",
+                )?
+                .execute(params![
+                    device,
+                    now,
+                    hb.follower_version,
+                    to_json(&hb.groups),
+                    to_json(&hb.installed),
+                    to_json(&hb.running),
+                    to_json(&hb.telemetry)
+                ])?;
+                self.seen.insert(device);
+                Ingested::Heartbeat
+            }
+            Message::Status(device, s) => {
+                self.seen(tx, &device, now)?;
+                tx.prepare_cached("UPDATE devices SET online = ?2 WHERE device_id = ?1")?
+                    .execute(params![device, s.online])?;
+                Ingested::Status(s.online)
+            }
+            Message::Ack(device, a) => {
+                let (outcome, detail) = match &a.outcome {
+                    AckOutcome::Installed => ("installed", String::new()),
+                    AckOutcome::AlreadyInstalled => ("already_installed", String::new()),
+                    AckOutcome::Refused(why) => ("refused", why.clone()),
+                };
+                tx.prepare_cached(
+                    "INSERT INTO acks (device_id, trace_id, version, outcome, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (device_id, trace_id, version) DO UPDATE SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at
+                     WHERE NOT (acks.outcome = 'installed' AND excluded.outcome = 'already_installed')",
+                )?
+                .execute(params![
+                    device,
+                    a.trace_id,
+                    a.version.clone().unwrap_or_default(),
+                    outcome,
+                    detail,
+                    i64::try_from(a.at).unwrap_or(i64::MAX)
+                ])?;
+                self.seen(tx, &device, now)?;
+                Ingested::Ack(
+                    a.trace_id,
+                    a.version.unwrap_or_default(),
+                    outcome.to_owned(),
+                )
+            }
+            Message::Escalation(device, e) => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO escalations (device_id, trace_id, run_id, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    device,
+                    e.trace_id,
+                    e.run_id,
+                    e.reason,
+                    i64::try_from(e.at).unwrap_or(i64::MAX)
+                ])?;
+                self.seen(tx, &device, now)?;
+                Ingested::Escalation
+            }
+        })
+    }
+
+    /// Writes the statistics the batch changed.
+    fn finish(self, tx: &Connection) -> rusqlite::Result<()> {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO trace_stats (trace_id, version, runs, successes, confidence) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (trace_id, version) DO UPDATE SET runs = excluded.runs, successes = excluded.successes, confidence = excluded.confidence",
+        )?;
+        for ((trace, version), (runs, successes, confidence)) in self.stats {
+            upsert.execute(params![trace, version, runs, successes, confidence])?;
+        }
+        Ok(())
+    }
+}
+
+/// Records that `device` was heard from at `now`.
+fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO devices (device_id, last_seen) VALUES (?1, ?2)
+         ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen",
+    )?
+    .execute(params![device, now])?;
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// What a message was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// A new run report.
+    Report(String),
+    /// A report already stored (sent again around a reconnect).
+    Duplicate(String),
+    /// A heartbeat.
+    Heartbeat,
+    /// Online or offline.
+    Status(bool),
+    /// An ack: trace, version, outcome.
+    Ack(String, String, String),
+    /// An escalation.
+    Escalation,
+}
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Topic or payload malformed.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    /// A device claiming to be another.
+    #[error("a message on the topic of device {topic:?} claims to be from {payload:?}: refused")]
+    Impersonation {
+        /// Device in the topic.
+        topic: String,
+        /// Device in the payload.
+        payload: String,
+    },
+    /// A topic the learner publishes on, not one it ingests.
+    #[error("topic {0} is the learner's own")]
+    NotForUs(String),
+    /// The database.
+    #[error("learner database: {0}")]
+    Db(#[from] super::DbError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::synthetic_report;
+    use tracefleet::wire::ReportMessage;
+
+    fn report(device: &str, run: &str, ok: bool) -> (String, Vec<u8>) {
+        let r = synthetic_report(device, run, "t", "1.0.0", ok);
+        let m = ReportMessage {
+            run_id: run.to_owned(),
+            report_json: serde_json::to_string(&r).unwrap(),
+        };
+        (Topic::Reports(device.into()).name(), wire::encode(&m))
+    }
+
+    fn stats(db: &LearnerDb) -> Vec<(i64, i64, String)> {
+        db.trace_stats()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.runs, s.successes, format!("{:.6}", s.confidence)))
+            .collect()
+    }
+
+    #[test]
+    fn a_trace_pushed_again_stays_installed_and_a_refusal_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        let ack = |outcome: AckOutcome| {
+            let a = Ack {
+                trace_id: "t".into(),
+                version: Some("1.0.0".into()),
+                outcome,
+                at: 1,
+            };
+            (Topic::Acks("pi-01".into()).name(), wire::encode(&a))
+        };
+        let outcome = |db: &LearnerDb| db.acks().unwrap()[0].outcome.clone();
+        let (t, p) = ack(AckOutcome::Installed);
+        db.ingest(&t, &p).unwrap();
+        // The retained wave delivered again (a republish, a reconnect).
+        let (t, p) = ack(AckOutcome::AlreadyInstalled);
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(outcome(&db), "installed");
+        let (t, p) = ack(AckOutcome::Refused("expired".into()));
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(outcome(&db), "refused");
+    }
+
+    #[test]
+    fn a_batch_stores_what_the_same_messages_one_by_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut messages = Vec::new();
+        for i in 0..40 {
+            // Failures at irregular places: the confidence depends on the order.
+            messages.push(report(
+                "pi-01",
+                &format!("run-{i}"),
+                i % 3 != 0 && i % 7 != 0,
+            ));
+        }
+        // Sent again around a reconnect, inside the same batch and across batches.
+        messages.insert(10, messages[3].clone());
+        // Garbage, a payload claiming another device, a topic the learner publishes on.
+        messages.insert(20, (Topic::Reports("pi-01".into()).name(), vec![0xff; 9]));
+        let (_, other) = report("pi-02", "run-x", true);
+        messages.insert(21, (Topic::Reports("pi-01".into()).name(), other));
+        messages.insert(22, (Topic::Commands("pi-01".into()).name(), vec![1]));
+        let borrowed: Vec<(&str, &[u8])> =
+            messages.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
+
+        let mut one = LearnerDb::open(&dir.path().join("one.db")).unwrap();
+        let singly: Vec<_> = borrowed
+            .iter()
+            .map(|(t, p)| one.ingest(t, p).map_err(|e| e.to_string()))
+            .collect();
+        let mut batched = LearnerDb::open(&dir.path().join("batch.db")).unwrap();
+        // Two batches, the second starting inside the first one's run ids' statistics.
+        let mut together = batched.ingest_batch(&borrowed[..25]).unwrap();
+        together.extend(batched.ingest_batch(&borrowed[25..]).unwrap());
+        let together: Vec<_> = together
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+
+        assert_eq!(together, singly);
+        assert_eq!(together[10], Ok(Ingested::Duplicate("run-3".into())));
+        assert!(together[20].as_ref().unwrap_err().contains("format byte"));
+        assert!(together[21].as_ref().unwrap_err().contains("claims to be"));
+        assert!(together[22].as_ref().unwrap_err().contains("learner's own"));
+        assert_eq!(batched.runs().unwrap().len(), 40);
+        let s = stats(&batched);
+        assert_eq!(s, stats(&one));
+        // 40 runs, of which i % 3 == 0 or i % 7 == 0 failed: 14 + 6 - 2 = 18.
+        assert_eq!((s[0].0, s[0].1), (40, 22));
+        // Sending the whole batch again changes nothing.
+        let again = batched.ingest_batch(&borrowed).unwrap();
+        assert!(again.iter().all(|r| !matches!(r, Ok(Ingested::Report(_)))));
+        assert_eq!(stats(&batched), s);
+        assert_eq!(batched.devices().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,482 @@
+//! The learner's database: the whole schema ([`schema`]) and every SQL statement the learner
+//! makes, behind one type, [`LearnerDb`]. Other modules get typed rows and functions from
+//! here and never see SQLite (`rusqlite` appears nowhere else in the crate), so that a second
+//! backend (PostgreSQL, for several `serve` machines sharing one fleet) can be added behind
+//! the same methods.
+//!
+//! SQLite runs in WAL mode with `synchronous=NORMAL` and a 5 s busy timeout; opening creates
+//! and migrates the file, one process at a time.
+//!
+//! - this file: opening, the device/run/statistics listings, command counters, the lease;
+//! - [`ingest`]: what devices publish, decoded, checked against its topic and stored;
+//! - [`rollouts`]: staged rollouts' rows (the decisions are [`crate::rollout`]'s);
+//! - [`regen`]: regenerations, kept trace sources, the escalation cursor;
+//! - [`stuck`]: the stuck-run watchdog's stages;
+//! - [`memory`]: the raw records experiences are read from.
+
+pub mod ingest;
+pub mod memory;
+pub mod regen;
+pub mod rollouts;
+mod schema;
+pub mod stuck;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::Migrations;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracefleet::wire;
+
+/// Why the learner's database failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// SQLite.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// A migration of the schema.
+    #[error(transparent)]
+    Migration(#[from] rusqlite_migration::Error),
+    /// The database's directory or open lock.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A result of the database.
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
+
+/// The learner's database.
+pub struct LearnerDb {
+    conn: Connection,
+}
+
+/// A device as the learner last heard of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceRow {
+    /// Its id.
+    pub device_id: String,
+    /// Whether its last status said online.
+    pub online: bool,
+    /// Unix seconds of the last message from it.
+    pub last_seen: i64,
+    /// Its follower version.
+    pub follower_version: Option<String>,
+    /// Runs reported.
+    pub runs: i64,
+}
+
+/// A run a device reported.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReportedRun {
+    /// Run id.
+    pub run_id: String,
+    /// The device (from the topic).
+    pub device_id: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Trace version.
+    pub trace_version: String,
+    /// `success`, `failed` or `stopped`.
+    pub status: String,
+}
+
+/// Something that needs a person.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EscalationRow {
+    /// The device.
+    pub device_id: String,
+    /// The trace (`-` for a goal no trace matched).
+    pub trace_id: String,
+    /// The run, if any.
+    pub run_id: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// The last outcome a device reported for a pushed trace version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AckRow {
+    /// The device.
+    pub device_id: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Version.
+    pub version: String,
+    /// `installed`, `already_installed` or `refused`.
+    pub outcome: String,
+    /// Why it was refused.
+    pub detail: String,
+}
+
+/// A trace version's fleet-wide statistics.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TraceStatsRow {
+    /// Trace id.
+    pub trace_id: String,
+    /// Version.
+    pub version: String,
+    /// Runs reported.
+    pub runs: i64,
+    /// Successful ones.
+    pub successes: i64,
+    /// Confidence (LLMunix rule over the runs in arrival order).
+    pub confidence: f64,
+}
+
+/// A device and one trace installed on it (from its last heartbeat), with how it ran there.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FleetRow {
+    /// The device.
+    pub device_id: String,
+    /// Whether its last status said online.
+    pub online: bool,
+    /// The trace (`None`: the device has none installed).
+    pub trace_id: Option<String>,
+    /// The installed version.
+    pub version: Option<String>,
+    /// Runs of that version the device reported.
+    pub runs: i64,
+    /// Those that succeeded.
+    pub successes: i64,
+    /// The status of the newest of them.
+    pub last_status: Option<String>,
+    /// The version's fleet-wide confidence, once it has runs.
+    pub confidence: Option<f64>,
+}
+
+/// A device's id, whether it is online and the groups its last heartbeat named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGroups {
+    /// Its id.
+    pub device_id: String,
+    /// Whether its last status said online.
+    pub online: bool,
+    /// Its groups (empty when the stored list does not parse).
+    pub groups: Vec<String>,
+}
+
+/// How long a `serve` instance's lead lasts without renewal (it renews every second).
+pub const LEASE_SECS: i64 = 10;
+
+/// Seconds since the Unix epoch, now.
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl LearnerDb {
+    /// Opens (creating and migrating) the database.
+    ///
+    /// # Errors
+    /// On SQLite or migration failure, or when its directory cannot be created.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        // Two processes opening a new database at once (`serve` and a `rollout start`) would
+        // race to switch it to WAL and to migrate it (SQLite answers one of them "database is
+        // locked" at once, whatever the busy timeout): one at a time.
+        let lock = std::fs::File::create(path.with_extension("db-open-lock"))?;
+        lock.lock()?;
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Migrations::from_slice(schema::MIGRATIONS).to_latest(&mut conn)?;
+        drop(lock);
+        Ok(LearnerDb { conn })
+    }
+
+    /// The fleet at a glance: a row per device and trace it has installed (a device with
+    /// none has one row without a trace), by device then trace.
+    ///
+    /// # Errors
+    /// On SQLite failure; a device's installed list that does not parse counts as empty.
+    pub fn fleet_table(&self) -> Result<Vec<FleetRow>> {
+        let mut devices = self
+            .conn
+            .prepare("SELECT device_id, online, installed_json FROM devices ORDER BY device_id")?;
+        let devices: Vec<(String, bool, String)> = devices
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut runs = self.conn.prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(status = 'success'), 0),
+               (SELECT status FROM runs WHERE device_id = ?1 AND trace_id = ?2 AND trace_version = ?3
+                ORDER BY received_at DESC, run_id DESC LIMIT 1)
+             FROM runs WHERE device_id = ?1 AND trace_id = ?2 AND trace_version = ?3",
+        )?;
+        let mut out = Vec::new();
+        for (device_id, online, installed) in devices {
+            let mut installed: Vec<wire::InstalledTrace> =
+                serde_json::from_str(&installed).unwrap_or_default();
+            installed.sort_by(|a, b| a.trace_id.cmp(&b.trace_id));
+            if installed.is_empty() {
+                out.push(FleetRow {
+                    device_id: device_id.clone(),
+                    online,
+                    trace_id: None,
+                    version: None,
+                    runs: 0,
+                    successes: 0,
+                    last_status: None,
+                    confidence: None,
+                });
+            }
+            for t in installed {
+                let (runs, successes, last_status) = runs
+                    .query_row(params![device_id, t.trace_id, t.version], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?;
+                let confidence = self
+                    .conn
+                    .query_row(
+                        "SELECT confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                        params![t.trace_id, t.version],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                out.push(FleetRow {
+                    device_id: device_id.clone(),
+                    online,
+                    trace_id: Some(t.trace_id),
+                    version: Some(t.version),
+                    runs,
+                    successes,
+                    last_status,
+                    confidence,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Devices, by id.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn devices(&self) -> Result<Vec<DeviceRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT d.device_id, d.online, d.last_seen, d.follower_version, (SELECT COUNT(*) FROM runs r WHERE r.device_id = d.device_id)
+             FROM devices d ORDER BY d.device_id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(DeviceRow {
+                device_id: r.get(0)?,
+                online: r.get(1)?,
+                last_seen: r.get(2)?,
+                follower_version: r.get(3)?,
+                runs: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every device with whether it is online and its groups, in storage order.
+    ///
+    /// # Errors
+    /// On SQLite failure; a group list that does not parse counts as empty.
+    pub fn device_groups(&self) -> Result<Vec<DeviceGroups>> {
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT device_id, online, groups_json FROM devices")?;
+        let rows = s.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device_id, online, groups) = row?;
+            out.push(DeviceGroups {
+                device_id,
+                online,
+                groups: serde_json::from_str(&groups).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Per-version statistics, by trace and version.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn trace_stats(&self) -> Result<Vec<TraceStatsRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT trace_id, version, runs, successes, confidence FROM trace_stats ORDER BY trace_id, version",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(TraceStatsRow {
+                trace_id: r.get(0)?,
+                version: r.get(1)?,
+                runs: r.get(2)?,
+                successes: r.get(3)?,
+                confidence: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Reported runs, oldest first.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn runs(&self) -> Result<Vec<ReportedRun>> {
+        let mut s = self.conn.prepare(
+            "SELECT run_id, device_id, trace_id, trace_version, status FROM runs ORDER BY received_at, run_id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(ReportedRun {
+                run_id: r.get(0)?,
+                device_id: r.get(1)?,
+                trace_id: r.get(2)?,
+                trace_version: r.get(3)?,
+                status: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The newest failed runs of `trace_id` (any version), at most `limit`.
+    ///
+    /// # Errors
+    /// On SQLite failure; a stored report that no longer parses is skipped.
+    pub fn failed_reports(
+        &self,
+        trace_id: &str,
+        limit: u32,
+    ) -> Result<Vec<tracefleet::report::Report>> {
+        let mut s = self.conn.prepare(
+            "SELECT report_json FROM runs WHERE trace_id = ?1 AND status = 'failed'
+             ORDER BY received_at DESC, run_id DESC LIMIT ?2",
+        )?;
+        let rows = s.query_map(params![trace_id, limit], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for json in rows {
+            if let Ok(report) = serde_json::from_str(&json?) {
+                out.push(report);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Escalations (from devices, and stuck runs), oldest first.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn escalations(&self) -> Result<Vec<EscalationRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT device_id, trace_id, run_id, reason, at FROM escalations ORDER BY id",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(EscalationRow {
+                device_id: r.get(0)?,
+                trace_id: r.get(1)?,
+                run_id: r.get(2)?,
+                reason: r.get(3)?,
+                at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// What devices said of pushed traces, by device, trace and version.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn acks(&self) -> Result<Vec<AckRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT device_id, trace_id, version, outcome, detail FROM acks ORDER BY device_id, trace_id, version",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(AckRow {
+                device_id: r.get(0)?,
+                trace_id: r.get(1)?,
+                version: r.get(2)?,
+                outcome: r.get(3)?,
+                detail: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The next command counter for `device`: above every one issued before, and at least
+    /// the current time in milliseconds (so a learner whose database was lost still issues
+    /// counters the device accepts).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn next_command_counter(&mut self, device: &str) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT counter FROM command_counters WHERE device_id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let next = last.map_or(now_ms, |l| (l + 1).max(now_ms));
+        tx.execute(
+            "INSERT INTO command_counters (device_id, counter) VALUES (?1, ?2)
+             ON CONFLICT (device_id) DO UPDATE SET counter = excluded.counter",
+            params![device, next],
+        )?;
+        tx.commit()?;
+        Ok(u64::try_from(next).unwrap_or(0))
+    }
+
+    /// Takes or renews the lead for `holder`: `true` when `holder` leads until `now +
+    /// LEASE_SECS` (it held the lease, or the lease had run out).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn lead(&self, holder: &str, now: i64) -> Result<bool> {
+        let changed = self.conn.execute(
+            "INSERT INTO leases (name, holder, until) VALUES ('serve', ?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET holder = ?1, until = ?2
+             WHERE leases.holder = ?1 OR leases.until < ?3",
+            params![holder, now + LEASE_SECS, now],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// Stores a device as if a heartbeat had named it (`groups` as JSON), for tests.
+    #[cfg(test)]
+    pub(crate) fn put_device(&self, device_id: &str, online: bool, groups_json: &str) {
+        self.conn
+            .execute(
+                "INSERT INTO devices (device_id, online, last_seen, groups_json) VALUES (?1, ?2, 0, ?3)",
+                params![device_id, online, groups_json],
+            )
+            .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_serve_instance_leads_until_its_lease_runs_out() {
+        let d = tempfile::tempdir().unwrap();
+        let db = LearnerDb::open(&d.path().join("learner.db")).unwrap();
+        let c = &db;
+        assert!(c.lead("learner-a", 100).unwrap());
+        assert!(!c.lead("learner-b", 101).unwrap());
+        assert!(c.lead("learner-a", 105).unwrap(), "the holder renews");
+        assert!(
+            !c.lead("learner-b", 100 + LEASE_SECS + 5).unwrap(),
+            "renewed at 105"
+        );
+        // A stops renewing (killed): B takes over once the lease has run out.
+        assert!(c.lead("learner-b", 105 + LEASE_SECS + 1).unwrap());
+        assert!(!c.lead("learner-a", 105 + LEASE_SECS + 2).unwrap());
+    }
+}
