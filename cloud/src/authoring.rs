@@ -5,15 +5,11 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracefleet::signed::{self, KeyRole, PublicKey, SecretKey};
 use tracefleet::trust::{RoleKey, RoleKeys, TrustRoot, sign_root};
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use tracefleet::time::unix_now;
 
 /// Reads `path`, refused when it is larger than `limit` bytes.
 ///

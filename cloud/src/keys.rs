@@ -107,9 +107,7 @@ pub fn sign_all(
 ) -> anyhow::Result<tracefleet::signed::SignedTrace> {
     use anyhow::Context as _;
     let (first, rest) = keys.split_first().context("no signing key")?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = tracefleet::time::unix_now();
     let mut signed =
         tracefleet::signed::sign(compiled, first, now, now.saturating_add(expires.as_secs()))?;
     for k in rest {

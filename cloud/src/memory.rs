@@ -140,11 +140,8 @@ fn catalogue(db: &LearnerDb) -> crate::db::Result<HashMap<String, Known>> {
     Ok(out)
 }
 
-fn rfc3339(unix: i64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0)),
-    )
-    .to_string()
+fn rfc3339_of(unix: i64) -> String {
+    tracefleet::time::rfc3339(u64::try_from(unix).unwrap_or(0))
 }
 
 /// Every experience, oldest first (runs by arrival, regenerations by time, interleaved).
@@ -214,7 +211,7 @@ pub fn experiences(db: &LearnerDb) -> crate::db::Result<Vec<Experience>> {
             Experience {
                 experience_id: format!("regen-{id}"),
                 kind: "regeneration",
-                timestamp: rfc3339(at),
+                timestamp: rfc3339_of(at),
                 primary_goal: k.goal.clone(),
                 trace_id,
                 trace_version: to,

@@ -66,9 +66,7 @@ pub fn send_command(
     expires: Duration,
 ) -> anyhow::Result<wire::Command> {
     let mut db = config.open_db()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = tracefleet::time::unix_now();
     let command = wire::Command {
         device_id: device.to_owned(),
         counter: db.next_command_counter(device)?,

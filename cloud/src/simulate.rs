@@ -10,7 +10,7 @@ use rumqttc::{AsyncClient, Incoming, QoS};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tracefleet::report::{Report, RunStatus};
 use tracefleet::wire::{self, Ack, AckOutcome, Action, Heartbeat, ReportMessage, Status, Topic};
 
@@ -49,11 +49,7 @@ pub struct Totals {
     pub pubacks: AtomicU64,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use tracefleet::time::unix_now;
 
 /// A deterministic report of a run of `trace_id` `version` on `device`.
 #[must_use]
@@ -64,7 +60,7 @@ pub fn synthetic_report(
     version: &str,
     ok: bool,
 ) -> Report {
-    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let now = tracefleet::time::rfc3339_now();
     let mut r: Report = serde_json::from_value(serde_json::json!({
         "report_version": 1,
         "run_id": run_id,

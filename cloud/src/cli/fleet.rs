@@ -5,7 +5,6 @@ use super::{ListArgs, open, print_json};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Subcommand)]
 pub enum DevicesCommand {
@@ -213,9 +212,7 @@ pub fn devices(DevicesCommand::List(ListArgs { config, json }): DevicesCommand) 
                 "{}\t{}\tlast seen {}\t{}\t{} runs",
                 d.device_id,
                 if d.online { "online" } else { "offline" },
-                humantime::format_rfc3339_seconds(
-                    UNIX_EPOCH + Duration::from_secs(u64::try_from(d.last_seen).unwrap_or(0))
-                ),
+                tracefleet::time::rfc3339(u64::try_from(d.last_seen).unwrap_or(0)),
                 d.follower_version.as_deref().unwrap_or("-"),
                 d.runs
             );

@@ -18,7 +18,6 @@ use anyhow::Result;
 use learner::config::LearnerConfig;
 use learner::db::LearnerDb;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Where a listing reads from, and how it prints.
 #[derive(clap::Args)]
@@ -44,11 +43,6 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use tracefleet::time::unix_now;
 
 pub use learner::authoring::read_limited;

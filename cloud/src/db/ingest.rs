@@ -9,7 +9,7 @@
 //! ACL lets a device publish only under its own); a payload that claims another is refused.
 //! A payload that does not decode changes nothing — never a crash, never a half-stored row.
 
-use super::{LearnerDb, unix_now};
+use super::{LearnerDb, now_secs};
 use rusqlite::{Connection, OptionalExtension, params};
 use tracefleet::report::RunStatus;
 use tracefleet::wire::{self, Ack, AckOutcome, EscalationMessage, Heartbeat, Status, Topic};
@@ -40,7 +40,7 @@ impl LearnerDb {
         &mut self,
         messages: &[(&str, &[u8])],
     ) -> super::Result<Vec<Result<Ingested, IngestError>>> {
-        let now = unix_now();
+        let now = now_secs();
         let tx = self.conn.transaction()?;
         let mut batch = Batch::default();
         let mut out = Vec::with_capacity(messages.len());

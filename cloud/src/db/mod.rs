@@ -160,11 +160,9 @@ pub struct DeviceGroups {
 /// How long a `serve` instance's lead lasts without renewal (it renews every second).
 pub const LEASE_SECS: i64 = 10;
 
-/// Seconds since the Unix epoch, now.
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+/// [`tracefleet::time::unix_now`] as SQLite stores it (INTEGER, i64).
+pub(crate) fn now_secs() -> i64 {
+    i64::try_from(tracefleet::time::unix_now()).unwrap_or(i64::MAX)
 }
 
 impl LearnerDb {

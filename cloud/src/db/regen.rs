@@ -2,7 +2,7 @@
 //! sources the learner keeps (`trace_sources`), and the automatic triggers' cursor over the
 //! escalations (`cursors`).
 
-use super::{LearnerDb, Result, unix_now};
+use super::{LearnerDb, Result, now_secs};
 use rusqlite::{OptionalExtension, params};
 
 /// A regeneration as recorded.
@@ -73,7 +73,7 @@ impl LearnerDb {
                 i64::try_from(r.output_tokens).unwrap_or(i64::MAX),
                 r.cost,
                 r.failures,
-                unix_now(),
+                now_secs(),
                 r.trigger,
                 r.duration_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX))
             ],
@@ -88,7 +88,7 @@ impl LearnerDb {
     pub fn record_source(&self, trace_id: &str, version: &str, source: &str) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO trace_sources (trace_id, version, source, at) VALUES (?1, ?2, ?3, ?4)",
-            params![trace_id, version, source, unix_now()],
+            params![trace_id, version, source, now_secs()],
         )?;
         Ok(())
     }

@@ -26,7 +26,7 @@
 
 use super::backend::{AnyBackend, Backend, BackendConfig};
 use super::{Failure, RegenError, Request};
-use crate::db::{LearnerDb, regen::RegenerationRow, unix_now};
+use crate::db::{LearnerDb, now_secs, regen::RegenerationRow};
 use crate::rollout::{Staging, Wave};
 use serde::Deserialize;
 use std::collections::VecDeque;
@@ -384,7 +384,7 @@ pub async fn run<B: Backend>(
         &job.trace_id,
         &version.to_string(),
         &bytes,
-        unix_now(),
+        now_secs(),
     )
     .map_err(|e| e.to_string());
     row.outcome = "compiled".into();
@@ -788,7 +788,7 @@ mod tests {
         let auto: AutoConfig = toml::from_str("keys = [\"traces.key\"]\nmin_runs = 2").unwrap();
         let auto = auto.resolve(d.path()).unwrap();
         assert_eq!(auto.config.keys, vec![d.path().join("traces.key")]);
-        let now = unix_now();
+        let now = now_secs();
 
         // One failure: confidence 0.525, and fewer runs than min_runs.
         report(&mut db, "r1", false);

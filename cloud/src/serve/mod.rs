@@ -12,7 +12,7 @@
 pub mod duties;
 
 use crate::config::LearnerConfig;
-use crate::db::unix_now;
+use crate::db::now_secs;
 use duties::{Duties, Outgoing};
 use rumqttc::{AsyncClient, Incoming, QoS};
 use std::future::Future;
@@ -112,11 +112,11 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
             () = &mut shutdown => Event::Shutdown,
         };
         match event {
-            Event::Tick => publish(&client, duties.tick(&mut db, unix_now())),
+            Event::Tick => publish(&client, duties.tick(&mut db, now_secs())),
             Event::Mqtt(Ok(rumqttc::Event::Incoming(Incoming::ConnAck(_)))) => {
                 backoff = Duration::from_millis(250);
                 subscribe(&client, shared_group)?;
-                publish(&client, duties.on_connect(&db, unix_now()));
+                publish(&client, duties.on_connect(&db, now_secs()));
             }
             Event::Mqtt(Ok(rumqttc::Event::Incoming(Incoming::Publish(p)))) => {
                 // Whatever else has already arrived joins this message in one
@@ -144,7 +144,7 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
                 ingest_and_ack(&client, &mut db, &mut batch);
                 if reconnected {
                     subscribe(&client, shared_group)?;
-                    publish(&client, duties.on_connect(&db, unix_now()));
+                    publish(&client, duties.on_connect(&db, now_secs()));
                 }
             }
             Event::Mqtt(Ok(_)) => {}
@@ -272,6 +272,6 @@ mod tests {
         // Ticks took the lead and drove the rollout through both (empty) waves.
         let r = &crate::rollout::list(&db).unwrap()[0];
         assert_eq!((r.state.as_str(), r.wave), ("done", 1));
-        assert!(!db.lead("another", unix_now()).unwrap());
+        assert!(!db.lead("another", now_secs()).unwrap());
     }
 }
