@@ -318,7 +318,7 @@ fn run_experience(r: &Report, known: Option<&Known>) -> Experience {
         primary_goal: r.goal_signature.clone(),
         trace_id: r.trace_id.clone(),
         trace_version: Some(r.trace_version.clone()),
-        device_id: Some(r.device_id.clone()),
+        device_id: Some(r.device_id.to_string()),
         final_outcome: final_outcome.into(),
         components_used: components,
         execution_time_secs: r.execution_time_secs,

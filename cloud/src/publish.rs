@@ -68,7 +68,9 @@ pub fn send_command(
     let mut db = config.open_db()?;
     let now = tracefleet::time::unix_now();
     let command = wire::Command {
-        device_id: device.to_owned(),
+        device_id: device
+            .parse()
+            .map_err(|e| anyhow::anyhow!("device {device:?}: {e}"))?,
         counter: db.next_command_counter(device)?,
         issued_at: now,
         expires_at: now.saturating_add(expires.as_secs()),

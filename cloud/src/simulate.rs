@@ -119,6 +119,12 @@ pub fn run(config: &crate::config::LearnerConfig, sim: &Simulation) -> anyhow::R
         for group in group_of.into_iter().take(sim.devices) {
             let device = format!("{}-{index:04}", sim.prefix);
             index += 1;
+            if let Err(e) = device.parse::<tracefleet::ids::DeviceId>() {
+                anyhow::bail!(
+                    "--prefix {:?} makes device ids like {device:?}: {e}",
+                    sim.prefix
+                );
+            }
             let options =
                 config
                     .broker
@@ -157,6 +163,10 @@ async fn device_loop(
     totals: Arc<Totals>,
 ) {
     let (client, mut events) = AsyncClient::new(options, 256);
+    // Checked when the fleet was laid out.
+    let Ok(device_id) = device.parse::<tracefleet::ids::DeviceId>() else {
+        return;
+    };
     let mut installed: BTreeMap<String, String> = BTreeMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(sim.heartbeat_secs.max(1)));
     let mut first = true;
@@ -165,7 +175,7 @@ async fn device_loop(
         let _ = client.try_publish(topic.name(), QoS::AtLeastOnce, retain, payload);
     };
     let beat = |installed: &BTreeMap<String, String>| Heartbeat {
-        device_id: device.clone(),
+        device_id: device_id.clone(),
         sent_at: unix_now(),
         follower_version: format!("simulated {}", env!("CARGO_PKG_VERSION")),
         groups: groups.clone(),

@@ -114,7 +114,7 @@ mod tests {
 
     fn heartbeat(db: &mut LearnerDb, device: &str, running: &[(&str, &str, u64)]) {
         let hb = Heartbeat {
-            device_id: device.into(),
+            device_id: device.parse().unwrap(),
             sent_at: 0,
             follower_version: "0".into(),
             groups: vec![],

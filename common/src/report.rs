@@ -163,7 +163,7 @@ pub struct Report {
     /// Run id (UUIDv7).
     pub run_id: String,
     /// The device that ran it.
-    pub device_id: String,
+    pub device_id: crate::ids::DeviceId,
     /// Trace id.
     pub trace_id: String,
     /// Trace version.

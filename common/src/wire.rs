@@ -17,7 +17,7 @@
 //! traces) and carry a per-device counter that must grow: a replayed or reordered command is
 //! refused by the device.
 
-use crate::ids::{TraceId, Version};
+use crate::ids::{DeviceId, TraceId, Version};
 use crate::report::Telemetry;
 use crate::signed::{self, KeyId, KeyRole, SecretKey, SignatureEntry};
 use crate::trust::TrustRoot;
@@ -248,7 +248,7 @@ pub struct RunningRun {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// The device.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Seconds since the Unix epoch.
     pub sent_at: u64,
     /// The follower's version (`CARGO_PKG_VERSION`).
@@ -300,7 +300,7 @@ pub struct Ack {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EscalationMessage {
     /// The device.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// The trace (`-` for a goal no trace matched).
     pub trace_id: String,
     /// The run, when one was running.
@@ -362,7 +362,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     /// The device it is for (a command for another device is refused).
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Grows with every command to this device; the device refuses one not above the last
     /// it accepted (replay and reordering protection).
     pub counter: u64,
@@ -489,7 +489,7 @@ pub fn verify_command(
     if command.device_id != device {
         return Err(CommandError::OtherDevice {
             expected: device.to_owned(),
-            found: command.device_id,
+            found: command.device_id.to_string(),
         });
     }
     if now > command.expires_at {
@@ -689,7 +689,7 @@ mod tests {
         let key = SecretKey::from_seed(KeyRole::Commands, [3; 32]);
         let root = root_with_command_key(&key);
         let command = Command {
-            device_id: "pi-01".into(),
+            device_id: "pi-01".parse().unwrap(),
             counter: 5,
             issued_at: 100,
             expires_at: 200,

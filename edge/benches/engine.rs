@@ -77,7 +77,7 @@ fn bench(c: &mut Criterion) {
     let t = trace();
     let cx = RunContext {
         run_id: "r".into(),
-        device_id: "d".into(),
+        device_id: "d".parse().expect("a device id"),
         base_dir: "/b".into(),
     };
     let inputs = exec::resolve_inputs(&t, &BTreeMap::new()).expect("inputs");

@@ -30,6 +30,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tracefleet::ids::DeviceId;
 use tracefleet::link::BrokerConfig;
 use tracefleet::signed;
 use tracefleet::time::{rfc3339_now, unix_now};
@@ -40,8 +41,8 @@ use tracefleet::wire::{self, Ack, AckOutcome, Action, Heartbeat, Status, Topic};
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// This device's id: its MQTT client id and the level of its topics
-    /// (env `TRACEFLEET_DEVICE_ID`).
-    pub device_id: String,
+    /// (env `TRACEFLEET_DEVICE_ID`), checked when the file is read.
+    pub device_id: DeviceId,
     /// Groups whose traces this device installs (rollout waves target groups).
     #[serde(default)]
     pub groups: Vec<String>,
@@ -90,11 +91,11 @@ impl AgentConfig {
         let mut c: AgentConfig =
             toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
         if let Ok(id) = std::env::var("TRACEFLEET_DEVICE_ID") {
-            c.device_id = id;
+            c.device_id = id
+                .parse()
+                .context("TRACEFLEET_DEVICE_ID (which overrides device_id)")?;
         }
         c.broker.apply_env()?;
-        wire::check_name("device id", &c.device_id)
-            .with_context(|| format!("{}: device_id", path.display()))?;
         for g in &c.groups {
             wire::check_name("group", g).with_context(|| format!("{}: groups", path.display()))?;
         }
@@ -198,7 +199,7 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
     }
     store.enroll(&config.device_id)?;
     let will = LastWill::new(
-        Topic::Status(config.device_id.clone()).name(),
+        Topic::Status(config.device_id.to_string()).name(),
         wire::encode(&Status {
             online: false,
             at: unix_now(),
@@ -441,7 +442,7 @@ impl Agent {
     }
 
     fn publish_status(&mut self, online: bool) {
-        let topic = Topic::Status(self.config.device_id.clone()).name();
+        let topic = Topic::Status(self.config.device_id.to_string()).name();
         let payload = wire::encode(&Status {
             online,
             at: unix_now(),
@@ -486,7 +487,7 @@ impl Agent {
             running,
             telemetry: crate::telemetry::sample(),
         };
-        let topic = Topic::Heartbeat(self.config.device_id.clone()).name();
+        let topic = Topic::Heartbeat(self.config.device_id.to_string()).name();
         let _ = self
             .client
             .try_publish(topic, QoS::AtMostOnce, false, wire::encode(&hb));
@@ -509,7 +510,7 @@ impl Agent {
                     self.on_trace(id, &p.payload)
                 }
             }
-            Topic::Commands(device) if *device == self.config.device_id => {
+            Topic::Commands(device) if self.config.device_id == device.as_str() => {
                 self.on_command(&p.payload)
             }
             _ => {
@@ -657,7 +658,7 @@ impl Agent {
             .arg("--run-id")
             .arg(&run_id)
             .arg("--device-id")
-            .arg(&self.config.device_id)
+            .arg(self.config.device_id.as_str())
             .args(
                 vars.iter()
                     .flat_map(|(k, v)| ["--var".to_owned(), format!("{k}={v}")]),

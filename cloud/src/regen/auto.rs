@@ -750,7 +750,7 @@ mod tests {
 
     fn escalate(db: &mut LearnerDb, trace_id: &str, run_id: Option<&str>, reason: &str) {
         let m = EscalationMessage {
-            device_id: "pi-02".into(),
+            device_id: "pi-02".parse().unwrap(),
             trace_id: trace_id.into(),
             run_id: run_id.map(str::to_owned),
             reason: reason.into(),

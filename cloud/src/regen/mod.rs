@@ -97,7 +97,7 @@ impl Failure {
         }
         Failure {
             run_id: r.run_id.clone(),
-            device_id: r.device_id.clone(),
+            device_id: r.device_id.to_string(),
             trace_version: r.trace_version.clone(),
             failed_step: r.failed_step,
             error: r.error.clone(),

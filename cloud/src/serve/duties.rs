@@ -122,8 +122,13 @@ impl Duties {
             }
         };
         let now = u64::try_from(now).unwrap_or(0);
+        // Device ids in rows came from checked topics; one that no longer parses gets nothing.
+        let Ok(device_id) = i.device_id.parse() else {
+            tracing::error!(device = %i.device_id, "not a device id: no command sent");
+            return None;
+        };
         let command = wire::Command {
-            device_id: i.device_id.clone(),
+            device_id,
             counter,
             issued_at: now,
             expires_at: now + COMMAND_LIFETIME_SECS,

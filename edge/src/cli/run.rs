@@ -67,7 +67,7 @@ pub struct ExecArgs {
     /// This device's id in reports (default: the id the agent enrolled it as, else the host
     /// name).
     #[arg(long, env = "TRACEFLEET_DEVICE_ID")]
-    device_id: Option<String>,
+    device_id: Option<tracefleet::ids::DeviceId>,
     /// Directories a trace may read outside its base directory (repeatable; default /var/log, /etc, /usr/share).
     #[arg(long = "read-root", value_name = "DIR")]
     read_roots: Vec<PathBuf>,

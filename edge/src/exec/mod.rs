@@ -43,7 +43,7 @@ pub struct RunContext {
     /// The run id.
     pub run_id: String,
     /// The device id.
-    pub device_id: String,
+    pub device_id: tracefleet::ids::DeviceId,
     /// The run's base directory (for `{base_dir}`).
     pub base_dir: String,
 }

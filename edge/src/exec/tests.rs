@@ -126,7 +126,7 @@ fn shell_policy_is_enforced_even_when_the_compiler_was_bypassed() {
 fn run_with(t: &Trace, host: &mut FakeHost) -> Report {
     let cx = RunContext {
         run_id: "r".into(),
-        device_id: "d".into(),
+        device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
     };
     let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
@@ -303,7 +303,7 @@ fn foreach_runs_each_line_and_zero_items_is_a_no_op() {
     let inputs = resolve_inputs(&t, &empty).unwrap();
     let cx = RunContext {
         run_id: "r".into(),
-        device_id: "d".into(),
+        device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
     };
     let mut h = FakeHost::default();
@@ -435,7 +435,7 @@ fn escalation_fails_the_run_and_is_reported() {
 fn run_with_events(t: &Trace, host: &mut FakeHost) -> Report {
     let cx = RunContext {
         run_id: "r".into(),
-        device_id: "d".into(),
+        device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
     };
     let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();

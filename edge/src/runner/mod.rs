@@ -44,7 +44,7 @@ pub struct ExecOptions {
     /// How the inference thread runs.
     pub infer: InferConfig,
     /// This device's id in the report (else the enrolled id, else the host name).
-    pub device_id: Option<String>,
+    pub device_id: Option<tracefleet::ids::DeviceId>,
     /// The device's read roots (empty: [`DEFAULT_READ_ROOTS`]).
     pub read_roots: Vec<PathBuf>,
     /// Time limit for the whole run.
@@ -335,12 +335,15 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         Some(id) => Some(id.clone()),
         None => store.device_id()?,
     };
-    let device_id = device_id.unwrap_or_else(|| {
-        nix::unistd::gethostname()
+    // Else the host name, when it is a valid device id (host names are), else `unknown`.
+    let device_id = match device_id {
+        Some(id) => id,
+        None => nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "unknown".into())
-    });
+            .and_then(|h| h.parse().ok())
+            .map_or_else(|| "unknown".parse(), Ok)?,
+    };
     let cx = RunContext {
         run_id: run_id.clone(),
         device_id,

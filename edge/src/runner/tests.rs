@@ -92,7 +92,7 @@ fn three_steps() -> Trace {
 fn cx() -> RunContext {
     RunContext {
         run_id: "r".into(),
-        device_id: "d".into(),
+        device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
     }
 }

@@ -74,8 +74,9 @@ impl Store {
     ///
     /// # Errors
     /// On SQLite failure.
-    pub fn device_id(&self) -> Result<Option<String>, StoreError> {
-        enrolled(&self.conn)
+    pub fn device_id(&self) -> Result<Option<tracefleet::ids::DeviceId>, StoreError> {
+        // Enrolled from a checked config; a row that no longer parses counts as none.
+        Ok(enrolled(&self.conn)?.and_then(|d| d.parse().ok()))
     }
 
     /// Adds a message to the outbox.

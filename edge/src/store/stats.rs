@@ -78,7 +78,7 @@ impl Store {
             "INSERT INTO escalations (at, trace_id, run_id, reason) VALUES (?1, ?2, ?3, ?4)",
             params![now, trace_id, run_id, reason],
         )?;
-        if let Some(device_id) = enrolled(&tx)? {
+        if let Some(device_id) = enrolled(&tx)?.and_then(|d| d.parse().ok()) {
             let message = tracefleet::wire::EscalationMessage {
                 device_id,
                 trace_id: trace_id.to_owned(),
