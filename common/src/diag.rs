@@ -2,6 +2,32 @@
 
 use std::fmt;
 
+/// Maps byte offsets to 1-based (line, column).
+pub(crate) struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub(crate) fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self { starts }
+    }
+
+    /// Byte offset of 1-based (line, column); the end of the text past the last line.
+    pub(crate) fn offset(&self, line: usize, column: usize) -> usize {
+        self.starts
+            .get(line.saturating_sub(1))
+            .map_or(usize::MAX, |s| s + column.saturating_sub(1))
+    }
+
+    pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let col = offset - self.starts[line - 1] + 1;
+        (line, col)
+    }
+}
+
 /// How serious a [`Diagnostic`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -76,7 +102,7 @@ impl Diagnostics {
         use codespan_reporting::diagnostic::{Diagnostic as Cs, Label};
         use codespan_reporting::files::SimpleFile;
         use codespan_reporting::term::{Config, emit_into_string};
-        let index = crate::source::LineIndex::new(source);
+        let index = LineIndex::new(source);
         let mut out = String::new();
         // One SimpleFile per file name: building it indexes every line of the source, so
         // building it per diagnostic made rendering quadratic (a 1 MiB source of repeated

@@ -3,8 +3,9 @@
 //! the interpreter relies on these (a negative retry delay would panic in `Duration`, a
 //! dependency on a missing step would never be scheduled). Bounds are the compiler's own.
 
-use crate::compile::MAX_MAX_TOKENS;
-use crate::trace::{BUILTIN_VARIABLES, CheckKind, ForeachSource, OnError, Template, Tool, Trace};
+use crate::trace::{
+    BUILTIN_VARIABLES, CheckKind, ForeachSource, MAX_MAX_TOKENS, OnError, Template, Tool, Trace,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Checks `trace` against every rule the compiler applies to what it emits.

@@ -16,7 +16,6 @@
 //! only behind the `mqtt` feature ([`link`]: the broker settings both sides share):
 //! it takes bytes (and the time, where it matters) and returns values or typed errors.
 
-mod bold;
 pub mod bundle;
 pub mod compile;
 pub mod compiled;

@@ -588,27 +588,6 @@ pub fn decode_signed(bytes: &[u8]) -> Result<SignedTrace, VerifyError> {
     Ok(s)
 }
 
-/// Verifies a signed trace against a trust root: its unexpired trace-signing keys and their
-/// threshold; a root past its expiry vouches for nothing.
-///
-/// # Errors
-/// [`VerifyError::RootExpired`], or what [`verify`] refuses.
-pub fn verify_with_root(
-    bytes: &[u8],
-    root: &crate::trust::TrustRoot,
-    now: u64,
-) -> Result<Verified, VerifyError> {
-    if now >= root.expires_at {
-        return Err(VerifyError::RootExpired {
-            version: root.version,
-            expires_at: root.expires_at,
-            now,
-        });
-    }
-    let (keys, threshold) = root.trusted(KeyRole::Traces, now);
-    verify(bytes, &keys, threshold, now)
-}
-
 /// A signed trace that passed [`verify`].
 #[derive(Debug, Clone)]
 pub struct Verified {

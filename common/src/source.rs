@@ -21,7 +21,9 @@
 //! This module only finds the pieces and their positions (pulldown-cmark does the Markdown);
 //! [`crate::compile`] reads the YAML inside them and checks the meaning.
 
-use crate::diag::{Diagnostic, Severity};
+mod bold;
+
+use crate::diag::{Diagnostic, LineIndex, Severity};
 use pulldown_cmark::{CodeBlockKind, Event, HeadingLevel, MetadataBlockKind, Options, Parser, Tag};
 use std::ops::Range;
 
@@ -253,32 +255,6 @@ impl Field {
     }
 }
 
-/// Maps byte offsets to 1-based (line, column).
-pub(crate) struct LineIndex {
-    starts: Vec<usize>,
-}
-
-impl LineIndex {
-    pub(crate) fn new(text: &str) -> Self {
-        let mut starts = vec![0];
-        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        Self { starts }
-    }
-
-    /// Byte offset of 1-based (line, column); the end of the text past the last line.
-    pub(crate) fn offset(&self, line: usize, column: usize) -> usize {
-        self.starts
-            .get(line.saturating_sub(1))
-            .map_or(usize::MAX, |s| s + column.saturating_sub(1))
-    }
-
-    pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
-        let line = self.starts.partition_point(|&s| s <= offset);
-        let col = offset - self.starts[line - 1] + 1;
-        (line, col)
-    }
-}
-
 /// Splits a trace source into frontmatter and step sections.
 ///
 /// Never fails: problems (a field without its block, a malformed step heading, a source over
@@ -306,8 +282,8 @@ pub fn parse(file: &str, text: &str) -> SourceTrace {
         );
         return out;
     }
-    if crate::bold::is_bold_variant(text) {
-        return crate::bold::parse(file, text);
+    if bold::is_bold_variant(text) {
+        return bold::parse(file, text);
     }
     let index = LineIndex::new(text);
     let opts = Options::ENABLE_YAML_STYLE_METADATA_BLOCKS | Options::ENABLE_TABLES;

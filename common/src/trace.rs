@@ -712,6 +712,10 @@ impl Template {
     }
 }
 
+/// Largest `max_tokens` an LLM step may ask for (the compiler's bound, checked again when a
+/// compiled trace is decoded).
+pub const MAX_MAX_TOKENS: u64 = 32_768;
+
 /// Built-in variables every trace may use: `{run_id}`, `{trace_id}`, `{base_dir}`,
 /// `{current_timestamp}` (RFC 3339, UTC, at the start of the run).
 pub const BUILTIN_VARIABLES: &[&str] = &["run_id", "trace_id", "base_dir", "current_timestamp"];

@@ -17,8 +17,8 @@
 
 use crate::ids::IdError;
 use crate::signed::{
-    KeyId, KeyRole, PublicKey, SecretKey, SignatureEntry, ThresholdFailure, check_threshold,
-    sign_message,
+    self, KeyId, KeyRole, PublicKey, SecretKey, SignatureEntry, ThresholdFailure, VerifyError,
+    check_threshold, sign_message,
 };
 use serde::{Deserialize, Serialize};
 
@@ -286,11 +286,11 @@ pub fn decode_root(bytes: &[u8]) -> Result<(SignedRoot, TrustRoot), TrustError> 
             rest.len()
         )));
     }
-    if signed.signatures.len() > crate::signed::MAX_SIGNATURES {
+    if signed.signatures.len() > signed::MAX_SIGNATURES {
         return Err(f(format!(
             "{} signatures: expected at most {}",
             signed.signatures.len(),
-            crate::signed::MAX_SIGNATURES
+            signed::MAX_SIGNATURES
         )));
     }
     root.validate()?;
@@ -387,6 +387,27 @@ pub fn verify_chain<'a>(
         });
     }
     Ok(accepted)
+}
+
+/// Verifies a signed trace against a trust root: its unexpired trace-signing keys and their
+/// threshold; a root past its expiry vouches for nothing.
+///
+/// # Errors
+/// [`VerifyError::RootExpired`], or what [`signed::verify`] refuses.
+pub fn verify_with_root(
+    bytes: &[u8],
+    root: &TrustRoot,
+    now: u64,
+) -> Result<signed::Verified, VerifyError> {
+    if now >= root.expires_at {
+        return Err(VerifyError::RootExpired {
+            version: root.version,
+            expires_at: root.expires_at,
+            now,
+        });
+    }
+    let (keys, threshold) = root.trusted(KeyRole::Traces, now);
+    signed::verify(bytes, &keys, threshold, now)
 }
 
 #[cfg(test)]

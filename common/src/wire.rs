@@ -1,5 +1,5 @@
 //! The fleet link: MQTT topics and payloads, defined once for the follower and the learner
-//! (DESIGN.md, "Fleet link (MQTT)").
+//! (ARCHITECTURE.md's bird's-eye view shows who publishes what).
 //!
 //! Topics live under [`TOPIC_PREFIX`]. Devices publish on `devices/{id}/heartbeat|reports|acks|
 //! escalations|status`; the learner publishes signed traces, retained, on

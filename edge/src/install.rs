@@ -135,7 +135,7 @@ pub fn install_signed(
         .trust_root()
         .map_err(|e| unverified(e.into()))?
         .ok_or_else(|| unverified(InstallError::NoRoot))?;
-    let v = signed::verify_with_root(bytes, &root, now).map_err(|e| unverified(e.into()))?;
+    let v = trust::verify_with_root(bytes, &root, now).map_err(|e| unverified(e.into()))?;
     let trace_id = v.trace.id.to_string();
     if let Some(expected) = expect_id
         && trace_id != expected
@@ -272,7 +272,7 @@ pub fn install_bundle(
             EntryKind::Trace => {
                 let bytes =
                     std::fs::read(&path).map_err(io(format!("reading staged {}", entry.name)))?;
-                let v = signed::verify_with_root(&bytes, &root, now).map_err(|source| {
+                let v = trust::verify_with_root(&bytes, &root, now).map_err(|source| {
                     InstallError::Trace {
                         name: entry.name.to_string(),
                         source,

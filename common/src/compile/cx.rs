@@ -92,8 +92,7 @@ pub const TOOLS: &[&str] = &["Read", "Write", "Bash", "Grep", "Glob", "WebFetch"
 pub(crate) const LLM_PARAMETER_KEYS: &[&str] =
     &["json_schema", "grammar", "max_tokens", "temperature"];
 
-/// Largest `max_tokens` an LLM step may ask for.
-pub const MAX_MAX_TOKENS: u64 = 32_768;
+pub use crate::trace::MAX_MAX_TOKENS;
 
 /// The validation types this compiler accepts.
 pub const CHECK_TYPES: &[&str] = &[

@@ -5,7 +5,6 @@ use anyhow::Result;
 use follower::store::Store;
 use std::path::Path;
 use std::process::ExitCode;
-use tracefleet::signed;
 use tracefleet::time::unix_now;
 
 /// `follower check`: SQLite integrity, and every installed trace still verifies.
@@ -23,7 +22,7 @@ pub fn check(state_dir: &Path) -> Result<ExitCode> {
             None => problems.push(format!(
                 "{id} {version} is installed but there is no trust root"
             )),
-            Some((r, _)) => match signed::verify_with_root(bytes, r, unix_now()) {
+            Some((r, _)) => match tracefleet::trust::verify_with_root(bytes, r, unix_now()) {
                 Ok(v) if v.trace.id.as_str() == id && v.trace.version == *version => {}
                 Ok(v) => problems.push(format!(
                     "{id} {version}: stored bytes hold {} {}",

@@ -54,7 +54,7 @@ pub fn verify_signed(store: &Store, bytes: &[u8]) -> Result<(signed::Verified, u
         anyhow!("this device has no trust root yet (run `follower trust init ROOT.tfr`)")
     })?;
     Ok((
-        signed::verify_with_root(bytes, &root, unix_now())?,
+        tracefleet::trust::verify_with_root(bytes, &root, unix_now())?,
         root.version,
     ))
 }

@@ -22,8 +22,9 @@
 //! the YAML library (never by pasting text), so both forms are checked by the same code.
 //! Positions point at the field's line in the source.
 
+use super::{Block, SourceForm, SourceStep, SourceTrace};
+use crate::diag::LineIndex;
 use crate::diag::{Diagnostic, Severity};
-use crate::source::{Block, LineIndex, SourceForm, SourceStep, SourceTrace};
 use pulldown_cmark::{Event, HeadingLevel, Options, Parser, Tag, TagEnd};
 use serde_norway::{Mapping, Value};
 
