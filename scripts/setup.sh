@@ -6,7 +6,8 @@
 #   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port, and
 #     openssl, with which the TLS test makes its certificates;
 #   - procps: the tests signal processes with kill(1) and look for them with pgrep (a bare
-#     Debian 12 — debootstrap minbase, the debian:bookworm image — has neither);
+#     Debian 12 — debootstrap minbase, the debian:bookworm image — has neither); netbase,
+#     for /etc/services, which the example trace services-audit reads (minbase lacks it too);
 #   - the test/demo model, verified by sha256 (models/fetch.sh).
 # Needs a Rust toolchain >= 1.95 (rustup) on PATH.
 set -euo pipefail
@@ -42,6 +43,7 @@ python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v openssl >/dev/null || need+=(openssl)
 { type -P kill && type -P pgrep; } >/dev/null || need+=(procps) # type -P: not bash's builtin kill
+[ -e /etc/services ] || need+=(netbase)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   as_root apt-get update -qq
@@ -58,6 +60,7 @@ python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package pytho
 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=("mosquitto (Debian package mosquitto): the fleet tests' MQTT broker")
 openssl version >/dev/null 2>&1 || missing+=("openssl (Debian package openssl): the TLS test's certificates")
 { type -P kill && type -P pgrep; } >/dev/null || missing+=("kill and pgrep (Debian package procps): the tests signal processes and look for them")
+[ -e /etc/services ] || missing+=("/etc/services (Debian package netbase): the example trace services-audit reads it")
 if ! command -v cargo >/dev/null; then
   missing+=("a Rust toolchain >= 1.95 on PATH: install rustup (https://rustup.rs), then open a new shell or run: . \"\$HOME/.cargo/env\"")
 elif ! rustc_version=$(rustc --version 2>/dev/null) || \
