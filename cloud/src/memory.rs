@@ -435,8 +435,14 @@ impl TraceCost {
         } else {
             (run / learner, "slower")
         };
+        // Two decimals near 1 (1.03× slower reads better than 1.0× slower), one beyond 10.
+        let ratio = if ratio < 10.0 {
+            format!("{ratio:.2}")
+        } else {
+            format!("{ratio:.1}")
+        };
         Some(format!(
-            "a run takes {run:.1} s (median), the learner's model took {learner:.1} s per regeneration: a run is {ratio:.1}× {way}"
+            "a run takes {run:.1} s (median), the learner's model took {learner:.1} s per regeneration: a run is {ratio}× {way}"
         ))
     }
 }
@@ -546,10 +552,10 @@ mod tests {
         let faster = timed(Some(10.0), Some(2.0)).speed_comparison().unwrap();
         assert!(faster.contains("a run takes 2.0 s"), "{faster}");
         assert!(faster.contains("took 10.0 s"), "{faster}");
-        assert!(faster.ends_with("a run is 5.0× faster"), "{faster}");
+        assert!(faster.ends_with("a run is 5.00× faster"), "{faster}");
         // The demo's case: the learner's model (a recorded reply plus the dry run) was quicker.
         let slower = timed(Some(4.0), Some(5.0)).speed_comparison().unwrap();
-        assert!(slower.ends_with("a run is 1.2× slower"), "{slower}");
+        assert!(slower.ends_with("a run is 1.25× slower"), "{slower}");
         assert!(!slower.contains("faster"), "{slower}");
         assert_eq!(timed(None, Some(1.0)).speed_comparison(), None);
         assert_eq!(timed(Some(1.0), Some(0.0)).speed_comparison(), None);

@@ -147,7 +147,12 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One "error:" however the message begins (a wrapped error may carry its own).
+            let message = format!("{e:#}");
+            eprintln!(
+                "error: {}",
+                message.strip_prefix("error: ").unwrap_or(&message)
+            );
             ExitCode::from(2)
         }
     }
