@@ -37,6 +37,8 @@ pub struct ShellOutput {
     pub stderr: String,
     /// Exit code; `None` when killed by a signal.
     pub exit_code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
 }
 
 /// A request to the device's model.

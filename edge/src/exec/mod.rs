@@ -144,6 +144,8 @@ struct Attempt {
     output: String,
     exit_code: Option<i32>,
     llm: Option<LlmUsage>,
+    /// A Bash step's stderr, for the error when its exit status fails the step.
+    stderr: String,
 }
 
 /// Executes `trace` with resolved `inputs` (see [`resolve_inputs`]).

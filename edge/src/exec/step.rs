@@ -173,8 +173,9 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
                 let exit_failed = !exit_checked && a.exit_code.is_some_and(|c| c != 0);
                 let error = if exit_failed {
                     Some(format!(
-                        "command exited with status {}",
-                        a.exit_code.unwrap_or_default()
+                        "command exited with status {}{}",
+                        a.exit_code.unwrap_or_default(),
+                        stderr_tail(&a.stderr)
                     ))
                 } else if !failed.is_empty() {
                     Some(format!("validation failed: {}", failed.join("; ")))
@@ -231,6 +232,7 @@ fn run_tool(
                 output,
                 exit_code: None,
                 llm: None,
+                stderr: String::new(),
             })
         }
         Tool::Write { file_path, content } => {
@@ -241,6 +243,7 @@ fn run_tool(
                 output: content,
                 exit_code: None,
                 llm: None,
+                stderr: String::new(),
             })
         }
         Tool::Bash { command } => {
@@ -248,14 +251,16 @@ fn run_tool(
             let out = host.shell(&command, &env, timeout)?;
             if out.exit_code.is_none() {
                 return Err(format!(
-                    "command was killed by a signal; stderr: {}",
-                    out.stderr.trim()
+                    "command was killed by {}{}",
+                    signal_name(out.signal),
+                    stderr_tail(&out.stderr)
                 ));
             }
             Ok(Attempt {
                 output: out.stdout,
                 exit_code: out.exit_code,
                 llm: None,
+                stderr: out.stderr,
             })
         }
         Tool::Grep {
@@ -278,6 +283,7 @@ fn run_tool(
                 output,
                 exit_code: None,
                 llm: None,
+                stderr: String::new(),
             })
         }
         Tool::Glob { pattern, path } => {
@@ -287,6 +293,7 @@ fn run_tool(
                 output,
                 exit_code: None,
                 llm: None,
+                stderr: String::new(),
             })
         }
         Tool::WebFetch { url, .. } => {
@@ -300,6 +307,7 @@ fn run_tool(
                 output: host.fetch(&url, timeout)?,
                 exit_code: None,
                 llm: None,
+                stderr: String::new(),
             })
         }
         Tool::Llm(call) => {
@@ -331,6 +339,7 @@ fn run_tool(
                 output: g.text,
                 exit_code: None,
                 llm: Some(g.usage),
+                stderr: String::new(),
             })
         }
     }
@@ -353,4 +362,33 @@ pub(super) fn not_run(step: &Step) -> StepResult {
         items: None,
         llm_items: Vec::new(),
     }
+}
+
+/// `signal 9 (SIGKILL)`, or `a signal` when the host could not say which.
+fn signal_name(signal: Option<i32>) -> String {
+    match signal {
+        Some(n) => match nix::sys::signal::Signal::try_from(n) {
+            Ok(s) => format!("signal {n} ({})", s.as_str()),
+            Err(_) => format!("signal {n}"),
+        },
+        None => "a signal".into(),
+    }
+}
+
+/// `; stderr: …` with the last lines of a command's stderr (at most 3 lines, 400 bytes), or
+/// nothing when it wrote none: why a command failed is usually there.
+fn stderr_tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if tail.len() > 400 {
+        let mut cut = tail.len() - 400;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail = format!("…{}", &tail[cut..]);
+    }
+    format!("; stderr: {tail}")
 }

@@ -85,6 +85,7 @@ impl Host for FakeHost {
 
 fn out(stdout: &str, code: i32) -> ShellOutput {
     ShellOutput {
+        signal: None,
         stdout: stdout.into(),
         stderr: String::new(),
         exit_code: Some(code),
@@ -440,4 +441,40 @@ fn run_with_events(t: &Trace, host: &mut FakeHost) -> Report {
     };
     let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
     run(t, &cx, &inputs, host, &mut |_| {})
+}
+
+#[test]
+fn a_failing_bash_step_says_what_it_wrote_to_stderr_and_which_signal_killed_it() {
+    let t = trace(
+        "---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: ls nowhere\n```\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [ShellOutput {
+            stdout: String::new(),
+            stderr: "warming up\nls: cannot access 'nowhere': No such file or directory\n".into(),
+            exit_code: Some(2),
+            signal: None,
+        }]
+        .into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    let e = r.step_results[0].error.as_deref().unwrap();
+    assert_eq!(
+        e,
+        "command exited with status 2; stderr: warming up | ls: cannot access 'nowhere': No such file or directory"
+    );
+    let mut h = FakeHost {
+        shell_answers: [ShellOutput {
+            stdout: String::new(),
+            stderr: String::new(),
+            exit_code: None,
+            signal: Some(9),
+        }]
+        .into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    let e = r.step_results[0].error.as_deref().unwrap();
+    assert_eq!(e, "command was killed by signal 9 (SIGKILL)");
 }

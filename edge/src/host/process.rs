@@ -286,5 +286,6 @@ pub(super) fn run_shell(
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr,
         exit_code: status.code(),
+        signal: std::os::unix::process::ExitStatusExt::signal(&status),
     })
 }

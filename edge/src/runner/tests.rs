@@ -44,6 +44,7 @@ impl Host for Probe {
             self.store_opened.push(std::fs::File::open(f).map(drop));
         }
         Ok(ShellOutput {
+            signal: None,
             stdout: "ok\n".into(),
             stderr: String::new(),
             exit_code: Some(0),
