@@ -567,6 +567,23 @@ pub fn decode_report(bytes: &[u8]) -> Result<(ReportMessage, crate::report::Repo
             ),
         });
     }
+    // The ids a learner stores, counts and prints: the same rules as the compiler's and the
+    // follower's (a hostile device wrote `../../etc/passwd` and terminal escapes here).
+    let bad = |detail: String| WireError::Malformed {
+        what: "report",
+        detail,
+    };
+    // Run ids: the topic-level rule (followers write UUIDs; simulators and tests other safe
+    // names), so no path separators, wildcards, control or bidi characters.
+    check_name("run id", &report.run_id)?;
+    report
+        .trace_id
+        .parse::<TraceId>()
+        .map_err(|e| bad(e.to_string()))?;
+    report
+        .trace_version
+        .parse::<Version>()
+        .map_err(|e| bad(e.to_string()))?;
     Ok((m, report))
 }
 

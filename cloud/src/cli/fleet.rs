@@ -1,7 +1,7 @@
 //! The listings: `fleet` (device × installed trace), `devices list`, `runs list`, `memory
 //! export|query` and `costs` — what the learner's database holds, printed as text or JSON.
 
-use super::{ListArgs, open, print_json};
+use super::{ListArgs, open, print_json, shown};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -237,7 +237,11 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
         for r in runs {
             println!(
                 "{}\t{}\t{} {}\t{}",
-                r.run_id, r.device_id, r.trace_id, r.trace_version, r.status
+                shown(&r.run_id),
+                shown(&r.device_id),
+                shown(&r.trace_id),
+                shown(&r.trace_version),
+                r.status
             );
         }
         for s in stats {
@@ -249,7 +253,9 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
         for e in db.escalations()? {
             println!(
                 "escalation from {} ({}): {}",
-                e.device_id, e.trace_id, e.reason
+                shown(&e.device_id),
+                shown(&e.trace_id),
+                shown(&e.reason)
             );
         }
     }

@@ -46,3 +46,31 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 pub use tracefleet::time::unix_now;
 
 pub use learner::authoring::read_limited;
+
+/// Text from a device as a terminal may show it: control characters (terminal escapes, line
+/// breaks) and Unicode bidirectional overrides written as escapes (`\u{1b}`, `\u{202e}`), the
+/// rest unchanged. Stored data stays as it arrived; `--json` output is JSON-escaped anyway.
+pub fn shown(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn device_text_cannot_drive_the_terminal() {
+        assert_eq!(super::shown("ok"), "ok");
+        assert_eq!(
+            super::shown("a\u{1b}[31mred\u{202e}x\n"),
+            "a\\u{1b}[31mred\\u{202e}x\\u{a}"
+        );
+    }
+}

@@ -410,6 +410,27 @@ mod tests {
             .collect();
 
         assert_eq!(together, singly);
+        // Ids a device made up to reach a path or a terminal are refused, not stored.
+        for (run, trace) in [
+            ("../../etc/passwd", "t"),
+            ("r", "t\u{1b}[31m"),
+            ("r", "t\u{202e}x"),
+        ] {
+            let mut r = synthetic_report("pi-01", run, trace, "1.0.0", true);
+            r.run_id = run.to_owned();
+            let m = ReportMessage {
+                run_id: run.to_owned(),
+                report_json: serde_json::to_string(&r).unwrap(),
+            };
+            let e = one
+                .ingest(&Topic::Reports("pi-01".into()).name(), &wire::encode(&m))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("run id") || e.contains("invalid trace id"),
+                "{e}"
+            );
+        }
         assert_eq!(together[10], Ok(Ingested::Duplicate("run-3".into())));
         assert!(together[20].as_ref().unwrap_err().contains("format byte"));
         assert!(together[21].as_ref().unwrap_err().contains("claims to be"));
