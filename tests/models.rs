@@ -363,7 +363,14 @@ fn models_bench_measures_prompt_and_generation_speed() {
     for key in ["prompt_tokens_per_sec", "generation_tokens_per_sec"] {
         let v = b[key].as_array().unwrap();
         assert_eq!(v.len(), 2, "{b}");
-        assert!(v.iter().all(|x| x.as_f64().unwrap() > 1.0), "{b}");
+        // Measured, positive and finite; how fast is the benchmarks' business
+        // (docs/benchmarks.md), not a test's: on a loaded 2-core machine generation fell to
+        // 0.3 tok/s while the test binary ran other model tests beside it.
+        assert!(
+            v.iter()
+                .all(|x| x.as_f64().is_some_and(|x| x.is_finite() && x > 0.0)),
+            "{b}"
+        );
     }
     // Prompt processing batches tokens; generation decodes one at a time.
     let mean = |k: &str| {
