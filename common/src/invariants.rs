@@ -199,7 +199,9 @@ fn check_kind(kind: &CheckKind, what: &str) -> Result<(), String> {
 }
 
 fn json(text: &str, what: &str) -> Result<(), String> {
-    serde_json::from_str::<serde_json::Value>(text)
+    // Parsed, not built: the follower hands it to llama.cpp's schema converter, which must
+    // never see text that is not JSON.
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(drop)
         .map_err(|e| format!("{what}: JSON schema does not parse: {e}"))
 }
