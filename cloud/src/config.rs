@@ -1,7 +1,7 @@
 //! `learner.toml`: the one loader. The file is read into a raw serde form (unknown keys
 //! refused in every table the learner owns), then resolved once into [`LearnerConfig`]:
 //! relative paths made absolute against the file's directory, the broker chosen (an external
-//! `[broker]` or the `[embedded]` one), durations parsed into [`Duration`]s, `[regenerate]`
+//! `[broker]` or the `[embedded]` one), durations parsed into `Duration`s, `[regenerate]`
 //! and `[dry_run]` checked. A bad value is an error at load naming the file, the setting,
 //! what was found and what was expected; nothing is parsed again later.
 

@@ -1,4 +1,4 @@
-//! The learner's database: the whole schema ([`schema`]) and every SQL statement the learner
+//! The learner's database: the whole schema (`schema`) and every SQL statement the learner
 //! makes, behind one type, [`LearnerDb`]. Other modules get typed rows and functions from
 //! here and never see SQLite (`rusqlite` appears nowhere else in the crate), so that a second
 //! backend (PostgreSQL, for several `serve` machines sharing one fleet) can be added behind

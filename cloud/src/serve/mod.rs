@@ -1,4 +1,4 @@
-//! `learner serve`: one tokio task, one loop over a closed [`Event`] enum — the MQTT
+//! `learner serve`: one tokio task, one loop over a closed `Event` enum — the MQTT
 //! connection, the one-second tick, shutdown — with shutdown passed in as a future (as
 //! `follower agent` does, edge/src/agent.rs).
 //!

@@ -5,7 +5,7 @@
 //! unknown or missing parameters, unresolved `{variables}`, dependencies on missing or later
 //! steps and duplicate step numbers are errors with `file:line:column`.
 //!
-//! The lowering, by concern: [`raw`] (the serde shapes of the YAML blocks), `lower` (the trace:
+//! The lowering, by concern: `raw` (the serde shapes of the YAML blocks), `lower` (the trace:
 //! header, inputs, step order, variables, conditions, outputs), `step` (one step: dependencies,
 //! tool call, error handling, `foreach`), `tool` (each tool's parameters, JSON Schema),
 //! `checks` (validations and pre/postconditions), `deps` (the step graph and its cycles),

@@ -5,12 +5,12 @@
 //! emits an [`Event`] around each step so the caller can journal the run. Nothing here touches
 //! the file system, a process or the model directly, which is what makes runs testable.
 //!
-//! Semantics: preconditions → steps as a DAG ([`scheduler`]: a step starts when its
+//! Semantics: preconditions → steps as a DAG (`scheduler`: a step starts when its
 //! prerequisites finished, in [`Trace::execution_order`] priority, up to `max_parallel` at
-//! once on forked hosts) → each step once or once per `foreach` item ([`step`]) →
-//! validations after each attempt ([`checks`]) → error policy (retry with exponential
+//! once on forked hosts) → each step once or once per `foreach` item (`step`) →
+//! validations after each attempt (`checks`) → error policy (retry with exponential
 //! backoff, skip, fallback step, escalation, fail) → postconditions. Grep and Glob are pure
-//! functions over the host's file listing ([`search`]).
+//! functions over the host's file listing (`search`).
 
 mod checks;
 mod scheduler;

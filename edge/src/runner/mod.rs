@@ -7,7 +7,7 @@
 //! Two invariants live here:
 //! - **A step's result is journaled before the next step starts.** The interpreter runs on
 //!   its own thread; each finished step's record travels to the calling thread, which writes
-//!   it to the store and only then lets the run thread go on ([`run_journaled`]). A start
+//!   it to the store and only then lets the run thread go on (`run_journaled`). A start
 //!   record is written while the step runs (resuming never depends on it).
 //! - **The store is out of the run's reach.** The run thread restricts itself with Landlock
 //!   to the base directory and the read roots before the interpreter starts; only the calling

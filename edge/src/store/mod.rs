@@ -1,8 +1,8 @@
 //! The device store (SQLite through rusqlite, WAL, schema migrations by rusqlite_migration),
 //! the only owner of SQL in this crate: the connection, the schema and its migrations here;
-//! the tables by concern in [`trust`] (trust roots, installed traces, install log), [`runs`]
-//! (runs and their step journal), [`outbox`] (messages for the broker, the agent's state),
-//! [`models`] (the model registry) and [`stats`] (per-version statistics, escalations).
+//! the tables by concern in `trust` (trust roots, installed traces, install log), `runs`
+//! (runs and their step journal), `outbox` (messages for the broker, the agent's state),
+//! `models` (the model registry) and `stats` (per-version statistics, escalations).
 //!
 //! Lives at `<state-dir>/follower.db`. Every write is one transaction, so a crash leaves the
 //! database at the last committed step.
