@@ -5,7 +5,8 @@
 //! the one rule left to the point of use is that a regex compiles (see `check_kind`).
 
 use crate::trace::{
-    BUILTIN_VARIABLES, CheckKind, ForeachSource, MAX_MAX_TOKENS, OnError, Template, Tool, Trace,
+    BUILTIN_VARIABLES, CheckKind, ForeachSource, MAX_MAX_TOKENS, MAX_RETRY_COUNT,
+    MAX_RETRY_DELAY_SECS, MAX_TEMPERATURE, OnError, Template, Tool, Trace, is_valid_read_path,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,11 +35,7 @@ pub fn check(trace: &Trace) -> Result<(), String> {
         return Err("max_parallel is 0: expected at least 1".into());
     }
     for r in &trace.read_paths {
-        let p = std::path::Path::new(r);
-        if !p.is_absolute()
-            || p.components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
+        if !is_valid_read_path(r) {
             return Err(format!(
                 "read path {r:?}: expected an absolute path without `..`"
             ));
@@ -51,10 +48,10 @@ pub fn check(trace: &Trace) -> Result<(), String> {
     if trace.steps.windows(2).any(|w| w[0].number >= w[1].number) {
         return Err("step numbers are not strictly ascending".into());
     }
-    if trace.execution_order().is_none() {
+    let Some(order) = trace.execution_order() else {
         return Err("the step dependencies name a missing step or form a cycle".into());
-    }
-    let ancestors = ancestors(trace);
+    };
+    let ancestors = ancestors(trace, &order);
     let bindings = trace.output_bindings();
     let inputs: BTreeSet<&str> = trace.inputs.iter().map(|i| i.name.as_str()).collect();
     let base = |v: &str| inputs.contains(v) || BUILTIN_VARIABLES.contains(&v);
@@ -83,14 +80,14 @@ pub fn check(trace: &Trace) -> Result<(), String> {
                 delay_secs,
                 fallback_step,
             } => {
-                if *retry_count > 100 {
+                if *retry_count > MAX_RETRY_COUNT {
                     return Err(format!(
-                        "{what}: retry_count is {retry_count}: expected at most 100"
+                        "{what}: retry_count is {retry_count}: expected at most {MAX_RETRY_COUNT}"
                     ));
                 }
-                if !(0.0..=3600.0).contains(delay_secs) {
+                if !(0.0..=MAX_RETRY_DELAY_SECS).contains(delay_secs) {
                     return Err(format!(
-                        "{what}: retry delay is {delay_secs} s: expected 0 to 3600"
+                        "{what}: retry delay is {delay_secs} s: expected 0 to {MAX_RETRY_DELAY_SECS}"
                     ));
                 }
                 fallback(*fallback_step, s.number, &numbers, &what)?;
@@ -120,9 +117,9 @@ pub fn check(trace: &Trace) -> Result<(), String> {
                     call.max_tokens
                 ));
             }
-            if !(0.0..=2.0).contains(&call.temperature) {
+            if !(0.0..=MAX_TEMPERATURE).contains(&call.temperature) {
                 return Err(format!(
-                    "{what}: temperature is {}: expected 0 to 2",
+                    "{what}: temperature is {}: expected 0 to {MAX_TEMPERATURE}",
                     call.temperature
                 ));
             }
@@ -140,12 +137,12 @@ pub fn check(trace: &Trace) -> Result<(), String> {
     Ok(())
 }
 
-/// Every step each step transitively waits for.
-fn ancestors(trace: &Trace) -> BTreeMap<u32, BTreeSet<u32>> {
+/// Every step each step transitively waits for, given the trace's execution `order`.
+fn ancestors(trace: &Trace, order: &[usize]) -> BTreeMap<u32, BTreeSet<u32>> {
     let prereq: BTreeMap<u32, Vec<u32>> = trace.prerequisites().into_iter().collect();
     let mut out: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
     // Prerequisites come earlier in execution order, so one pass in that order suffices.
-    for i in trace.execution_order().unwrap_or_default() {
+    for &i in order {
         let n = trace.steps[i].number;
         let mut set = BTreeSet::new();
         for d in prereq.get(&n).into_iter().flatten() {

@@ -716,6 +716,24 @@ impl Template {
 /// compiled trace is decoded).
 pub const MAX_MAX_TOKENS: u64 = 32_768;
 
+/// Most extra attempts a `retry` policy may ask for (compiler and decoder).
+pub const MAX_RETRY_COUNT: u32 = 100;
+
+/// Longest wait before the first retry, seconds (compiler and decoder).
+pub const MAX_RETRY_DELAY_SECS: f64 = 3600.0;
+
+/// Highest sampling temperature an LLM step may ask for (0 = greedy; compiler and decoder).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// Whether `path` may be a trace's read path: absolute, without `..` (compiler and decoder).
+pub fn is_valid_read_path(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    p.is_absolute()
+        && !p
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
 /// Built-in variables every trace may use: `{run_id}`, `{trace_id}`, `{base_dir}`,
 /// `{current_timestamp}` (RFC 3339, UTC, at the start of the run).
 pub const BUILTIN_VARIABLES: &[&str] = &["run_id", "trace_id", "base_dir", "current_timestamp"];

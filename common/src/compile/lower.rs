@@ -324,11 +324,7 @@ impl Cx {
         };
         let read_paths = fm.read_paths.clone().unwrap_or_default();
         for r in &read_paths {
-            let p = std::path::Path::new(r);
-            if !p.is_absolute()
-                || p.components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
+            if !crate::trace::is_valid_read_path(r) {
                 self.error(
                     fm_block.line_of_key("read_paths", 0),
                     format!("read path {r:?}: expected an absolute path without `..`"),

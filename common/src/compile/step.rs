@@ -6,8 +6,8 @@ use super::raw::{RawCheck, RawOnError, RawToolCall};
 use crate::ids::VarName;
 use crate::source::{SourceForm, SourceStep};
 use crate::trace::{
-    Check, DEFAULT_STEP_TIMEOUT_SECS, Dependency, Foreach, ForeachSource, OnError, Step, Template,
-    Tool,
+    Check, DEFAULT_STEP_TIMEOUT_SECS, Dependency, Foreach, ForeachSource, MAX_RETRY_COUNT,
+    MAX_RETRY_DELAY_SECS, OnError, Step, Template, Tool,
 };
 use serde_norway::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -196,11 +196,11 @@ impl Cx {
                             "retry" => {
                                 let retry_count = r.retry_count.unwrap_or(1);
                                 let delay_secs = r.delay_seconds.unwrap_or(0.0);
-                                if !(0.0..=3600.0).contains(&delay_secs) {
-                                    self.error(eb.line_of_key("delay_seconds", 0), format!("`delay_seconds` is {delay_secs}: expected 0 to 3600"));
+                                if !(0.0..=MAX_RETRY_DELAY_SECS).contains(&delay_secs) {
+                                    self.error(eb.line_of_key("delay_seconds", 0), format!("`delay_seconds` is {delay_secs}: expected 0 to {MAX_RETRY_DELAY_SECS}"));
                                 }
-                                if retry_count > 100 {
-                                    self.error(eb.line_of_key("retry_count", 0), format!("`retry_count` is {retry_count}: expected at most 100"));
+                                if retry_count > MAX_RETRY_COUNT {
+                                    self.error(eb.line_of_key("retry_count", 0), format!("`retry_count` is {retry_count}: expected at most {MAX_RETRY_COUNT}"));
                                 }
                                 OnError::Retry { retry_count, delay_secs, fallback_step: r.fallback_step }
                             }

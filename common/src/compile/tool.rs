@@ -3,7 +3,9 @@
 
 use super::cx::{Cx, MAX_MAX_TOKENS, Params, TOOLS};
 use super::params::scalar_text;
-use crate::trace::{DEFAULT_MAX_TOKENS, GrepOutput, LlmCall, ShellContext, Template, Tool};
+use crate::trace::{
+    DEFAULT_MAX_TOKENS, GrepOutput, LlmCall, MAX_TEMPERATURE, ShellContext, Template, Tool,
+};
 use serde_norway::Value;
 
 impl Cx {
@@ -62,10 +64,10 @@ impl Cx {
                 let max_tokens =
                     u32::try_from(max_tokens.min(MAX_MAX_TOKENS)).unwrap_or(DEFAULT_MAX_TOKENS);
                 let temperature = self.opt_f64(p, "temperature").unwrap_or(0.0) as f32;
-                if !(0.0..=2.0).contains(&temperature) {
+                if !(0.0..=MAX_TEMPERATURE).contains(&temperature) {
                     self.error(
                         p.line_of("temperature"),
-                        format!("`temperature` is {temperature}: expected 0 (greedy) to 2"),
+                        format!("`temperature` is {temperature}: expected 0 (greedy) to {MAX_TEMPERATURE}"),
                     );
                 }
                 let top_p = self.opt_f64(p, "top_p").unwrap_or(1.0) as f32;
