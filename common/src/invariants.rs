@@ -132,6 +132,7 @@ pub fn check(trace: &Trace) -> Result<(), String> {
             if let Some(schema) = &call.json_schema {
                 json(schema, &what)?;
             }
+            judgement(&call.judgement, call, s.number, &numbers, &what)?;
         }
     }
     Ok(())
@@ -152,6 +153,68 @@ fn ancestors(trace: &Trace, order: &[usize]) -> BTreeMap<u32, BTreeSet<u32>> {
         out.insert(n, set);
     }
     out
+}
+
+/// An LLM step's reference examples and thresholds: bounded counts, thresholds in 0..=1,
+/// every example binding every variable of the prompt and system message, a fallback that
+/// exists and is another step.
+fn judgement(
+    j: &crate::judgement::Judgement,
+    call: &crate::trace::LlmCall,
+    number: u32,
+    numbers: &BTreeSet<u32>,
+    what: &str,
+) -> Result<(), String> {
+    use crate::judgement::{Expect, MAX_EXAMPLES, OnUncertain};
+    if j.examples.len() > MAX_EXAMPLES {
+        return Err(format!(
+            "{what}: {} examples: expected at most {MAX_EXAMPLES}",
+            j.examples.len()
+        ));
+    }
+    for (name, v) in [
+        ("min_fidelity", Some(j.min_fidelity)),
+        ("min_answer_confidence", j.min_answer_confidence),
+    ] {
+        if let Some(v) = v
+            && !(0.0..=1.0).contains(&v)
+        {
+            return Err(format!("{what}: {name} is {v}: expected 0 to 1"));
+        }
+    }
+    if j.min_answer_confidence.is_some() && call.grammar.is_none() && call.json_schema.is_none() {
+        return Err(format!(
+            "{what}: min_answer_confidence without a grammar or json_schema: expected a constrained answer"
+        ));
+    }
+    if j.few_shot > 0 && usize::try_from(j.few_shot).unwrap_or(usize::MAX) >= j.examples.len() {
+        return Err(format!(
+            "{what}: few_shot is {} with {} examples: expected fewer than the examples",
+            j.few_shot,
+            j.examples.len()
+        ));
+    }
+    let used: BTreeSet<&str> = call
+        .prompt
+        .variables()
+        .into_iter()
+        .chain(call.system.iter().flat_map(Template::variables))
+        .collect();
+    for (i, e) in j.examples.iter().enumerate() {
+        if let Some(v) = used.iter().find(|v| e.var(v).is_none()) {
+            return Err(format!("{what}: example {} does not bind {{{v}}}", i + 1));
+        }
+        if matches!(e.expect, Expect::Fields(_)) != call.json_schema.is_some() {
+            return Err(format!(
+                "{what}: example {}: expected fields exactly when the step has a json_schema",
+                i + 1
+            ));
+        }
+    }
+    if let OnUncertain::Fallback(f) = j.on_uncertain {
+        fallback(Some(f), number, numbers, what)?;
+    }
+    Ok(())
 }
 
 fn fallback(

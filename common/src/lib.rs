@@ -24,6 +24,7 @@ pub mod diag;
 pub mod gguf;
 pub mod ids;
 pub mod invariants;
+pub mod judgement;
 #[cfg(feature = "mqtt")]
 pub mod link;
 pub mod report;

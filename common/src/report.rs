@@ -78,6 +78,13 @@ pub struct LlmUsage {
     pub stop_reason: String,
     /// Whether a grammar constrained the output.
     pub grammar: bool,
+    /// For a constrained answer: the probability the model gave it under the grammar's mask
+    /// (see [`crate::judgement`]); for a foreach step's sums, the lowest of its items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_confidence: Option<f64>,
+    /// Whether the answer was under the step's `min_answer_confidence` (for sums: any item).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uncertain: bool,
 }
 
 impl LlmUsage {
@@ -112,6 +119,11 @@ impl LlmUsage {
                 "mixed".into()
             },
             grammar: items.iter().any(|u| u.grammar),
+            answer_confidence: items
+                .iter()
+                .filter_map(|u| u.answer_confidence)
+                .reduce(f64::min),
+            uncertain: items.iter().any(|u| u.uncertain),
         })
     }
 }
@@ -204,6 +216,10 @@ pub struct Report {
     pub all_postconditions_met: bool,
     /// Steps that asked for a person.
     pub escalations: Vec<Escalation>,
+    /// The fidelity of each judgement step with reference examples that was reached: its
+    /// model's agreement with the reference answers (measured in this run or earlier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fidelity: Vec<crate::judgement::Fidelity>,
     /// Total prompt tokens over model steps.
     pub prompt_tokens: u64,
     /// Total generated tokens over model steps.

@@ -5,6 +5,7 @@
 //! `{variable}` resolves, dependencies point at earlier steps. Executing code may rely on that.
 
 use crate::ids::{TraceId, VarName, Version};
+use crate::judgement::Judgement;
 use serde::{Deserialize, Serialize};
 
 /// A compiled trace: a goal plus the ordered steps that achieved it once.
@@ -340,6 +341,9 @@ pub struct LlmCall {
     pub json_schema: Option<String>,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
+    /// Reference examples, fidelity threshold, answer confidence threshold and few-shot
+    /// count (see [`crate::judgement`]); empty for a step without examples.
+    pub judgement: Judgement,
 }
 
 /// Default `max_tokens` of an LLM step.

@@ -38,7 +38,7 @@ fn dpkg_example_compiles_and_round_trips() {
     assert_eq!(bindings.get("action_counts"), Some(&1));
 
     let bytes = encode_compiled(&trace);
-    assert_eq!(&bytes[..4], b"TFC\x03");
+    assert_eq!(&bytes[..4], b"TFC\x04");
     let back = decode_compiled(&bytes).unwrap();
     assert_eq!(back, trace);
 }
@@ -165,7 +165,7 @@ fn decoder_refuses_garbage_with_reasons() {
             .contains("format version 9")
     );
     assert!(
-        decode_compiled(b"TFC\x03\xff\xff")
+        decode_compiled(b"TFC\x04\xff\xff")
             .unwrap_err()
             .to_string()
             .contains("malformed")

@@ -70,6 +70,7 @@ fn tool() -> impl Strategy<Value = Tool> {
                         grammar,
                         json_schema,
                         stop: vec!["\n\n".into()],
+                        judgement: Default::default(),
                     }
                 )
             ),

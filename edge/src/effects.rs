@@ -50,6 +50,8 @@ pub struct GenerateRequest {
     pub system: Option<String>,
     /// User message.
     pub prompt: String,
+    /// Few-shot turns before it: (user message, the answer expected), in order.
+    pub shots: Vec<(String, String)>,
     /// Upper bound on generated tokens.
     pub max_tokens: u32,
     /// 0 = greedy.

@@ -97,6 +97,11 @@ enum Command {
     /// Inspect recorded runs.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Measure how well a model answers one judgement step on a labelled set (JSON Lines):
+    /// accuracy, coverage and selective accuracy at a confidence threshold, macro-F1, the
+    /// confusion matrix, calibration (ECE), items/s, beside the majority-class baseline.
+    /// Only the model runs. Exit 0 when it ran, 2 on bad input.
+    Eval(cli::eval::EvalArgs),
     /// Check the device store: SQLite integrity, and every installed trace still verifies.
     Check,
     /// Escalations recorded on this device (for the fleet link to send), oldest first.
@@ -192,6 +197,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             allow_unsigned,
         } => cli::run::resume(&state_dir, &run_id, &exec, allow_unsigned),
         Command::Runs(cmd) => cli::runs::command(&state_dir, cmd),
+        Command::Eval(args) => cli::eval::eval(&state_dir, &args),
     }
 }
 

@@ -89,8 +89,17 @@ impl Params<'_> {
 pub const TOOLS: &[&str] = &["Read", "Write", "Bash", "Grep", "Glob", "WebFetch", "LLM"];
 
 /// Keys that belong under an LLM step's `parameters:`, refused (not ignored) elsewhere.
-pub(crate) const LLM_PARAMETER_KEYS: &[&str] =
-    &["json_schema", "grammar", "max_tokens", "temperature"];
+pub(crate) const LLM_PARAMETER_KEYS: &[&str] = &[
+    "json_schema",
+    "grammar",
+    "max_tokens",
+    "temperature",
+    "examples",
+    "min_fidelity",
+    "min_answer_confidence",
+    "on_uncertain",
+    "few_shot",
+];
 
 pub use crate::trace::MAX_MAX_TOKENS;
 

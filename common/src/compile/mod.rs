@@ -8,12 +8,14 @@
 //! The lowering, by concern: `raw` (the serde shapes of the YAML blocks), `lower` (the trace:
 //! header, inputs, step order, variables, conditions, outputs), `step` (one step: dependencies,
 //! tool call, error handling, `foreach`), `tool` (each tool's parameters, JSON Schema),
-//! `checks` (validations and pre/postconditions), `deps` (the step graph and its cycles),
+//! `checks` (validations and pre/postconditions), `judgement` (an LLM step's reference
+//! examples and answer policy), `deps` (the step graph and its cycles),
 //! `params` (parameters consumed by name, typed accessors).
 
 mod checks;
 mod cx;
 mod deps;
+mod judgement;
 mod lower;
 mod params;
 mod raw;

@@ -4,6 +4,7 @@ use super::cx::{Cx, LLM_PARAMETER_KEYS, Params, TemplateUses};
 use super::deps::parse_dependencies;
 use super::raw::{RawCheck, RawOnError, RawToolCall};
 use crate::ids::VarName;
+use crate::judgement::OnUncertain;
 use crate::source::{SourceForm, SourceStep};
 use crate::trace::{
     Check, DEFAULT_STEP_TIMEOUT_SECS, Dependency, Foreach, ForeachSource, MAX_RETRY_COUNT,
@@ -125,6 +126,25 @@ impl Cx {
             span: (tc_block.line, tc_block.end_line()),
         };
         let tool = self.lower_tool(&raw.tool, &mut p, s.number, tool_line);
+        if let Some(Tool::Llm(call)) = &tool
+            && let OnUncertain::Fallback(f) = call.judgement.on_uncertain
+        {
+            let line = p.line_of("on_uncertain");
+            if !numbers.contains_key(&f) {
+                self.error(
+                    line,
+                    format!(
+                        "on_uncertain fallback_step {f} of step {} does not exist",
+                        s.number
+                    ),
+                );
+            } else if f == s.number {
+                self.error(
+                    line,
+                    format!("step {} falls back to itself when uncertain", s.number),
+                );
+            }
+        }
         self.finish(p);
 
         // Validations.

@@ -2,6 +2,7 @@
 //! JSON Schema, checked the way the follower uses them.
 
 use super::cx::{Cx, MAX_MAX_TOKENS, Params, TOOLS};
+use super::judgement::Constraint;
 use super::params::scalar_text;
 use crate::trace::{
     DEFAULT_MAX_TOKENS, GrepOutput, LlmCall, MAX_TEMPERATURE, ShellContext, Template, Tool,
@@ -111,6 +112,15 @@ impl Cx {
                         Vec::new()
                     }
                 };
+                let judgement = self.lower_judgement(
+                    p,
+                    &prompt,
+                    system.as_ref(),
+                    &Constraint {
+                        grammar: grammar.as_deref(),
+                        json_schema: json_schema.as_deref(),
+                    },
+                );
                 Some(Tool::Llm(LlmCall {
                     prompt,
                     system,
@@ -122,6 +132,7 @@ impl Cx {
                     grammar,
                     json_schema,
                     stop,
+                    judgement,
                 }))
             }
             "Grep" => {

@@ -2,6 +2,7 @@
 //! library and prints the outcome; nothing here holds an invariant of its own.
 
 pub mod device;
+pub mod eval;
 pub mod inspect;
 pub mod install;
 pub mod models;

@@ -13,6 +13,7 @@
 //! functions over the host's file listing (`search`).
 
 mod checks;
+pub mod judgement;
 mod scheduler;
 mod search;
 mod step;
@@ -46,6 +47,9 @@ pub struct RunContext {
     pub device_id: tracefleet::ids::DeviceId,
     /// The run's base directory (for `{base_dir}`).
     pub base_dir: String,
+    /// Fidelity already measured for this trace version with the models its steps use, by
+    /// step; a judgement step with scored examples and no entry is measured when reached.
+    pub fidelity: BTreeMap<u32, tracefleet::judgement::Fidelity>,
 }
 
 /// Progress of a run, for journaling.
@@ -55,6 +59,8 @@ pub enum Event<'a> {
     StepStarted(&'a StepResult),
     /// A step finished (successfully or not), with its full output.
     StepFinished(&'a StepResult, &'a str),
+    /// A judgement step's fidelity was measured (before the step ran, or was refused).
+    FidelityMeasured(&'a tracefleet::judgement::Fidelity),
 }
 
 /// Why a run could not start.
@@ -146,6 +152,8 @@ struct Attempt {
     llm: Option<LlmUsage>,
     /// A Bash step's stderr, for the error when its exit status fails the step.
     stderr: String,
+    /// An LLM answer refused as uncertain: why, and what happens instead.
+    refusal: Option<(String, judgement::Refusal)>,
 }
 
 /// Executes `trace` with resolved `inputs` (see [`resolve_inputs`]).
@@ -217,6 +225,7 @@ pub fn resume(
         postconditions: Vec::new(),
         all_postconditions_met: true,
         escalations: Vec::new(),
+        fidelity: Vec::new(),
         prompt_tokens: 0,
         completion_tokens: 0,
         protections: Vec::new(),
@@ -269,7 +278,16 @@ pub fn resume(
     let fallback_only: std::collections::BTreeSet<u32> = trace
         .steps
         .iter()
-        .filter_map(|s| s.on_error.fallback_step())
+        .flat_map(|s| {
+            let uncertain = match &s.tool {
+                Tool::Llm(c) => match c.judgement.on_uncertain {
+                    tracefleet::judgement::OnUncertain::Fallback(n) => Some(n),
+                    _ => None,
+                },
+                _ => None,
+            };
+            s.on_error.fallback_step().into_iter().chain(uncertain)
+        })
         .collect();
     let fallback_results: Vec<StepResult> = done
         .values()
@@ -281,6 +299,7 @@ pub fn resume(
         vars,
         fallback_results,
         bindings,
+        fidelity: cx.fidelity.clone(),
     };
     schedule(trace, &done, &fallback_only, &mut progress, host, on_event);
     let Progress {

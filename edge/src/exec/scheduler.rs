@@ -5,6 +5,7 @@
 use super::*;
 use std::collections::BTreeMap;
 use tracefleet::Trace;
+use tracefleet::judgement::Fidelity;
 use tracefleet::report::Escalation;
 use tracefleet::report::{
     CheckResult, MAX_REPORTED_OUTPUT, Report, RunStatus, StepResult, StepStatus, truncate_utf8,
@@ -17,6 +18,8 @@ pub(super) struct Progress<'t> {
     pub(super) vars: Vars,
     pub(super) fallback_results: Vec<StepResult>,
     pub(super) bindings: BTreeMap<&'t str, u32>,
+    /// Fidelity by step: known before the run, or measured when the step was reached.
+    pub(super) fidelity: BTreeMap<u32, Fidelity>,
 }
 
 /// Runs the steps as a DAG: a step starts when its prerequisites (its `Dependencies`, else the
@@ -97,6 +100,11 @@ pub(super) fn schedule(
                     continue;
                 }
                 on_event(Event::StepStarted(&not_run(step)));
+                if let Some(refused) = fidelity_gate(p, step, host, on_event) {
+                    complete(p, trace, step, refused, host, on_event);
+                    finished[i] = true;
+                    continue;
+                }
                 if parallel && let Some(mut h) = pool.pop() {
                     let vars = Vars {
                         values: p.vars.values.clone(),
@@ -133,6 +141,44 @@ pub(super) fn schedule(
     }
 }
 
+/// A judgement step with scored reference examples runs only when its model's fidelity
+/// reaches the step's `min_fidelity`: the fidelity known for this run, or measured now
+/// (journaled through [`Event::FidelityMeasured`]). Every fidelity reached goes into the
+/// report. `Some`: the step refused, as a failed run escalating with the figures.
+fn fidelity_gate(
+    p: &mut Progress<'_>,
+    step: &Step,
+    host: &mut dyn Host,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Option<StepRun> {
+    let f = match p.fidelity.get(&step.number) {
+        Some(f) => f.clone(),
+        None => {
+            let f = judgement::measure(step, host)?;
+            on_event(Event::FidelityMeasured(&f));
+            p.fidelity.insert(step.number, f.clone());
+            f
+        }
+    };
+    let passes = f.passes();
+    let why = f.refusal();
+    p.report.fidelity.retain(|r| r.step != step.number);
+    p.report.fidelity.push(f);
+    if passes {
+        return None;
+    }
+    let mut result = not_run(step);
+    result.status = StepStatus::Failed;
+    result.error = Some(why.clone());
+    Some(StepRun {
+        result,
+        full_output: String::new(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        refusal: Some(judgement::Refusal::Escalate(why)),
+    })
+}
+
 /// Takes a step's result from an earlier attempt of the run.
 fn reuse(p: &mut Progress<'_>, step: &Step, c: &Completed) {
     if c.result.status != StepStatus::Skipped {
@@ -161,6 +207,7 @@ fn complete(
         mut full_output,
         prompt_tokens,
         completion_tokens,
+        refusal,
     } = run;
     let report = &mut p.report;
     if result.status == StepStatus::Failed
@@ -182,40 +229,52 @@ fn complete(
     report.prompt_tokens += prompt_tokens;
     report.completion_tokens += completion_tokens;
     if result.status == StepStatus::Failed {
-        match &step.on_error {
-            OnError::Escalate { message } => report.escalations.push(Escalation {
-                step: step.number,
-                message: message.clone(),
-                error: result.error.clone().unwrap_or_default(),
-            }),
-            policy => {
-                if let Some(fb) = policy
-                    .fallback_step()
-                    .and_then(|n| trace.steps.iter().find(|s| s.number == n))
-                {
-                    on_event(Event::StepStarted(&not_run(fb)));
-                    let fallback = run_step(fb, &p.vars, host);
-                    report.prompt_tokens += fallback.prompt_tokens;
-                    report.completion_tokens += fallback.completion_tokens;
-                    let recovered = fallback.result.status == StepStatus::Success;
-                    on_event(Event::StepFinished(&fallback.result, &fallback.full_output));
-                    p.fallback_results.retain(|r| r.step != fb.number);
-                    p.fallback_results.push(fallback.result);
-                    if recovered {
-                        result.status = StepStatus::Recovered;
-                        result.error = Some(format!(
-                            "recovered by fallback step {}: {}",
-                            fb.number,
-                            result.error.clone().unwrap_or_default()
-                        ));
-                        result.output = fallback.full_output.clone();
-                        truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
-                        full_output = fallback.full_output;
-                    }
-                }
+        // A refused answer (uncertain, low fidelity) follows the step's judgement policy, not
+        // its `on_error`: retrying or skipping would not make the answer trustworthy.
+        let fallback = match (&refusal, &step.on_error) {
+            (Some(judgement::Refusal::Escalate(message)), _) => {
+                report.escalations.push(Escalation {
+                    step: step.number,
+                    message: message.clone(),
+                    error: result.error.clone().unwrap_or_default(),
+                });
+                None
+            }
+            (Some(judgement::Refusal::Fallback(n)), _) => Some(*n),
+            (None, OnError::Escalate { message }) => {
+                report.escalations.push(Escalation {
+                    step: step.number,
+                    message: message.clone(),
+                    error: result.error.clone().unwrap_or_default(),
+                });
+                None
+            }
+            (None, policy) => policy.fallback_step(),
+        };
+        if let Some(fb) = fallback.and_then(|n| trace.steps.iter().find(|s| s.number == n)) {
+            on_event(Event::StepStarted(&not_run(fb)));
+            let fallback = run_step(fb, &p.vars, host);
+            let report = &mut p.report;
+            report.prompt_tokens += fallback.prompt_tokens;
+            report.completion_tokens += fallback.completion_tokens;
+            let recovered = fallback.result.status == StepStatus::Success;
+            on_event(Event::StepFinished(&fallback.result, &fallback.full_output));
+            p.fallback_results.retain(|r| r.step != fb.number);
+            p.fallback_results.push(fallback.result);
+            if recovered {
+                result.status = StepStatus::Recovered;
+                result.error = Some(format!(
+                    "recovered by fallback step {}: {}",
+                    fb.number,
+                    result.error.clone().unwrap_or_default()
+                ));
+                result.output = fallback.full_output.clone();
+                truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
+                full_output = fallback.full_output;
             }
         }
     }
+    let report = &mut p.report;
     // A step that did not succeed did not pass its validations, whatever stopped it.
     if result.status != StepStatus::Success {
         report.all_validations_passed = false;

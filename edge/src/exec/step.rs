@@ -1,6 +1,7 @@
 //! One step: its error policy around attempts (retry with backoff, skip, fallback,
 //! escalation), `foreach` items, and each tool's call through the [`Host`].
 
+use super::judgement::{self, Refusal};
 use super::*;
 use std::time::Duration;
 use tracefleet::ids::VarName;
@@ -17,6 +18,9 @@ pub(super) struct StepRun {
     pub(super) prompt_tokens: u64,
     /// Generated tokens over all attempts.
     pub(super) completion_tokens: u64,
+    /// Set when the step's answer was refused (uncertain, or a fidelity below the step's
+    /// minimum): what the scheduler does instead of the step's `on_error`.
+    pub(super) refusal: Option<Refusal>,
 }
 
 /// Runs one step with its error policy: once, or once per `foreach` item (each item bound to
@@ -37,6 +41,7 @@ pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun
                     full_output: String::new(),
                     prompt_tokens: 0,
                     completion_tokens: 0,
+                    refusal: None,
                 }
             }
             Ok(items) => {
@@ -49,6 +54,7 @@ pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun
                     full_output: String::new(),
                     prompt_tokens: 0,
                     completion_tokens: 0,
+                    refusal: None,
                 };
                 let mut usages = Vec::new();
                 for item in &items {
@@ -68,6 +74,7 @@ pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun
                     let ok = r.result.status == StepStatus::Success;
                     outputs.push(r.full_output.trim_end_matches('\n').to_owned());
                     total.result = r.result;
+                    total.refusal = r.refusal;
                     if !ok {
                         total.result.error = Some(format!(
                             "item {item:?}: {}",
@@ -142,6 +149,7 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
     let timeout = Duration::from_secs(u64::from(step.timeout_secs));
     let mut result = not_run(step);
     let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+    let mut refusal = None;
     for attempt in 1..=max_attempts {
         result.attempts = attempt;
         result.exit_code = None;
@@ -171,7 +179,11 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
                     .iter()
                     .any(|c| matches!(c.kind, CheckKind::CommandExitCode { .. }));
                 let exit_failed = !exit_checked && a.exit_code.is_some_and(|c| c != 0);
-                let error = if exit_failed {
+                let error = if let Some((why, r)) = a.refusal {
+                    // Asking again would not make the model surer: no retry.
+                    refusal = Some(r);
+                    Some(why)
+                } else if exit_failed {
                     Some(format!(
                         "command exited with status {}{}",
                         a.exit_code.unwrap_or_default(),
@@ -200,6 +212,9 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
         }
         result.status = StepStatus::Failed;
         result.error = error;
+        if refusal.is_some() {
+            break;
+        }
         if attempt < max_attempts && host.interruption().is_none() {
             let backoff = delay * f64::from(2u32.saturating_pow(attempt - 1));
             host.sleep(Duration::from_secs_f64(backoff.min(3600.0)));
@@ -211,6 +226,7 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
         full_output,
         prompt_tokens,
         completion_tokens,
+        refusal,
     }
 }
 
@@ -233,6 +249,7 @@ fn run_tool(
                 exit_code: None,
                 llm: None,
                 stderr: String::new(),
+                refusal: None,
             })
         }
         Tool::Write { file_path, content } => {
@@ -244,6 +261,7 @@ fn run_tool(
                 exit_code: None,
                 llm: None,
                 stderr: String::new(),
+                refusal: None,
             })
         }
         Tool::Bash { command } => {
@@ -261,6 +279,7 @@ fn run_tool(
                 exit_code: out.exit_code,
                 llm: None,
                 stderr: out.stderr,
+                refusal: None,
             })
         }
         Tool::Grep {
@@ -284,6 +303,7 @@ fn run_tool(
                 exit_code: None,
                 llm: None,
                 stderr: String::new(),
+                refusal: None,
             })
         }
         Tool::Glob { pattern, path } => {
@@ -294,6 +314,7 @@ fn run_tool(
                 exit_code: None,
                 llm: None,
                 stderr: String::new(),
+                refusal: None,
             })
         }
         Tool::WebFetch { url, .. } => {
@@ -308,22 +329,12 @@ fn run_tool(
                 exit_code: None,
                 llm: None,
                 stderr: String::new(),
+                refusal: None,
             })
         }
         Tool::Llm(call) => {
-            let request = GenerateRequest {
-                model: call.model.clone(),
-                system: call.system.as_ref().map(|s| vars.render(s)).transpose()?,
-                prompt: vars.render(&call.prompt)?,
-                max_tokens: call.max_tokens,
-                temperature: call.temperature,
-                top_p: call.top_p,
-                seed: call.seed,
-                grammar: call.grammar.clone(),
-                json_schema: call.json_schema.clone(),
-                stop: call.stop.clone(),
-                timeout,
-            };
+            let request =
+                judgement::request(call, |v| vars.lookup(v), timeout).map_err(no_value)?;
             let g = host.generate(&request)?;
             // Constrained decoding keeps the output inside the schema's grammar, but a
             // generation cut short (max_tokens, a stop string) can still end mid-object.
@@ -335,11 +346,17 @@ fn run_tool(
                     g.usage.stop_reason, g.usage.completion_tokens
                 ));
             }
+            let mut usage = g.usage;
+            let refusal = judgement::uncertain(call, &usage).and_then(|why| {
+                usage.uncertain = true;
+                judgement::on_uncertain(call, &why).map(|r| (why, r))
+            });
             Ok(Attempt {
                 output: g.text,
                 exit_code: None,
-                llm: Some(g.usage),
+                llm: Some(usage),
                 stderr: String::new(),
+                refusal,
             })
         }
     }

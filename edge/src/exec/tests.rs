@@ -14,6 +14,8 @@ struct FakeHost {
     clock: Duration,
     /// Scripted model answers, in order.
     generations: VecDeque<Generation>,
+    /// The model requests made, in order.
+    requests: Vec<GenerateRequest>,
 }
 
 impl Host for FakeHost {
@@ -66,7 +68,8 @@ impl Host for FakeHost {
             .pop_front()
             .ok_or_else(|| "no scripted answer".to_owned())
     }
-    fn generate(&mut self, _: &GenerateRequest) -> Result<Generation, String> {
+    fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String> {
+        self.requests.push(request.clone());
         self.generations
             .pop_front()
             .ok_or_else(|| "no model in this test".into())
@@ -129,6 +132,7 @@ fn run_with(t: &Trace, host: &mut FakeHost) -> Report {
         run_id: "r".into(),
         device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
+        fidelity: BTreeMap::new(),
     };
     let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
     let mut events = 0;
@@ -139,6 +143,7 @@ fn run_with(t: &Trace, host: &mut FakeHost) -> Report {
             finished.push(s.step);
             events += 1;
         }
+        Event::FidelityMeasured(_) => {}
     });
     // Every step that finished was journaled as started, once per run of it.
     started.sort_unstable();
@@ -306,6 +311,7 @@ fn foreach_runs_each_line_and_zero_items_is_a_no_op() {
         run_id: "r".into(),
         device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
+        fidelity: BTreeMap::new(),
     };
     let mut h = FakeHost::default();
     let r = run(&t, &cx, &inputs, &mut h, &mut |_| {});
@@ -326,6 +332,8 @@ fn generation(text: &str, prompt: u32, completion: u32, secs: f64, stop: &str) -
             generation_tokens_per_sec: f64::from(completion) / secs,
             stop_reason: stop.into(),
             grammar: true,
+            answer_confidence: None,
+            uncertain: false,
         },
     }
 }
@@ -438,6 +446,7 @@ fn run_with_events(t: &Trace, host: &mut FakeHost) -> Report {
         run_id: "r".into(),
         device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
+        fidelity: BTreeMap::new(),
     };
     let inputs = resolve_inputs(t, &BTreeMap::new()).unwrap();
     run(t, &cx, &inputs, host, &mut |_| {})
@@ -477,4 +486,186 @@ fn a_failing_bash_step_says_what_it_wrote_to_stderr_and_which_signal_killed_it()
     let r = run_with(&t, &mut h);
     let e = r.step_results[0].error.as_deref().unwrap();
     assert_eq!(e, "command was killed by signal 9 (SIGKILL)");
+}
+
+/// A scripted answer with a confidence.
+fn answer(text: &str, confidence: f64) -> Generation {
+    let mut g = generation(text, 10, 1, 1.0, "eos");
+    g.usage.answer_confidence = Some(confidence);
+    g
+}
+
+/// A judgement step with three examples (the first one a few-shot example when `few_shot`),
+/// `policy` lines added to its parameters, and a Bash step 2 (fallback-only when named).
+fn judged(policy: &str) -> Trace {
+    trace(&format!(
+        "inputs:\n  entry:\n    default: \"ntp 123/___\"\n---\n### Step 1: judge\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: \"Entry: {{entry}}. Answer:\"\n  grammar: 'root ::= \"tcp\" | \"udp\"'\n  examples:\n    - vars: {{entry: \"ssh 22/___\"}}\n      expect: tcp\n    - vars: {{entry: \"domain 53/___\"}}\n      expect: udp\n    - vars: {{entry: \"http 80/___\"}}\n      expect: tcp\n{policy}```\n### Step 2: by hand\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: echo udp\n```\n**Dependencies**: None\n"
+    ))
+}
+
+#[test]
+fn a_judgement_step_whose_model_disagrees_with_its_reference_answers_escalates_and_never_succeeds()
+{
+    let t = judged("");
+    // Two of three reference answers wrong: fidelity 1/3 < 0.8. The step itself never asks.
+    let mut h = FakeHost {
+        generations: [answer("tcp", 0.9), answer("tcp", 0.9), answer("udp", 0.9)].into(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let mut measured = Vec::new();
+    let cx = RunContext {
+        run_id: "r".into(),
+        device_id: "d".parse().unwrap(),
+        base_dir: "/b".into(),
+        fidelity: BTreeMap::new(),
+    };
+    let inputs = resolve_inputs(&t, &BTreeMap::new()).unwrap();
+    let r = run(&t, &cx, &inputs, &mut h, &mut |e| {
+        if let Event::FidelityMeasured(f) = e {
+            measured.push(f.clone());
+        }
+    });
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.failed_step, Some(1));
+    assert_eq!(h.requests.len(), 3, "only the three examples were asked");
+    assert_eq!(r.escalations.len(), 1);
+    let why = "model m agrees with 1 of 3 reference answers of step 1 (0.33 < 0.80)";
+    assert!(
+        r.escalations[0].message.contains(why),
+        "{:?}",
+        r.escalations
+    );
+    assert!(r.error.as_deref().unwrap_or("").contains(why));
+    assert_eq!(r.fidelity.len(), 1);
+    assert_eq!((r.fidelity[0].agreements, r.fidelity[0].total), (1, 3));
+    assert_eq!(
+        r.fidelity[0].disagreements,
+        vec![(1, "tcp".to_owned()), (2, "udp".to_owned())]
+    );
+    assert_eq!(measured, r.fidelity, "the measurement was journaled");
+    assert_ne!(r.step_results[0].status, StepStatus::Success);
+}
+
+#[test]
+fn a_judgement_step_whose_model_agrees_runs_and_a_known_fidelity_is_not_measured_again() {
+    let t = judged("");
+    let mut h = FakeHost {
+        generations: [
+            answer("tcp", 0.9),
+            answer("udp", 0.9),
+            answer("tcp", 0.9),
+            answer("udp", 0.7),
+        ]
+        .into(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert_eq!(r.step_results[0].output, "udp");
+    assert_eq!(r.fidelity[0].short(), "3/3 (1.00)");
+    // The step's own prompt is the input, not an example.
+    assert_eq!(h.requests[3].prompt, "Entry: ntp 123/___. Answer:");
+    assert_eq!(h.requests[0].prompt, "Entry: ssh 22/___. Answer:");
+
+    // Known (stored) fidelity: nothing is measured, the step runs.
+    let mut h = FakeHost {
+        generations: [answer("udp", 0.7)].into(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let cx = RunContext {
+        run_id: "r".into(),
+        device_id: "d".parse().unwrap(),
+        base_dir: "/b".into(),
+        fidelity: [(1, r.fidelity[0].clone())].into(),
+    };
+    let inputs = resolve_inputs(&t, &BTreeMap::new()).unwrap();
+    let r = run(&t, &cx, &inputs, &mut h, &mut |_| {});
+    assert_eq!(r.status, RunStatus::Success);
+    assert_eq!(h.requests.len(), 1);
+}
+
+#[test]
+fn few_shot_examples_go_into_the_prompt_and_are_not_scored() {
+    let t = judged("  few_shot: 1\n");
+    let mut h = FakeHost {
+        generations: [answer("udp", 0.9), answer("tcp", 0.9), answer("udp", 0.9)].into(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    // Two scored examples, then the step: three requests, each with the first example as a
+    // prior turn.
+    assert_eq!(h.requests.len(), 3);
+    assert_eq!(r.fidelity[0].total, 2);
+    for req in &h.requests {
+        assert_eq!(
+            req.shots,
+            vec![("Entry: ssh 22/___. Answer:".to_owned(), "tcp".to_owned())]
+        );
+    }
+}
+
+#[test]
+fn uncertain_answers_follow_on_uncertain() {
+    let agreeing = || [answer("tcp", 0.9), answer("udp", 0.9), answer("tcp", 0.9)];
+    // escalate (the default): the run fails with an escalation naming the confidence.
+    let t = judged("  min_answer_confidence: 0.6\n");
+    let mut h = FakeHost {
+        generations: agreeing().into_iter().chain([answer("udp", 0.4)]).collect(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.escalations.len(), 1);
+    assert!(
+        r.escalations[0]
+            .message
+            .contains("confidence 0.40, under the step's min_answer_confidence 0.60"),
+        "{:?}",
+        r.escalations
+    );
+    let llm = r.step_results[0].llm.as_ref().unwrap();
+    assert!(llm.uncertain);
+    assert_eq!(llm.answer_confidence, Some(0.4));
+    assert_eq!(h.requests.len(), 4, "an uncertain answer is not retried");
+
+    // Above the threshold: the answer is used.
+    let mut h = FakeHost {
+        generations: agreeing().into_iter().chain([answer("udp", 0.6)]).collect(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success);
+    assert!(!r.step_results[0].llm.as_ref().unwrap().uncertain);
+
+    // fallback_step: step 2 runs instead, the step is recovered.
+    let t = judged("  min_answer_confidence: 0.6\n  on_uncertain: {fallback_step: 2}\n");
+    let mut h = FakeHost {
+        generations: agreeing().into_iter().chain([answer("tcp", 0.3)]).collect(),
+        shell_answers: [out("udp", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert_eq!(r.step_results[0].status, StepStatus::Recovered);
+    assert_eq!(r.step_results[0].output, "udp");
+    assert!(r.escalations.is_empty());
+
+    // accept: used, marked uncertain.
+    let t = judged("  min_answer_confidence: 0.6\n  on_uncertain: accept\n");
+    let mut h = FakeHost {
+        generations: agreeing().into_iter().chain([answer("tcp", 0.3)]).collect(),
+        shell_answers: [out("ok", 0)].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    assert_eq!(r.status, RunStatus::Success);
+    assert_eq!(r.step_results[0].output, "tcp");
+    assert!(r.step_results[0].llm.as_ref().unwrap().uncertain);
 }

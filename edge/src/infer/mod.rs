@@ -676,24 +676,7 @@ fn generate(
     let specials = &loaded.specials;
     let vocab = model.vocab();
 
-    // Prompt through the model's own chat template (GGUF `tokenizer.chat_template`).
-    let template = model
-        .chat_template(None)
-        .map_err(|e| llama_err("the model has no usable chat template")(&e))?;
-    let mut messages = Vec::new();
-    if let Some(system) = &req.system {
-        messages.push(
-            LlamaChatMessage::new("system".into(), neutralise_specials(system, specials))
-                .map_err(|e| llama_err("system message")(&e))?,
-        );
-    }
-    messages.push(
-        LlamaChatMessage::new("user".into(), neutralise_specials(&req.prompt, specials))
-            .map_err(|e| llama_err("prompt")(&e))?,
-    );
-    let prompt = model
-        .apply_chat_template(&template, &messages, true)
-        .map_err(|e| llama_err("applying the chat template")(&e))?;
+    let prompt = build_prompt(model, specials, req)?;
     let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
 
     let n_ctx_train = model.n_ctx_train();
@@ -721,7 +704,7 @@ fn generate(
         .new_context(backend, ctx_params)
         .map_err(|e| llama_err("creating a context")(&e))?;
 
-    let mut sampler = build_sampler(model, req)?;
+    let (mut grammar, mut sampler) = build_sampler(model, req)?;
 
     // Prompt processing, in batches; logits only for the last prompt token.
     let mut batch = LlamaBatch::new(PROMPT_BATCH, 1);
@@ -746,12 +729,39 @@ fn generate(
     let mut pos = tokens.len();
     let mut stop_reason = "max_tokens";
     let mut logits_index = batch.n_tokens() - 1;
+    let mut confidence = 1.0f64;
     while n_generated < req.max_tokens {
         if Instant::now() > deadline {
             return Err(InferError::Timeout(req.timeout));
         }
-        // `sample` applies the chain and accepts the token (grammar state included).
-        let token = sampler.sample(&ctx, logits_index);
+        // The grammar masks the vocabulary, the answer's confidence is read from the masked
+        // distribution at temperature 1, then the chain picks the token. Each sampler
+        // accepts the token exactly once (never `sample()`, which accepts as well).
+        let mut candidates = ctx.token_data_array_ith(logits_index);
+        if let Some(g) = grammar.as_mut() {
+            candidates.apply_sampler(g);
+        }
+        let allowed = candidates.data.iter().map(|d| d.logit());
+        let probabilities = masked_softmax(allowed);
+        sampler.apply(&mut candidates);
+        let Some(token) = candidates.selected_token() else {
+            return Err(InferError::Llama(
+                "the sampler chose no token (the grammar allows none here?)".into(),
+            ));
+        };
+        if grammar.is_some() {
+            // Candidates are built in token-id order and the grammar only masks them.
+            let p = usize::try_from(token.0)
+                .ok()
+                .and_then(|i| probabilities.get(i))
+                .copied()
+                .unwrap_or(0.0);
+            confidence *= p;
+        }
+        if let Some(g) = grammar.as_mut() {
+            g.accept(token);
+        }
+        sampler.accept(token);
         if vocab.is_eog(token) {
             stop_reason = "eos";
             break;
@@ -783,9 +793,75 @@ fn generate(
             prompt_tokens_per_sec: rate(f64::from(prompt_tokens), prompt_secs),
             generation_tokens_per_sec: rate(f64::from(n_generated), gen_secs),
             stop_reason: stop_reason.into(),
-            grammar: req.grammar.is_some() || req.json_schema.is_some(),
+            grammar: grammar.is_some(),
+            answer_confidence: grammar.is_some().then_some(confidence),
+            uncertain: false,
         },
     })
+}
+
+/// Probabilities of the candidates at temperature 1, softmax over the finite logits (those
+/// the grammar masked are −∞ and get 0), in candidate order.
+fn masked_softmax(logits: impl Iterator<Item = f32> + Clone) -> Vec<f64> {
+    let max = logits
+        .clone()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return logits.map(|_| 0.0).collect();
+    }
+    let exps: Vec<f64> = logits
+        .map(|l| {
+            if l.is_finite() {
+                f64::from(l - max).exp()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let sum: f64 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// The prompt text: through the model's own chat template (GGUF `tokenizer.chat_template`) as
+/// system, few-shot user/assistant turns, then the user message; for a model without one (a
+/// base model) in completion mode: the system text, each shot as its prompt immediately
+/// followed by its answer and a blank line, then the prompt — the model continues it.
+fn build_prompt(
+    model: &LlamaModel,
+    specials: &[String],
+    req: &GenerateRequest,
+) -> Result<String, InferError> {
+    let Ok(template) = model.chat_template(None) else {
+        let mut text = String::new();
+        if let Some(system) = &req.system {
+            text.push_str(&neutralise_specials(system, specials));
+            text.push_str("\n\n");
+        }
+        for (user, answer) in &req.shots {
+            text.push_str(&neutralise_specials(user, specials));
+            text.push_str(&neutralise_specials(answer, specials));
+            text.push_str("\n\n");
+        }
+        text.push_str(&neutralise_specials(&req.prompt, specials));
+        return Ok(text);
+    };
+    let message = |role: &str, content: &str| {
+        LlamaChatMessage::new(role.into(), neutralise_specials(content, specials))
+            .map_err(|e| llama_err("a chat message")(&e))
+    };
+    let mut messages = Vec::new();
+    if let Some(system) = &req.system {
+        messages.push(message("system", system)?);
+    }
+    for (user, answer) in &req.shots {
+        messages.push(message("user", user)?);
+        messages.push(message("assistant", answer)?);
+    }
+    messages.push(message("user", &req.prompt)?);
+    model
+        .apply_chat_template(&template, &messages, true)
+        .map_err(|e| llama_err("applying the chat template")(&e))
 }
 
 fn rate(n: f64, secs: f64) -> f64 {
@@ -796,8 +872,13 @@ fn rate(n: f64, secs: f64) -> f64 {
     }
 }
 
-fn build_sampler(model: &LlamaModel, req: &GenerateRequest) -> Result<LlamaSampler, InferError> {
-    let mut chain = Vec::new();
+/// The grammar sampler (from `grammar`, or `json_schema` through llama.cpp's converter), kept
+/// apart so the answer's confidence can be read after its mask, and the chain that picks the
+/// token (greedy, or top-p + temperature + seeded draw).
+fn build_sampler(
+    model: &LlamaModel,
+    req: &GenerateRequest,
+) -> Result<(Option<LlamaSampler>, LlamaSampler), InferError> {
     let from_schema = req
         .json_schema
         .as_deref()
@@ -806,20 +887,24 @@ fn build_sampler(model: &LlamaModel, req: &GenerateRequest) -> Result<LlamaSampl
                 .map_err(|e| InferError::Schema(e.to_string()))
         })
         .transpose()?;
-    if let Some(g) = req.grammar.as_ref().or(from_schema.as_ref()) {
-        chain.push(
-            LlamaSampler::grammar(model, g, "root")
-                .map_err(|e| InferError::Grammar(e.to_string()))?,
-        );
-    }
-    if req.temperature > 0.0 {
-        chain.push(LlamaSampler::top_p(req.top_p, 1));
-        chain.push(LlamaSampler::temp(req.temperature));
-        chain.push(LlamaSampler::dist(req.seed));
+    let grammar = req
+        .grammar
+        .as_ref()
+        .or(from_schema.as_ref())
+        .map(|g| {
+            LlamaSampler::grammar(model, g, "root").map_err(|e| InferError::Grammar(e.to_string()))
+        })
+        .transpose()?;
+    let chain = if req.temperature > 0.0 {
+        LlamaSampler::chain_simple([
+            LlamaSampler::top_p(req.top_p, 1),
+            LlamaSampler::temp(req.temperature),
+            LlamaSampler::dist(req.seed),
+        ])
     } else {
-        chain.push(LlamaSampler::greedy());
-    }
-    Ok(LlamaSampler::chain_simple(chain))
+        LlamaSampler::greedy()
+    };
+    Ok((grammar, chain))
 }
 
 /// Byte offset where the earliest stop string begins in `out`, if any occurs.

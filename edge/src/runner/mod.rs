@@ -310,12 +310,15 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         loaded,
     } = prepared;
     let trace = &loaded.trace;
+    let mut step_models = BTreeMap::new();
     let inference = if trace.llm_steps().next().is_none() {
         None
     } else {
         let (specs, default) = run_models(&store, state_dir, trace, opts.model.as_deref())?;
+        step_models = step_model_names(trace, default.as_deref());
         Some(Inference::start(opts.infer.clone(), specs, default)?)
     };
+    let fidelity = known_fidelity(&store, trace, &step_models)?;
     let device_roots: Vec<PathBuf> = if opts.read_roots.is_empty() {
         DEFAULT_READ_ROOTS.iter().map(PathBuf::from).collect()
     } else {
@@ -348,6 +351,7 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         run_id: run_id.clone(),
         device_id,
         base_dir: host.base_dir().display().to_string(),
+        fidelity: fidelity.clone(),
     };
     let policy = sandbox::Policy {
         base_dir: host.base_dir().to_owned(),
@@ -397,6 +401,23 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
     report.telemetry_start = Some(telemetry_start);
     report.telemetry_end = Some(crate::telemetry::sample());
     record_finished(&mut store, &report, loaded.signed)?;
+    // Fidelity measured in this run is kept for the next (source runs included: the step's
+    // digest changes when the author edits it).
+    for f in report
+        .fidelity
+        .iter()
+        .filter(|f| !fidelity.contains_key(&f.step))
+    {
+        if let Some(step) = trace.steps.iter().find(|s| s.number == f.step) {
+            store.record_fidelity(
+                trace.id.as_str(),
+                &trace.version.to_string(),
+                &step_digest(step),
+                f,
+                &rfc3339_now(),
+            )?;
+        }
+    }
     if let Some(e) = journal_error {
         return Err(e).context("journaling the run");
     }
@@ -404,6 +425,53 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         report,
         provenance: loaded.provenance,
     })
+}
+
+/// The model each LLM step uses: the one it names, else the run's default.
+fn step_model_names(trace: &Trace, default: Option<&str>) -> BTreeMap<u32, String> {
+    trace
+        .steps
+        .iter()
+        .filter_map(|s| match &s.tool {
+            tracefleet::trace::Tool::Llm(c) => c
+                .model
+                .as_deref()
+                .or(default)
+                .map(|m| (s.number, m.to_owned())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SHA-256 (hex) of a step's compiled form: a fidelity record holds while it is unchanged.
+fn step_digest(step: &tracefleet::trace::Step) -> String {
+    use sha2::Digest;
+    let bytes = postcard::to_allocvec(&step.tool).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The fidelity already measured for this trace version, with the model each step uses.
+fn known_fidelity(
+    store: &Store,
+    trace: &Trace,
+    models: &BTreeMap<u32, String>,
+) -> Result<BTreeMap<u32, tracefleet::judgement::Fidelity>, StoreError> {
+    let mut out = BTreeMap::new();
+    for step in trace.llm_steps() {
+        let Some(model) = models.get(&step.number) else {
+            continue;
+        };
+        if let Some(f) = store.fidelity(
+            trace.id.as_str(),
+            &trace.version.to_string(),
+            step.number,
+            model,
+            &step_digest(step),
+        )? {
+            out.insert(step.number, f);
+        }
+    }
+    Ok(out)
 }
 
 /// Stores the report; for a verified trace that did not stop, counts the outcome in the
@@ -528,6 +596,9 @@ pub(crate) fn run_journaled(
                         let _ = ack_rx.recv();
                     }
                 }
+                // Kept in the report; stored when the run ends (a crash only costs a
+                // measurement again).
+                Event::FidelityMeasured(_) => {}
             });
             (report, landlock)
         });

@@ -95,6 +95,7 @@ fn cx() -> RunContext {
         run_id: "r".into(),
         device_id: "d".parse().unwrap(),
         base_dir: "/b".into(),
+        fidelity: BTreeMap::new(),
     }
 }
 

@@ -2,11 +2,13 @@
 //! the only owner of SQL in this crate: the connection, the schema and its migrations here;
 //! the tables by concern in `trust` (trust roots, installed traces, install log), `runs`
 //! (runs and their step journal), `outbox` (messages for the broker, the agent's state),
-//! `models` (the model registry) and `stats` (per-version statistics, escalations).
+//! `models` (the model registry), `stats` (per-version statistics, escalations) and
+//! `fidelity` (each judgement step's agreement with its reference answers, per model).
 //!
 //! Lives at `<state-dir>/follower.db`. Every write is one transaction, so a crash leaves the
 //! database at the last committed step.
 
+mod fidelity;
 mod models;
 mod outbox;
 mod runs;
@@ -191,6 +193,22 @@ const MIGRATIONS: &[M<'static>] = &[
         added_at         TEXT NOT NULL,
         verified_at      TEXT NOT NULL,
         verified_stamp   TEXT NOT NULL
+    );",
+    ),
+    // Judgement: a device model's agreement with a step's reference examples.
+    M::up(
+        "CREATE TABLE fidelity (
+        trace_id      TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        step          INTEGER NOT NULL,
+        model         TEXT NOT NULL,
+        digest        TEXT NOT NULL,
+        agreements    INTEGER NOT NULL,
+        total         INTEGER NOT NULL,
+        min_fidelity  REAL NOT NULL,
+        disagreements TEXT NOT NULL,
+        measured_at   TEXT NOT NULL,
+        PRIMARY KEY (trace_id, version, step, model, digest)
     );",
     ),
 ];
