@@ -4,6 +4,7 @@
 //! - [`engine`]: the execution engine across real processes (sandbox, signals, resume);
 //! - [`fleet`]: the fleet link with a real Mosquitto broker, `learner serve` and agents;
 //! - [`models`]: GGUF models on the device with the real SmolLM2 model;
+//! - [`judgement`]: judgement steps' fidelity and `follower eval` with the real models;
 //! - [`newcomer`]: the set-up script, the help examples, the deployment guide's trace form.
 //!
 //! The helpers they share are the crate's library (`harness.rs`).
@@ -14,5 +15,6 @@ mod examples;
 mod e2e;
 mod engine;
 mod fleet;
+mod judgement;
 mod models;
 mod newcomer;

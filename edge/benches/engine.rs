@@ -79,6 +79,7 @@ fn bench(c: &mut Criterion) {
         run_id: "r".into(),
         device_id: "d".parse().expect("a device id"),
         base_dir: "/b".into(),
+        fidelity: Default::default(),
     };
     let inputs = exec::resolve_inputs(&t, &BTreeMap::new()).expect("inputs");
     let mut g = c.benchmark_group("engine");
