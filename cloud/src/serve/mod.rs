@@ -63,9 +63,7 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
     if let Some(embedded) = &config.embedded {
         crate::broker::start(embedded)?;
     }
-    let options = config
-        .broker
-        .options(&config.client_id, None, wire::MAX_MESSAGE_BYTES)?;
+    let options = config.broker.options(&config.client_id, None)?;
     // Room for the acks of several batches and the rollouts' publishes: acks are queued
     // without waiting (this task is the one that drains the queue, by polling).
     let (client, mut eventloop) = AsyncClient::new(options, 16 * INGEST_BATCH);
