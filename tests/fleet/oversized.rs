@@ -69,6 +69,18 @@ fn log_lines(ws: &Workspace, name: &str, what: &str) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that daemon `name` connected to the broker once per start (`starts`): its link
+/// never failed, and rumqttc never refused a packet's size.
+fn connected_once_per_start(ws: &Workspace, name: &str, starts: usize) {
+    let log = std::fs::read_to_string(ws.path(&format!("{name}.log"))).expect("log");
+    assert!(!log.contains("size limit exceeded"), "{log}");
+    assert_eq!(
+        log_lines(ws, name, "connected to the broker").len(),
+        starts,
+        "{log}"
+    );
+}
+
 #[test]
 fn an_oversized_report_is_acked_counted_and_dropped_and_serve_goes_on_across_restarts() {
     let ws = Workspace::new();
@@ -116,14 +128,7 @@ fn an_oversized_report_is_acked_counted_and_dropped_and_serve_goes_on_across_res
             .all(|l| l.contains(&reports) && l.contains("bytes=")),
         "{dropped:#?}"
     );
-    // One connection per start: the link never failed.
-    let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
-    assert!(!log.contains("size limit exceeded"), "{log}");
-    assert_eq!(
-        log_lines(&ws, "learner", "connected to the broker").len(),
-        3,
-        "{log}"
-    );
+    connected_once_per_start(&ws, "learner", 3);
 }
 
 #[test]
@@ -233,14 +238,7 @@ fn an_oversized_trace_or_command_is_refused_and_acked_and_the_agent_goes_on_acro
             "{commands:#?}"
         );
     }
-    // One connection per start: the link never failed.
-    let log = std::fs::read_to_string(ws.path("follower.log")).expect("log");
-    assert!(!log.contains("size limit exceeded"), "{log}");
-    assert_eq!(
-        log_lines(&ws, "follower", "connected to the broker").len(),
-        3,
-        "{log}"
-    );
+    connected_once_per_start(&ws, "follower", 3);
     let store = rusqlite::Connection::open_with_flags(
         ws.path("state/follower.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
