@@ -4,7 +4,11 @@
 use std::path::Path;
 use std::process::Command;
 use tracefleet::wire::{self, ReportMessage, Topic};
-use tracefleet_e2e::{Broker, Daemon, FakeMessagesApi, Workspace, mqtt_publish, repo_root};
+use tracefleet_e2e::{
+    Broker, Daemon, FakeMessagesApi, Workspace, mqtt_publish, repo_root, shipped_size_limit,
+};
+
+mod oversized;
 
 /// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and
 /// the learner's and the agent's configs for `broker`. Returns the signed services-audit trace.
@@ -334,9 +338,10 @@ fn the_link_runs_over_tls_and_refuses_a_broker_it_cannot_verify() {
     let broker = Broker::start_with(
         &ws,
         &format!(
-            "allow_anonymous true\ncertfile {}\nkeyfile {}\n",
+            "allow_anonymous true\ncertfile {}\nkeyfile {}\n{}",
             ws.path("ca-broker.crt").display(),
-            ws.path("ca-broker.key").display()
+            ws.path("ca-broker.key").display(),
+            shipped_size_limit()
         ),
     );
     let signed = fleet(&ws, &broker);
@@ -557,9 +562,10 @@ fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
     let broker = Broker::start_with(
         &ws,
         &format!(
-            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n{}",
             ws.path("passwd").display(),
-            acl.display()
+            acl.display(),
+            shipped_size_limit()
         ),
     );
     let signed = fleet(&ws, &broker);
@@ -575,15 +581,7 @@ fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
 
     // pi-02 forges reports: on pi-01's topic (the ACL drops it), and on its own topic
     // claiming to be pi-01 (the learner refuses it).
-    let forged = |device: &str, run_id: &str| {
-        let mut r = real.clone();
-        r["device_id"] = device.into();
-        r["run_id"] = run_id.into();
-        wire::encode(&ReportMessage {
-            run_id: run_id.into(),
-            report_json: r.to_string(),
-        })
-    };
+    let forged = |device: &str, run_id: &str| report_as(&real, device, run_id);
     let pi02 = Some(("pi-02", "pi-02-secret"));
     let a = "00000000-0000-7000-8000-00000000000a";
     let b = "00000000-0000-7000-8000-00000000000b";
@@ -643,6 +641,17 @@ fn a_device_cannot_report_as_another_and_hostile_payloads_are_dropped() {
     let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
     assert!(log.contains("claims to be from"), "{log}");
     assert!(log.contains("message dropped"), "{log}");
+}
+
+/// The report message of `report` (a run report's JSON) made out as `device`'s run `run_id`.
+fn report_as(report: &serde_json::Value, device: &str, run_id: &str) -> Vec<u8> {
+    let mut r = report.clone();
+    r["device_id"] = device.into();
+    r["run_id"] = run_id.into();
+    wire::encode(&ReportMessage {
+        run_id: run_id.into(),
+        report_json: r.to_string(),
+    })
 }
 
 /// Compiles and signs a one-step trace `canary-check` at `version` whose command is `command`.

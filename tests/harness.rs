@@ -224,6 +224,26 @@ pub struct Broker {
     child: Option<std::process::Child>,
 }
 
+/// The size limit lines (`max_packet_size`, `message_size_limit`) of the Mosquitto config
+/// the project ships, docs/mosquitto/tracefleet.conf, each with its newline.
+///
+/// # Panics
+/// When the file cannot be read or sets no limit.
+pub fn shipped_size_limit() -> String {
+    let conf = std::fs::read_to_string(repo_root().join("docs/mosquitto/tracefleet.conf"))
+        .expect("docs/mosquitto/tracefleet.conf");
+    let lines: String = conf
+        .lines()
+        .filter(|l| l.starts_with("max_packet_size ") || l.starts_with("message_size_limit "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "docs/mosquitto/tracefleet.conf sets no size limit"
+    );
+    lines
+}
+
 /// The Mosquitto binary (`mosquitto` on PATH, or Debian's /usr/sbin/mosquitto).
 fn mosquitto() -> PathBuf {
     let sbin = PathBuf::from("/usr/sbin/mosquitto");
@@ -234,12 +254,16 @@ fn mosquitto() -> PathBuf {
 }
 
 impl Broker {
-    /// Starts a broker for `ws` (config and persistence under `ws/mosquitto/`).
+    /// Starts a broker for `ws` (config and persistence under `ws/mosquitto/`), anonymous,
+    /// with the message size limit of docs/mosquitto ([`shipped_size_limit`]).
     ///
     /// # Panics
     /// When Mosquitto is missing or does not start listening within 10 s.
     pub fn start(ws: &Workspace) -> Self {
-        Self::start_with(ws, "allow_anonymous true\n")
+        Self::start_with(
+            ws,
+            &format!("allow_anonymous true\n{}", shipped_size_limit()),
+        )
     }
 
     /// Starts a broker whose configuration also has `settings` (authentication lines:
@@ -434,6 +458,23 @@ pub fn mqtt_publish(
     topic: &str,
     payload: Vec<u8>,
 ) -> Result<(), String> {
+    mqtt_publish_as(port, client_id, credentials, topic, payload, false)
+}
+
+/// [`mqtt_publish`], retained if `retain`, of any size MQTT allows (a hostile client's
+/// publish is bounded by the broker alone).
+///
+/// # Errors
+/// As [`mqtt_publish`]; also when the broker disconnects the client for a packet over its
+/// `max_packet_size`.
+pub fn mqtt_publish_as(
+    port: u16,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -443,9 +484,11 @@ pub fn mqtt_publish(
         if let Some((u, p)) = credentials {
             o.set_credentials(u, p);
         }
+        let mqtt_max = tracefleet::link::MAX_INCOMING_PACKET_BYTES;
+        o.set_max_packet_size(mqtt_max, mqtt_max);
         let (client, mut events) = rumqttc::AsyncClient::new(o, 4);
         client
-            .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
             .map_err(|e| e.to_string())?;
         tokio::time::timeout(std::time::Duration::from_secs(10), async {
             loop {

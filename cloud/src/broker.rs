@@ -45,9 +45,11 @@ impl Default for EmbeddedBroker {
     }
 }
 
-/// Largest MQTT message the embedded broker accepts (bytes): a signed trace of the largest
-/// compiled size with its signatures fits.
-pub const MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
+/// Largest MQTT packet the embedded broker accepts (bytes; rumqttd's `max_payload_size`
+/// bounds the whole packet after its fixed header): the largest any tracefleet client sends
+/// or accepts, [`tracefleet::link::MAX_PACKET_BYTES`]. A client that publishes more is
+/// disconnected; nothing larger reaches `serve` or a device.
+pub const MAX_PAYLOAD_BYTES: usize = tracefleet::link::MAX_PACKET_BYTES;
 
 /// QoS 1 messages the broker sends a client before waiting for its PUBACKs. rumqttd 0.20
 /// caps this at 100 whatever the setting (`router::iobufs::MAX_INFLIGHT`), and the learner

@@ -23,9 +23,7 @@ pub fn publish_once(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut options = config
-            .broker
-            .options(client_id, None, wire::MAX_MESSAGE_BYTES)?;
+        let mut options = config.broker.options(client_id, None)?;
         options.set_clean_session(true);
         let (client, mut eventloop) = AsyncClient::new(options, 8);
         client.try_publish(topic, QoS::AtLeastOnce, retain, payload)?;

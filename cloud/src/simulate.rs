@@ -125,10 +125,7 @@ pub fn run(config: &crate::config::LearnerConfig, sim: &Simulation) -> anyhow::R
                     sim.prefix
                 );
             }
-            let options =
-                config
-                    .broker
-                    .options(&device, None, tracefleet::signed::MAX_SIGNED_BYTES)?;
+            let options = config.broker.options(&device, None)?;
             tasks.spawn(device_loop(
                 device,
                 group.into_iter().collect(),
@@ -319,9 +316,7 @@ pub fn broker_baseline(
 ) -> anyhow::Result<f64> {
     let count = devices * per_device;
     let topic = format!("{}/bench/{}", wire::TOPIC_PREFIX, std::process::id());
-    let mut sub_opts = config
-        .broker
-        .options("tracefleet-bench-sub", None, size + 1024)?;
+    let mut sub_opts = config.broker.options("tracefleet-bench-sub", None)?;
     sub_opts.set_clean_session(true).set_manual_acks(false);
     let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
     let filter = format!("{topic}/+");
@@ -362,10 +357,9 @@ pub fn broker_baseline(
     let _publishers = rt.block_on(async {
         let mut publishers = tokio::task::JoinSet::new();
         for i in 0..devices {
-            let mut opts =
-                config
-                    .broker
-                    .options(&format!("tracefleet-bench-pub-{i}"), None, 1024)?;
+            let mut opts = config
+                .broker
+                .options(&format!("tracefleet-bench-pub-{i}"), None)?;
             opts.set_clean_session(true);
             let (publisher, mut events) = AsyncClient::new(opts, 256);
             let topic = format!("{topic}/{i}");

@@ -2,10 +2,31 @@
 //! the `[broker]` table of their TOML configs, environment overrides, and the rumqttc
 //! options built from them (persistent session, QoS 1 flow control, TLS through rustls with
 //! the *ring* provider, username/password).
+//!
+//! **Message sizes.** rumqttc fails the whole connection on an incoming packet over its
+//! limit (`PayloadSizeLimitExceeded`, before reading it), and a persistent session gets the
+//! same message again on the next connection: one oversized QoS 1 message would stop a
+//! client for good. So a client reads any packet MQTT can carry
+//! ([`MAX_INCOMING_PACKET_BYTES`]) and the application's limits are enforced where the
+//! payload is decoded (`wire::decode`, `signed::verify`): an oversized message is refused
+//! there like any malformed one — logged, counted and acknowledged. The broker is the first
+//! line: docs/mosquitto/tracefleet.conf refuses packets over [`MAX_PACKET_BYTES`], the
+//! largest any tracefleet client sends or accepts.
 
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// The largest MQTT packet a tracefleet client sends, and the limit a broker should enforce
+/// (`max_packet_size` in docs/mosquitto/tracefleet.conf, the embedded broker's
+/// `max_payload_size`): the largest payload any side accepts — a signed trace,
+/// [`crate::signed::MAX_SIGNED_BYTES`] — with room for its topic and headers.
+pub const MAX_PACKET_BYTES: usize = crate::signed::MAX_SIGNED_BYTES + 4096;
+
+/// The largest packet a client reads: MQTT 3.1.1's largest remaining length (256 MiB − 1),
+/// so that nothing a broker delivers can fail the connection; the decoders then refuse what
+/// is over the application's limits (see the module documentation).
+pub const MAX_INCOMING_PACKET_BYTES: usize = 268_435_455;
 
 /// The `[broker]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -115,7 +136,10 @@ impl BrokerConfig {
     }
 
     /// rumqttc options for a persistent session (clean session off) as `client_id`, with
-    /// manual acknowledgement of incoming messages and `last_will` if given.
+    /// manual acknowledgement of incoming messages and `last_will` if given. Incoming
+    /// packets of any size MQTT allows are read ([`MAX_INCOMING_PACKET_BYTES`]: the caller's
+    /// decoder refuses what is too large, and acknowledges it); outgoing ones are limited to
+    /// [`MAX_PACKET_BYTES`].
     ///
     /// # Errors
     /// [`LinkError`] for unreadable files or inconsistent settings.
@@ -123,17 +147,13 @@ impl BrokerConfig {
         &self,
         client_id: &str,
         last_will: Option<rumqttc::LastWill>,
-        max_incoming_bytes: usize,
     ) -> Result<rumqttc::MqttOptions, LinkError> {
         let mut o = rumqttc::MqttOptions::new(client_id, &self.host, self.port());
         o.set_clean_session(false)
             .set_keep_alive(Duration::from_secs(self.keep_alive_secs.max(5)))
             .set_manual_acks(true)
             .set_inflight(self.inflight.max(1))
-            .set_max_packet_size(
-                max_incoming_bytes + 4096,
-                crate::wire::MAX_MESSAGE_BYTES + 4096,
-            );
+            .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, MAX_PACKET_BYTES);
         if let Some(w) = last_will {
             o.set_last_will(w);
         }
@@ -188,4 +208,30 @@ fn read(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>, LinkError
         path: path.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_read_any_packet_and_the_shipped_broker_limit_is_the_largest_they_send() {
+        let o = BrokerConfig::default().options("pi-01", None).unwrap();
+        assert_eq!(o.max_packet_size(), MAX_INCOMING_PACKET_BYTES);
+        let conf = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/mosquitto/tracefleet.conf"
+        ))
+        .unwrap();
+        let limits: Vec<usize> = conf
+            .lines()
+            .filter_map(|l| l.strip_prefix("max_packet_size "))
+            .map(|v| v.trim().parse().unwrap())
+            .collect();
+        assert_eq!(limits, [MAX_PACKET_BYTES]);
+        assert!(!conf.lines().any(|l| l.starts_with("message_size_limit")));
+        // The largest signed trace on the longest trace topic fits in a packet.
+        let topic = crate::wire::Topic::GroupTrace("g".repeat(64), "t".repeat(64)).name();
+        assert!(crate::signed::MAX_SIGNED_BYTES + topic.len() + 2 + 2 + 5 <= MAX_PACKET_BYTES);
+    }
 }

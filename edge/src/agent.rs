@@ -22,6 +22,12 @@
 //!   `run` starts `follower run` as a child process (its own Landlock domain, journal and
 //!   report); `stop`, `abort` and `kill` signal it (SIGTERM, a second SIGTERM, SIGKILL), the
 //!   same signals an operator would send.
+//! - **Refusals.** Every incoming message is acknowledged once handled, whether it was used
+//!   or refused: a refused trace or command (bad signature, replay, over its size limit —
+//!   the MQTT client reads packets of any size, `tracefleet::link`, so an oversized message
+//!   is refused here, never by failing the connection) is logged with its topic and size and
+//!   recorded in the store's install log (`refused`); a refused trace is also acked to the
+//!   learner as `Refused`. Nothing a broker delivers can wedge the link.
 
 use crate::install::{InstallError, SignedRefused, install_signed};
 use crate::store::{OutboxKind, Store, StoreError};
@@ -32,7 +38,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracefleet::ids::DeviceId;
 use tracefleet::link::BrokerConfig;
-use tracefleet::signed;
 use tracefleet::time::{rfc3339_now, unix_now};
 use tracefleet::wire::{self, Ack, AckOutcome, Action, Heartbeat, Status, Topic};
 
@@ -207,9 +212,7 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         QoS::AtLeastOnce,
         true,
     );
-    let options = config
-        .broker
-        .options(&config.device_id, Some(will), signed::MAX_SIGNED_BYTES)?;
+    let options = config.broker.options(&config.device_id, Some(will))?;
     let window = usize::from(config.broker.inflight.max(1));
     let (client, mut eventloop) = AsyncClient::new(options, window * 2 + 16);
     let (exited, mut exits) = tokio::sync::mpsc::unbounded_channel();
@@ -498,7 +501,7 @@ impl Agent {
         let topic = match Topic::parse(&p.topic) {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(error = %e, "message on an unknown topic dropped");
+                tracing::warn!(error = %e, topic = %p.topic, bytes = p.payload.len(), "message on an unknown topic dropped");
                 return;
             }
         };
@@ -511,7 +514,7 @@ impl Agent {
                 }
             }
             Topic::Commands(device) if self.config.device_id == device.as_str() => {
-                self.on_command(&p.payload)
+                self.on_command(&p.topic, &p.payload)
             }
             _ => {
                 tracing::warn!(topic = %topic.name(), "message for someone else dropped");
@@ -519,7 +522,7 @@ impl Agent {
             }
         };
         if let Err(e) = result {
-            tracing::error!(error = %e, topic = %topic.name(), "could not handle a message");
+            tracing::error!(error = %e, topic = %topic.name(), bytes = p.payload.len(), "could not handle a message");
         }
     }
 
@@ -537,7 +540,7 @@ impl Agent {
             ),
             Err(e) => {
                 let reason = format!("{e:#}");
-                tracing::warn!(trace = topic_id, %reason, "pushed trace refused");
+                tracing::warn!(trace = topic_id, bytes = bytes.len(), %reason, "pushed trace refused");
                 self.store.log_refusal("trace", topic_id, &reason, &now)?;
                 let v = wire::pushed_trace_version(bytes).map(|(_, v)| v.to_string());
                 (AckOutcome::Refused(reason), v)
@@ -587,7 +590,7 @@ impl Agent {
         }
     }
 
-    fn on_command(&mut self, payload: &[u8]) -> anyhow::Result<()> {
+    fn on_command(&mut self, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
         let (root, _) = self
             .store
             .trust_root()?
@@ -597,7 +600,7 @@ impl Agent {
             match wire::verify_command(payload, &root, &self.config.device_id, last, unix_now()) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "command refused");
+                    tracing::warn!(error = %e, topic, bytes = payload.len(), "command refused");
                     self.store.log_refusal(
                         "command",
                         &self.config.device_id,

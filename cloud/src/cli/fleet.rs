@@ -74,7 +74,8 @@ impl MemoryFilter {
 
 #[derive(Subcommand)]
 pub enum RunsCommand {
-    /// Reported runs (oldest first), then per-version statistics.
+    /// Reported runs (oldest first), then per-version statistics, escalations, and the
+    /// messages ingest refused (too large, malformed …), counted per device.
     List(ListArgs),
 }
 
@@ -230,7 +231,7 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?, "regenerations": db.regenerations()?})
+                &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?, "regenerations": db.regenerations()?, "refused": db.refused_messages()?})
             )?
         );
     } else {
@@ -256,6 +257,16 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
                 shown(&e.device_id),
                 shown(&e.trace_id),
                 shown(&e.reason)
+            );
+        }
+        for r in db.refused_messages()? {
+            println!(
+                "refused from {}: {} {} message(s), the last on {}: {}",
+                shown(&r.device_id),
+                r.count,
+                r.kind,
+                shown(&r.last_topic),
+                shown(&r.last_detail)
             );
         }
     }

@@ -7,7 +7,11 @@
 //! acknowledges each MQTT message after its transaction commits, so a learner killed in
 //! between gets it again. The device a message is from is the one in its topic (the broker's
 //! ACL lets a device publish only under its own); a payload that claims another is refused.
-//! A payload that does not decode changes nothing — never a crash, never a half-stored row.
+//! A payload that does not decode changes nothing — never a crash, never a half-stored row —
+//! but is counted, per device and kind of refusal, in `refused_messages` (in the same
+//! transaction; [`LearnerDb::refused_messages`] lists them): a message over the size limit
+//! ([`wire::MAX_MESSAGE_BYTES`]) is refused here like a malformed one, and the caller
+//! acknowledges it like any other, so the broker never sends it again.
 
 use super::{LearnerDb, now_secs};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -28,8 +32,8 @@ impl LearnerDb {
     }
 
     /// Ingests messages in arrival order in one transaction: one result per message, in
-    /// the same order. A refused message (topic, payload, impersonation) changes nothing and
-    /// does not stop the others; every other message is stored when this returns `Ok`, and
+    /// the same order. A refused message (topic, payload, size, impersonation) changes
+    /// nothing but its count in `refused_messages` and does not stop the others; every other message is stored when this returns `Ok`, and
     /// none is when it returns `Err` (acknowledge them only after `Ok`). The outcome is the
     /// same as ingesting them one by one: a run id seen twice is stored once, and the
     /// confidence follows the runs in arrival order.
@@ -47,7 +51,10 @@ impl LearnerDb {
         for (topic, payload) in messages {
             out.push(match decode_message(topic, payload) {
                 Ok(m) => Ok(batch.store(&tx, m, now)?),
-                Err(e) => Err(e),
+                Err(e) => {
+                    count_refusal(&tx, topic, &e, now)?;
+                    Err(e)
+                }
             });
         }
         batch.finish(&tx)?;
@@ -272,6 +279,72 @@ impl Batch {
     }
 }
 
+/// Longest detail kept of a refused message (its error, which quotes what was found).
+const MAX_REFUSAL_DETAIL: usize = 500;
+
+/// Counts a refused message against the device its topic names (`""` when it names none),
+/// by kind of refusal ([`IngestError::kind`]), keeping the last one's topic and error.
+fn count_refusal(
+    tx: &Connection,
+    topic: &str,
+    error: &IngestError,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let device = Topic::parse(topic)
+        .ok()
+        .and_then(|t| t.device().map(str::to_owned))
+        .unwrap_or_default();
+    let detail: String = error.to_string().chars().take(MAX_REFUSAL_DETAIL).collect();
+    let topic: String = topic.chars().take(MAX_REFUSAL_DETAIL).collect();
+    tx.prepare_cached(
+        "INSERT INTO refused_messages (device_id, kind, count, last_topic, last_detail, last_at) VALUES (?1, ?2, 1, ?3, ?4, ?5)
+         ON CONFLICT (device_id, kind) DO UPDATE SET count = count + 1, last_topic = excluded.last_topic,
+           last_detail = excluded.last_detail, last_at = excluded.last_at",
+    )?
+    .execute(params![device, error.kind(), topic, detail, now])?;
+    Ok(())
+}
+
+/// Messages refused from one device for one reason.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedRow {
+    /// The device its topic names (`""` when the topic names none).
+    pub device_id: String,
+    /// [`IngestError::kind`]: `too_large`, `malformed`, `impersonation`, `not_for_us`.
+    pub kind: String,
+    /// How many.
+    pub count: i64,
+    /// The last one's topic.
+    pub last_topic: String,
+    /// Why the last one was refused.
+    pub last_detail: String,
+    /// When the last one arrived (Unix seconds).
+    pub last_at: i64,
+}
+
+impl LearnerDb {
+    /// Every count of refused messages, by device and kind.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn refused_messages(&self) -> super::Result<Vec<RefusedRow>> {
+        let mut s = self.conn.prepare(
+            "SELECT device_id, kind, count, last_topic, last_detail, last_at FROM refused_messages ORDER BY device_id, kind",
+        )?;
+        let rows = s.query_map([], |r| {
+            Ok(RefusedRow {
+                device_id: r.get(0)?,
+                kind: r.get(1)?,
+                count: r.get(2)?,
+                last_topic: r.get(3)?,
+                last_detail: r.get(4)?,
+                last_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
 /// Records that `device` was heard from at `now`.
 fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
     conn.prepare_cached(
@@ -325,6 +398,22 @@ pub enum IngestError {
     Db(#[from] super::DbError),
 }
 
+impl IngestError {
+    /// The kind of refusal, as counted in `refused_messages`: `too_large` (over
+    /// [`wire::MAX_MESSAGE_BYTES`]), `malformed` (topic or payload), `impersonation`,
+    /// `not_for_us`, `database`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IngestError::Wire(wire::WireError::TooLarge { .. }) => "too_large",
+            IngestError::Wire(_) => "malformed",
+            IngestError::Impersonation { .. } => "impersonation",
+            IngestError::NotForUs(_) => "not_for_us",
+            IngestError::Db(_) => "database",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +435,53 @@ mod tests {
             .into_iter()
             .map(|s| (s.runs, s.successes, format!("{:.6}", s.confidence)))
             .collect()
+    }
+
+    #[test]
+    fn refused_messages_are_counted_per_device_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        let reports = Topic::Reports("pi-01".into()).name();
+        let huge = vec![wire::WIRE_FORMAT_VERSION; wire::MAX_MESSAGE_BYTES + 1];
+        let (_, good) = report("pi-01", "run-1", true);
+        let batch: [(&str, &[u8]); 6] = [
+            (&reports, &huge),
+            (&reports, &huge),
+            (&reports, &[0xff; 9]),
+            (&Topic::Commands("pi-01".into()).name(), &[1]),
+            ("tracefleet/v1/devices/pi\u{1b}/reports", &[1]),
+            (&reports, &good),
+        ];
+        let results = db.ingest_batch(&batch).unwrap();
+        assert!(matches!(results[5], Ok(Ingested::Report(_))));
+        let e = results[0].as_ref().unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+        let counts: Vec<_> = db
+            .refused_messages()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.device_id, r.kind, r.count))
+            .collect();
+        let row = |d: &str, k: &str, n| (d.to_owned(), k.to_owned(), n);
+        assert_eq!(
+            counts,
+            [
+                row("", "malformed", 1),
+                row("pi-01", "malformed", 1),
+                row("pi-01", "not_for_us", 1),
+                row("pi-01", "too_large", 2),
+            ]
+        );
+        let too_large = &db.refused_messages().unwrap()[3];
+        assert_eq!(too_large.last_topic, reports);
+        assert!(
+            too_large
+                .last_detail
+                .contains(&format!("payload of {} bytes", wire::MAX_MESSAGE_BYTES + 1)),
+            "{}",
+            too_large.last_detail
+        );
+        assert_eq!(db.runs().unwrap().len(), 1);
     }
 
     #[test]

@@ -135,4 +135,17 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         until  INTEGER NOT NULL
     );",
     ),
+    // Messages ingest refused (too large, malformed, impersonating, not for the learner),
+    // counted per device and kind (see crate::db::ingest).
+    M::up(
+        "CREATE TABLE refused_messages (
+        device_id   TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        last_topic  TEXT NOT NULL,
+        last_detail TEXT NOT NULL,
+        last_at     INTEGER NOT NULL,
+        PRIMARY KEY (device_id, kind)
+    );",
+    ),
 ];

@@ -63,9 +63,7 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
     if let Some(embedded) = &config.embedded {
         crate::broker::start(embedded)?;
     }
-    let options = config
-        .broker
-        .options(&config.client_id, None, wire::MAX_MESSAGE_BYTES)?;
+    let options = config.broker.options(&config.client_id, None)?;
     // Room for the acks of several batches and the rollouts' publishes: acks are queued
     // without waiting (this task is the one that drains the queue, by polling).
     let (client, mut eventloop) = AsyncClient::new(options, 16 * INGEST_BATCH);
@@ -201,8 +199,9 @@ fn publish(client: &AsyncClient, messages: Vec<Outgoing>) {
 }
 
 /// Ingests `batch` in one transaction, then acknowledges every message of it, in order
-/// (MQTT 3.1.1 §4.6). When the transaction fails nothing is acknowledged: the broker sends
-/// the messages again on the next connection.
+/// (MQTT 3.1.1 §4.6) — a refused one too (too large, malformed: counted by the ingest,
+/// never to be sent again). When the transaction fails nothing is acknowledged: the broker
+/// sends the messages again on the next connection.
 fn ingest_and_ack(
     client: &AsyncClient,
     db: &mut crate::db::LearnerDb,
@@ -217,7 +216,13 @@ fn ingest_and_ack(
             for (r, p) in results.into_iter().zip(batch.iter()) {
                 match r {
                     Ok(what) => tracing::debug!(?what, "ingested"),
-                    Err(e) => tracing::warn!(error = %e, topic = %p.topic, "message dropped"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        topic = %p.topic,
+                        bytes = p.payload.len(),
+                        kind = e.kind(),
+                        "message dropped (acknowledged, counted in refused_messages)"
+                    ),
                 }
                 if let Err(e) = client.try_ack(p) {
                     tracing::error!(error = %e, "cannot queue an ack: the broker sends the message again on the next connection");
