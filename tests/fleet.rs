@@ -1614,3 +1614,64 @@ fn a_stuck_run_is_aborted_by_the_learner() {
     let agent_log = std::fs::read_to_string(ws.path("follower.log")).expect("log");
     assert!(agent_log.contains("Abort"), "{agent_log}");
 }
+
+#[test]
+fn a_devices_judgement_fidelity_reaches_the_learner_and_learner_fleet() {
+    use crate::judgement::{UDP, examples, trace};
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    let _ = fleet(&ws, &broker);
+    // The device's one model: the test model, registered.
+    let m = tracefleet_e2e::model();
+    let r = ws.follower(&["models", "add", m.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // A judgement step whose reference answers the model does not repeat (0 of 3).
+    let src = trace(&ws, "judge-services", &examples(&UDP, "udp"));
+    let signed = ws.sign(ws.path(&src).to_str().unwrap(), "traces.key");
+    let _learner = serve(&ws);
+    roll_out_to_canary_group(&ws, &signed);
+    let _agent = agent(&ws);
+    wait_installed(&ws);
+    wait_online(&ws, true);
+    command_run(&ws, "pi-01", "judge-services");
+    let stored = wait_stored_runs(&ws, 1);
+    assert_eq!(
+        stored[0].1, "failed",
+        "escalated before the step: {stored:?}"
+    );
+
+    let fidelity = runs(&ws)["fidelity"].clone();
+    assert_eq!(fidelity[0]["device_id"], "pi-01", "{fidelity}");
+    assert_eq!(fidelity[0]["trace_id"], "judge-services");
+    assert_eq!(fidelity[0]["step"], 1);
+    assert_eq!(fidelity[0]["model"], "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(
+        (
+            fidelity[0]["agreements"].as_u64(),
+            fidelity[0]["total"].as_u64()
+        ),
+        (Some(0), Some(3))
+    );
+    let r = ws.learner(&["fleet", "--config", "learner.toml"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("pi-01"))
+        .unwrap_or_else(|| panic!("{r:?}"));
+    assert!(
+        line.contains("judge-services") && line.ends_with("0/3 LOW"),
+        "{line}"
+    );
+    let r = ws.learner(&["fleet", "--config", "learner.toml", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rows[0]["fidelity"]["agreements"], 0, "{rows}");
+    // The device lists it too.
+    let r = ws.follower(&["traces", "list"]);
+    assert!(
+        r.stdout.contains(
+            "step 1 fidelity 0/3 (0.00) with SmolLM2-135M-Instruct.Q4_1 (below its minimum)"
+        ),
+        "{r:?}"
+    );
+}

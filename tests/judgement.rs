@@ -9,7 +9,7 @@ use tracefleet_e2e::{Workspace, model, repo_root};
 
 /// A services-entry trace whose one judgement step carries `examples` (YAML list items at
 /// four spaces).
-fn trace(ws: &Workspace, name: &str, examples: &str) -> String {
+pub(crate) fn trace(ws: &Workspace, name: &str, examples: &str) -> String {
     let src = format!(
         r#"---
 trace_id: {name}
@@ -54,13 +54,13 @@ const TCP: [&str; 3] = [
     "xtel 1313/___ # french minitel",
     "nsca 5667/___ # Nagios Agent - NSCA",
 ];
-const UDP: [&str; 3] = [
+pub(crate) const UDP: [&str; 3] = [
     "sgi-gcd 17003/___ # SGI Group membership daemon",
     "l2f 1701/___ l2tp",
     "moira-ureg 779/___ moira_ureg # Moira user registration",
 ];
 
-fn examples(items: &[&str], expect: &str) -> String {
+pub(crate) fn examples(items: &[&str], expect: &str) -> String {
     items
         .iter()
         .map(|e| format!("    - vars: {{entry: \"{e}\"}}\n      expect: {expect}\n"))

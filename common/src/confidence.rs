@@ -25,6 +25,23 @@ pub fn update(confidence: f64, success: bool) -> f64 {
     }
 }
 
+/// Highest fleet confidence of a version whose judgement most devices do not repeat (see
+/// [`with_fidelity`]): below [`AUTONOMY_CONFIDENCE`].
+pub const LOW_FIDELITY_CAP: f64 = 0.85;
+
+/// Fleet confidence with judgement fidelity taken into account: when most of the devices that
+/// reported fidelity for a version (`failing_devices` of `reporting_devices`) have a judgement
+/// step below its `min_fidelity`, the confidence is held at most [`LOW_FIDELITY_CAP`], so the
+/// version cannot reach follower mode on runs whose judgement does not match its reference
+/// answers, however many of them passed their form checks. Otherwise unchanged.
+pub fn with_fidelity(confidence: f64, failing_devices: u64, reporting_devices: u64) -> f64 {
+    if failing_devices * 2 > reporting_devices {
+        confidence.min(LOW_FIDELITY_CAP)
+    } else {
+        confidence
+    }
+}
+
 /// Usage statistics of one trace version.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
@@ -107,6 +124,17 @@ pub fn goal_similarity(query: &str, goal_signature: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn low_fidelity_on_most_devices_holds_confidence_under_autonomy() {
+        assert_eq!(with_fidelity(0.95, 2, 3), LOW_FIDELITY_CAP);
+        assert!(with_fidelity(0.95, 2, 3) < AUTONOMY_CONFIDENCE);
+        // Half is not most; nobody reporting is nothing to hold against it.
+        assert_eq!(with_fidelity(0.95, 1, 2), 0.95);
+        assert_eq!(with_fidelity(0.95, 0, 0), 0.95);
+        // A lower confidence is left as it is.
+        assert_eq!(with_fidelity(0.5, 3, 3), 0.5);
+    }
 
     #[test]
     fn the_llmunix_rule() {

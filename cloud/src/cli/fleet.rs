@@ -177,16 +177,54 @@ pub fn costs(ListArgs { config, json }: ListArgs) -> Result<()> {
 pub fn fleet(ListArgs { config, json }: ListArgs) -> Result<()> {
     let (_, db) = open(&config)?;
     let rows = db.fleet_table()?;
+    let fidelity = db.fidelity()?;
+    // The device's worst judgement step on the version it runs: "agreements/total".
+    let worst = |device: &str, trace: Option<&str>, version: Option<&str>| {
+        fidelity
+            .iter()
+            .filter(|f| {
+                f.device_id == device
+                    && Some(f.trace_id.as_str()) == trace
+                    && Some(f.version.as_str()) == version
+            })
+            .min_by(|a, b| a.ratio().total_cmp(&b.ratio()))
+    };
     if json {
-        print_json(&rows)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut v = serde_json::to_value(r)?;
+            let f = worst(&r.device_id, r.trace_id.as_deref(), r.version.as_deref());
+            v["fidelity"] = serde_json::to_value(f)?;
+            out.push(v);
+        }
+        print_json(&out)?;
     } else {
         println!(
-            "{:<16} {:<8} {:<28} {:<9} {:>5} {:>6} {:<8} {:>10}",
-            "DEVICE", "STATUS", "TRACE", "VERSION", "RUNS", "FAILED", "LAST", "CONFIDENCE"
+            "{:<16} {:<8} {:<28} {:<9} {:>5} {:>6} {:<8} {:>10} {:>9}",
+            "DEVICE",
+            "STATUS",
+            "TRACE",
+            "VERSION",
+            "RUNS",
+            "FAILED",
+            "LAST",
+            "CONFIDENCE",
+            "FIDELITY"
         );
         for r in rows {
+            let f = worst(&r.device_id, r.trace_id.as_deref(), r.version.as_deref()).map_or_else(
+                || "-".into(),
+                |f| {
+                    format!(
+                        "{}/{}{}",
+                        f.agreements,
+                        f.total,
+                        if f.passes() { "" } else { " LOW" }
+                    )
+                },
+            );
             println!(
-                "{:<16} {:<8} {:<28} {:<9} {:>5} {:>6} {:<8} {:>10}",
+                "{:<16} {:<8} {:<28} {:<9} {:>5} {:>6} {:<8} {:>10} {:>9}",
                 r.device_id,
                 if r.online { "online" } else { "offline" },
                 r.trace_id.as_deref().unwrap_or("-"),
@@ -194,7 +232,8 @@ pub fn fleet(ListArgs { config, json }: ListArgs) -> Result<()> {
                 r.runs,
                 r.runs - r.successes,
                 r.last_status.as_deref().unwrap_or("-"),
-                r.confidence.map_or("-".into(), |c| format!("{c:.3}"))
+                r.confidence.map_or("-".into(), |c| format!("{c:.3}")),
+                f
             );
         }
     }
@@ -231,7 +270,7 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?, "regenerations": db.regenerations()?, "refused": db.refused_messages()?})
+                &serde_json::json!({"runs": runs, "trace_stats": stats, "acks": db.acks()?, "escalations": db.escalations()?, "regenerations": db.regenerations()?, "refused": db.refused_messages()?, "fidelity": db.fidelity()?})
             )?
         );
     } else {

@@ -166,6 +166,16 @@ impl Batch {
                         now
                     ])?
                     == 1;
+                if new && !report.fidelity.is_empty() {
+                    super::fidelity::record(
+                        tx,
+                        &device,
+                        &report.trace_id,
+                        &report.trace_version,
+                        &report.fidelity,
+                        now,
+                    )?;
+                }
                 if new && report.status != RunStatus::Stopped {
                     let key = (report.trace_id.clone(), report.trace_version.clone());
                     let stats = match self.stats.entry(key) {
@@ -273,6 +283,8 @@ impl Batch {
              ON CONFLICT (trace_id, version) DO UPDATE SET runs = excluded.runs, successes = excluded.successes, confidence = excluded.confidence",
         )?;
         for ((trace, version), (runs, successes, confidence)) in self.stats {
+            let (failing, reporting) = super::fidelity::failing_devices(tx, &trace, &version)?;
+            let confidence = tracefleet::confidence::with_fidelity(confidence, failing, reporting);
             upsert.execute(params![trace, version, runs, successes, confidence])?;
         }
         Ok(())
@@ -435,6 +447,62 @@ mod tests {
             .into_iter()
             .map(|s| (s.runs, s.successes, format!("{:.6}", s.confidence)))
             .collect()
+    }
+
+    /// A report whose judgement step 2 agreed with `agreements` of 10 reference answers.
+    fn judged(device: &str, run: &str, agreements: u32) -> (String, Vec<u8>) {
+        let mut r = synthetic_report(device, run, "t", "1.0.0", true);
+        r.fidelity = vec![tracefleet::judgement::Fidelity {
+            step: 2,
+            model: "m".into(),
+            agreements,
+            total: 10,
+            min_fidelity: 0.8,
+            disagreements: vec![],
+        }];
+        let m = ReportMessage {
+            run_id: run.to_owned(),
+            report_json: serde_json::to_string(&r).unwrap(),
+        };
+        (Topic::Reports(device.into()).name(), wire::encode(&m))
+    }
+
+    #[test]
+    fn fidelity_is_kept_per_device_and_low_fidelity_on_most_devices_holds_confidence_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        // Twenty successful runs would earn follower mode (confidence ≥ 0.9)...
+        for i in 0..20 {
+            let (t, p) = judged("pi-01", &format!("run-a{i}"), 9);
+            db.ingest(&t, &p).unwrap();
+        }
+        let high = db.trace_stats().unwrap()[0].confidence;
+        assert!(
+            high >= tracefleet::confidence::AUTONOMY_CONFIDENCE,
+            "{high}"
+        );
+        // ...but two of three devices repeat too few reference answers.
+        for (device, agreements) in [("pi-02", 4), ("pi-03", 5)] {
+            let (t, p) = judged(device, &format!("run-{device}"), agreements);
+            db.ingest(&t, &p).unwrap();
+        }
+        let held = db.trace_stats().unwrap()[0].confidence;
+        assert!(
+            held <= tracefleet::confidence::LOW_FIDELITY_CAP,
+            "{held}: held under the threshold"
+        );
+        let rows = db.fidelity().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.device_id.as_str(), r.agreements, r.passes()))
+                .collect::<Vec<_>>(),
+            vec![("pi-01", 9, true), ("pi-02", 4, false), ("pi-03", 5, false)]
+        );
+        // The latest measurement of a device replaces its earlier one.
+        let (t, p) = judged("pi-02", "run-pi-02-b", 10);
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(db.fidelity().unwrap()[1].agreements, 10);
     }
 
     #[test]

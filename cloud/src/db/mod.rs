@@ -9,11 +9,13 @@
 //!
 //! - this file: opening, the device/run/statistics listings, command counters, the lease;
 //! - [`ingest`]: what devices publish, decoded, checked against its topic and stored;
+//! - [`fidelity`]: judgement fidelity as devices report it;
 //! - [`rollouts`]: staged rollouts' rows (the decisions are [`crate::rollout`]'s);
 //! - [`regen`]: regenerations, kept trace sources, the escalation cursor;
 //! - [`stuck`]: the stuck-run watchdog's stages;
 //! - [`memory`]: the raw records experiences are read from.
 
+pub mod fidelity;
 pub mod ingest;
 pub mod memory;
 pub mod regen;

@@ -148,4 +148,20 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (device_id, kind)
     );",
     ),
+    // Judgement fidelity each device reported: its model's agreement with a step's reference
+    // answers (see crate::db::fidelity).
+    M::up(
+        "CREATE TABLE fidelity (
+        device_id    TEXT NOT NULL,
+        trace_id     TEXT NOT NULL,
+        version      TEXT NOT NULL,
+        step         INTEGER NOT NULL,
+        model        TEXT NOT NULL,
+        agreements   INTEGER NOT NULL,
+        total        INTEGER NOT NULL,
+        min_fidelity REAL NOT NULL,
+        at           INTEGER NOT NULL,
+        PRIMARY KEY (device_id, trace_id, version, step, model)
+    );",
+    ),
 ];

@@ -77,6 +77,20 @@ struct EvalReport {
     prompt_tokens: u64,
     generated_tokens: u64,
     wall_secs: f64,
+    /// Coverage and selective accuracy at each of [`CURVE_THRESHOLDS`] (the risk–coverage
+    /// view of selective prediction, to choose a `min_answer_confidence`).
+    selective_curve: Vec<CurvePoint>,
+}
+
+/// Thresholds `--json` reports the selective curve at.
+const CURVE_THRESHOLDS: [f64; 9] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999];
+
+/// One point of the selective curve.
+#[derive(Serialize)]
+struct CurvePoint {
+    threshold: f64,
+    coverage: f64,
+    selective_accuracy: f64,
 }
 
 /// Runs `follower eval`.
@@ -184,6 +198,17 @@ pub fn eval(state_dir: &Path, args: &EvalArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     let wall_secs = started.elapsed().as_secs_f64();
     let scores = Scores::compute(&scored, threshold);
+    let selective_curve = CURVE_THRESHOLDS
+        .iter()
+        .map(|&t| {
+            let s = Scores::compute(&scored, Some(t));
+            CurvePoint {
+                threshold: t,
+                coverage: s.coverage,
+                selective_accuracy: s.selective_accuracy,
+            }
+        })
+        .collect();
     let report = EvalReport {
         trace_id: trace.id.to_string(),
         trace_version: trace.version.to_string(),
@@ -201,6 +226,7 @@ pub fn eval(state_dir: &Path, args: &EvalArgs) -> Result<ExitCode> {
         prompt_tokens,
         generated_tokens,
         wall_secs,
+        selective_curve,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
