@@ -12,7 +12,9 @@
 //!   they were submitted, which maps packet ids to rows. After a reconnect the agent drops
 //!   rumqttc's own retransmission queue and publishes every row still in the outbox again,
 //!   so a broker that lost the session loses nothing; the learner ingests idempotently by
-//!   run id, so a message sent twice counts once.
+//!   run id, so a message sent twice counts once. The bookkeeping (window, packet ids ↔
+//!   rows, what a PUBACK or a reconnect means) is [`outbox::Outbox`], without I/O; this
+//!   loop reads the store, publishes and feeds it events.
 //! - **Traces** arrive retained on the fleet and group topics and, for a canary, its own trace
 //!   topic; each is verified and installed by [`crate::install::install_signed`], as by
 //!   `follower install`, and acknowledged through the outbox.
@@ -23,11 +25,14 @@
 //!   report); `stop`, `abort` and `kill` signal it (SIGTERM, a second SIGTERM, SIGKILL), the
 //!   same signals an operator would send.
 
+pub mod outbox;
+
 use crate::install::{InstallError, SignedRefused, install_signed};
 use crate::store::{OutboxKind, Store, StoreError};
+use outbox::{Offer, Outbox};
 use rumqttc::{AsyncClient, EventLoop, Incoming, LastWill, Outgoing, QoS};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracefleet::ids::DeviceId;
@@ -141,29 +146,6 @@ struct Running {
     terms: u8,
 }
 
-/// QoS 1 publishes on their way to a PUBACK.
-#[derive(Default)]
-struct Outbox {
-    /// Submitted to rumqttc, not yet written (row id; `None` for a publish not in the outbox).
-    submitted: VecDeque<Option<i64>>,
-    /// Written with this packet id, waiting for its PUBACK.
-    by_pkid: HashMap<u16, Option<i64>>,
-    /// Highest row id submitted on this connection.
-    after: i64,
-}
-
-impl Outbox {
-    fn reset(&mut self) {
-        self.submitted.clear();
-        self.by_pkid.clear();
-        self.after = 0;
-    }
-
-    fn in_flight(&self) -> usize {
-        self.submitted.len() + self.by_pkid.len()
-    }
-}
-
 /// The agent's state.
 struct Agent {
     config: AgentConfig,
@@ -173,7 +155,6 @@ struct Agent {
     client: AsyncClient,
     outbox: Outbox,
     connected: bool,
-    window: usize,
     running: HashMap<String, Running>,
     exited: tokio::sync::mpsc::UnboundedSender<(String, std::io::Result<std::process::ExitStatus>)>,
     shutting_down: bool,
@@ -218,9 +199,8 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         state_dir: state_dir.to_owned(),
         store,
         client,
-        outbox: Outbox::default(),
+        outbox: Outbox::new(window),
         connected: false,
-        window,
         running: HashMap::new(),
         exited,
         shutting_down: false,
@@ -373,7 +353,7 @@ impl Agent {
                 eventloop.pending.clear();
                 eventloop.state.events.clear();
                 eventloop.state.collision = None;
-                self.outbox.reset();
+                self.outbox.connected();
                 let topics =
                     wire::device_subscriptions(&self.config.device_id, &self.config.groups);
                 self.client.try_subscribe_many(
@@ -392,19 +372,15 @@ impl Agent {
                 self.fill_outbox()?;
             }
             rumqttc::Event::Incoming(Incoming::PubAck(ack)) => {
-                if let Some(Some(id)) = self.outbox.by_pkid.remove(&ack.pkid) {
+                if let Some(id) = self.outbox.acked(ack.pkid) {
                     self.store.outbox_delete(id)?;
                 }
                 self.fill_outbox()?;
             }
-            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                if let Some(entry) = self.outbox.submitted.pop_front() {
-                    self.outbox.by_pkid.insert(pkid, entry);
-                }
-            }
+            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => self.outbox.written(pkid),
             rumqttc::Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
                 // The broker acked out of order and a packet id is still taken: rumqttc holds
-                // this publish (still first in `submitted`) and sends it, announced with
+                // this publish (still the oldest submitted) and sends it, announced with
                 // `Outgoing::Publish`, once that id's PUBACK frees it; no new publish goes out
                 // meanwhile, so the mapping stays in order.
                 tracing::debug!(pkid, "packet id collision; waiting for its PUBACK");
@@ -419,14 +395,18 @@ impl Agent {
         if !self.connected {
             return Ok(());
         }
-        let room = self.window.saturating_sub(self.outbox.in_flight());
-        if room == 0 {
+        let Some(want) = self.outbox.want() else {
             return Ok(());
-        }
+        };
         let rows = self
             .store
-            .outbox_after(self.outbox.after, u32::try_from(room).unwrap_or(u32::MAX))?;
+            .outbox_after(want.after, u32::try_from(want.limit).unwrap_or(u32::MAX))?;
         for m in rows {
+            match self.outbox.offer(m.id) {
+                Offer::Publish => {}
+                Offer::InFlight => continue,
+                Offer::WindowFull => break,
+            }
             let topic = m.kind.topic(&self.config.device_id).name();
             if self
                 .client
@@ -435,8 +415,7 @@ impl Agent {
             {
                 break;
             }
-            self.outbox.submitted.push_back(Some(m.id));
-            self.outbox.after = m.id;
+            self.outbox.published(m.id);
         }
         Ok(())
     }
@@ -452,7 +431,7 @@ impl Agent {
             .try_publish(topic, QoS::AtLeastOnce, true, payload)
             .is_ok()
         {
-            self.outbox.submitted.push_back(None);
+            self.outbox.published_other();
         }
     }
 
