@@ -15,6 +15,8 @@
 //!   run id, so a message sent twice counts once. The bookkeeping (window, packet ids ↔
 //!   rows, what a PUBACK or a reconnect means) is [`outbox::Outbox`], without I/O; this
 //!   loop reads the store, publishes and feeds it events.
+//! - **Clocks.** The heartbeat, the outbox's one-second look and the schedule are
+//!   [`timers::Timers`], tested in paused time.
 //! - **Traces** arrive retained on the fleet and group topics and, for a canary, its own trace
 //!   topic; each is verified and installed by [`crate::install::install_signed`], as by
 //!   `follower install`, and acknowledged through the outbox.
@@ -26,6 +28,7 @@
 //!   same signals an operator would send.
 
 pub mod outbox;
+pub mod timers;
 
 use crate::install::{InstallError, SignedRefused, install_signed};
 use crate::store::{OutboxKind, Store, StoreError};
@@ -35,6 +38,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use timers::{Tick, Timers};
 use tracefleet::ids::DeviceId;
 use tracefleet::link::BrokerConfig;
 use tracefleet::signed;
@@ -206,19 +210,13 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         shutting_down: false,
         config,
     };
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_secs(agent.config.heartbeat_secs.max(1)));
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut outbox_tick = tokio::time::interval(Duration::from_secs(1));
-    outbox_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let periods: Vec<Duration> = agent
         .config
         .schedule
         .iter()
         .map(|s| humantime::parse_duration(&s.every).unwrap_or(Duration::from_secs(3600)))
         .collect();
-    let start = tokio::time::Instant::now();
-    let mut due: Vec<tokio::time::Instant> = periods.iter().map(|p| start + *p).collect();
+    let mut timers = Timers::new(Duration::from_secs(agent.config.heartbeat_secs), periods);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let shutdown = async move {
@@ -233,11 +231,6 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     tracing::info!(device = %agent.config.device_id, broker = %agent.config.broker.host, "agent starting");
     loop {
-        let next_due = due
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, t)| **t)
-            .map(|(i, t)| (i, *t));
         let event = tokio::select! {
             r = async {
                 if let Some(t) = retry_at {
@@ -245,14 +238,11 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
                 }
                 eventloop.poll().await
             } => Event::Mqtt(r),
-            _ = heartbeat.tick() => Event::Heartbeat,
-            _ = outbox_tick.tick() => Event::OutboxTick,
-            i = async {
-                match next_due {
-                    Some((i, t)) => { tokio::time::sleep_until(t).await; i }
-                    None => std::future::pending().await,
-                }
-            } => Event::Due(i),
+            tick = timers.next() => match tick {
+                Tick::Heartbeat => Event::Heartbeat,
+                Tick::Outbox => Event::OutboxTick,
+                Tick::Due(i) => Event::Due(i),
+            },
             Some((run_id, status)) = exits.recv() => Event::RunExited(run_id, status),
             () = &mut shutdown, if !agent.shutting_down => Event::Shutdown,
             () = async {
@@ -281,7 +271,6 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
             Event::Heartbeat => agent.heartbeat()?,
             Event::OutboxTick => agent.fill_outbox()?,
             Event::Due(i) => {
-                due[i] = tokio::time::Instant::now() + periods[i];
                 let s = agent.config.schedule[i].clone();
                 if agent.running.values().any(|r| r.trace_id == s.trace) {
                     tracing::warn!(trace = %s.trace, "scheduled run skipped: the previous one is still running");
