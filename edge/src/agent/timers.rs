@@ -143,7 +143,9 @@ mod tests {
     async fn a_busy_loop_gets_one_late_tick_then_whole_periods_again() {
         let start = Instant::now();
         let mut t = Timers::new(Duration::from_secs(30), vec![Duration::from_secs(100)]);
-        assert_eq!(t.next().await, Tick::Heartbeat); // at once
+        // The first heartbeat at once (the outbox's first look comes at once too).
+        while t.next().await != Tick::Heartbeat {}
+        assert_eq!(start.elapsed().as_secs(), 0);
         // The loop is busy (a long install) for 250 s: heartbeats at 30..240 and the run due
         // at 100 are missed.
         tokio::time::advance(Duration::from_secs(250)).await;
