@@ -364,6 +364,16 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A store with the test root and trace `t` `version` installed, and its signed bytes.
+    fn with_t(version: &str) -> (tempfile::TempDir, Store, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_root(dir.path());
+        let bytes = signed_trace("t", version, &traces_key());
+        let got = install_signed(&mut store, &bytes, Some("t"), NOW, AT).unwrap();
+        assert_eq!(got.version, v(version));
+        (dir, store, bytes)
+    }
+
     #[test]
     fn a_validly_signed_trace_is_installed() {
         let dir = tempfile::tempdir().unwrap();
@@ -387,10 +397,7 @@ mod tests {
 
     #[test]
     fn a_tampered_trace_is_refused_and_the_store_is_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = store_with_root(dir.path());
-        let good = signed_trace("t", "1.0.0", &traces_key());
-        install_signed(&mut store, &good, Some("t"), NOW, AT).unwrap();
+        let (_dir, mut store, good) = with_t("1.0.0");
         let before = installed(&store);
 
         // The version raised after signing: the signature no longer covers the header.
@@ -427,10 +434,7 @@ mod tests {
 
     #[test]
     fn a_downgrade_or_the_same_version_is_refused_and_the_store_is_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = store_with_root(dir.path());
-        let current = signed_trace("t", "1.1.0", &traces_key());
-        install_signed(&mut store, &current, Some("t"), NOW, AT).unwrap();
+        let (_dir, mut store, current) = with_t("1.1.0");
         for older in ["1.0.9", "1.1.0"] {
             let bytes = signed_trace("t", older, &traces_key());
             let refused = install_signed(&mut store, &bytes, Some("t"), NOW, AT).unwrap_err();

@@ -15,6 +15,13 @@ fn open() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// A store with the test trust root 1 installed.
+fn rooted() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::testkit::store_with_root(dir.path());
+    (dir, store)
+}
+
 fn v(s: &str) -> Version {
     s.parse().unwrap()
 }
@@ -38,37 +45,33 @@ fn step(n: u32, status: StepStatus) -> StepResult {
     }
 }
 
+/// A finished run's report, in JSON as a follower writes it (the fields left out take their
+/// defaults).
 fn report(run_id: &str, status: RunStatus) -> Report {
-    Report {
-        report_version: tracefleet::report::REPORT_VERSION,
-        run_id: run_id.into(),
-        device_id: "pi-01".parse().unwrap(),
-        trace_id: "t".into(),
-        trace_version: "1.0.0".into(),
-        goal_signature: "g".into(),
-        status,
-        total_steps: 2,
-        completed_steps: 2,
-        failed_step: None,
-        error: None,
-        started_at: AT.into(),
-        finished_at: AT.into(),
-        execution_time_secs: 1.0,
-        estimated_cost: 0.0,
-        inputs: BTreeMap::new(),
-        preconditions: Vec::new(),
-        all_preconditions_met: true,
-        step_results: vec![step(1, StepStatus::Success), step(2, StepStatus::Success)],
-        all_validations_passed: true,
-        postconditions: Vec::new(),
-        all_postconditions_met: true,
-        escalations: Vec::new(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        protections: Vec::new(),
-        resumes: 0,
-        telemetry_start: None,
-        telemetry_end: None,
+    let steps = [step(1, StepStatus::Success), step(2, StepStatus::Success)];
+    serde_json::from_value(serde_json::json!({
+        "report_version": 1, "run_id": run_id, "device_id": "pi-01",
+        "trace_id": "t", "trace_version": "1.0.0", "goal_signature": "g", "status": status,
+        "total_steps": 2, "completed_steps": 2, "failed_step": null, "error": null,
+        "started_at": AT, "finished_at": AT, "execution_time_secs": 1.0, "estimated_cost": 0.0,
+        "inputs": {}, "preconditions": [], "all_preconditions_met": true, "step_results": steps,
+        "all_validations_passed": true, "postconditions": [], "all_postconditions_met": true,
+        "escalations": [], "prompt_tokens": 0, "completion_tokens": 0
+    }))
+    .unwrap()
+}
+
+/// A run of trace `t` 1.0.0 with `inputs`, from a compiled file in `/b`.
+fn new_run<'a>(run_id: &'a str, inputs: &'a BTreeMap<String, String>) -> NewRun<'a> {
+    NewRun {
+        run_id,
+        trace_id: "t",
+        version: "1.0.0",
+        started_at: AT,
+        base_dir: "/b",
+        trace_file: b"",
+        signed: false,
+        inputs,
     }
 }
 
@@ -141,10 +144,7 @@ fn a_stored_root_that_no_longer_decodes_is_corrupt() {
 
 #[test]
 fn installed_trace_versions_never_go_backwards() {
-    let (_dir, mut store) = open();
-    store
-        .add_trust_roots(None, &[(1, &root_file(1))], AT)
-        .unwrap();
+    let (_dir, mut store) = rooted();
     let base = Some(1);
     store
         .install_trace(base, "t", v("1.2.0"), b"signed 1.2.0", AT)
@@ -193,10 +193,7 @@ fn installed_trace_versions_never_go_backwards() {
 
 #[test]
 fn installing_several_traces_writes_all_or_nothing() {
-    let (_dir, mut store) = open();
-    store
-        .add_trust_roots(None, &[(1, &root_file(1))], AT)
-        .unwrap();
+    let (_dir, mut store) = rooted();
     store
         .install_trace(Some(1), "b", v("2.0.0"), b"b2", AT)
         .unwrap();
@@ -236,14 +233,10 @@ fn the_runs_journal_gives_an_unfinished_run_back_for_a_resume() {
     let inputs = BTreeMap::from([("log".to_owned(), "/var/log/dpkg.log".to_owned())]);
     store
         .begin_run(&NewRun {
-            run_id: "r1",
-            trace_id: "t",
-            version: "1.0.0",
-            started_at: AT,
             base_dir: "/b/r1",
             trace_file: b"signed bytes",
             signed: true,
-            inputs: &inputs,
+            ..new_run("r1", &inputs)
         })
         .unwrap();
     store
@@ -321,18 +314,7 @@ fn the_runs_journal_gives_an_unfinished_run_back_for_a_resume() {
 #[test]
 fn a_corrupt_journal_row_is_an_error_not_a_skipped_step() {
     let (_dir, store) = open();
-    store
-        .begin_run(&NewRun {
-            run_id: "r1",
-            trace_id: "t",
-            version: "1.0.0",
-            started_at: AT,
-            base_dir: "/b",
-            trace_file: b"",
-            signed: false,
-            inputs: &BTreeMap::new(),
-        })
-        .unwrap();
+    store.begin_run(&new_run("r1", &BTreeMap::new())).unwrap();
     store
         .conn
         .execute(
@@ -426,14 +408,8 @@ fn an_enrolled_device_sends_reports_and_escalations_through_the_outbox() {
     );
     store
         .begin_run(&NewRun {
-            run_id: "r1",
-            trace_id: "t",
-            version: "1.0.0",
-            started_at: AT,
-            base_dir: "/b",
-            trace_file: b"",
             signed: true,
-            inputs: &BTreeMap::new(),
+            ..new_run("r1", &BTreeMap::new())
         })
         .unwrap();
     // A stopped run reports when it finishes, not before.
