@@ -83,7 +83,7 @@ pub fn pick_canaries(
 ) -> crate::db::Result<Vec<String>> {
     let mut candidates = Vec::new();
     for d in db.device_groups()? {
-        let (id, online, groups) = (d.device_id, d.online, d.groups);
+        let (id, online, groups) = (String::from(d.device_id), d.online, d.groups);
         let reached = waves.iter().any(|w| match w {
             Wave::Group(g) => g == FLEET || groups.contains(g),
             Wave::Devices(d) => d.contains(&id),
@@ -439,7 +439,7 @@ fn wave_devices(db: &LearnerDb, wave: &Wave) -> crate::db::Result<Vec<String>> {
         .device_groups()?
         .into_iter()
         .filter(|d| group == FLEET || d.groups.contains(group))
-        .map(|d| d.device_id)
+        .map(|d| d.device_id.into())
         .collect())
 }
 

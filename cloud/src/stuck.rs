@@ -39,7 +39,7 @@ impl Default for StuckConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intervention {
     /// The device.
-    pub device_id: String,
+    pub device_id: tracefleet::ids::DeviceId,
     /// The run.
     pub run_id: String,
     /// `Abort` or `Kill` of the run.
@@ -148,7 +148,7 @@ mod tests {
         check(db, now, MIN_AFTER, GRACE)
             .unwrap()
             .into_iter()
-            .map(|i| (i.device_id, i.action))
+            .map(|i| (i.device_id.into(), i.action))
             .collect()
     }
 

@@ -301,8 +301,9 @@ impl AsRef<str> for DeviceId {
 }
 
 impl fmt::Display for DeviceId {
+    /// The id as text, padded as a `str` would be (`{:<16}` in listings).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -376,6 +377,13 @@ mod tests {
         let id: DeviceId = serde_json::from_str("\"pi-01\"").unwrap();
         assert_eq!(id.as_str(), "pi-01");
         assert!(serde_json::from_str::<DeviceId>("\"../x\"").is_err());
+    }
+
+    #[test]
+    fn device_id_pads_like_a_str_in_listings() {
+        let id: DeviceId = "pi-01".parse().unwrap();
+        assert_eq!(format!("{id:<8}|"), format!("{:<8}|", "pi-01"));
+        assert_eq!(id.to_string(), "pi-01");
     }
 
     proptest! {

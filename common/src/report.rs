@@ -309,3 +309,132 @@ pub fn truncate_utf8(s: &mut String, max: usize) -> bool {
     s.truncate(cut);
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report as an early follower wrote it: none of the fields added since (`protections`,
+    /// `resumes`, `telemetry_start`, `telemetry_end`, a step's `llm_items`).
+    const OLDER: &str = r#"{
+        "report_version": 1,
+        "run_id": "0192f3c4-5b6a-7c8d-9e0f-a1b2c3d4e5f6",
+        "device_id": "pi-01",
+        "trace_id": "dpkg-log-triage",
+        "trace_version": "1.0.0",
+        "goal_signature": "triage dpkg log",
+        "status": "failed",
+        "total_steps": 2,
+        "completed_steps": 1,
+        "failed_step": 2,
+        "error": "validation failed",
+        "started_at": "2026-01-01T00:00:00Z",
+        "finished_at": "2026-01-01T00:00:03Z",
+        "execution_time_secs": 3.25,
+        "estimated_cost": 0.0,
+        "inputs": {"log": "/var/log/dpkg.log"},
+        "preconditions": [],
+        "all_preconditions_met": true,
+        "step_results": [
+            {"step": 1, "title": "read", "tool": "Bash", "status": "success", "attempts": 1,
+             "output": "ok", "output_truncated": false, "exit_code": 0, "error": null,
+             "duration_secs": 0.5, "validations": [], "llm": null, "items": null},
+            {"step": 2, "title": "judge", "tool": "LLM", "status": "failed", "attempts": 2,
+             "output": "", "output_truncated": false, "exit_code": null,
+             "error": "validation failed", "duration_secs": 2.5,
+             "validations": [{"check": "says ok", "type": "output_contains", "passed": false,
+                              "detail": "no ok"}],
+             "llm": {"model": "smollm2", "prompt_tokens": 40, "completion_tokens": 8,
+                     "prompt_tokens_per_sec": 400.0, "generation_tokens_per_sec": 40.0,
+                     "stop_reason": "eos", "grammar": false},
+             "items": null}
+        ],
+        "all_validations_passed": false,
+        "postconditions": [],
+        "all_postconditions_met": true,
+        "escalations": [{"step": 2, "message": "ask a person", "error": "validation failed"}],
+        "prompt_tokens": 40,
+        "completion_tokens": 8
+    }"#;
+
+    #[test]
+    fn an_older_report_without_the_newer_fields_still_parses() {
+        let r: Report = serde_json::from_str(OLDER).unwrap();
+        assert_eq!(r.device_id, "pi-01");
+        assert_eq!(r.status, RunStatus::Failed);
+        assert_eq!(r.failed_step, Some(2));
+        assert_eq!(r.step_results[1].status, StepStatus::Failed);
+        assert_eq!(r.step_results[1].validations[0].kind, "output_contains");
+        assert_eq!(
+            r.step_results[1].llm.as_ref().map(|u| u.completion_tokens),
+            Some(8)
+        );
+        // The newer fields take their defaults.
+        assert!(r.protections.is_empty());
+        assert_eq!(r.resumes, 0);
+        assert!(r.telemetry_start.is_none() && r.telemetry_end.is_none());
+        assert!(r.step_results.iter().all(|s| s.llm_items.is_empty()));
+    }
+
+    #[test]
+    fn a_report_survives_a_json_round_trip() {
+        let mut r: Report = serde_json::from_str(OLDER).unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        // Empty optional newer fields are left out, as before they existed.
+        for absent in ["telemetry_start", "telemetry_end", "llm_items"] {
+            assert!(!json.contains(absent), "{absent} in {json}");
+        }
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), r);
+
+        r.protections.push(Protection {
+            name: "landlock".into(),
+            active: true,
+            detail: "ABI 4".into(),
+        });
+        r.resumes = 2;
+        r.telemetry_start = Some(Telemetry {
+            mem_total_bytes: 1 << 30,
+            mem_available_bytes: 1 << 29,
+            load: [0.5, 0.25, 0.125],
+            cpus: 4,
+            thermal: vec![ThermalZone {
+                zone: "cpu-thermal".into(),
+                celsius: 51.5,
+            }],
+            gpus: vec![GpuSample {
+                name: "gpu".into(),
+                temperature_c: Some(60),
+                memory_used_bytes: None,
+                memory_total_bytes: Some(1 << 32),
+                power_watts: Some(12.5),
+                utilization_pct: None,
+            }],
+            gpu_status: "present".into(),
+        });
+        r.telemetry_end = Some(Telemetry::default());
+        let usage = r.step_results[1].llm.clone().unwrap();
+        r.step_results[1].llm_items = vec![usage.clone(), usage];
+        r.step_results[1].items = Some(2);
+        r.status = RunStatus::Stopped;
+        let json = serde_json::to_string_pretty(&r).unwrap();
+        assert!(json.contains("\"status\": \"stopped\""), "{json}");
+        assert!(json.contains("\"type\": \"output_contains\""), "{json}");
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn a_report_with_a_bad_device_id_is_refused() {
+        let bad = OLDER.replace("\"pi-01\"", "\"../x\"");
+        assert!(serde_json::from_str::<Report>(&bad).is_err());
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        let mut s = "aé".to_owned(); // 'é' is two bytes
+        assert!(truncate_utf8(&mut s, 2));
+        assert_eq!(s, "a");
+        let mut short = "abc".to_owned();
+        assert!(!truncate_utf8(&mut short, 3));
+        assert_eq!(short, "abc");
+    }
+}

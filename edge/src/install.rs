@@ -346,3 +346,144 @@ fn remove_stale(staging: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{NOW, key, signed_trace, store_with_root, traces_key};
+    use tracefleet::signed::KeyRole;
+
+    const AT: &str = "2026-01-01T00:00:00Z";
+
+    /// What the store holds of installed traces: (id, version, signed bytes).
+    fn installed(store: &Store) -> Vec<(String, Version, Vec<u8>)> {
+        store.installed_traces().unwrap()
+    }
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    /// A store with the test root and trace `t` `version` installed, and its signed bytes.
+    fn with_t(version: &str) -> (tempfile::TempDir, Store, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_root(dir.path());
+        let bytes = signed_trace("t", version, &traces_key());
+        let got = install_signed(&mut store, &bytes, Some("t"), NOW, AT).unwrap();
+        assert_eq!(got.version, v(version));
+        (dir, store, bytes)
+    }
+
+    #[test]
+    fn a_validly_signed_trace_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_root(dir.path());
+        let bytes = signed_trace("t", "1.0.0", &traces_key());
+        let got = install_signed(&mut store, &bytes, Some("t"), NOW, AT).unwrap();
+        assert_eq!(
+            got,
+            SignedInstalled {
+                trace_id: "t".into(),
+                version: v("1.0.0"),
+                root_version: 1,
+            }
+        );
+        assert_eq!(installed(&store), [("t".into(), v("1.0.0"), bytes.clone())]);
+        // Without an expected id (`follower install FILE`) as well.
+        let newer = signed_trace("t", "1.0.1", &traces_key());
+        install_signed(&mut store, &newer, None, NOW, AT).unwrap();
+        assert_eq!(store.installed_signed("t").unwrap().unwrap(), newer);
+    }
+
+    #[test]
+    fn a_tampered_trace_is_refused_and_the_store_is_unchanged() {
+        let (_dir, mut store, good) = with_t("1.0.0");
+        let before = installed(&store);
+
+        // The version raised after signing: the signature no longer covers the header.
+        let mut s = signed::decode_signed(&signed_trace("t", "1.0.1", &traces_key())).unwrap();
+        s.header.version = v("9.0.0");
+        let raised = signed::encode_signed(&s);
+        // The compiled bytes changed after signing: the content hash no longer matches.
+        let mut s = signed::decode_signed(&signed_trace("t", "1.0.2", &traces_key())).unwrap();
+        let last = s.compiled.len() - 1;
+        s.compiled[last] ^= 1;
+        let edited = signed::encode_signed(&s);
+        // Signed by a key the root does not trust.
+        let stranger = signed_trace("t", "1.0.3", &key(KeyRole::Traces, 9));
+        // Not a signed trace at all.
+        let mut cut = good.clone();
+        cut.truncate(good.len() / 2);
+
+        for (what, bytes) in [
+            ("raised", raised),
+            ("edited", edited),
+            ("stranger", stranger),
+            ("cut", cut),
+        ] {
+            let refused = install_signed(&mut store, &bytes, Some("t"), NOW, AT).unwrap_err();
+            assert!(refused.trace_id.is_none(), "{what}: refused before install");
+            assert!(
+                matches!(refused.error, InstallError::Signed(_)),
+                "{what}: {}",
+                refused.error
+            );
+            assert_eq!(installed(&store), before, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_downgrade_or_the_same_version_is_refused_and_the_store_is_unchanged() {
+        let (_dir, mut store, current) = with_t("1.1.0");
+        for older in ["1.0.9", "1.1.0"] {
+            let bytes = signed_trace("t", older, &traces_key());
+            let refused = install_signed(&mut store, &bytes, Some("t"), NOW, AT).unwrap_err();
+            assert_eq!(
+                refused.trace_id.as_deref(),
+                Some("t"),
+                "verified, then refused"
+            );
+            match refused.error {
+                InstallError::Store(StoreError::Rollback {
+                    installed, offered, ..
+                }) => assert_eq!((installed, offered), (v("1.1.0"), v(older))),
+                other => panic!("{older}: {other}"),
+            }
+            assert_eq!(
+                installed(&store),
+                [("t".into(), v("1.1.0"), current.clone())]
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_before_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = signed_trace("t", "1.0.0", &traces_key());
+        // No trust root yet.
+        let mut bare = Store::open(&dir.path().join("bare")).unwrap();
+        let e = install_signed(&mut bare, &bytes, None, NOW, AT).unwrap_err();
+        assert!(matches!(e.error, InstallError::NoRoot), "{}", e.error);
+
+        let mut store = store_with_root(&dir.path().join("rooted"));
+        // Pushed on the topic of another trace.
+        let e = install_signed(&mut store, &bytes, Some("other"), NOW, AT).unwrap_err();
+        assert!(
+            matches!(&e.error, InstallError::WrongTrace { expected, found } if expected == "other" && found == "t"),
+            "{}",
+            e.error
+        );
+        // Too large to be a signed trace: refused before it is read.
+        let huge = vec![0u8; signed::MAX_SIGNED_BYTES + 1];
+        let e = install_signed(&mut store, &huge, None, NOW, AT).unwrap_err();
+        assert!(
+            matches!(e.error, InstallError::TooLarge { .. }),
+            "{}",
+            e.error
+        );
+        // Past the root's expiry.
+        let e = install_signed(&mut store, &bytes, None, crate::testkit::EXPIRES, AT).unwrap_err();
+        assert!(matches!(e.error, InstallError::Signed(_)), "{}", e.error);
+        assert!(store.installed_traces().unwrap().is_empty());
+    }
+}

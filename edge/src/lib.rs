@@ -19,3 +19,5 @@ pub mod runner;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testkit;

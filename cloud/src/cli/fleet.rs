@@ -279,7 +279,7 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
                 "{}\t{}\t{} {}\t{}",
                 shown(&r.run_id),
                 shown(&r.device_id),
-                shown(&r.trace_id),
+                shown(r.trace_id.as_str()),
                 shown(&r.trace_version),
                 r.status
             );

@@ -27,6 +27,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::Migrations;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracefleet::ids::{DeviceId, IdError, TraceId};
 use tracefleet::wire;
 
 /// Why the learner's database failed.
@@ -56,7 +57,7 @@ pub struct LearnerDb {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceRow {
     /// Its id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Whether its last status said online.
     pub online: bool,
     /// Unix seconds of the last message from it.
@@ -73,9 +74,9 @@ pub struct ReportedRun {
     /// Run id.
     pub run_id: String,
     /// The device (from the topic).
-    pub device_id: String,
-    /// Trace id.
-    pub trace_id: String,
+    pub device_id: DeviceId,
+    /// Trace id (checked on ingest).
+    pub trace_id: TraceId,
     /// Trace version.
     pub trace_version: String,
     /// `success`, `failed` or `stopped`.
@@ -86,7 +87,7 @@ pub struct ReportedRun {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EscalationRow {
     /// The device.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// The trace (`-` for a goal no trace matched).
     pub trace_id: String,
     /// The run, if any.
@@ -101,7 +102,7 @@ pub struct EscalationRow {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AckRow {
     /// The device.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Trace id.
     pub trace_id: String,
     /// Version.
@@ -115,8 +116,8 @@ pub struct AckRow {
 /// A trace version's fleet-wide statistics.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TraceStatsRow {
-    /// Trace id.
-    pub trace_id: String,
+    /// Trace id (of reported runs, checked on ingest).
+    pub trace_id: TraceId,
     /// Version.
     pub version: String,
     /// Runs reported.
@@ -131,7 +132,7 @@ pub struct TraceStatsRow {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FleetRow {
     /// The device.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Whether its last status said online.
     pub online: bool,
     /// The trace (`None`: the device has none installed).
@@ -152,11 +153,40 @@ pub struct FleetRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceGroups {
     /// Its id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Whether its last status said online.
     pub online: bool,
     /// Its groups (empty when the stored list does not parse).
     pub groups: Vec<String>,
+}
+
+/// A column that holds text which does not parse as what the row says it is.
+#[derive(Debug, thiserror::Error)]
+#[error("column {column}: {error}")]
+pub struct ColumnError {
+    /// The column's name.
+    pub column: String,
+    /// Why its text was refused.
+    pub error: IdError,
+}
+
+/// Column `idx` of `row` as a validated id ([`DeviceId`], [`TraceId`]). Ids are stored as
+/// ingest checked them; one that no longer parses is a
+/// [`rusqlite::Error::FromSqlConversionFailure`] naming the column (the orphan rule keeps
+/// `FromSql` off the ids here).
+pub(crate) fn id_at<T>(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<T>
+where
+    T: std::str::FromStr<Err = IdError>,
+{
+    let text: String = row.get(idx)?;
+    text.parse().map_err(|error| {
+        let column = row.as_ref().column_name(idx).unwrap_or("?").to_owned();
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            Box::new(ColumnError { column, error }),
+        )
+    })
 }
 
 /// How long a `serve` instance's lead lasts without renewal (it renews every second).
@@ -199,8 +229,8 @@ impl LearnerDb {
         let mut devices = self
             .conn
             .prepare("SELECT device_id, online, installed_json FROM devices ORDER BY device_id")?;
-        let devices: Vec<(String, bool, String)> = devices
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        let devices: Vec<(DeviceId, bool, String)> = devices
+            .query_map([], |r| Ok((id_at(r, 0)?, r.get(1)?, r.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let mut runs = self.conn.prepare_cached(
             "SELECT COUNT(*), COALESCE(SUM(status = 'success'), 0),
@@ -227,7 +257,7 @@ impl LearnerDb {
             }
             for t in installed {
                 let (runs, successes, last_status) = runs
-                    .query_row(params![device_id, t.trace_id, t.version], |r| {
+                    .query_row(params![device_id.as_str(), t.trace_id, t.version], |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })?;
                 let confidence = self
@@ -264,7 +294,7 @@ impl LearnerDb {
         )?;
         let rows = s.query_map([], |r| {
             Ok(DeviceRow {
-                device_id: r.get(0)?,
+                device_id: id_at(r, 0)?,
                 online: r.get(1)?,
                 last_seen: r.get(2)?,
                 follower_version: r.get(3)?,
@@ -283,11 +313,7 @@ impl LearnerDb {
             .conn
             .prepare_cached("SELECT device_id, online, groups_json FROM devices")?;
         let rows = s.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, bool>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok((id_at(r, 0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -311,7 +337,7 @@ impl LearnerDb {
         )?;
         let rows = s.query_map([], |r| {
             Ok(TraceStatsRow {
-                trace_id: r.get(0)?,
+                trace_id: id_at(r, 0)?,
                 version: r.get(1)?,
                 runs: r.get(2)?,
                 successes: r.get(3)?,
@@ -332,8 +358,8 @@ impl LearnerDb {
         let rows = s.query_map([], |r| {
             Ok(ReportedRun {
                 run_id: r.get(0)?,
-                device_id: r.get(1)?,
-                trace_id: r.get(2)?,
+                device_id: id_at(r, 1)?,
+                trace_id: id_at(r, 2)?,
                 trace_version: r.get(3)?,
                 status: r.get(4)?,
             })
@@ -374,7 +400,7 @@ impl LearnerDb {
         )?;
         let rows = s.query_map([], |r| {
             Ok(EscalationRow {
-                device_id: r.get(0)?,
+                device_id: id_at(r, 0)?,
                 trace_id: r.get(1)?,
                 run_id: r.get(2)?,
                 reason: r.get(3)?,
@@ -394,7 +420,7 @@ impl LearnerDb {
         )?;
         let rows = s.query_map([], |r| {
             Ok(AckRow {
-                device_id: r.get(0)?,
+                device_id: id_at(r, 0)?,
                 trace_id: r.get(1)?,
                 version: r.get(2)?,
                 outcome: r.get(3)?,
@@ -478,5 +504,23 @@ mod tests {
         // A stops renewing (killed): B takes over once the lease has run out.
         assert!(c.lead("learner-b", 105 + LEASE_SECS + 1).unwrap());
         assert!(!c.lead("learner-a", 105 + LEASE_SECS + 2).unwrap());
+    }
+
+    #[test]
+    fn a_stored_device_id_that_does_not_parse_is_an_error_naming_its_column() {
+        let d = tempfile::tempdir().unwrap();
+        let db = LearnerDb::open(&d.path().join("learner.db")).unwrap();
+        db.put_device("pi-01", true, "[\"canary\"]");
+        let rows = db.device_groups().unwrap();
+        assert_eq!(rows[0].device_id, "pi-01");
+        assert_eq!(rows[0].groups, ["canary"]);
+        db.put_device("../etc", true, "[]");
+        let e = db.devices().unwrap_err().to_string();
+        assert!(
+            e.contains("column device_id: invalid device id \"../etc\""),
+            "{e}"
+        );
+        assert!(db.device_groups().is_err());
+        assert!(db.fleet_table().is_err());
     }
 }

@@ -43,7 +43,7 @@ pub struct NewEscalation {
     /// Row id (the cursor moves past it).
     pub id: i64,
     /// The device.
-    pub device_id: String,
+    pub device_id: tracefleet::ids::DeviceId,
     /// The trace (`-` for a goal no trace matched).
     pub trace_id: String,
     /// The run, if any.
@@ -200,7 +200,7 @@ impl LearnerDb {
             .query_map([cursor], |r| {
                 Ok(NewEscalation {
                     id: r.get(0)?,
-                    device_id: r.get(1)?,
+                    device_id: super::id_at(r, 1)?,
                     trace_id: r.get(2)?,
                     run_id: r.get(3)?,
                     reason: r.get(4)?,

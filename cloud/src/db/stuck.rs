@@ -2,8 +2,9 @@
 //! heartbeats), the longest successful run of a trace, and each stuck run's stage
 //! (`stuck_runs`) with the escalation a kill leaves. The decisions are [`crate::stuck`]'s.
 
-use super::{LearnerDb, Result};
+use super::{LearnerDb, Result, id_at};
 use rusqlite::{OptionalExtension, params};
+use tracefleet::ids::DeviceId;
 use tracefleet::wire::RunningRun;
 
 impl LearnerDb {
@@ -12,12 +13,11 @@ impl LearnerDb {
     ///
     /// # Errors
     /// On SQLite failure.
-    pub fn running_runs(&self) -> Result<Vec<(String, Vec<RunningRun>)>> {
+    pub fn running_runs(&self) -> Result<Vec<(DeviceId, Vec<RunningRun>)>> {
         let mut devices = self.conn.prepare_cached(
             "SELECT device_id, running_json FROM devices WHERE online = 1 AND running_json != '[]'",
         )?;
-        let rows =
-            devices.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = devices.query_map([], |r| Ok((id_at(r, 0)?, r.get::<_, String>(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (device, running) = row?;

@@ -536,7 +536,7 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> crate::db::Result<Vec<J
         let newest = newest.to_string();
         if let Some(s) = stats
             .iter()
-            .find(|s| s.trace_id == trace_id && s.version == newest)
+            .find(|s| s.trace_id.as_str() == trace_id && s.version == newest)
             .filter(|s| s.runs >= i64::from(c.min_runs) && s.confidence < c.below_confidence)
         {
             candidates.push((

@@ -30,7 +30,7 @@ pub struct Failure {
     /// Run id.
     pub run_id: String,
     /// Device.
-    pub device_id: String,
+    pub device_id: tracefleet::ids::DeviceId,
     /// Version that ran.
     pub trace_version: String,
     /// The step that failed (1-based), if one did.
@@ -97,7 +97,7 @@ impl Failure {
         }
         Failure {
             run_id: r.run_id.clone(),
-            device_id: r.device_id.to_string(),
+            device_id: r.device_id.clone(),
             trace_version: r.trace_version.clone(),
             failed_step: r.failed_step,
             error: r.error.clone(),
@@ -633,7 +633,7 @@ mod tests {
     fn failing_runs_go_into_the_first_turn_with_long_outputs_cut() {
         let failures = [Failure {
             run_id: "r1".into(),
-            device_id: "pi-01".into(),
+            device_id: "pi-01".parse().unwrap(),
             trace_version: "1.0.0".into(),
             failed_step: Some(2),
             error: Some("validation failed: output_contains".into()),

@@ -1,6 +1,6 @@
 //! `learner serve`: one tokio task, one loop over a closed `Event` enum — the MQTT
 //! connection, the one-second tick, shutdown — with shutdown passed in as a future (as
-//! `follower agent` does, edge/src/agent.rs).
+//! `follower agent` does, edge/src/agent/mod.rs).
 //!
 //! It subscribes to every device's topics (through the shared group when there is one) and
 //! ingests what arrives in batches — what has already arrived when a message is read, up to

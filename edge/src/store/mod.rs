@@ -13,6 +13,8 @@ mod models;
 mod outbox;
 mod runs;
 mod stats;
+#[cfg(test)]
+mod tests;
 mod trust;
 
 pub use models::ModelRow;

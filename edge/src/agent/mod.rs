@@ -12,7 +12,11 @@
 //!   they were submitted, which maps packet ids to rows. After a reconnect the agent drops
 //!   rumqttc's own retransmission queue and publishes every row still in the outbox again,
 //!   so a broker that lost the session loses nothing; the learner ingests idempotently by
-//!   run id, so a message sent twice counts once.
+//!   run id, so a message sent twice counts once. The bookkeeping (window, packet ids ↔
+//!   rows, what a PUBACK or a reconnect means) is [`outbox::Outbox`], without I/O; this
+//!   loop reads the store, publishes and feeds it events.
+//! - **Clocks.** The heartbeat, the outbox's one-second look and the schedule are
+//!   [`timers::Timers`], tested in paused time.
 //! - **Traces** arrive retained on the fleet and group topics and, for a canary, its own trace
 //!   topic; each is verified and installed by [`crate::install::install_signed`], as by
 //!   `follower install`, and acknowledged through the outbox.
@@ -29,13 +33,18 @@
 //!   recorded in the store's install log (`refused`); a refused trace is also acked to the
 //!   learner as `Refused`. Nothing a broker delivers can wedge the link.
 
+pub mod outbox;
+pub mod timers;
+
 use crate::install::{InstallError, SignedRefused, install_signed};
 use crate::store::{OutboxKind, Store, StoreError};
+use outbox::{Offer, Outbox};
 use rumqttc::{AsyncClient, EventLoop, Incoming, LastWill, Outgoing, QoS};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use timers::{Tick, Timers};
 use tracefleet::ids::DeviceId;
 use tracefleet::link::BrokerConfig;
 use tracefleet::time::{rfc3339_now, unix_now};
@@ -146,29 +155,6 @@ struct Running {
     terms: u8,
 }
 
-/// QoS 1 publishes on their way to a PUBACK.
-#[derive(Default)]
-struct Outbox {
-    /// Submitted to rumqttc, not yet written (row id; `None` for a publish not in the outbox).
-    submitted: VecDeque<Option<i64>>,
-    /// Written with this packet id, waiting for its PUBACK.
-    by_pkid: HashMap<u16, Option<i64>>,
-    /// Highest row id submitted on this connection.
-    after: i64,
-}
-
-impl Outbox {
-    fn reset(&mut self) {
-        self.submitted.clear();
-        self.by_pkid.clear();
-        self.after = 0;
-    }
-
-    fn in_flight(&self) -> usize {
-        self.submitted.len() + self.by_pkid.len()
-    }
-}
-
 /// The agent's state.
 struct Agent {
     config: AgentConfig,
@@ -178,7 +164,6 @@ struct Agent {
     client: AsyncClient,
     outbox: Outbox,
     connected: bool,
-    window: usize,
     running: HashMap<String, Running>,
     exited: tokio::sync::mpsc::UnboundedSender<(String, std::io::Result<std::process::ExitStatus>)>,
     shutting_down: bool,
@@ -221,27 +206,20 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         state_dir: state_dir.to_owned(),
         store,
         client,
-        outbox: Outbox::default(),
+        outbox: Outbox::new(window),
         connected: false,
-        window,
         running: HashMap::new(),
         exited,
         shutting_down: false,
         config,
     };
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_secs(agent.config.heartbeat_secs.max(1)));
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut outbox_tick = tokio::time::interval(Duration::from_secs(1));
-    outbox_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let periods: Vec<Duration> = agent
         .config
         .schedule
         .iter()
         .map(|s| humantime::parse_duration(&s.every).unwrap_or(Duration::from_secs(3600)))
         .collect();
-    let start = tokio::time::Instant::now();
-    let mut due: Vec<tokio::time::Instant> = periods.iter().map(|p| start + *p).collect();
+    let mut timers = Timers::new(Duration::from_secs(agent.config.heartbeat_secs), periods);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let shutdown = async move {
@@ -256,11 +234,6 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     tracing::info!(device = %agent.config.device_id, broker = %agent.config.broker.host, "agent starting");
     loop {
-        let next_due = due
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, t)| **t)
-            .map(|(i, t)| (i, *t));
         let event = tokio::select! {
             r = async {
                 if let Some(t) = retry_at {
@@ -268,14 +241,11 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
                 }
                 eventloop.poll().await
             } => Event::Mqtt(r),
-            _ = heartbeat.tick() => Event::Heartbeat,
-            _ = outbox_tick.tick() => Event::OutboxTick,
-            i = async {
-                match next_due {
-                    Some((i, t)) => { tokio::time::sleep_until(t).await; i }
-                    None => std::future::pending().await,
-                }
-            } => Event::Due(i),
+            tick = timers.next() => match tick {
+                Tick::Heartbeat => Event::Heartbeat,
+                Tick::Outbox => Event::OutboxTick,
+                Tick::Due(i) => Event::Due(i),
+            },
             Some((run_id, status)) = exits.recv() => Event::RunExited(run_id, status),
             () = &mut shutdown, if !agent.shutting_down => Event::Shutdown,
             () = async {
@@ -304,7 +274,6 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
             Event::Heartbeat => agent.heartbeat()?,
             Event::OutboxTick => agent.fill_outbox()?,
             Event::Due(i) => {
-                due[i] = tokio::time::Instant::now() + periods[i];
                 let s = agent.config.schedule[i].clone();
                 if agent.running.values().any(|r| r.trace_id == s.trace) {
                     tracing::warn!(trace = %s.trace, "scheduled run skipped: the previous one is still running");
@@ -376,7 +345,7 @@ impl Agent {
                 eventloop.pending.clear();
                 eventloop.state.events.clear();
                 eventloop.state.collision = None;
-                self.outbox.reset();
+                self.outbox.connected();
                 let topics =
                     wire::device_subscriptions(&self.config.device_id, &self.config.groups);
                 self.client.try_subscribe_many(
@@ -395,19 +364,15 @@ impl Agent {
                 self.fill_outbox()?;
             }
             rumqttc::Event::Incoming(Incoming::PubAck(ack)) => {
-                if let Some(Some(id)) = self.outbox.by_pkid.remove(&ack.pkid) {
+                if let Some(id) = self.outbox.acked(ack.pkid) {
                     self.store.outbox_delete(id)?;
                 }
                 self.fill_outbox()?;
             }
-            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                if let Some(entry) = self.outbox.submitted.pop_front() {
-                    self.outbox.by_pkid.insert(pkid, entry);
-                }
-            }
+            rumqttc::Event::Outgoing(Outgoing::Publish(pkid)) => self.outbox.written(pkid),
             rumqttc::Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
                 // The broker acked out of order and a packet id is still taken: rumqttc holds
-                // this publish (still first in `submitted`) and sends it, announced with
+                // this publish (still the oldest submitted) and sends it, announced with
                 // `Outgoing::Publish`, once that id's PUBACK frees it; no new publish goes out
                 // meanwhile, so the mapping stays in order.
                 tracing::debug!(pkid, "packet id collision; waiting for its PUBACK");
@@ -422,14 +387,18 @@ impl Agent {
         if !self.connected {
             return Ok(());
         }
-        let room = self.window.saturating_sub(self.outbox.in_flight());
-        if room == 0 {
+        let Some(want) = self.outbox.want() else {
             return Ok(());
-        }
+        };
         let rows = self
             .store
-            .outbox_after(self.outbox.after, u32::try_from(room).unwrap_or(u32::MAX))?;
+            .outbox_after(want.after, u32::try_from(want.limit).unwrap_or(u32::MAX))?;
         for m in rows {
+            match self.outbox.offer(m.id) {
+                Offer::Publish => {}
+                Offer::InFlight => continue,
+                Offer::WindowFull => break,
+            }
             let topic = m.kind.topic(&self.config.device_id).name();
             if self
                 .client
@@ -438,8 +407,7 @@ impl Agent {
             {
                 break;
             }
-            self.outbox.submitted.push_back(Some(m.id));
-            self.outbox.after = m.id;
+            self.outbox.published(m.id);
         }
         Ok(())
     }
@@ -455,7 +423,7 @@ impl Agent {
             .try_publish(topic, QoS::AtLeastOnce, true, payload)
             .is_ok()
         {
-            self.outbox.submitted.push_back(None);
+            self.outbox.published_other();
         }
     }
 
