@@ -61,12 +61,13 @@ wait_for() {
   done
 }
 runs_of() { echo "sum(1 for r in j['runs'] if r['device_id'] == '$1')"; }
-# run_on DEVICE VERSION STATUS: a signed command to run the trace on the device's site; waits
-# for its report and checks that it is of VERSION and ended with STATUS (the demo fails if not).
+# run_on DEVICE VERSION STATUS [TRACE VAR=VALUE]: a signed command to run the trace (default
+# dpkg-log-triage on the device's site log) on the device; waits for its report and checks that
+# it is of VERSION and ended with STATUS (the demo fails if not).
 run_on() {
-  local d=$1 version=$2 expect=$3 before got
+  local d=$1 version=$2 expect=$3 trace=${4:-dpkg-log-triage} var=${5:-log_path=$work/sites/$1/dpkg.log} before got
   before=$(json "$learner" runs list --config learner.toml --json -- "$(runs_of "$d")")
-  "$learner" command "$d" run dpkg-log-triage --var "log_path=$work/sites/$d/dpkg.log" \
+  "$learner" command "$d" run "$trace" --var "$var" \
     --key commands.key --config learner.toml >/dev/null
   wait_for 180 "a report from $d" "$(runs_of "$d") > $before"
   json "$learner" runs list --config learner.toml --json -- \
@@ -76,9 +77,9 @@ run_on() {
   [ "$got" = "$version $expect" ] || die "$d ran $got: expected $version $expect"
 }
 acked_by_all() { echo "sum(1 for a in j['acks'] if a['version'] == '$1' and a['outcome'] in ('installed', 'already_installed')) >= 3"; }
-canary_of() {
+canary_of() {  # VERSION [TRACE]
   json "$learner" rollout status --config learner.toml --json -- \
-    "[r for r in j if r['version'] == '$1'][0]['waves'][0][0]"
+    "[r for r in j if r['version'] == '$1' and r['trace_id'] == '${2:-dpkg-log-triage}'][0]['waves'][0][0]"
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -206,6 +207,20 @@ say "1.1.0 reached the whole fleet"
 
 step "every other device runs 1.1.0 — $rotated included"
 for d in pi-01 pi-02 pi-03; do [ "$d" = "$canary" ] || run_on "$d" 1.1.0 success; done
+
+step "a judgement step that carries reference answers: a device's model must repeat them first"
+"$learner" compile "$root/traces/service-protocol.trace.md" -o service-protocol-1.0.0.tfc
+"$learner" sign service-protocol-1.0.0.tfc --key traces.key --expires 30d -o service-protocol-1.0.0.tfs
+"$learner" rollout start service-protocol-1.0.0.tfs --source "$root/traces/service-protocol.trace.md" \
+  --canary 1 --waves '*' --config learner.toml | sed 's/^/   /'
+wait_for 60 "the canary's install of service-protocol" \
+  "any(a['trace_id'] == 'service-protocol' and a['outcome'] == 'installed' for a in j['acks'])"
+canary=$(canary_of 1.0.0 service-protocol)
+run_on "$canary" 1.0.0 failed service-protocol "entry=ntp 123/___ # Network Time Protocol"
+json "$learner" runs list --config learner.toml --json -- \
+  "'   ' + [e for e in j['escalations'] if e['trace_id'] == 'service-protocol'][-1]['reason']"
+say "SmolLM2 answers tcp to all six reference entries, the udp ones too: instead of writing an"
+say "answer nobody checked, the run escalated before the step, and the rollout stops at the canary"
 
 step "the fleet"
 "$learner" fleet --config learner.toml | sed 's/^/   /'

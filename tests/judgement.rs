@@ -109,7 +109,7 @@ fn a_judgement_step_whose_model_disagrees_escalates_and_one_whose_model_agrees_r
     let (code, again) = run_json(&ws, &src);
     assert_eq!(code, Some(1));
     assert!(
-        again["escalations"][0]["message"]
+        again["escalations"][0]["error"]
             .as_str()
             .unwrap()
             .contains(why)

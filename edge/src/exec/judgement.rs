@@ -137,11 +137,13 @@ pub(super) fn uncertain(call: &LlmCall, usage: &LlmUsage) -> Option<String> {
     }
 }
 
-/// What an uncertain answer of `call` does.
-pub(super) fn on_uncertain(call: &LlmCall, why: &str) -> Option<Refusal> {
+/// What an uncertain answer of `call` does (the step's error says why).
+pub(super) fn on_uncertain(call: &LlmCall) -> Option<Refusal> {
     match call.judgement.on_uncertain {
         OnUncertain::Accept => None,
-        OnUncertain::Escalate => Some(Refusal::Escalate(format!("uncertain answer: {why}"))),
+        OnUncertain::Escalate => Some(Refusal::Escalate(
+            "the model's answer is uncertain (under the step's min_answer_confidence)".into(),
+        )),
         OnUncertain::Fallback(n) => Some(Refusal::Fallback(n)),
     }
 }

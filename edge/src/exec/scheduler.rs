@@ -175,7 +175,9 @@ fn fidelity_gate(
         full_output: String::new(),
         prompt_tokens: 0,
         completion_tokens: 0,
-        refusal: Some(judgement::Refusal::Escalate(why)),
+        refusal: Some(judgement::Refusal::Escalate(
+            "the device's model does not repeat the step's reference answers".into(),
+        )),
     })
 }
 

@@ -349,7 +349,7 @@ fn run_tool(
             let mut usage = g.usage;
             let refusal = judgement::uncertain(call, &usage).and_then(|why| {
                 usage.uncertain = true;
-                judgement::on_uncertain(call, &why).map(|r| (why, r))
+                judgement::on_uncertain(call).map(|r| (why, r))
             });
             Ok(Attempt {
                 output: g.text,

@@ -531,8 +531,9 @@ fn a_judgement_step_whose_model_disagrees_with_its_reference_answers_escalates_a
     assert_eq!(h.requests.len(), 3, "only the three examples were asked");
     assert_eq!(r.escalations.len(), 1);
     let why = "model m agrees with 1 of 3 reference answers of step 1 (0.33 < 0.80)";
+    assert!(r.escalations[0].message.contains("reference answers"));
     assert!(
-        r.escalations[0].message.contains(why),
+        r.escalations[0].error.contains(why),
         "{:?}",
         r.escalations
     );
@@ -624,7 +625,7 @@ fn uncertain_answers_follow_on_uncertain() {
     assert_eq!(r.escalations.len(), 1);
     assert!(
         r.escalations[0]
-            .message
+            .error
             .contains("confidence 0.40, under the step's min_answer_confidence 0.60"),
         "{:?}",
         r.escalations
