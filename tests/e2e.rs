@@ -275,6 +275,15 @@ fn every_example_trace_runs_signed_on_this_machine() {
             "--output",
             &report,
         ]);
+        if name == "service-protocol.trace.md" {
+            // Its reference answers are ones the test model does not repeat (3 of 6): the
+            // run escalates before the judgement step, by design (see the demo).
+            assert_eq!(r.code, Some(1), "{name}: {}{}", r.stdout, r.stderr);
+            let report = ws.json(&report);
+            assert_eq!(report["fidelity"][0]["agreements"], 3, "{report}");
+            assert_eq!(report["completed_steps"], 0);
+            continue;
+        }
         assert_eq!(r.code, Some(0), "{name}: {}{}", r.stdout, r.stderr);
         let report = ws.json(&report);
         assert_eq!(report["status"], "success", "{name}");

@@ -93,10 +93,7 @@ fn a_judgement_step_whose_model_disagrees_escalates_and_one_whose_model_agrees_r
     assert_eq!(r["status"], "failed", "{r}");
     let why = "agrees with 0 of 3 reference answers of step 1 (0.00 < 0.80)";
     assert!(
-        r["escalations"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains(why),
+        r["escalations"][0]["error"].as_str().unwrap().contains(why),
         "{r}"
     );
     assert_eq!(r["fidelity"][0]["agreements"], 0);
@@ -104,6 +101,8 @@ fn a_judgement_step_whose_model_disagrees_escalates_and_one_whose_model_agrees_r
     assert_eq!(r["fidelity"][0]["model"], "SmolLM2-135M-Instruct.Q4_1");
     assert_ne!(r["step_results"][0]["status"], "success");
     assert_eq!(r["step_results"][0]["llm"], serde_json::Value::Null, "{r}");
+    // The measurement's tokens count as the run's.
+    assert!(r["prompt_tokens"].as_u64().unwrap() > 3 * 20, "{r}");
 
     // Stored: the next run refuses again from the record, without asking the model.
     let (code, again) = run_json(&ws, &src);

@@ -73,10 +73,20 @@ pub fn answer(
     })
 }
 
+/// A fidelity measurement and the tokens it took.
+pub struct Measured {
+    /// The figures.
+    pub fidelity: Fidelity,
+    /// Prompt tokens over every example.
+    pub prompt_tokens: u64,
+    /// Generated tokens over every example.
+    pub completion_tokens: u64,
+}
+
 /// Measures the fidelity of the host's model on `step`'s scored examples. A generation that
 /// fails counts as a disagreement (its error as the answer). `None` for a step without scored
 /// examples.
-pub fn measure(step: &Step, host: &mut dyn Host) -> Option<Fidelity> {
+pub fn measure(step: &Step, host: &mut dyn Host) -> Option<Measured> {
     let Tool::Llm(call) = &step.tool else {
         return None;
     };
@@ -87,10 +97,13 @@ pub fn measure(step: &Step, host: &mut dyn Host) -> Option<Fidelity> {
     let timeout = Duration::from_secs(u64::from(step.timeout_secs));
     let mut model = call.model.clone().unwrap_or_default();
     let (mut agreements, mut disagreements) = (0u32, Vec::new());
+    let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
     for (i, e) in scored.iter().enumerate() {
         let (agrees, text) = match answer(call, e, host, timeout) {
             Ok(a) => {
                 model.clone_from(&a.usage.model);
+                prompt_tokens += u64::from(a.usage.prompt_tokens);
+                completion_tokens += u64::from(a.usage.completion_tokens);
                 (a.agrees, a.text)
             }
             Err(err) => (false, format!("(no answer: {err})")),
@@ -101,13 +114,17 @@ pub fn measure(step: &Step, host: &mut dyn Host) -> Option<Fidelity> {
             disagreements.push((u32::try_from(i).unwrap_or(u32::MAX), text));
         }
     }
-    Some(Fidelity {
-        step: step.number,
-        model,
-        agreements,
-        total: u32::try_from(scored.len()).unwrap_or(u32::MAX),
-        min_fidelity: call.judgement.min_fidelity,
-        disagreements,
+    Some(Measured {
+        fidelity: Fidelity {
+            step: step.number,
+            model,
+            agreements,
+            total: u32::try_from(scored.len()).unwrap_or(u32::MAX),
+            min_fidelity: call.judgement.min_fidelity,
+            disagreements,
+        },
+        prompt_tokens,
+        completion_tokens,
     })
 }
 

@@ -154,7 +154,11 @@ fn fidelity_gate(
     let f = match p.fidelity.get(&step.number) {
         Some(f) => f.clone(),
         None => {
-            let f = judgement::measure(step, host)?;
+            let m = judgement::measure(step, host)?;
+            // The measurement's tokens are the run's too.
+            p.report.prompt_tokens += m.prompt_tokens;
+            p.report.completion_tokens += m.completion_tokens;
+            let f = m.fidelity;
             on_event(Event::FidelityMeasured(&f));
             p.fidelity.insert(step.number, f.clone());
             f

@@ -532,11 +532,7 @@ fn a_judgement_step_whose_model_disagrees_with_its_reference_answers_escalates_a
     assert_eq!(r.escalations.len(), 1);
     let why = "model m agrees with 1 of 3 reference answers of step 1 (0.33 < 0.80)";
     assert!(r.escalations[0].message.contains("reference answers"));
-    assert!(
-        r.escalations[0].error.contains(why),
-        "{:?}",
-        r.escalations
-    );
+    assert!(r.escalations[0].error.contains(why), "{:?}", r.escalations);
     assert!(r.error.as_deref().unwrap_or("").contains(why));
     assert_eq!(r.fidelity.len(), 1);
     assert_eq!((r.fidelity[0].agreements, r.fidelity[0].total), (1, 3));
