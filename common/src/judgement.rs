@@ -160,20 +160,30 @@ pub struct Fidelity {
 /// Disagreements kept per fidelity record (for the learner's regeneration prompt).
 pub const MAX_DISAGREEMENTS_KEPT: usize = 20;
 
+/// agreements / total (1.0 for no scored examples).
+pub fn fidelity_ratio(agreements: u32, total: u32) -> f64 {
+    if total == 0 {
+        1.0
+    } else {
+        f64::from(agreements) / f64::from(total)
+    }
+}
+
+/// Whether a fidelity `ratio` reaches `min_fidelity` (equality passes; a minimum stored as
+/// an `f32` is compared within its precision).
+pub fn fidelity_passes(ratio: f64, min_fidelity: f64) -> bool {
+    ratio + 1e-6 >= min_fidelity
+}
+
 impl Fidelity {
     /// agreements / total (1.0 for no scored examples).
     pub fn ratio(&self) -> f64 {
-        if self.total == 0 {
-            1.0
-        } else {
-            f64::from(self.agreements) / f64::from(self.total)
-        }
+        fidelity_ratio(self.agreements, self.total)
     }
 
-    /// Whether the step may run unattended with this model (a ratio equal to the minimum
-    /// passes; the minimum is an `f32`, so equality is within its precision).
+    /// Whether the step may run unattended with this model ([`fidelity_passes`]).
     pub fn passes(&self) -> bool {
-        self.ratio() + 1e-6 >= f64::from(self.min_fidelity)
+        fidelity_passes(self.ratio(), f64::from(self.min_fidelity))
     }
 
     /// "9/20 (0.45)".

@@ -35,16 +35,12 @@ pub struct FidelityRow {
 impl FidelityRow {
     /// agreements / total (1 for none scored).
     pub fn ratio(&self) -> f64 {
-        if self.total == 0 {
-            1.0
-        } else {
-            f64::from(self.agreements) / f64::from(self.total)
-        }
+        tracefleet::judgement::fidelity_ratio(self.agreements, self.total)
     }
 
     /// Whether the step may run unattended on that device (the follower's own rule).
     pub fn passes(&self) -> bool {
-        self.ratio() + 1e-6 >= self.min_fidelity
+        tracefleet::judgement::fidelity_passes(self.ratio(), self.min_fidelity)
     }
 }
 
