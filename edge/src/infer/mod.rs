@@ -30,11 +30,10 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::token_type::LlamaTokenAttr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -44,11 +43,15 @@ use tracefleet::gguf::GgufInfo;
 use tracefleet::report::LlmUsage;
 
 mod policy;
+mod prompt;
 #[cfg(test)]
 mod tests;
 
 use policy::resolve_gpu_layers;
 pub use policy::{ResourcePolicy, gpu_layers_within, refusal};
+#[cfg(test)]
+use prompt::neutralise_specials;
+use prompt::{build_prompt, masked_softmax, special_token_texts};
 
 use crate::effects::{GenerateRequest, Generation};
 use crate::models::ram_needed;
@@ -627,43 +630,6 @@ fn llama_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> InferError + '_ {
     move |e| InferError::Llama(format!("{what}: {e}"))
 }
 
-/// The texts of the model's control and user-defined tokens (`<|im_start|>`, …), longest first.
-fn special_token_texts(model: &LlamaModel) -> Vec<String> {
-    let vocab = model.vocab();
-    let mut out: Vec<String> = vocab
-        .tokens()
-        .filter(|&t| {
-            let a = vocab.attr(t);
-            a.contains(LlamaTokenAttr::Control) || a.contains(LlamaTokenAttr::UserDefined)
-        })
-        .filter_map(|t| {
-            vocab
-                .text(t)
-                .and_then(|c| c.to_str().ok())
-                .map(str::to_owned)
-        })
-        .filter(|t| t.chars().count() >= 2)
-        .collect();
-    out.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    out.dedup();
-    out
-}
-
-/// Neutralises special-token text inside message content by inserting a zero-width space
-/// after its first character, so data (a log line, a model's earlier output) can never become
-/// control tokens when the templated prompt is tokenised with special-token parsing.
-fn neutralise_specials(content: &str, specials: &[String]) -> String {
-    let mut out = content.to_owned();
-    for s in specials {
-        if out.contains(s.as_str()) {
-            let first = s.chars().next().map_or(0, char::len_utf8);
-            let replacement = format!("{}\u{200b}{}", &s[..first], &s[first..]);
-            out = out.replace(s.as_str(), &replacement);
-        }
-    }
-    out
-}
-
 fn generate(
     backend: &LlamaBackend,
     loaded: &Loaded,
@@ -800,78 +766,6 @@ fn generate(
     })
 }
 
-/// Probabilities of the candidates at temperature 1, softmax over the finite logits (those
-/// the grammar masked are −∞ and get 0), in candidate order.
-fn masked_softmax(logits: impl Iterator<Item = f32> + Clone) -> Vec<f64> {
-    let max = logits
-        .clone()
-        .filter(|l| l.is_finite())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return logits.map(|_| 0.0).collect();
-    }
-    let exps: Vec<f64> = logits
-        .map(|l| {
-            if l.is_finite() {
-                f64::from(l - max).exp()
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let sum: f64 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
-}
-
-/// The prompt text: through the model's own chat template (GGUF `tokenizer.chat_template`) as
-/// system, few-shot user/assistant turns, then the user message; for a model without one (a
-/// base model) in completion mode: the system text, each shot as its prompt immediately
-/// followed by its answer and a blank line, then the prompt — the model continues it.
-fn build_prompt(
-    model: &LlamaModel,
-    specials: &[String],
-    req: &GenerateRequest,
-) -> Result<String, InferError> {
-    let Ok(template) = model.chat_template(None) else {
-        let mut text = String::new();
-        if let Some(system) = &req.system {
-            text.push_str(&neutralise_specials(system, specials));
-            text.push_str("\n\n");
-        }
-        for (user, answer) in &req.shots {
-            text.push_str(&neutralise_specials(user, specials));
-            text.push_str(&neutralise_specials(answer, specials));
-            text.push_str("\n\n");
-        }
-        text.push_str(&neutralise_specials(&req.prompt, specials));
-        return Ok(text);
-    };
-    let message = |role: &str, content: &str| {
-        LlamaChatMessage::new(role.into(), neutralise_specials(content, specials))
-            .map_err(|e| llama_err("a chat message")(&e))
-    };
-    let mut messages = Vec::new();
-    if let Some(system) = &req.system {
-        messages.push(message("system", system)?);
-    }
-    for (user, answer) in &req.shots {
-        messages.push(message("user", user)?);
-        messages.push(message("assistant", answer)?);
-    }
-    messages.push(message("user", &req.prompt)?);
-    model
-        .apply_chat_template(&template, &messages, true)
-        .map_err(|e| llama_err("applying the chat template")(&e))
-}
-
-fn rate(n: f64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        (n / secs * 10.0).round() / 10.0
-    } else {
-        0.0
-    }
-}
-
 /// The grammar sampler (from `grammar`, or `json_schema` through llama.cpp's converter), kept
 /// apart so the answer's confidence can be read after its mask, and the chain that picks the
 /// token (greedy, or top-p + temperature + seeded draw).
@@ -914,4 +808,12 @@ fn find_stop(out: &[u8], stops: &[String]) -> Option<usize> {
         .filter(|s| !s.is_empty())
         .filter_map(|s| out.windows(s.len()).position(|w| w == s.as_bytes()))
         .min()
+}
+
+fn rate(n: f64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        (n / secs * 10.0).round() / 10.0
+    } else {
+        0.0
+    }
 }
