@@ -194,12 +194,7 @@ fn judgement(
             j.examples.len()
         ));
     }
-    let used: BTreeSet<&str> = call
-        .prompt
-        .variables()
-        .into_iter()
-        .chain(call.system.iter().flat_map(Template::variables))
-        .collect();
+    let used = call.message_variables();
     for (i, e) in j.examples.iter().enumerate() {
         if let Some(v) = used.iter().find(|v| e.var(v).is_none()) {
             return Err(format!("{what}: example {} does not bind {{{v}}}", i + 1));

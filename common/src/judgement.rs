@@ -138,6 +138,16 @@ pub enum OnUncertain {
     Fallback(u32),
 }
 
+impl OnUncertain {
+    /// The step this policy may run in place of an uncertain answer, if any.
+    pub fn fallback_step(self) -> Option<u32> {
+        match self {
+            OnUncertain::Fallback(n) => Some(n),
+            OnUncertain::Escalate | OnUncertain::Accept => None,
+        }
+    }
+}
+
 /// A device model's fidelity on one step: how many of the scored examples it agreed with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fidelity {

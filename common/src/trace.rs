@@ -346,6 +346,18 @@ pub struct LlmCall {
     pub judgement: Judgement,
 }
 
+impl LlmCall {
+    /// The variables the prompt and the system message use (what every reference example
+    /// must bind).
+    pub fn message_variables(&self) -> std::collections::BTreeSet<&str> {
+        self.prompt
+            .variables()
+            .into_iter()
+            .chain(self.system.iter().flat_map(Template::variables))
+            .collect()
+    }
+}
+
 /// Default `max_tokens` of an LLM step.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 

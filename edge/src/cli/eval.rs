@@ -343,12 +343,7 @@ fn read_dataset(path: &Path, call: &LlmCall) -> Result<Vec<Example>> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let used: Vec<&str> = call
-        .prompt
-        .variables()
-        .into_iter()
-        .chain(call.system.iter().flat_map(|s| s.variables()))
-        .collect();
+    let used = call.message_variables();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let at = format!("{}:{}", path.display(), i + 1);

@@ -280,10 +280,7 @@ pub fn resume(
         .iter()
         .flat_map(|s| {
             let uncertain = match &s.tool {
-                Tool::Llm(c) => match c.judgement.on_uncertain {
-                    tracefleet::judgement::OnUncertain::Fallback(n) => Some(n),
-                    _ => None,
-                },
+                Tool::Llm(c) => c.judgement.on_uncertain.fallback_step(),
                 _ => None,
             };
             s.on_error.fallback_step().into_iter().chain(uncertain)

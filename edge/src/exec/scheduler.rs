@@ -237,26 +237,19 @@ fn complete(
     if result.status == StepStatus::Failed {
         // A refused answer (uncertain, low fidelity) follows the step's judgement policy, not
         // its `on_error`: retrying or skipping would not make the answer trustworthy.
-        let fallback = match (&refusal, &step.on_error) {
-            (Some(judgement::Refusal::Escalate(message)), _) => {
-                report.escalations.push(Escalation {
-                    step: step.number,
-                    message: message.clone(),
-                    error: result.error.clone().unwrap_or_default(),
-                });
-                None
-            }
-            (Some(judgement::Refusal::Fallback(n)), _) => Some(*n),
-            (None, OnError::Escalate { message }) => {
-                report.escalations.push(Escalation {
-                    step: step.number,
-                    message: message.clone(),
-                    error: result.error.clone().unwrap_or_default(),
-                });
-                None
-            }
-            (None, policy) => policy.fallback_step(),
+        let (escalation, fallback) = match (&refusal, &step.on_error) {
+            (Some(judgement::Refusal::Escalate(message)), _)
+            | (None, OnError::Escalate { message }) => (Some(message), None),
+            (Some(judgement::Refusal::Fallback(n)), _) => (None, Some(*n)),
+            (None, policy) => (None, policy.fallback_step()),
         };
+        if let Some(message) = escalation {
+            report.escalations.push(Escalation {
+                step: step.number,
+                message: message.clone(),
+                error: result.error.clone().unwrap_or_default(),
+            });
+        }
         if let Some(fb) = fallback.and_then(|n| trace.steps.iter().find(|s| s.number == n)) {
             on_event(Event::StepStarted(&not_run(fb)));
             let fallback = run_step(fb, &p.vars, host);
