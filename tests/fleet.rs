@@ -1598,9 +1598,10 @@ fn a_stuck_run_is_aborted_by_the_learner() {
     let _learner = serve(&ws);
     let _agent = agent(&ws);
     wait_online(&ws, true);
-    command_run(&ws, "pi-01", "canary-check");
-    // Past 2 s the learner sends abort; the follower aborts the step and stops the run.
     let t = std::time::Instant::now();
+    command_run(&ws, "pi-01", "canary-check");
+    // Past 2 s the learner sends abort; the follower aborts the step and stops the run —
+    // not before min_after, and long before the step's own 120 s.
     ws.wait_until(60, "the stuck run stopped", || {
         let r = ws.follower(&["runs", "list"]);
         r.stdout
@@ -1608,11 +1609,23 @@ fn a_stuck_run_is_aborted_by_the_learner() {
             .any(|l| l.contains("stopped"))
             .then_some(())
     });
-    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    let took = t.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(2),
+        "aborted after {took:?}, before min_after (2 s)"
+    );
     let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
-    assert!(log.contains("stuck run"), "{log}");
+    assert!(
+        log.contains("stuck run") && log.contains("abort_sent"),
+        "{log}"
+    );
+    // The abort sufficed: no kill, so no escalation for a person.
+    assert!(!log.contains("kill_sent"), "{log}");
     let agent_log = std::fs::read_to_string(ws.path("follower.log")).expect("log");
     assert!(agent_log.contains("Abort"), "{agent_log}");
+    assert!(!agent_log.contains("Kill"), "{agent_log}");
+    let escalations = runs(&ws)["escalations"].to_string();
+    assert!(!escalations.contains("stuck"), "{escalations}");
 }
 
 #[test]
