@@ -248,8 +248,57 @@ pub fn system_prompt() -> String {
          Reply with the complete trace source only — starting with its `---` frontmatter line, no commentary — \
          optionally inside one ```markdown fence. Keep the trace_id you are given. \
          Prefer deterministic tools and validations over model steps; keep commands within the tools' policy.\n\n\
+         {EXAMPLES_RULE}\n\n\
          The trace language:\n\n{TRACE_LANGUAGE}"
     )
+}
+
+/// What the system prompt asks of every judgement step (see "Judgement steps" in the trace
+/// language); [`missing_examples`] holds a reply to it.
+pub const EXAMPLES_RULE: &str = "Every LLM (judgement) step must carry reference examples (`examples:`), \
+     10 to 30 of them, covering every answer the step can give, drawn from the inputs and runs shown where you can: \
+     each `{vars: {NAME: VALUE, …}, expect: ANSWER}` binds exactly the variables the step's prompt and system message use, \
+     and its `expect` is an answer the step's grammar can produce (for a `json_schema` step a mapping of the fields compared; \
+     `expect_regex: PATTERN` for a free-form answer). The device's small model must repeat these answers \
+     (`min_fidelity`, default 0.8) before the step runs unattended, so write the step so that a small model can: \
+     a narrow grammar, plain wording, `few_shot: K` examples in the prompt — or replace it by a deterministic step.";
+
+/// The judgement steps of `trace` that have no scored reference example, as a repair turn
+/// (`None`: every LLM step has some).
+#[must_use]
+pub fn missing_examples(trace: &Trace) -> Option<String> {
+    let missing: Vec<String> = trace
+        .steps
+        .iter()
+        .filter_map(|s| match &s.tool {
+            tracefleet::trace::Tool::Llm(call) if call.judgement.scored().is_empty() => {
+                let vars: Vec<String> = call
+                    .message_variables()
+                    .iter()
+                    .map(|v| format!("`{v}`"))
+                    .collect();
+                // (The compiler keeps `few_shot` under the number of examples, so a step
+                // without scored examples has none.)
+                Some(format!(
+                    "- step {} ({}) has no `examples:`: each example must bind {}",
+                    s.number,
+                    s.title,
+                    if vars.is_empty() {
+                        "no variable (the prompt uses none)".to_owned()
+                    } else {
+                        vars.join(", ")
+                    }
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "The trace compiles, but not every judgement step carries reference examples to score:\n{}\n\n{EXAMPLES_RULE}\n\nReply with the complete corrected trace.",
+            missing.join("\n")
+        )
+    })
 }
 
 /// The first user turn.
@@ -364,6 +413,7 @@ pub async fn regenerate<B: Backend>(
                 &file,
                 &with_version(&source, &PLACEHOLDER_VERSION),
             ) {
+                Ok((trace, _)) if trace.id.as_str() == req.trace_id && let Some(missing) = missing_examples(&trace) => missing,
                 Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => {
                     let dry = match req.dry_run {
                         Some(d) => Some(
@@ -484,13 +534,32 @@ mod tests {
         }
     }
 
-    const GOOD: &str = include_str!("../../../traces/dpkg-log-triage.trace.md");
+    const SHIPPED: &str = include_str!("../../../traces/dpkg-log-triage.trace.md");
+
+    /// The reference examples a reply adds to the shipped trace's judgement step.
+    const EXAMPLES: &str = "  examples:\n    - vars: {recent_changes: \"2026-11-02 10:00:01 upgrade openssl:amd64 3.0.1 3.0.2\", action_counts: \"upgrade 1\"}\n      expect_regex: '\"risk\": ?\"(low|medium)\"'\n    - vars: {recent_changes: \"2026-11-02 10:00:01 remove linux-image-6.1 6.1.0 <none>\", action_counts: \"remove 1\"}\n      expect_regex: '\"risk\": ?\"high\"'\n";
+
+    /// The shipped trace with reference examples on its judgement step: a reply the learner
+    /// takes.
+    static GOOD_OWNED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let out = SHIPPED.replacen(
+            "  max_tokens: 256\n",
+            &format!("  max_tokens: 256\n{EXAMPLES}"),
+            1,
+        );
+        assert_ne!(out, SHIPPED);
+        out
+    });
+
+    fn good() -> &'static str {
+        &GOOD_OWNED
+    }
 
     fn request(max_rounds: u32) -> Request<'static> {
         Request {
             trace_id: "dpkg-log-triage",
             goal: "triage the package manager log",
-            current: Some(GOOD),
+            current: Some(SHIPPED),
             failures: &[],
             max_rounds,
             dry_run: None,
@@ -500,9 +569,9 @@ mod tests {
     #[test]
     fn the_new_version_goes_into_the_frontmatter_and_above_every_known_one() {
         let v: tracefleet::ids::Version = "1.4.2".parse().unwrap();
-        let out = with_version(GOOD, &v);
+        let out = with_version(SHIPPED, &v);
         assert!(out.contains("\nversion: \"1.4.2\"\n") && !out.contains("\"1.0.0\""));
-        assert_eq!(out.len(), GOOD.len());
+        assert_eq!(out.len(), SHIPPED.len());
         let (t, _) = tracefleet::compile::compile_source("x", &out).unwrap();
         assert_eq!(t.version, v);
         let without = "---\ntrace_id: a\n---\nbody\n";
@@ -521,22 +590,23 @@ mod tests {
     #[test]
     fn a_trace_is_taken_from_a_fenced_reply_with_its_own_fences_inside() {
         let reply = format!(
-            "Here is the fixed trace:\n\n````markdown\n{GOOD}````\n\nIt now checks the log first."
+            "Here is the fixed trace:\n\n````markdown\n{}````\n\nIt now checks the log first.",
+            good()
         );
-        assert_eq!(extract_trace(&reply).as_deref(), Some(GOOD));
-        let reply = format!("```markdown\n{GOOD}```\n");
-        assert_eq!(extract_trace(&reply).as_deref(), Some(GOOD));
-        assert_eq!(extract_trace(GOOD).as_deref(), Some(GOOD));
+        assert_eq!(extract_trace(&reply).as_deref(), Some(good()));
+        let reply = format!("```markdown\n{}```\n", good());
+        assert_eq!(extract_trace(&reply).as_deref(), Some(good()));
+        assert_eq!(extract_trace(good()).as_deref(), Some(good()));
         assert_eq!(extract_trace("I cannot help with that."), None);
     }
 
     #[tokio::test]
     async fn a_reply_that_does_not_compile_is_repaired_with_the_diagnostics() {
-        let broken = GOOD.replacen("tool: Bash", "tool: Bashh", 1);
-        let backend = Scripted::new(&[&broken, GOOD]);
+        let broken = good().replacen("tool: Bash", "tool: Bashh", 1);
+        let backend = Scripted::new(&[&broken, good()]);
         let r = regenerate(&backend, &request(3)).await.unwrap();
         assert_eq!(r.rounds, 2);
-        assert_eq!(r.source, GOOD);
+        assert_eq!(r.source, good());
         assert_eq!(r.trace.id.as_str(), "dpkg-log-triage");
         assert_eq!((r.input_tokens, r.output_tokens), (200, 20));
         assert!((r.cost - 1.0).abs() < 1e-12);
@@ -560,7 +630,7 @@ mod tests {
                 .content
                 .contains("triage the package manager log")
         );
-        assert!(prompts[0].turns[0].content.contains(GOOD));
+        assert!(prompts[0].turns[0].content.contains(SHIPPED));
         assert!(prompts[0].system.contains(TRACE_LANGUAGE));
     }
 
@@ -589,7 +659,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_failing_after_a_round_reports_what_that_round_cost() {
-        let broken = GOOD.replacen("tool: Bash", "tool: Bashh", 1);
+        let broken = good().replacen("tool: Bash", "tool: Bashh", 1);
         let backend = Scripted::new(&[&broken]);
         match regenerate(&backend, &request(3)).await.unwrap_err() {
             RegenError::Backend {
@@ -608,8 +678,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_without_a_version_compiles_the_learner_gives_it_one() {
-        let unversioned = GOOD.replacen("version: \"1.0.0\"\n", "", 1);
-        assert_ne!(unversioned, GOOD);
+        let unversioned = good().replacen("version: \"1.0.0\"\n", "", 1);
+        assert_ne!(unversioned, good());
         let backend = Scripted::new(&[&unversioned]);
         let r = regenerate(&backend, &request(1)).await.unwrap();
         assert_eq!((r.rounds, r.source.as_str()), (1, unversioned.as_str()));
@@ -617,8 +687,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_trace_under_another_id_is_sent_back() {
-        let renamed = GOOD.replacen("trace_id: dpkg-log-triage", "trace_id: dpkg-triage-v2", 1);
-        let backend = Scripted::new(&[&renamed, GOOD]);
+        let renamed = good().replacen("trace_id: dpkg-log-triage", "trace_id: dpkg-triage-v2", 1);
+        let backend = Scripted::new(&[&renamed, good()]);
         let r = regenerate(&backend, &request(2)).await.unwrap();
         assert_eq!(r.rounds, 2);
         let prompts = backend.prompts.lock().unwrap();
@@ -627,6 +697,60 @@ mod tests {
                 .content
                 .contains("must stay \"dpkg-log-triage\"")
         );
+    }
+
+    #[tokio::test]
+    async fn a_judgement_step_without_examples_or_with_examples_that_do_not_fit_is_sent_back() {
+        // The shipped trace has no examples on its LLM step; then examples that bind a
+        // variable the step does not use and miss one it does; then the good reply.
+        let wrong_vars = SHIPPED.replacen(
+            "  max_tokens: 256\n",
+            "  max_tokens: 256\n  examples:\n    - vars: {changes: \"x\", action_counts: \"y\"}\n      expect_regex: 'low'\n",
+            1,
+        );
+        let backend = Scripted::new(&[SHIPPED, &wrong_vars, good()]);
+        let r = regenerate(&backend, &request(3)).await.unwrap();
+        assert_eq!((r.rounds, r.source.as_str()), (3, good()));
+        let step = r.trace.llm_steps().next().unwrap();
+        let tracefleet::trace::Tool::Llm(call) = &step.tool else {
+            unreachable!()
+        };
+        assert_eq!(call.judgement.scored().len(), 2);
+        let prompts = backend.prompts.lock().unwrap();
+        // The system prompt asks for them.
+        assert!(prompts[0].system.contains(EXAMPLES_RULE));
+        let missing = &prompts[1].turns[2].content;
+        assert!(
+            missing.contains("step 4 (Assess the risk of the recent changes) has no `examples:`")
+                && missing.contains("each example must bind `action_counts`, `recent_changes`"),
+            "{missing}"
+        );
+        let misfit = &prompts[2].turns[4].content;
+        assert!(
+            misfit.contains("does not compile")
+                && misfit.contains(
+                    "binds `changes`, which the step's prompt and system message do not use"
+                )
+                && misfit.contains("does not bind `{recent_changes}`"),
+            "{misfit}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_model_that_never_writes_examples_is_given_up_on_saying_which_step_lacks_them() {
+        let backend = Scripted::new(&[SHIPPED, SHIPPED]);
+        match regenerate(&backend, &request(2)).await.unwrap_err() {
+            RegenError::GaveUp { rounds, last, .. } => {
+                assert_eq!(rounds, 2);
+                assert!(
+                    last.contains(
+                        "step 4 (Assess the risk of the recent changes) has no `examples:`"
+                    ),
+                    "{last}"
+                );
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[test]
