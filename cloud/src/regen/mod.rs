@@ -107,6 +107,106 @@ impl Failure {
     }
 }
 
+/// Most low-fidelity records put in the prompt (the lowest first).
+pub const MAX_LOW_FIDELITY: usize = 5;
+/// Most disagreements shown per record.
+pub const MAX_DISAGREEMENTS_SHOWN: usize = 10;
+/// Longest variable value or answer shown in a disagreement (bytes).
+const MAX_VALUE_BYTES: usize = 300;
+
+/// A judgement step whose reference answers a device's model did not repeat well enough to
+/// run it unattended, as the prompt shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowFidelity {
+    /// The device that measured it.
+    pub device_id: String,
+    /// The version measured.
+    pub trace_version: String,
+    /// The judgement step.
+    pub step: u32,
+    /// The device's model.
+    pub model: String,
+    /// Reference answers repeated.
+    pub agreements: u32,
+    /// Reference answers scored.
+    pub total: u32,
+    /// The step's minimum.
+    pub min_fidelity: f64,
+    /// The reference answers it did not repeat.
+    pub disagreements: Vec<Disagreement>,
+}
+
+/// One reference answer a device's model did not repeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disagreement {
+    /// The example (1-based, among the step's scored examples).
+    pub example: u32,
+    /// Its variables, when the learner has the version's source (`None`: only the answer is
+    /// known).
+    pub vars: Option<Vec<(String, String)>>,
+    /// The answer expected, as the prompt shows it (`None` without the source).
+    pub expected: Option<String>,
+    /// What the device's model answered.
+    pub answer: String,
+}
+
+impl LowFidelity {
+    /// A device's record, its disagreements matched to the examples of `trace` (the version
+    /// measured, when the learner has its source).
+    #[must_use]
+    pub fn new(
+        device_id: &str,
+        trace_version: &str,
+        step: u32,
+        model: &str,
+        (agreements, total, min_fidelity): (u32, u32, f64),
+        disagreements: &[(u32, String)],
+        trace: Option<&Trace>,
+    ) -> Self {
+        let scored = trace
+            .filter(|t| t.version.to_string() == trace_version)
+            .and_then(|t| t.steps.iter().find(|s| s.number == step))
+            .and_then(|s| match &s.tool {
+                tracefleet::trace::Tool::Llm(call) => Some(call.judgement.scored()),
+                _ => None,
+            });
+        LowFidelity {
+            device_id: device_id.to_owned(),
+            trace_version: trace_version.to_owned(),
+            step,
+            model: model.to_owned(),
+            agreements,
+            total,
+            min_fidelity,
+            disagreements: disagreements
+                .iter()
+                .map(|(i, answer)| {
+                    let example = scored.and_then(|s| s.get(*i as usize));
+                    Disagreement {
+                        example: i.saturating_add(1),
+                        vars: example.map(|e| {
+                            e.vars
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.clone()))
+                                .collect()
+                        }),
+                        expected: example.map(|e| match &e.expect {
+                            tracefleet::judgement::Expect::Text(t) => format!("{:?}", t.trim()),
+                            tracefleet::judgement::Expect::Regex(r) => {
+                                format!("an answer matching the regex {r:?}")
+                            }
+                            tracefleet::judgement::Expect::Fields(f) => {
+                                format!("a JSON object with the fields {f}")
+                            }
+                        }),
+                        answer: answer.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The version a reply is compiled under until the learner gives it its own.
 const PLACEHOLDER_VERSION: tracefleet::ids::Version = tracefleet::ids::Version {
     major: 0,
@@ -173,6 +273,9 @@ pub struct Request<'a> {
     pub current: Option<&'a str>,
     /// Recent failing runs.
     pub failures: &'a [Failure],
+    /// Judgement steps of the current version that devices' models do not repeat, lowest
+    /// fidelity first.
+    pub low_fidelity: &'a [LowFidelity],
     /// Most rounds (a reply, then a repair per round).
     pub max_rounds: u32,
     /// Dry-run each candidate that compiles on the newest failure's inputs.
@@ -332,7 +435,67 @@ pub fn first_turn(req: &Request<'_>) -> String {
         }
         t.push('\n');
     }
+    if !req.low_fidelity.is_empty() {
+        t.push_str(&low_fidelity_section(req.low_fidelity));
+    }
     t.push_str("Write the complete new trace.");
+    t
+}
+
+/// The prompt's part on judgement steps devices' models do not repeat: the figures, then
+/// each disagreement (the example's variables, the answer expected, the model's answer).
+fn low_fidelity_section(low: &[LowFidelity]) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::from(
+        "Devices' small models do not repeat the reference answers of these judgement steps, so the \
+         steps do not run unattended there. Make each step easier for the small model — reference \
+         examples in the prompt (`few_shot`), a narrower grammar, simpler and shorter wording — or \
+         replace it by a deterministic step (Bash, Grep) that gives the reference answers; keep the \
+         reference answers right and cover every answer:\n",
+    );
+    for l in low.iter().take(MAX_LOW_FIDELITY) {
+        let _ = writeln!(
+            t,
+            "\n- step {} (version {}) on {}, model {}: agrees with {} of {} reference answers ({:.2} < {:.2})",
+            l.step,
+            l.trace_version,
+            l.device_id,
+            l.model,
+            l.agreements,
+            l.total,
+            tracefleet::judgement::fidelity_ratio(l.agreements, l.total),
+            l.min_fidelity
+        );
+        for d in l.disagreements.iter().take(MAX_DISAGREEMENTS_SHOWN) {
+            let vars = d.vars.as_ref().map_or_else(
+                || "(not known here)".to_owned(),
+                |vars| {
+                    vars.iter()
+                        .map(|(k, v)| format!("{k}: {:?}", cap(v, MAX_VALUE_BYTES)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            );
+            let _ = writeln!(
+                t,
+                "  - example {}: vars {{{vars}}}; expected {}; the model answered {:?}",
+                d.example,
+                d.expected.as_deref().unwrap_or("(not known here)"),
+                cap(&d.answer, MAX_VALUE_BYTES)
+            );
+        }
+        if l.disagreements.len() > MAX_DISAGREEMENTS_SHOWN {
+            let _ = writeln!(
+                t,
+                "  - … and {} more",
+                l.disagreements.len() - MAX_DISAGREEMENTS_SHOWN
+            );
+        }
+    }
+    if low.len() > MAX_LOW_FIDELITY {
+        let _ = writeln!(t, "\n(and {} more records)", low.len() - MAX_LOW_FIDELITY);
+    }
+    t.push('\n');
     t
 }
 
@@ -561,6 +724,7 @@ mod tests {
             goal: "triage the package manager log",
             current: Some(SHIPPED),
             failures: &[],
+            low_fidelity: &[],
             max_rounds,
             dry_run: None,
         }
