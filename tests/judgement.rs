@@ -195,6 +195,16 @@ fn follower_eval_scores_a_labelled_set_and_refuses_bad_input() {
         .map(|(label, row)| row.get(label).and_then(|n| n.as_u64()).unwrap_or(0))
         .sum();
     assert!((f("accuracy") - diagonal as f64 / 6.0).abs() < 1e-9, "{e}");
+    // The items off the diagonal, each with the model's answer (what the learner's dry run
+    // sends back to the model that wrote the examples).
+    assert_eq!(e["wrong"].as_u64(), Some(6 - diagonal), "{e}");
+    let wrong = e["disagreements"].as_array().unwrap();
+    assert_eq!(wrong.len() as u64, 6 - diagonal, "{e}");
+    assert!(
+        wrong.iter().all(|d| d["item"].as_u64().unwrap() < 6
+            && ["tcp", "udp"].contains(&d["answer"].as_str().unwrap())),
+        "{e}"
+    );
     assert_eq!(f("selective_accuracy"), f("accuracy"));
     assert!((0.0..=1.0).contains(&f("ece")));
     assert!(e["prompt_tokens"].as_u64().unwrap() > 6 * 20);

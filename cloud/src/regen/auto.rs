@@ -451,17 +451,24 @@ fn low_fidelity(
     let (rows, _) = db
         .low_fidelity(trace_id, version)
         .map_err(anyhow::Error::from)?;
-    let trace = current.and_then(|src| tracefleet::compile::compile_source(trace_id, src).ok());
+    // The examples are those of the version measured, if that is what the learner kept.
+    let trace = current
+        .and_then(|src| tracefleet::compile::compile_source(trace_id, src).ok())
+        .filter(|(t, _)| t.version.to_string() == version);
     Ok(rows
         .iter()
         .map(|r| {
             super::LowFidelity::new(
-                &r.device_id,
-                &r.version,
-                r.step,
-                &r.model,
-                (r.agreements, r.total, r.min_fidelity),
-                &r.disagreements,
+                format!("version {} on {}", r.version, r.device_id),
+                &tracefleet::judgement::Fidelity {
+                    step: r.step,
+                    model: r.model.clone(),
+                    agreements: r.agreements,
+                    total: r.total,
+                    // Stored from the report's f32.
+                    min_fidelity: r.min_fidelity as f32,
+                    disagreements: r.disagreements.clone(),
+                },
                 trace.as_ref().map(|(t, _)| t),
             )
         })
@@ -1032,7 +1039,7 @@ mod tests {
         assert_eq!(done.version.to_string(), "1.1.0");
         let first = backend.prompts.lock().unwrap()[0].turns[0].content.clone();
         assert!(
-            first.contains("step 1 (version 1.0.0) on pi-02, model SmolLM2-135M-Instruct.Q4_1: agrees with 1 of 3 reference answers (0.33 < 0.80)"),
+            first.contains("step 1 of version 1.0.0 on pi-02, model SmolLM2-135M-Instruct.Q4_1: agrees with 1 of 3 reference answers (0.33 < 0.80)"),
             "{first}"
         );
         assert!(

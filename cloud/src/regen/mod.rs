@@ -118,10 +118,8 @@ const MAX_VALUE_BYTES: usize = 300;
 /// run it unattended, as the prompt shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LowFidelity {
-    /// The device that measured it.
-    pub device_id: String,
-    /// The version measured.
-    pub trace_version: String,
+    /// What was measured where, as the prompt says it ("version 1.0.0 on pi-02").
+    pub measured: String,
     /// The judgement step.
     pub step: u32,
     /// The device's model.
@@ -151,34 +149,30 @@ pub struct Disagreement {
 }
 
 impl LowFidelity {
-    /// A device's record, its disagreements matched to the examples of `trace` (the version
-    /// measured, when the learner has its source).
+    /// A fidelity measurement, its disagreements matched to the examples of `trace` (the
+    /// version measured, when the learner has its source).
     #[must_use]
     pub fn new(
-        device_id: &str,
-        trace_version: &str,
-        step: u32,
-        model: &str,
-        (agreements, total, min_fidelity): (u32, u32, f64),
-        disagreements: &[(u32, String)],
+        measured: String,
+        f: &tracefleet::judgement::Fidelity,
         trace: Option<&Trace>,
     ) -> Self {
+        let step = f.step;
         let scored = trace
-            .filter(|t| t.version.to_string() == trace_version)
             .and_then(|t| t.steps.iter().find(|s| s.number == step))
             .and_then(|s| match &s.tool {
                 tracefleet::trace::Tool::Llm(call) => Some(call.judgement.scored()),
                 _ => None,
             });
         LowFidelity {
-            device_id: device_id.to_owned(),
-            trace_version: trace_version.to_owned(),
+            measured,
             step,
-            model: model.to_owned(),
-            agreements,
-            total,
-            min_fidelity,
-            disagreements: disagreements
+            model: f.model.clone(),
+            agreements: f.agreements,
+            total: f.total,
+            min_fidelity: f64::from(f.min_fidelity),
+            disagreements: f
+                .disagreements
                 .iter()
                 .map(|(i, answer)| {
                     let example = scored.and_then(|s| s.get(*i as usize));
@@ -442,24 +436,32 @@ pub fn first_turn(req: &Request<'_>) -> String {
     t
 }
 
-/// The prompt's part on judgement steps devices' models do not repeat: the figures, then
-/// each disagreement (the example's variables, the answer expected, the model's answer).
+/// What would make a judgement step easier for a small model (both fidelity prompts say it).
+const EASIER: &str = "Make each such step easier for the small model — reference examples in the prompt \
+     (`few_shot`), a narrower grammar, simpler and shorter wording — or replace it by a deterministic \
+     step (Bash, Grep) that gives the reference answers; keep the reference answers right and cover \
+     every answer.";
+
+/// The prompt's part on judgement steps devices' models do not repeat.
 fn low_fidelity_section(low: &[LowFidelity]) -> String {
-    use std::fmt::Write as _;
-    let mut t = String::from(
+    format!(
         "Devices' small models do not repeat the reference answers of these judgement steps, so the \
-         steps do not run unattended there. Make each step easier for the small model — reference \
-         examples in the prompt (`few_shot`), a narrower grammar, simpler and shorter wording — or \
-         replace it by a deterministic step (Bash, Grep) that gives the reference answers; keep the \
-         reference answers right and cover every answer:\n",
-    );
+         steps do not run unattended there. {EASIER}\n{}\n",
+        describe_low_fidelity(low)
+    )
+}
+
+/// Each record's figures, then each disagreement (the example's variables, the answer
+/// expected, the model's answer).
+fn describe_low_fidelity(low: &[LowFidelity]) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
     for l in low.iter().take(MAX_LOW_FIDELITY) {
         let _ = writeln!(
             t,
-            "\n- step {} (version {}) on {}, model {}: agrees with {} of {} reference answers ({:.2} < {:.2})",
+            "\n- step {} of {}, model {}: agrees with {} of {} reference answers ({:.2} < {:.2})",
             l.step,
-            l.trace_version,
-            l.device_id,
+            l.measured,
             l.model,
             l.agreements,
             l.total,
@@ -495,8 +497,16 @@ fn low_fidelity_section(low: &[LowFidelity]) -> String {
     if low.len() > MAX_LOW_FIDELITY {
         let _ = writeln!(t, "\n(and {} more records)", low.len() - MAX_LOW_FIDELITY);
     }
-    t.push('\n');
     t
+}
+
+/// "step 4 with M: 18/20 (0.90)" for each measurement.
+fn fidelity_summary(measured: &[tracefleet::judgement::Fidelity]) -> String {
+    measured
+        .iter()
+        .map(|f| format!("step {} with {}: {}", f.step, f.model, f.short()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `s` cut to at most `max` bytes on a character boundary, marked when cut.
@@ -577,7 +587,40 @@ pub async fn regenerate<B: Backend>(
                 &with_version(&source, &PLACEHOLDER_VERSION),
             ) {
                 Ok((trace, _)) if trace.id.as_str() == req.trace_id && let Some(missing) = missing_examples(&trace) => missing,
-                Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => {
+                Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => 'candidate: {
+                    // Its judgement first: the devices' model must repeat its examples.
+                    let fidelity = match req.dry_run {
+                        Some(d) => Some(
+                            d.fidelity(&trace, &with_version(&source, &PLACEHOLDER_VERSION))
+                                .await,
+                        ),
+                        None => None,
+                    };
+                    let fidelity = match fidelity {
+                        None => None,
+                        Some(dry_run::FidelityOutcome::Skipped(why)) => Some(why),
+                        Some(dry_run::FidelityOutcome::Measured(measured)) => {
+                            let low: Vec<LowFidelity> = measured
+                                .iter()
+                                .filter(|f| !f.passes())
+                                .map(|f| {
+                                    LowFidelity::new(
+                                        "your reply, answered by the devices' model on the learner".into(),
+                                        f,
+                                        Some(&trace),
+                                    )
+                                })
+                                .collect();
+                            if !low.is_empty() {
+                                break 'candidate format!(
+                                    "The trace compiles, but the devices' model does not repeat the reference answers of its judgement steps, so they would not run unattended:\n{}\n{EASIER}\n\nReply with the complete corrected trace.",
+                                    describe_low_fidelity(&low)
+                                );
+                            }
+                            (!measured.is_empty())
+                                .then(|| format!("fidelity {}", fidelity_summary(&measured)))
+                        }
+                    };
                     let dry = match req.dry_run {
                         Some(d) => Some(
                             d.run(
@@ -608,6 +651,10 @@ pub async fn regenerate<B: Backend>(
                             ))
                         }
                     };
+                    let verdict = verdict.map(|dry| match (fidelity, dry) {
+                        (Some(f), Some(d)) => Some(format!("{f}; {d}")),
+                        (f, d) => f.or(d),
+                    });
                     match verdict {
                         Ok(dry_run) => {
                             return Ok(Regenerated {
@@ -915,6 +962,57 @@ mod tests {
             }
             other => panic!("{other}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_candidate_the_devices_model_does_not_repeat_is_sent_back_with_the_disagreements() {
+        use dry_run::tests::{JUDGED, fake_eval};
+        let d = tempfile::tempdir().unwrap();
+        let follower = fake_eval(
+            d.path(),
+            &[
+                Some(
+                    r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "wrong": 2, "disagreements": [{"item": 1, "answer": "tcp"}, {"item": 2, "answer": "udp"}]}"#,
+                ),
+                Some(
+                    r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "wrong": 0, "disagreements": []}"#,
+                ),
+            ],
+        );
+        let runner: dry_run::DryRunConfig = toml::from_str(&format!(
+            "follower = \"{}\"\nmodel = \"m.gguf\"",
+            follower.display()
+        ))
+        .unwrap();
+        let runner = runner.resolve(d.path(), d.path().join("scratch")).unwrap();
+        let backend = Scripted::new(&[JUDGED, JUDGED]);
+        let req = Request {
+            trace_id: "t",
+            goal: "name the protocol",
+            current: None,
+            failures: &[],
+            low_fidelity: &[],
+            max_rounds: 2,
+            dry_run: Some(&runner),
+        };
+        let r = regenerate(&backend, &req).await.unwrap();
+        assert_eq!(r.rounds, 2);
+        assert_eq!(
+            r.dry_run.as_deref(),
+            Some(
+                "fidelity step 1 with SmolLM2-135M-Instruct.Q4_1: 3/3 (1.00); not dry-run: no recorded inputs (no failing run)"
+            )
+        );
+        let prompts = backend.prompts.lock().unwrap();
+        let repair = &prompts[1].turns[2].content;
+        assert!(
+            repair.contains("the devices' model does not repeat the reference answers")
+                && repair.contains("- step 1 of your reply, answered by the devices' model on the learner, model SmolLM2-135M-Instruct.Q4_1: agrees with 1 of 3 reference answers (0.33 < 0.80)")
+                && repair.contains("example 2: vars {entry: \"domain 53/___\"}; expected \"udp\"; the model answered \"tcp\"")
+                && repair.contains("example 3: vars {entry: \"http 80/___\"}; expected an answer matching the regex \"^tcp$\"; the model answered \"udp\"")
+                && repair.contains("few_shot"),
+            "{repair}"
+        );
     }
 
     #[test]
