@@ -1615,19 +1615,25 @@ fn a_stuck_run_is_aborted_by_the_learner() {
     assert!(agent_log.contains("Abort"), "{agent_log}");
 }
 
+/// A fleet whose device's one model is the test model (registered), and a trace
+/// `judge-services` whose judgement step's reference answers that model does not repeat (0 of
+/// 3): the broker, the source's path (relative) and the signed trace's.
+fn fleet_with_a_judgement_its_model_fails(ws: &Workspace) -> (Broker, String, String) {
+    use crate::judgement::{UDP, examples, trace};
+    let broker = Broker::start(ws);
+    let _ = fleet(ws, &broker);
+    let m = tracefleet_e2e::model();
+    let r = ws.follower(&["models", "add", m.to_str().expect("utf-8 path")]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let src = trace(ws, "judge-services", &examples(&UDP, "udp"));
+    let signed = ws.sign(ws.path(&src).to_str().expect("utf-8 path"), "traces.key");
+    (broker, src, signed)
+}
+
 #[test]
 fn a_devices_judgement_fidelity_reaches_the_learner_and_learner_fleet() {
-    use crate::judgement::{UDP, examples, trace};
     let ws = Workspace::new();
-    let broker = Broker::start(&ws);
-    let _ = fleet(&ws, &broker);
-    // The device's one model: the test model, registered.
-    let m = tracefleet_e2e::model();
-    let r = ws.follower(&["models", "add", m.to_str().unwrap()]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    // A judgement step whose reference answers the model does not repeat (0 of 3).
-    let src = trace(&ws, "judge-services", &examples(&UDP, "udp"));
-    let signed = ws.sign(ws.path(&src).to_str().unwrap(), "traces.key");
+    let (_broker, _, signed) = fleet_with_a_judgement_its_model_fails(&ws);
     let _learner = serve(&ws);
     roll_out_to_canary_group(&ws, &signed);
     let _agent = agent(&ws);
@@ -1678,17 +1684,10 @@ fn a_devices_judgement_fidelity_reaches_the_learner_and_learner_fleet() {
 
 #[test]
 fn low_fidelity_on_a_device_sets_serve_regenerating_with_the_disagreements_in_the_prompt() {
-    use crate::judgement::{UDP, examples, trace};
+    use crate::judgement::UDP;
     let ws = Workspace::new();
-    let broker = Broker::start(&ws);
-    let _ = fleet(&ws, &broker);
-    let m = tracefleet_e2e::model();
-    let r = ws.follower(&["models", "add", m.to_str().unwrap()]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    // A judgement step whose reference answers the model does not repeat (0 of 3), its source
-    // kept by the learner.
-    let src = trace(&ws, "judge-services", &examples(&UDP, "udp"));
-    let signed = ws.sign(ws.path(&src).to_str().unwrap(), "traces.key");
+    // Its source is kept by the learner (`rollout start --source`).
+    let (_broker, src, signed) = fleet_with_a_judgement_its_model_fails(&ws);
     let source = std::fs::read_to_string(ws.path(&src)).expect("source");
     let fixed = source.replace("expect: udp", "expect_regex: \"^(tcp|udp)$\"");
     let api = FakeMessagesApi::start(vec![FakeMessagesApi::reply(&fixed, 2000, 300)]);
