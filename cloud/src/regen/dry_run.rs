@@ -253,19 +253,20 @@ impl DryRunner {
                 ));
             }
         };
-        let parsed = output
-            .status
-            .success()
-            .then(|| serde_json::from_slice::<EvalJson>(&output.stdout).ok())
-            .flatten();
-        let Some(e) = parsed else {
+        if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             return Err(format!(
                 "`follower eval` of step {step} failed ({}): {}",
                 output.status,
                 stderr.lines().last().unwrap_or("").trim()
             ));
-        };
+        }
+        let e = serde_json::from_slice::<EvalJson>(&output.stdout).map_err(|e| {
+            format!(
+                "`follower eval --json` of step {step} printed what the learner cannot read ({e}): expected items, wrong and disagreements (is {} older than the learner?)",
+                self.follower.display()
+            )
+        })?;
         Ok(tracefleet::judgement::Fidelity {
             step,
             model: e.model,
@@ -471,6 +472,7 @@ pub(crate) mod tests {
                     r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "wrong": 2, "disagreements": [{"item": 1, "answer": "tcp"}, {"item": 2, "answer": "udp"}], "accuracy": 0.33}"#,
                 ),
                 None,
+                Some(r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "accuracy": 0.33}"#),
             ],
         );
         let r = config(&format!(
@@ -505,6 +507,15 @@ pub(crate) mod tests {
         match r.fidelity(&judged, JUDGED).await {
             FidelityOutcome::Skipped(why) => assert!(
                 why.contains("`follower eval` of step 1 failed") && why.ends_with("no model here"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // One that prints figures without the wrong items (an older follower) says so.
+        match r.fidelity(&judged, JUDGED).await {
+            FidelityOutcome::Skipped(why) => assert!(
+                why.contains("printed what the learner cannot read (missing field `wrong`")
+                    && why.contains("older than the learner"),
                 "{why}"
             ),
             other => panic!("{other:?}"),
