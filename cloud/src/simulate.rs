@@ -165,6 +165,11 @@ async fn device_loop(
         return;
     };
     let mut installed: BTreeMap<String, String> = BTreeMap::new();
+    if sim.reports > 0 {
+        // The load's trace, as if installed from a bundle: the heartbeat lists it, so the
+        // learner counts its reports as a real device's.
+        installed.insert("simulated-load".to_owned(), "1.0.0".to_owned());
+    }
     let mut heartbeat = tokio::time::interval(Duration::from_secs(sim.heartbeat_secs.max(1)));
     let mut first = true;
     let mut runs = 0u64;

@@ -276,12 +276,17 @@ pub fn runs(RunsCommand::List(ListArgs { config, json }): RunsCommand) -> Result
     } else {
         for r in runs {
             println!(
-                "{}\t{}\t{} {}\t{}",
+                "{}\t{}\t{} {}\t{}{}",
                 shown(&r.run_id),
                 shown(&r.device_id),
                 shown(r.trace_id.as_str()),
                 shown(&r.trace_version),
-                r.status
+                r.status,
+                if r.counted {
+                    ""
+                } else {
+                    " (not counted: the device had not acked or listed this version)"
+                }
             );
         }
         for s in stats {

@@ -45,7 +45,13 @@ impl LearnerDb {
         messages: &[(&str, &[u8])],
     ) -> super::Result<Vec<Result<Ingested, IngestError>>> {
         let now = now_secs();
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: the write lock is taken (waiting out the busy timeout) before the first
+        // read. A deferred transaction that reads first and writes later cannot wait for
+        // another `serve` instance's write: SQLite answers its upgrade "database is locked"
+        // at once (the snapshot it read is stale).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut batch = Batch::default();
         let mut out = Vec::with_capacity(messages.len());
         for (topic, payload) in messages {
@@ -149,10 +155,12 @@ impl Batch {
                     RunStatus::Failed => "failed",
                     RunStatus::Stopped => "stopped",
                 };
+                let counted =
+                    installed_there(tx, &device, &report.trace_id, &report.trace_version)?;
                 let new = tx
                     .prepare_cached(
-                        "INSERT OR IGNORE INTO runs (run_id, device_id, trace_id, trace_version, status, started_at, finished_at, report_json, received_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        "INSERT OR IGNORE INTO runs (run_id, device_id, trace_id, trace_version, status, started_at, finished_at, report_json, received_at, counted)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     )?
                     .execute(params![
                         report.run_id,
@@ -163,10 +171,23 @@ impl Batch {
                         report.started_at,
                         report.finished_at,
                         json,
-                        now
+                        now,
+                        counted
                     ])?
                     == 1;
-                if new && !report.fidelity.is_empty() {
+                if new && !counted {
+                    // Debug, not warn: a device sending many would flood the log; the run
+                    // list marks each one.
+                    tracing::debug!(
+                        device = %device,
+                        run = %report.run_id,
+                        trace = %report.trace_id,
+                        version = %report.trace_version,
+                        "a report of a version the device has not acked or listed as installed: kept, not counted"
+                    );
+                }
+                let new_counted = new && counted;
+                if new_counted && !report.fidelity.is_empty() {
                     super::fidelity::record(
                         tx,
                         &device,
@@ -176,7 +197,7 @@ impl Batch {
                         now,
                     )?;
                 }
-                if new && report.status != RunStatus::Stopped {
+                if new_counted && report.status != RunStatus::Stopped {
                     let key = (report.trace_id.clone(), report.trace_version.clone());
                     let stats = match self.stats.entry(key) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -358,6 +379,28 @@ impl LearnerDb {
 }
 
 /// Records that `device` was heard from at `now`.
+/// Whether `device` has `trace` `version` installed, as far as the learner knows: it acked
+/// the install (installed, or already installed) or its latest heartbeat lists it. A report of
+/// any other version — one the device never received, made up, or from a source run — is
+/// stored but counts toward nothing (statistics, confidence, fidelity, rollout waves,
+/// regeneration): one device cannot raise a version's confidence with runs of a version it
+/// does not hold.
+fn installed_there(
+    tx: &Connection,
+    device: &str,
+    trace: &str,
+    version: &str,
+) -> rusqlite::Result<bool> {
+    tx.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM acks WHERE device_id = ?1 AND trace_id = ?2 AND version = ?3
+                          AND outcome IN ('installed', 'already_installed'))
+             OR EXISTS (SELECT 1 FROM devices d, json_each(d.installed_json) j
+                        WHERE d.device_id = ?1 AND json_extract(j.value, '$.trace_id') = ?2
+                          AND json_extract(j.value, '$.version') = ?3)",
+    )?
+    .query_row(params![device, trace, version], |r| r.get(0))
+}
+
 fn seen(conn: &Connection, device: &str, now: i64) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO devices (device_id, last_seen) VALUES (?1, ?2)
@@ -471,6 +514,9 @@ mod tests {
     fn fidelity_is_kept_per_device_and_low_fidelity_on_most_devices_holds_confidence_down() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        for device in ["pi-01", "pi-02", "pi-03"] {
+            db.put_installed(device, "t", "1.0.0");
+        }
         // Twenty successful runs would earn follower mode (confidence ≥ 0.9)...
         for i in 0..20 {
             let (t, p) = judged("pi-01", &format!("run-a{i}"), 9);
@@ -600,11 +646,13 @@ mod tests {
             messages.iter().map(|(t, p)| (t.as_str(), &p[..])).collect();
 
         let mut one = LearnerDb::open(&dir.path().join("one.db")).unwrap();
+        one.put_installed("pi-01", "t", "1.0.0");
         let singly: Vec<_> = borrowed
             .iter()
             .map(|(t, p)| one.ingest(t, p).map_err(|e| e.to_string()))
             .collect();
         let mut batched = LearnerDb::open(&dir.path().join("batch.db")).unwrap();
+        batched.put_installed("pi-01", "t", "1.0.0");
         // Two batches, the second starting inside the first one's run ids' statistics.
         let mut together = batched.ingest_batch(&borrowed[..25]).unwrap();
         together.extend(batched.ingest_batch(&borrowed[25..]).unwrap());
@@ -649,5 +697,52 @@ mod tests {
         assert!(again.iter().all(|r| !matches!(r, Ok(Ingested::Report(_)))));
         assert_eq!(stats(&batched), s);
         assert_eq!(batched.devices().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reports_count_only_for_a_version_the_device_has_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        // A device sends successes of a version it was never sent and never acked: kept for
+        // the record, counted nowhere.
+        for i in 0..5 {
+            let (t, p) = report("pi-01", &format!("fake-{i}"), true);
+            assert!(matches!(db.ingest(&t, &p).unwrap(), Ingested::Report(_)));
+        }
+        assert!(stats(&db).is_empty(), "{:?}", stats(&db));
+        let runs = db.runs().unwrap();
+        assert_eq!(runs.len(), 5);
+        assert!(runs.iter().all(|r| !r.counted));
+        // Its heartbeat lists the version installed (a USB bundle, say): from then on, counted.
+        let hb = Heartbeat {
+            device_id: "pi-01".parse().unwrap(),
+            sent_at: 1,
+            follower_version: "0".into(),
+            groups: vec![],
+            installed: vec![wire::InstalledTrace {
+                trace_id: "t".into(),
+                version: "1.0.0".into(),
+            }],
+            running: vec![],
+            telemetry: tracefleet::report::Telemetry::default(),
+        };
+        db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
+            .unwrap();
+        let (t, p) = report("pi-01", "real-1", true);
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(
+            stats(&db).iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+            [(1, 1)]
+        );
+        // Another device's ack counts its own runs, not anybody else's.
+        db.put_installed("pi-02", "t", "1.0.0");
+        let (t, p) = report("pi-02", "real-2", false);
+        db.ingest(&t, &p).unwrap();
+        let (t, p) = report("pi-03", "fake-3", false);
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(
+            stats(&db).iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+            [(2, 1)]
+        );
     }
 }

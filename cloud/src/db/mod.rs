@@ -81,6 +81,9 @@ pub struct ReportedRun {
     pub trace_version: String,
     /// `success`, `failed` or `stopped`.
     pub status: String,
+    /// Whether it counts toward the version's statistics: false when the device had not
+    /// acked or listed that version as installed when the report came.
+    pub counted: bool,
 }
 
 /// Something that needs a person.
@@ -353,7 +356,7 @@ impl LearnerDb {
     /// On SQLite failure.
     pub fn runs(&self) -> Result<Vec<ReportedRun>> {
         let mut s = self.conn.prepare(
-            "SELECT run_id, device_id, trace_id, trace_version, status FROM runs ORDER BY received_at, run_id",
+            "SELECT run_id, device_id, trace_id, trace_version, status, counted FROM runs ORDER BY received_at, run_id",
         )?;
         let rows = s.query_map([], |r| {
             Ok(ReportedRun {
@@ -362,6 +365,7 @@ impl LearnerDb {
                 trace_id: id_at(r, 2)?,
                 trace_version: r.get(3)?,
                 status: r.get(4)?,
+                counted: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -377,7 +381,7 @@ impl LearnerDb {
         limit: u32,
     ) -> Result<Vec<tracefleet::report::Report>> {
         let mut s = self.conn.prepare(
-            "SELECT report_json FROM runs WHERE trace_id = ?1 AND status = 'failed'
+            "SELECT report_json FROM runs WHERE trace_id = ?1 AND status = 'failed' AND counted = 1
              ORDER BY received_at DESC, run_id DESC LIMIT ?2",
         )?;
         let rows = s.query_map(params![trace_id, limit], |r| r.get::<_, String>(0))?;
@@ -437,7 +441,11 @@ impl LearnerDb {
     /// # Errors
     /// On SQLite failure.
     pub fn next_command_counter(&mut self, device: &str) -> Result<u64> {
-        let tx = self.conn.transaction()?;
+        // Reads, then writes: IMMEDIATE, so that another instance's write is waited for
+        // rather than answered "database is locked" (see `ingest_batch`).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let last: Option<i64> = tx
             .query_row(
                 "SELECT counter FROM command_counters WHERE device_id = ?1",
@@ -471,6 +479,18 @@ impl LearnerDb {
             params![holder, now + LEASE_SECS, now],
         )?;
         Ok(changed == 1)
+    }
+
+    /// Stores that `device` acked installing `trace_id` `version`, for tests (reports count
+    /// only from devices that have the version installed).
+    #[cfg(test)]
+    pub(crate) fn put_installed(&self, device: &str, trace_id: &str, version: &str) {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO acks (device_id, trace_id, version, outcome, detail, at) VALUES (?1, ?2, ?3, 'installed', '', 0)",
+                params![device, trace_id, version],
+            )
+            .unwrap();
     }
 
     /// Stores a device as if a heartbeat had named it (`groups` as JSON), for tests.

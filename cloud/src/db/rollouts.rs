@@ -225,7 +225,7 @@ impl LearnerDb {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT device_id, COUNT(*) FROM runs WHERE trace_id = ?1 AND trace_version = ?2 AND status != 'stopped' GROUP BY device_id",
+                "SELECT device_id, COUNT(*) FROM runs WHERE trace_id = ?1 AND trace_version = ?2 AND status != 'stopped' AND counted = 1 GROUP BY device_id",
             )?
             .query_map(params![trace_id, version], |x| Ok((x.get(0)?, x.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?)

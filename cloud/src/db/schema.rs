@@ -167,4 +167,7 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
     // The reference answers the device's model did not repeat (JSON `[[index into the
     // step's scored examples, the model's answer], …]`): what a regeneration is shown.
     M::up("ALTER TABLE fidelity ADD COLUMN disagreements TEXT NOT NULL DEFAULT '[]';"),
+    // A report counts toward its trace version only from a device that has that version
+    // installed (acked, or listed in its heartbeat); others are kept, uncounted.
+    M::up("ALTER TABLE runs ADD COLUMN counted INTEGER NOT NULL DEFAULT 1;"),
 ];

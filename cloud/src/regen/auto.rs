@@ -822,6 +822,7 @@ mod tests {
     const SOURCE: &str = "---\ntrace_id: t\nversion: \"1.0.0\"\ngoal_signature: do the thing\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"true\"\n```\n";
 
     fn report(db: &mut LearnerDb, run: &str, ok: bool) {
+        db.put_installed("pi-01", "t", "1.0.0");
         let r = crate::simulate::synthetic_report("pi-01", run, "t", "1.0.0", ok);
         let m = ReportMessage {
             run_id: run.to_owned(),
@@ -934,6 +935,7 @@ mod tests {
 
     /// A successful run of `t` 1.0.0 on `device` whose model agreed with `agreements` of 3.
     fn judged_report(db: &mut LearnerDb, device: &str, run: &str, agreements: u32) {
+        db.put_installed(device, "t", "1.0.0");
         let mut r = crate::simulate::synthetic_report(device, run, "t", "1.0.0", true);
         r.fidelity = vec![tracefleet::judgement::Fidelity {
             step: 1,
