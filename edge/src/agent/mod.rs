@@ -85,11 +85,30 @@ fn default_heartbeat() -> u64 {
 pub struct Scheduled {
     /// An installed trace id.
     pub trace: String,
-    /// The period.
-    pub every: String,
+    /// The period (humantime text in the file; at least [`MIN_SCHEDULE_PERIOD`]).
+    #[serde(deserialize_with = "schedule_period")]
+    pub every: Duration,
     /// Inputs.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
+}
+
+/// The shortest schedule period: a shorter one (`0s`) would start runs back to back.
+pub const MIN_SCHEDULE_PERIOD: Duration = Duration::from_secs(1);
+
+/// A `[[schedule]]` period: humantime text (`15m`, `1h`, `1day`) of at least
+/// [`MIN_SCHEDULE_PERIOD`].
+fn schedule_period<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(d)?;
+    let period = humantime::parse_duration(&text)
+        .map_err(|e| D::Error::custom(format!("every {text:?}: {e} (expected e.g. \"15m\")")))?;
+    if period < MIN_SCHEDULE_PERIOD {
+        return Err(D::Error::custom(format!(
+            "every {text:?}: expected a period of at least 1s, found {period:?}"
+        )));
+    }
+    Ok(period)
 }
 
 impl AgentConfig {
@@ -112,16 +131,6 @@ impl AgentConfig {
         c.broker.apply_env()?;
         for g in &c.groups {
             wire::check_name("group", g).with_context(|| format!("{}: groups", path.display()))?;
-        }
-        for s in &c.schedule {
-            humantime::parse_duration(&s.every).with_context(|| {
-                format!(
-                    "{}: schedule of {}: every {:?}",
-                    path.display(),
-                    s.trace,
-                    s.every
-                )
-            })?;
         }
         Ok(c)
     }
@@ -213,12 +222,7 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         shutting_down: false,
         config,
     };
-    let periods: Vec<Duration> = agent
-        .config
-        .schedule
-        .iter()
-        .map(|s| humantime::parse_duration(&s.every).unwrap_or(Duration::from_secs(3600)))
-        .collect();
+    let periods: Vec<Duration> = agent.config.schedule.iter().map(|s| s.every).collect();
     let mut timers = Timers::new(Duration::from_secs(agent.config.heartbeat_secs), periods);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -678,6 +682,28 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schedule_period_must_parse_and_be_at_least_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("follower.toml");
+        let config = |every: &str| {
+            format!(
+                "device_id = \"pi-01\"\n[broker]\nhost = \"localhost\"\n[[schedule]]\ntrace = \"t\"\nevery = \"{every}\"\n"
+            )
+        };
+        std::fs::write(&p, config("15m")).unwrap();
+        let c = AgentConfig::load(&p).unwrap();
+        assert_eq!(c.schedule[0].every, Duration::from_secs(900));
+        for (bad, says) in [("0s", "at least 1s"), ("soon", "expected e.g.")] {
+            std::fs::write(&p, config(bad)).unwrap();
+            let e = format!("{:#}", AgentConfig::load(&p).unwrap_err());
+            assert!(
+                e.contains("follower.toml") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn the_example_follower_config_loads() {
