@@ -206,10 +206,11 @@ pub(super) fn run_shell(
     stopper: &Stopper,
 ) -> Result<ShellOutput, String> {
     // The step's cgroup slot, held while the step runs (forked hosts share the run's slots).
-    let slot = containment
-        .cgroups
-        .as_ref()
-        .map(|c| c.slot(slot).lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let slot = containment.cgroups.as_ref().map(|c| {
+        c.slot(slot)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
     let setup = || ChildSetup {
         join_fds: slot.as_ref().map(|s| s.join_fds()).unwrap_or_default(),
         seccomp: containment.seccomp.clone(),

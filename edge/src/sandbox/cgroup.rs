@@ -182,7 +182,10 @@ fn make_cgroup(dir: &Path) -> Result<(), String> {
         Ok(())
     } else {
         let _ = std::fs::remove_dir(dir);
-        Err(format!("{} is not a cgroup (no cgroup.procs)", dir.display()))
+        Err(format!(
+            "{} is not a cgroup (no cgroup.procs)",
+            dir.display()
+        ))
     }
 }
 
@@ -254,7 +257,8 @@ impl Plan {
                         enable(&own, &["memory", "pids"])
                     };
                     let on = enable(&top, &["memory", "pids"]);
-                    let has = |c: &str| on.iter().any(|x| x == c) && from_own.iter().any(|x| x == c);
+                    let has =
+                        |c: &str| on.iter().any(|x| x == c) && from_own.iter().any(|x| x == c);
                     let h = Hier {
                         v2: true,
                         memory: has("memory"),
@@ -723,7 +727,10 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/memory/process_api/97e3"))
         );
         assert_eq!(l.pids.as_deref(), Some(Path::new("/sys/fs/cgroup/pids")));
-        assert_eq!(l.freezer.as_deref(), Some(Path::new("/sys/fs/cgroup/freezer")));
+        assert_eq!(
+            l.freezer.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/freezer"))
+        );
     }
 
     #[test]
@@ -754,12 +761,22 @@ mod tests {
         assert!(err.contains("is not a cgroup"), "{err}");
         assert!(!d.path().join("tracefleet-x").exists());
         let none = Plan::new(&Layout::default(), Some("none"), "k");
-        assert!(none.setup("r", 1, StepCaps::for_device(0)).unwrap_err().contains("none"));
+        assert!(
+            none.setup("r", 1, StepCaps::for_device(0))
+                .unwrap_err()
+                .contains("none")
+        );
     }
 
     #[test]
     fn the_state_key_is_stable_and_differs_by_directory() {
-        assert_eq!(state_key(Path::new("/nonexistent/a")), state_key(Path::new("/nonexistent/a")));
-        assert_ne!(state_key(Path::new("/nonexistent/a")), state_key(Path::new("/nonexistent/b")));
+        assert_eq!(
+            state_key(Path::new("/nonexistent/a")),
+            state_key(Path::new("/nonexistent/a"))
+        );
+        assert_ne!(
+            state_key(Path::new("/nonexistent/a")),
+            state_key(Path::new("/nonexistent/b"))
+        );
     }
 }
