@@ -202,7 +202,7 @@ fn net_trace(ws: &Workspace, name: &str, command: &str, internet: bool) -> Strin
         "---\ntrace_id: {name}\nversion: \"1.0.0\"\ngoal_signature: {name}\nmetadata:\n  requires_internet: {internet}\n---\n### Step 1: try\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"{cmd}\"\ntimeout_secs: 20\n```\n"
     );
     let file = format!("{name}.trace.md");
-    std::fs::write(ws.path(&file), src).unwrap();
+    std::fs::write(ws.path(&file), src).expect("write trace");
     file
 }
 

@@ -307,12 +307,14 @@ impl Host for LocalHost {
         run_shell(
             command,
             env,
-            &self.base_dir,
             timeout,
-            self.limits,
-            &self.containment,
-            self.slot,
-            &self.stopper,
+            &process::Place {
+                dir: &self.base_dir,
+                limits: self.limits,
+                containment: &self.containment,
+                slot: self.slot,
+                stopper: &self.stopper,
+            },
         )
     }
 

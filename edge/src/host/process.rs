@@ -194,17 +194,30 @@ fn contain(
         .process_group(0);
 }
 
-/// Runs `/bin/sh -c command` in `dir` with the containment described in the module docs.
+/// Where and how a shell command runs: the run's directory, limits, containment (with this
+/// host's cgroup slot) and stop requests.
+pub(super) struct Place<'a> {
+    pub(super) dir: &'a Path,
+    pub(super) limits: ResourceLimits,
+    pub(super) containment: &'a Containment,
+    pub(super) slot: usize,
+    pub(super) stopper: &'a Stopper,
+}
+
+/// Runs `/bin/sh -c command` in `place` with the containment described in the module docs.
 pub(super) fn run_shell(
     command: &str,
     env: &[(String, String)],
-    dir: &Path,
     timeout: Duration,
-    limits: ResourceLimits,
-    containment: &Containment,
-    slot: usize,
-    stopper: &Stopper,
+    place: &Place<'_>,
 ) -> Result<ShellOutput, String> {
+    let Place {
+        dir,
+        limits,
+        containment,
+        slot,
+        stopper,
+    } = *place;
     // The step's cgroup slot, held while the step runs (forked hosts share the run's slots).
     let slot = containment.cgroups.as_ref().map(|c| {
         c.slot(slot)
