@@ -74,3 +74,20 @@ pub fn programs(network: bool) -> (Vec<BpfProgram>, Protection) {
     };
     (progs, protection)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_filtered_unless_the_trace_requires_internet() {
+        let (progs, p) = programs(false);
+        if std::env::consts::ARCH == "x86_64" || std::env::consts::ARCH == "aarch64" {
+            assert_eq!(progs.len(), 2, "io_uring and socket filters");
+            assert!(p.active, "{p:?}");
+        }
+        let (progs, p) = programs(true);
+        assert!(progs.len() <= 1, "io_uring only");
+        assert!(!p.active && p.detail.contains("requires_internet"), "{p:?}");
+    }
+}
