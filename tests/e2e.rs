@@ -123,6 +123,39 @@ fn tampered_signed_trace_is_refused_and_nothing_runs() {
 }
 
 #[test]
+fn an_installed_trace_altered_in_the_store_is_refused_at_the_next_run() {
+    let ws = Workspace::new();
+    let key = ws.key("traces");
+    let signed = ws.sign("fixtures/write-marker.trace.md", &key);
+    ws.trust(&key);
+    let r = ws.follower(&["install", &signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let db = rusqlite::Connection::open(ws.state_dir().join("follower.db")).unwrap();
+    let (id, mut bytes): (String, Vec<u8>) = db
+        .query_row("SELECT trace_id, signed FROM installed_traces", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    let ok = ws.follower(&["run", &id, "--base-dir", "good"]);
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+
+    // Someone with write access to the state directory edits the stored trace (a byte of the
+    // compiled trace inside the envelope): installed once is not trusted forever.
+    let at = bytes.len() - 120;
+    bytes[at] ^= 0x20;
+    db.execute("UPDATE installed_traces SET signed = ?1", [&bytes])
+        .unwrap();
+    drop(db);
+    let r = ws.follower(&["run", &id, "--base-dir", "bad"]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("content hash mismatch"), "{}", r.stderr);
+    assert!(!ws.path("bad").exists(), "the run must not start");
+    let check = ws.follower(&["check"]);
+    assert_eq!(check.code, Some(1), "{check:?}");
+    assert!(check.stdout.contains("content hash mismatch"), "{check:?}");
+}
+
+#[test]
 fn trace_signed_by_an_untrusted_key_is_refused() {
     let ws = Workspace::new();
     let trusted = ws.key("trusted");
@@ -770,7 +803,9 @@ fn a_bundle_can_carry_a_root_rotation_and_traces_signed_by_the_new_key() {
 fn install_survives_sigkill_at_any_point() {
     let ws = Workspace::new();
     let a = ws.key("a");
-    ws.provision(&[&a], 1);
+    let root = ws.root_v1(&[&a], 1, "365d");
+    let r = ws.follower(&["trust", "init", &root]);
+    assert_eq!(r.code, Some(0), "{r:?}");
     let model = fake_gguf(&ws, "m.gguf", 2 << 20);
     let bundles: Vec<String> = (1..=60)
         .map(|i| {
@@ -798,18 +833,40 @@ fn install_survives_sigkill_at_any_point() {
         })
         .collect();
     let follower = tracefleet_e2e::bin("follower");
-    let mut seed: u64 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    // TRACEFLEET_TEST_SEED=N replays a run of this test (the seed is printed first).
+    let mut seed: u64 = std::env::var("TRACEFLEET_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
         | 1;
+    eprintln!("install_survives_sigkill_at_any_point: TRACEFLEET_TEST_SEED={seed}");
+    // Kill points spread over 1.3 times an uninterrupted install as this machine runs it now
+    // (a fixed span kills every install on a loaded machine, or none on a fast one).
+    let timing = |args: &[&str]| {
+        std::process::Command::new(&follower)
+            .args(args)
+            .current_dir(ws.path("."))
+            .env("TRACEFLEET_STATE_DIR", ws.path("timing-state"))
+            .output()
+            .unwrap()
+    };
+    assert!(timing(&["trust", "init", &root]).status.success());
+    let timed = std::time::Instant::now();
+    let r = timing(&["install", &bundles[0]]);
+    let span_us = u64::try_from(timed.elapsed().as_micros()).unwrap() * 13 / 10;
+    assert!(r.status.success(), "{r:?}");
     let mut next = 0usize;
     let (mut killed, mut completed) = (0, 0);
     for _ in 0..200 {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let delay = std::time::Duration::from_micros(seed % 130_000);
+        let delay = std::time::Duration::from_micros(seed % span_us);
         let mut child = std::process::Command::new(&follower)
             .args(["install", &bundles[next.min(bundles.len() - 1)]])
             .current_dir(ws.path("."))
@@ -851,6 +908,12 @@ fn install_survives_sigkill_at_any_point() {
     assert!(
         killed > 20,
         "the loop should kill many installs mid-way ({killed})"
+    );
+    // And installs got through between the kills: an empty store would pass every check
+    // above, proving nothing.
+    assert!(
+        completed > 0 && next > 0,
+        "no install completed ({completed} finished, reached bundle {next})"
     );
 }
 

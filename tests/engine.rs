@@ -664,3 +664,189 @@ fn webfetch_needs_declared_internet_fails_offline_fast_and_fetches_over_real_htt
     );
     assert_eq!(statuses(&rep), vec!["not_run"]);
 }
+
+/// Starts a background `follower run` of `src`, waits for `marker` in `base`, and kills the
+/// follower with SIGKILL there (a crash in the middle of a step).
+fn crash_at(ws: &Workspace, args: &[&str], marker: &Path) {
+    let _ = std::fs::remove_file(marker);
+    let mut child = spawn_run(ws, args);
+    wait_for(marker);
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+}
+
+#[test]
+fn with_base_dir_a_killed_run_resumes_in_that_directory_and_only_there() {
+    let ws = Workspace::new();
+    let src = trace(
+        &ws,
+        "crash-base-dir",
+        &[
+            "echo a >> steps.log",
+            "touch started; while [ ! -f go ]; do sleep 0.05; done; echo b >> steps.log",
+            "echo c >> steps.log",
+        ],
+    );
+    let site = ws.path("site");
+    let site_s = site.to_str().unwrap();
+    crash_at(
+        &ws,
+        &[&src, "--allow-unsigned", "--base-dir", site_s],
+        &site.join("started"),
+    );
+    std::fs::write(site.join("go"), "").unwrap();
+
+    // Another directory is another run: it starts anew there.
+    let other = ws.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("go"), "").unwrap();
+    let r = ws.follower(&[
+        "run",
+        &src,
+        "--allow-unsigned",
+        "--base-dir",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(!r.stderr.contains("resuming run"), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(other.join("steps.log")).unwrap(),
+        "a\nb\nc\n"
+    );
+
+    // The same directory continues the unfinished run: step 1 is not repeated.
+    let r = ws.follower(&["run", &src, "--allow-unsigned", "--base-dir", site_s]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("resuming run"), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(site.join("steps.log")).unwrap(),
+        "a\nb\nc\n"
+    );
+}
+
+#[test]
+fn a_run_whose_process_dies_twice_at_the_same_step_is_not_resumed_automatically() {
+    let ws = Workspace::new();
+    let src = trace(
+        &ws,
+        "crash-loop",
+        &[
+            "echo a >> steps.log",
+            // Waits for the test, at most 30 s (so old code fails instead of hanging).
+            "echo try >> attempts.log; touch started; timeout 30 sh -c 'while [ ! -f go ]; do sleep 0.05; done'",
+            "echo c >> steps.log",
+        ],
+    );
+    let site = ws.path("site");
+    let site_s = site.to_str().unwrap();
+    let args = [src.as_str(), "--allow-unsigned", "--base-dir", site_s];
+    // First death at step 2; the next `follower run` resumes it (interrupted once there)...
+    crash_at(&ws, &args, &site.join("started"));
+    crash_at(&ws, &args, &site.join("started"));
+    // ...and dies there again: the third is refused, and nothing runs.
+    let r = ws.follower(&["run", &src, "--allow-unsigned", "--base-dir", site_s]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("interrupted 2 times in a row at step 2"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("follower resume"), "{r:?}");
+    // Asking again does not count again, and still runs nothing.
+    let again = ws.follower(&["run", &src, "--allow-unsigned", "--base-dir", site_s]);
+    assert!(again.stderr.contains("2 times"), "{again:?}");
+    assert_eq!(
+        std::fs::read_to_string(site.join("attempts.log")).unwrap(),
+        "try\ntry\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(site.join("steps.log")).unwrap(),
+        "a\n"
+    );
+
+    // The operator's explicit resume runs it, from step 2.
+    std::fs::write(site.join("go"), "").unwrap();
+    let id = only_run_id(&ws);
+    let r = ws.follower(&["resume", &id, "--allow-unsigned"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(site.join("steps.log")).unwrap(),
+        "a\nc\n"
+    );
+}
+
+#[test]
+fn a_journal_write_failing_on_a_full_disk_exits_1_and_the_run_continues_once_there_is_room() {
+    // A real full disk: the state directory on a 512 KiB tmpfs in a private mount namespace
+    // (needs root, as CI runs).
+    if !Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: `unshare -m` is not permitted here (needs root)");
+        return;
+    }
+    let ws = Workspace::new();
+    let src = trace(
+        &ws,
+        "full-disk",
+        &[
+            "echo 1 >> steps.log",
+            // 2 MB of output: its journal record does not fit.
+            "echo 2 >> steps.log; yes x | head -c 2000000",
+            "echo 3 >> steps.log",
+        ],
+    );
+    let state = ws.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    let site = ws.path("site");
+    let script = format!(
+        "mount -t tmpfs -o size=512k tmpfs '{state}' || exit 99
+         '{f}' run '{src}' --allow-unsigned --base-dir '{site}'; echo \"first=$?\"
+         mount -o remount,size=16m '{state}'
+         '{f}' run '{src}' --allow-unsigned --base-dir '{site}'; echo \"second=$?\"",
+        state = state.display(),
+        f = bin("follower").display(),
+        site = site.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(ws.path("."))
+        .env("TRACEFLEET_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("first=1"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("journaling the run"), "{stderr}");
+    assert!(stderr.contains("full"), "{stderr}");
+    assert!(stdout.contains("second=0"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("resuming run"), "{stderr}");
+    // Step 1 ran once; step 2, whose record was lost, ran again; then step 3.
+    assert_eq!(
+        std::fs::read_to_string(site.join("steps.log")).unwrap(),
+        "1\n2\n2\n3\n"
+    );
+}
+
+#[test]
+fn follower_check_fails_on_a_store_truncated_to_zero_bytes() {
+    let ws = Workspace::new();
+    let src = trace(&ws, "zero-store", &["echo a"]);
+    let r = ws.follower(&["run", &src, "--allow-unsigned"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(ws.follower(&["check"]).code, Some(0));
+    let db = ws.state_dir().join("follower.db");
+    std::fs::File::create(&db).unwrap();
+    for extra in ["follower.db-wal", "follower.db-shm"] {
+        let _ = std::fs::remove_file(ws.state_dir().join(extra));
+    }
+    let r = ws.follower(&["check"]);
+    assert_ne!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("holds no schema"), "{r:?}");
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().len(),
+        0,
+        "refusing wrote nothing"
+    );
+}

@@ -1598,9 +1598,10 @@ fn a_stuck_run_is_aborted_by_the_learner() {
     let _learner = serve(&ws);
     let _agent = agent(&ws);
     wait_online(&ws, true);
-    command_run(&ws, "pi-01", "canary-check");
-    // Past 2 s the learner sends abort; the follower aborts the step and stops the run.
     let t = std::time::Instant::now();
+    command_run(&ws, "pi-01", "canary-check");
+    // Past 2 s the learner sends abort; the follower aborts the step and stops the run —
+    // not before min_after, and long before the step's own 120 s.
     ws.wait_until(60, "the stuck run stopped", || {
         let r = ws.follower(&["runs", "list"]);
         r.stdout
@@ -1608,26 +1609,44 @@ fn a_stuck_run_is_aborted_by_the_learner() {
             .any(|l| l.contains("stopped"))
             .then_some(())
     });
-    assert!(t.elapsed() < std::time::Duration::from_secs(60));
+    let took = t.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(2),
+        "aborted after {took:?}, before min_after (2 s)"
+    );
     let log = std::fs::read_to_string(ws.path("learner.log")).expect("log");
-    assert!(log.contains("stuck run"), "{log}");
+    assert!(
+        log.contains("stuck run") && log.contains("abort_sent"),
+        "{log}"
+    );
+    // The abort sufficed: no kill, so no escalation for a person.
+    assert!(!log.contains("kill_sent"), "{log}");
     let agent_log = std::fs::read_to_string(ws.path("follower.log")).expect("log");
     assert!(agent_log.contains("Abort"), "{agent_log}");
+    assert!(!agent_log.contains("Kill"), "{agent_log}");
+    let escalations = runs(&ws)["escalations"].to_string();
+    assert!(!escalations.contains("stuck"), "{escalations}");
+}
+
+/// A fleet whose device's one model is the test model (registered), and a trace
+/// `judge-services` whose judgement step's reference answers that model does not repeat (0 of
+/// 3): the broker, the source's path (relative) and the signed trace's.
+fn fleet_with_a_judgement_its_model_fails(ws: &Workspace) -> (Broker, String, String) {
+    use crate::judgement::{UDP, examples, trace};
+    let broker = Broker::start(ws);
+    let _ = fleet(ws, &broker);
+    let m = tracefleet_e2e::model();
+    let r = ws.follower(&["models", "add", m.to_str().expect("utf-8 path")]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let src = trace(ws, "judge-services", &examples(&UDP, "udp"));
+    let signed = ws.sign(ws.path(&src).to_str().expect("utf-8 path"), "traces.key");
+    (broker, src, signed)
 }
 
 #[test]
 fn a_devices_judgement_fidelity_reaches_the_learner_and_learner_fleet() {
-    use crate::judgement::{UDP, examples, trace};
     let ws = Workspace::new();
-    let broker = Broker::start(&ws);
-    let _ = fleet(&ws, &broker);
-    // The device's one model: the test model, registered.
-    let m = tracefleet_e2e::model();
-    let r = ws.follower(&["models", "add", m.to_str().unwrap()]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    // A judgement step whose reference answers the model does not repeat (0 of 3).
-    let src = trace(&ws, "judge-services", &examples(&UDP, "udp"));
-    let signed = ws.sign(ws.path(&src).to_str().unwrap(), "traces.key");
+    let (_broker, _, signed) = fleet_with_a_judgement_its_model_fails(&ws);
     let _learner = serve(&ws);
     roll_out_to_canary_group(&ws, &signed);
     let _agent = agent(&ws);
@@ -1674,4 +1693,74 @@ fn a_devices_judgement_fidelity_reaches_the_learner_and_learner_fleet() {
         ),
         "{r:?}"
     );
+}
+
+#[test]
+fn low_fidelity_on_a_device_sets_serve_regenerating_with_the_disagreements_in_the_prompt() {
+    use crate::judgement::UDP;
+    let ws = Workspace::new();
+    // Its source is kept by the learner (`rollout start --source`).
+    let (_broker, src, signed) = fleet_with_a_judgement_its_model_fails(&ws);
+    let source = std::fs::read_to_string(ws.path(&src)).expect("source");
+    let fixed = source.replace("expect: udp", "expect_regex: \"^(tcp|udp)$\"");
+    let api = FakeMessagesApi::start(vec![FakeMessagesApi::reply(&fixed, 2000, 300)]);
+    // Only the fidelity trigger: not the escalation of the run, not its confidence.
+    configure_learner(
+        &ws,
+        &format!(
+            "[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\n\n[regenerate]\nkeys = [\"traces.key\"]\nbelow_confidence = 0.0\non_escalation = false\nout_dir = \"regenerated\"\n",
+            api.base_url
+        ),
+    );
+    let _learner = ws.daemon_env(
+        "learner",
+        &["serve", "--config", "learner.toml"],
+        &[("TEST_ANTHROPIC_KEY", "sk-test")],
+    );
+    let r = ws.learner(&[
+        "rollout",
+        "start",
+        &signed,
+        "--source",
+        &src,
+        "--waves",
+        "canary",
+        "--config",
+        "learner.toml",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let _agent = agent(&ws);
+    wait_installed(&ws);
+    wait_online(&ws, true);
+    command_run(&ws, "pi-01", "judge-services");
+
+    let regen = ws.wait_until(90, "the regeneration low fidelity sets off", || {
+        runs(&ws)["regenerations"]
+            .as_array()
+            .and_then(|r| r.first().cloned())
+    });
+    assert_eq!(regen["outcome"], "compiled", "{regen}");
+    assert_eq!(regen["from_version"], "1.0.0", "{regen}");
+    assert_eq!(regen["to_version"], "1.1.0", "{regen}");
+    assert_eq!(
+        regen["trigger"],
+        "fidelity below min_fidelity on 1 of 1 device(s): step 1 with SmolLM2-135M-Instruct.Q4_1 on pi-01: 0/3 (0.00 < 0.80)",
+        "{regen}"
+    );
+    let requests = api.requests.lock().expect("lock");
+    let first = requests[0].1["messages"][0]["content"]
+        .as_str()
+        .expect("turn");
+    assert!(
+        first.contains("step 1 of version 1.0.0 on pi-01, model SmolLM2-135M-Instruct.Q4_1: agrees with 0 of 3 reference answers (0.00 < 0.80)"),
+        "{first}"
+    );
+    for entry in UDP {
+        assert!(
+            first.contains(&format!(
+                "vars {{entry: {entry:?}}}; expected \"udp\"; the model answered \"tcp\""
+            )),
+            "{entry}: {first}"
+        );
+    }
 }

@@ -1,11 +1,12 @@
 //! Judgement steps with the real models: a step whose model disagrees with its reference
 //! answers escalates before it runs and never reports success, one whose model agrees runs;
 //! `follower eval` on a small labelled set; a base model (Gemma 3 270M, no chat template) in
-//! completion mode.
+//! completion mode; the learner scoring a regenerated judgement step on its own examples
+//! with the devices' model before it accepts it.
 
 #![allow(clippy::unwrap_used)] // tests state expectations by unwrapping
 
-use tracefleet_e2e::{Workspace, model, repo_root};
+use tracefleet_e2e::{FakeMessagesApi, Workspace, bin, model, repo_root};
 
 /// A services-entry trace whose one judgement step carries `examples` (YAML list items at
 /// four spaces).
@@ -195,6 +196,16 @@ fn follower_eval_scores_a_labelled_set_and_refuses_bad_input() {
         .map(|(label, row)| row.get(label).and_then(|n| n.as_u64()).unwrap_or(0))
         .sum();
     assert!((f("accuracy") - diagonal as f64 / 6.0).abs() < 1e-9, "{e}");
+    // The items off the diagonal, each with the model's answer (what the learner's dry run
+    // sends back to the model that wrote the examples).
+    assert_eq!(e["wrong"].as_u64(), Some(6 - diagonal), "{e}");
+    let wrong = e["disagreements"].as_array().unwrap();
+    assert_eq!(wrong.len() as u64, 6 - diagonal, "{e}");
+    assert!(
+        wrong.iter().all(|d| d["item"].as_u64().unwrap() < 6
+            && ["tcp", "udp"].contains(&d["answer"].as_str().unwrap())),
+        "{e}"
+    );
     assert_eq!(f("selective_accuracy"), f("accuracy"));
     assert!((0.0..=1.0).contains(&f("ece")));
     assert!(e["prompt_tokens"].as_u64().unwrap() > 6 * 20);
@@ -258,4 +269,89 @@ fn a_base_model_without_a_chat_template_answers_in_completion_mode() {
             assert!(answer == "tcp" || answer == "udp", "{e}");
         }
     }
+}
+
+#[test]
+fn the_learner_scores_a_regenerated_judgement_on_its_examples_and_sends_the_disagreements_back() {
+    let ws = Workspace::new();
+    let r = ws.learner(&[
+        "keys",
+        "generate",
+        "--role",
+        "traces",
+        "--out",
+        "traces.key",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // First reply: the same entry expected once as tcp and once as udp — a greedy model
+    // repeats at most one of the two (1 of 2 < 0.8). Second: answers any model repeats.
+    let entry = "    - vars: {entry: \"xtel 1313/___ # french minitel\"}\n";
+    let contradictory = std::fs::read_to_string(ws.path(&trace(
+        &ws,
+        "svc",
+        &format!("{entry}      expect: tcp\n{entry}      expect: udp\n"),
+    )))
+    .unwrap();
+    let agreeable = contradictory
+        .replace("expect: tcp", "expect_regex: \"^(tcp|udp)$\"")
+        .replace("expect: udp", "expect_regex: \"^(tcp|udp)$\"");
+    let api = FakeMessagesApi::start(vec![
+        FakeMessagesApi::reply(&contradictory, 1000, 200),
+        FakeMessagesApi::reply(&agreeable, 1200, 200),
+    ]);
+    std::fs::write(
+        ws.path("learner.toml"),
+        format!(
+            "db = \"learner.db\"\n[backend]\nkind = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\napi_key_env = \"TEST_ANTHROPIC_KEY\"\nbackoff_ms = 10\n\n[dry_run]\nfollower = \"{}\"\nmodel = \"{}\"\nthreads = 2\ntimeout = \"120s\"\n",
+            api.base_url,
+            bin("follower").display(),
+            model().display()
+        ),
+    )
+    .unwrap();
+    let r = ws.learner_env(
+        &[
+            "regenerate",
+            "svc",
+            "--goal",
+            "name the hidden protocol of a services entry",
+            "--key",
+            "traces.key",
+            "--config",
+            "learner.toml",
+        ],
+        &[("TEST_ANTHROPIC_KEY", "sk-test")],
+    );
+    // Signed, but with no device known there is nothing to roll out to (exit 2, saying so).
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("rollout was not recorded"), "{r:?}");
+    // The accepted candidate's fidelity, measured with the model, is shown and recorded.
+    assert!(
+        r.stdout.contains("svc: fidelity step 1 with ") && r.stdout.contains(": 2/2 (1.00)"),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("version 1.0.0 in 2 round(s)"), "{r:?}");
+    let requests = api.requests.lock().unwrap();
+    assert_eq!(requests.len(), 2);
+    let first = requests[0].1["messages"][0]["content"].as_str().unwrap();
+    let system = requests[0].1["system"].to_string();
+    assert!(
+        system.contains("must carry reference examples")
+            && first.contains("write the first version"),
+        "{system}"
+    );
+    let repair = requests[1].1["messages"][2]["content"].as_str().unwrap();
+    assert!(
+        repair.contains("agrees with 1 of 2 reference answers (0.50 < 0.80)")
+            && repair.contains("vars {entry: \"xtel 1313/___ # french minitel\"}; expected")
+            && repair.contains("the model answered \""),
+        "{repair}"
+    );
+    let runs = ws.learner(&["runs", "list", "--config", "learner.toml", "--json"]);
+    let runs: serde_json::Value = serde_json::from_str(&runs.stdout).unwrap();
+    let detail = runs["regenerations"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("fidelity step 1 with ") && detail.contains("2/2 (1.00)"),
+        "{detail}"
+    );
 }

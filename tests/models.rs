@@ -136,6 +136,24 @@ fn models_are_checked_before_they_are_registered_and_verified_again_on_demand() 
         r.stdout
     );
 
+    // Edited in place with its old mtime put back (`touch -d`): the status-change time still
+    // moved, so a run hashes the file again and refuses it before llama.cpp sees it.
+    std::fs::write(ws.path("classify.trace.md"), CLASSIFY).unwrap();
+    let file = models_dir.join(FILE);
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    flip(&file, 8192);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), mtime);
+    let r = run_classify(&ws, &[]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("sha256 is "), "{}", r.stderr);
+    flip(&file, 8192); // the original bytes again
+
     // Damaged after registration: verify says which and exits 1.
     flip(&models_dir.join(FILE), 4096);
     let r = ws.follower(&["models", "verify", NAME]);

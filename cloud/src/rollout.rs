@@ -613,4 +613,136 @@ mod tests {
             );
         }
     }
+
+    /// A learner database with devices `c1` (group canary) and `w1`, `w2` (group rest), and a
+    /// rollout of `t` 1.0.0 in the waves canary then rest, halting above `max_failure_rate`
+    /// once `min_runs` runs are in.
+    fn rollout(max_failure_rate: f64, min_runs: u32) -> (tempfile::TempDir, LearnerDb) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        db.put_device("c1", true, r#"["canary"]"#);
+        db.put_device("w1", true, r#"["rest"]"#);
+        db.put_device("w2", true, r#"["rest"]"#);
+        let waves = [Wave::Group("canary".into()), Wave::Group("rest".into())];
+        let plan = Plan {
+            trace_id: "t",
+            version: "1.0.0",
+            signed: b"signed trace",
+            waves: &waves,
+            max_failure_rate,
+            min_runs,
+        };
+        start(&mut db, &plan, 0).unwrap();
+        (dir, db)
+    }
+
+    /// What the device sends: its ack of the install, then one report per outcome.
+    fn device_reports(db: &mut LearnerDb, device: &str, outcomes: &[bool]) {
+        use tracefleet::wire::{self, Ack, AckOutcome, ReportMessage, Topic};
+        let ack = Ack {
+            trace_id: "t".into(),
+            version: Some("1.0.0".into()),
+            outcome: AckOutcome::Installed,
+            at: 1,
+        };
+        db.ingest(&Topic::Acks(device.into()).name(), &wire::encode(&ack))
+            .unwrap();
+        for (i, ok) in outcomes.iter().enumerate() {
+            let run = format!("{device}-r{i}");
+            let r = crate::simulate::synthetic_report(device, &run, "t", "1.0.0", *ok);
+            let m = ReportMessage {
+                run_id: run,
+                report_json: serde_json::to_string(&r).unwrap(),
+            };
+            db.ingest(&Topic::Reports(device.into()).name(), &wire::encode(&m))
+                .unwrap();
+        }
+    }
+
+    fn state(db: &LearnerDb) -> (String, i64) {
+        let r = &list(db).unwrap()[0];
+        (r.state.clone(), r.wave)
+    }
+
+    fn topics(p: &[Publish]) -> Vec<(String, bool)> {
+        p.iter()
+            .map(|p| (p.topic.clone(), p.payload.is_empty()))
+            .collect()
+    }
+
+    #[test]
+    fn a_canary_at_the_failure_limit_goes_on_and_one_above_it_halts_and_withdraws() {
+        let canary = wave_topics(&Wave::Group("canary".into()), "t");
+        let rest = wave_topics(&Wave::Group("rest".into()), "t");
+        // Limit 0.25 over at least 4 runs; the canary reports 1 failure in 4: exactly at it.
+        let (_d, mut db) = rollout(0.25, 4);
+        let first = tick(&db, 1, false).unwrap();
+        assert_eq!(
+            topics(&first),
+            canary
+                .iter()
+                .map(|t| (t.clone(), false))
+                .collect::<Vec<_>>()
+        );
+        device_reports(&mut db, "c1", &[true, false, true, true]);
+        let next = tick(&db, 2, false).unwrap();
+        assert_eq!(
+            state(&db),
+            ("running".into(), 1),
+            "at the limit is not above it"
+        );
+        assert_eq!(
+            topics(&next),
+            rest.iter().map(|t| (t.clone(), false)).collect::<Vec<_>>()
+        );
+
+        // 2 failures in 4: above the limit — halted, and every wave reached is withdrawn
+        // (an empty retained message on its topic), the next one never published.
+        let (_d, mut db) = rollout(0.25, 4);
+        tick(&db, 1, false).unwrap();
+        device_reports(&mut db, "c1", &[true, false, false, true]);
+        let halted = tick(&db, 2, false).unwrap();
+        assert_eq!(state(&db), ("halted".into(), 0));
+        assert_eq!(
+            topics(&halted),
+            canary.iter().map(|t| (t.clone(), true)).collect::<Vec<_>>()
+        );
+        let reason = &list(&db).unwrap()[0].reason;
+        assert!(reason.contains("failure rate 0.50 over 4 runs"), "{reason}");
+        assert!(
+            tick(&db, 3, false).unwrap().is_empty(),
+            "a halted rollout stays halted"
+        );
+    }
+
+    #[test]
+    fn a_wave_waits_for_min_runs_before_the_failure_rate_counts_or_the_next_wave_goes() {
+        let (_d, mut db) = rollout(0.25, 4);
+        tick(&db, 1, false).unwrap();
+        // Three runs, all failed: a rate of 1.0, but under min_runs — neither halt nor advance.
+        device_reports(&mut db, "c1", &[false, false, false]);
+        assert!(tick(&db, 2, false).unwrap().is_empty());
+        assert_eq!(state(&db), ("running".into(), 0));
+        // The fourth run (a success) brings min_runs: 3 of 4 failed, halted.
+        let mut more = db;
+        let r = crate::simulate::synthetic_report("c1", "c1-r9", "t", "1.0.0", true);
+        let m = tracefleet::wire::ReportMessage {
+            run_id: "c1-r9".into(),
+            report_json: serde_json::to_string(&r).unwrap(),
+        };
+        more.ingest(
+            &tracefleet::wire::Topic::Reports("c1".into()).name(),
+            &tracefleet::wire::encode(&m),
+        )
+        .unwrap();
+        tick(&more, 3, false).unwrap();
+        assert_eq!(state(&more).0, "halted");
+
+        // Healthy but short of min_runs: the next wave waits.
+        let (_d, mut db) = rollout(0.25, 4);
+        tick(&db, 1, false).unwrap();
+        device_reports(&mut db, "c1", &[true, true, true]);
+        assert!(tick(&db, 2, false).unwrap().is_empty());
+        assert_eq!(state(&db), ("running".into(), 0));
+    }
 }

@@ -669,18 +669,28 @@ impl GgufInfo {
             .fold(0u64, u64::saturating_add)
     }
 
-    /// Bytes of KV cache (f16 keys and values) for a context of `n_ctx` tokens, from the
-    /// architecture's block count, embedding length and (KV) head counts; `None` when the
-    /// metadata lacks them.
+    /// Bytes of KV cache (f16 keys and values) for a context of `n_ctx` tokens: block count ×
+    /// `n_ctx` × KV heads × (key head width + value head width) × 2 bytes. Head widths are
+    /// `attention.key_length` / `attention.value_length` when the model gives them (Gemma 3:
+    /// 256, not its embedding length over its heads, 640 / 4 = 160), else embedding length over
+    /// heads — as llama.cpp's `llama_hparams` reads them. Sliding-window layers are counted
+    /// at the full context (llama.cpp may keep fewer cells there): an upper bound. `None` when
+    /// the metadata lacks the counts.
     pub fn kv_cache_bytes(&self, n_ctx: u64) -> Option<u64> {
         let layers = self.arch_uint("block_count")?;
         let embd = self.arch_uint("embedding_length")?;
         let heads = self.arch_uint("attention.head_count")?.max(1);
         let kv_heads = self.arch_uint("attention.head_count_kv").unwrap_or(heads);
-        let embd_kv = embd.checked_mul(kv_heads)? / heads;
-        2u64.checked_mul(layers)?
+        let head_k = self
+            .arch_uint("attention.key_length")
+            .unwrap_or(embd / heads);
+        let head_v = self
+            .arch_uint("attention.value_length")
+            .unwrap_or(embd / heads);
+        layers
             .checked_mul(n_ctx)?
-            .checked_mul(embd_kv)?
+            .checked_mul(kv_heads)?
+            .checked_mul(head_k.checked_add(head_v)?)?
             .checked_mul(2)
     }
 }
@@ -866,5 +876,59 @@ mod tests {
             let e = model(&meta, blocks).check_hyperparameters().unwrap_err();
             assert!(e.to_string().contains(&format!("`llama.{key}`")), "{e}");
         }
+    }
+
+    /// A header's metadata alone, as `(key, value)` pairs.
+    fn info_with(arch: &str, kv: &[(&str, u64)]) -> GgufInfo {
+        let mut metadata = BTreeMap::new();
+        metadata.insert(
+            "general.architecture".to_owned(),
+            MetaValue::String(arch.to_owned()),
+        );
+        for (k, v) in kv {
+            metadata.insert(format!("{arch}.{k}"), MetaValue::Uint(*v));
+        }
+        GgufInfo {
+            version: 3,
+            metadata,
+            tensors: Vec::new(),
+            alignment: 32,
+            data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn kv_cache_bytes_follow_the_head_widths_the_model_gives() {
+        // SmolLM2-135M: 30 layers, 576 wide, 9 heads, 3 KV heads, head width 576 / 9 = 64.
+        let smol = info_with(
+            "llama",
+            &[
+                ("block_count", 30),
+                ("embedding_length", 576),
+                ("attention.head_count", 9),
+                ("attention.head_count_kv", 3),
+            ],
+        );
+        assert_eq!(
+            smol.kv_cache_bytes(4096),
+            Some(30 * 4096 * 3 * (64 + 64) * 2)
+        );
+        // Gemma 3 270M: 18 layers, 640 wide, 4 heads, 1 KV head, but heads 256 wide (not 160).
+        let gemma = info_with(
+            "gemma3",
+            &[
+                ("block_count", 18),
+                ("embedding_length", 640),
+                ("attention.head_count", 4),
+                ("attention.head_count_kv", 1),
+                ("attention.key_length", 256),
+                ("attention.value_length", 256),
+            ],
+        );
+        assert_eq!(
+            gemma.kv_cache_bytes(4096),
+            Some(18 * 4096 * (256 + 256) * 2)
+        );
+        assert_eq!(info_with("gemma3", &[]).kv_cache_bytes(4096), None);
     }
 }

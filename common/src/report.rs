@@ -184,9 +184,10 @@ pub struct Report {
     pub goal_signature: String,
     /// Outcome.
     pub status: RunStatus,
-    /// Steps in the trace.
+    /// Steps in the trace's main flow (a step that runs only as another's fallback is not
+    /// counted; its result is in `step_results` when it ran).
     pub total_steps: u32,
-    /// Steps that succeeded.
+    /// Main-flow steps that succeeded or were recovered by their fallback.
     pub completed_steps: u32,
     /// The step that failed the run, if one did.
     pub failed_step: Option<u32>,

@@ -158,7 +158,12 @@ fn main() -> ExitCode {
                 "error: {}",
                 message.strip_prefix("error: ").unwrap_or(&message)
             );
-            ExitCode::from(2)
+            // 1: the run executed and did not succeed; 2: nothing ran.
+            if e.downcast_ref::<follower::runner::AfterStart>().is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }

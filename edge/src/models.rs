@@ -4,9 +4,9 @@
 //! is read with every length checked ([`tracefleet::gguf`]), every tensor's data must lie inside
 //! the file, the bytes kept are hashed (SHA-256) and, when a manifest (`models/models.toml`)
 //! or `--sha256` names the file, must match it. Before a run loads a model the follower
-//! checks the header again and compares the file's identity (device, inode, size, mtime) with
-//! the one recorded when it was last hashed; a changed file is hashed again and refused unless
-//! it still has the registered hash. So a broken, truncated or swapped model file never reaches
+//! checks the header again and compares the file's identity (device, inode, size, mtime,
+//! ctime) with the one recorded when it was last hashed; a changed file is hashed again and
+//! refused unless it still has the registered hash. So a broken, truncated or swapped model file never reaches
 //! llama.cpp.
 
 use sha2::{Digest, Sha256};
@@ -123,16 +123,22 @@ pub fn models_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("models")
 }
 
-/// A file's identity: device, inode, size and modification time (ns). If it is unchanged
-/// the bytes were not rewritten through the file system.
+/// A file's identity: device, inode, size, modification time and status-change time (ns).
+/// The status-change time (ctime) is what makes it hold: the kernel sets it to the current
+/// time on every write and every metadata change, `utimensat` included, and no system call
+/// sets it back — so a file edited and given its old mtime again (`touch -d`) has another
+/// stamp. If the stamp is unchanged the bytes were not rewritten through the file system
+/// (short of resetting the system clock, which needs root and is out of scope).
 pub fn file_stamp(meta: &std::fs::Metadata) -> String {
     format!(
-        "{}:{}:{}:{}.{:09}",
+        "{}:{}:{}:{}.{:09}:{}.{:09}",
         meta.dev(),
         meta.ino(),
         meta.len(),
         meta.mtime(),
-        meta.mtime_nsec()
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
     )
 }
 
@@ -507,6 +513,9 @@ pub fn verify(
     }
     let sha256 = hash_file(&path, &format!("verifying {}", row.name))?;
     if sha256 != row.sha256 {
+        // Forget the last good stamp: nothing may load this file again without a hash that
+        // matches, whatever its stamp becomes.
+        store.mark_model_verified(&row.name, &row.verified_at, "")?;
         return Err(ModelError::Mismatch {
             path,
             what: "sha256",

@@ -1,7 +1,8 @@
 //! Judgement fidelity as devices report it: for each device, trace version, judgement step
-//! and model, how many of the step's reference answers the device's model repeated (the last
-//! measurement reported wins). Read by `learner fleet`, `learner runs list --json`, and by
-//! ingest, which holds a version's fleet confidence under the follower-mode threshold while
+//! and model, how many of the step's reference answers the device's model repeated, and the
+//! answers it gave where it did not (the last measurement reported wins). Read by `learner
+//! fleet`, `learner runs list --json`, the regeneration triggers ([`LearnerDb::low_fidelity`],
+//! whose disagreements go into the prompt), and by ingest, which holds a version's fleet confidence under the follower-mode threshold while
 //! most devices reporting fidelity for it fall below a step's `min_fidelity`
 //! ([`tracefleet::confidence::with_fidelity`]).
 
@@ -30,6 +31,8 @@ pub struct FidelityRow {
     pub min_fidelity: f64,
     /// When it was reported (Unix seconds).
     pub at: i64,
+    /// The first disagreements: (index into the step's scored examples, the model's answer).
+    pub disagreements: Vec<(u32, String)>,
 }
 
 impl FidelityRow {
@@ -54,11 +57,12 @@ pub(super) fn record(
     now: i64,
 ) -> rusqlite::Result<()> {
     let mut upsert = tx.prepare_cached(
-        "INSERT INTO fidelity (device_id, trace_id, version, step, model, agreements, total, min_fidelity, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO fidelity (device_id, trace_id, version, step, model, agreements, total, min_fidelity, at, disagreements)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (device_id, trace_id, version, step, model) DO UPDATE SET
            agreements = excluded.agreements, total = excluded.total,
-           min_fidelity = excluded.min_fidelity, at = excluded.at",
+           min_fidelity = excluded.min_fidelity, at = excluded.at,
+           disagreements = excluded.disagreements",
     )?;
     for f in fidelity {
         upsert.execute(params![
@@ -70,7 +74,8 @@ pub(super) fn record(
             f.agreements,
             f.total,
             f64::from(f.min_fidelity),
-            now
+            now,
+            serde_json::to_string(&f.disagreements).unwrap_or_else(|_| "[]".into())
         ])?;
     }
     Ok(())
@@ -94,29 +99,64 @@ pub(super) fn failing_devices(
     })
 }
 
+/// The columns [`row`] reads, in its order.
+const COLUMNS: &str =
+    "device_id, trace_id, version, step, model, agreements, total, min_fidelity, at, disagreements";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FidelityRow> {
+    Ok(FidelityRow {
+        device_id: r.get(0)?,
+        trace_id: r.get(1)?,
+        version: r.get(2)?,
+        step: r.get(3)?,
+        model: r.get(4)?,
+        agreements: r.get(5)?,
+        total: r.get(6)?,
+        min_fidelity: r.get(7)?,
+        at: r.get(8)?,
+        // Written by `record` from the same type; anything else reads as none.
+        disagreements: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
+    })
+}
+
 impl LearnerDb {
     /// Every fidelity devices reported, by device, trace, version, step.
     ///
     /// # Errors
     /// On SQLite failure.
     pub fn fidelity(&self) -> super::Result<Vec<FidelityRow>> {
-        let mut s = self.conn.prepare(
-            "SELECT device_id, trace_id, version, step, model, agreements, total, min_fidelity, at
-             FROM fidelity ORDER BY device_id, trace_id, version, step, model",
-        )?;
-        let rows = s.query_map([], |r| {
-            Ok(FidelityRow {
-                device_id: r.get(0)?,
-                trace_id: r.get(1)?,
-                version: r.get(2)?,
-                step: r.get(3)?,
-                model: r.get(4)?,
-                agreements: r.get(5)?,
-                total: r.get(6)?,
-                min_fidelity: r.get(7)?,
-                at: r.get(8)?,
-            })
-        })?;
+        let mut s = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM fidelity ORDER BY device_id, trace_id, version, step, model"
+        ))?;
+        let rows = s.query_map([], row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The fidelity records of `trace_id` `version` under their step's minimum (the
+    /// follower's own rule, [`FidelityRow::passes`]), lowest ratio first, and how many
+    /// devices reported fidelity for that version.
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn low_fidelity(
+        &self,
+        trace_id: &str,
+        version: &str,
+    ) -> super::Result<(Vec<FidelityRow>, u64)> {
+        let mut s = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM fidelity WHERE trace_id = ?1 AND version = ?2
+             ORDER BY step, device_id, model"
+        ))?;
+        let all = s
+            .query_map(params![trace_id, version], row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let devices = all
+            .iter()
+            .map(|r| r.device_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64;
+        let mut low: Vec<FidelityRow> = all.into_iter().filter(|r| !r.passes()).collect();
+        low.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        Ok((low, devices))
     }
 }

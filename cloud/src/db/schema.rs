@@ -164,4 +164,7 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (device_id, trace_id, version, step, model)
     );",
     ),
+    // The reference answers the device's model did not repeat (JSON `[[index into the
+    // step's scored examples, the model's answer], …]`): what a regeneration is shown.
+    M::up("ALTER TABLE fidelity ADD COLUMN disagreements TEXT NOT NULL DEFAULT '[]';"),
 ];

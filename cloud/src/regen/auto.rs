@@ -15,6 +15,11 @@
 //!   fleet confidence is below `below_confidence`;
 //! - **escalation**: a run of a trace escalated (`human_escalate`; escalations without a run,
 //!   such as an autonomy refusal, are for people only);
+//! - **low fidelity**: devices report a judgement step of the newest version whose model
+//!   repeats fewer of its reference answers than the step's `min_fidelity` (what
+//!   [`crate::db::LearnerDb::low_fidelity`] finds); every job's prompt holds the
+//!   disagreements reported for the version it replaces (the example, the answer expected,
+//!   the device model's answer), whatever set it off;
 //! - **new goal**: a device asked for a goal no installed trace matches
 //!   ([`tracefleet::wire::unmatched_goal`]): a first version is written under an id made from
 //!   the goal ([`goal_trace_id`]).
@@ -62,6 +67,10 @@ pub struct AutoConfig {
     /// Regenerate a trace when one of its runs escalates (default true).
     #[serde(default = "yes")]
     pub on_escalation: bool,
+    /// Regenerate a trace when devices report a judgement step of its newest version below
+    /// the step's `min_fidelity` (default true).
+    #[serde(default = "yes")]
+    pub on_low_fidelity: bool,
     /// Write a first trace for a goal a device found no trace for (default true).
     #[serde(default = "yes")]
     pub new_goals: bool,
@@ -293,11 +302,16 @@ pub async fn run<B: Backend>(
         trigger: job.trigger.clone(),
         duration_ms: None,
     };
+    let low_fidelity = match &job.from_version {
+        Some(version) => low_fidelity(db, &job.trace_id, version, job.current.as_deref())?,
+        None => Vec::new(),
+    };
     let request = Request {
         trace_id: &job.trace_id,
         goal: &job.goal,
         current: job.current.as_deref(),
         failures: &failures,
+        low_fidelity: &low_fidelity,
         max_rounds,
         dry_run,
     };
@@ -425,6 +439,42 @@ pub async fn run<B: Backend>(
     })
 }
 
+/// The judgement steps of `trace_id` `version` whose fidelity devices reported under the
+/// step's minimum, lowest first, their disagreements matched to the examples of `current`
+/// (the version's source).
+fn low_fidelity(
+    db: &LearnerDb,
+    trace_id: &str,
+    version: &str,
+    current: Option<&str>,
+) -> Result<Vec<super::LowFidelity>, JobError> {
+    let (rows, _) = db
+        .low_fidelity(trace_id, version)
+        .map_err(anyhow::Error::from)?;
+    // The examples are those of the version measured, if that is what the learner kept.
+    let trace = current
+        .and_then(|src| tracefleet::compile::compile_source(trace_id, src).ok())
+        .filter(|(t, _)| t.version.to_string() == version);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            super::LowFidelity::new(
+                format!("version {} on {}", r.version, r.device_id),
+                &tracefleet::judgement::Fidelity {
+                    step: r.step,
+                    model: r.model.clone(),
+                    agreements: r.agreements,
+                    total: r.total,
+                    // Stored from the report's f32.
+                    min_fidelity: r.min_fidelity as f32,
+                    disagreements: r.disagreements.clone(),
+                },
+                trace.as_ref().map(|(t, _)| t),
+            )
+        })
+        .collect())
+}
+
 /// The trace id a first version for `goal` gets: its words, lowercased, joined by `-`
 /// (ASCII letters and digits only, at most 48 bytes), `goal` when nothing is left.
 #[must_use]
@@ -545,6 +595,39 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> crate::db::Result<Vec<J
                 format!(
                     "confidence {:.2} after {} runs (below {})",
                     s.confidence, s.runs, c.below_confidence
+                ),
+            ));
+        }
+    }
+    // Judgement the devices' models do not repeat, on each trace's newest version.
+    if c.on_low_fidelity {
+        let mut trace_ids: Vec<&str> = stats.iter().map(|s| s.trace_id.as_str()).collect();
+        trace_ids.dedup();
+        for trace_id in trace_ids {
+            let Some(newest) = crate::rollout::newest_version(db, trace_id)? else {
+                continue;
+            };
+            let (low, reporting) = db.low_fidelity(trace_id, &newest.to_string())?;
+            let Some(worst) = low.first() else {
+                continue;
+            };
+            let failing = low
+                .iter()
+                .map(|r| r.device_id.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            candidates.push((
+                trace_id.to_owned(),
+                None,
+                format!(
+                    "fidelity below min_fidelity on {failing} of {reporting} device(s): step {} with {} on {}: {}/{} ({:.2} < {:.2})",
+                    worst.step,
+                    worst.model,
+                    worst.device_id,
+                    worst.agreements,
+                    worst.total,
+                    worst.ratio(),
+                    worst.min_fidelity
                 ),
             ));
         }
@@ -844,6 +927,138 @@ mod tests {
             .unwrap();
         escalate(&mut db, "t", Some("r3"), "step 1 failed");
         assert_eq!(due(&mut db, &auto, later + 10 * 3600).unwrap(), vec![]);
+    }
+
+    /// Trace `t` with one judgement step and three reference examples.
+    const JUDGED: &str = "---\ntrace_id: t\nversion: \"1.0.0\"\ngoal_signature: name the protocol\ninputs:\n  entry:\n    default: \"ssh 22/___\"\n---\n### Step 1: protocol\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: \"Protocol of {entry}? Answer tcp or udp.\"\n  grammar: 'root ::= \"tcp\" | \"udp\"'\n  examples:\n    - vars: {entry: \"ssh 22/___\"}\n      expect: tcp\n    - vars: {entry: \"domain 53/___\"}\n      expect: udp\n    - vars: {entry: \"http 80/___\"}\n      expect: tcp\n```\n";
+
+    /// A successful run of `t` 1.0.0 on `device` whose model agreed with `agreements` of 3.
+    fn judged_report(db: &mut LearnerDb, device: &str, run: &str, agreements: u32) {
+        let mut r = crate::simulate::synthetic_report(device, run, "t", "1.0.0", true);
+        r.fidelity = vec![tracefleet::judgement::Fidelity {
+            step: 1,
+            model: "SmolLM2-135M-Instruct.Q4_1".into(),
+            agreements,
+            total: 3,
+            min_fidelity: 0.8,
+            disagreements: [(0, "udp".to_owned()), (2, "udp".to_owned())]
+                .into_iter()
+                .take(3 - agreements as usize)
+                .collect(),
+        }];
+        let m = ReportMessage {
+            run_id: run.to_owned(),
+            report_json: serde_json::to_string(&r).unwrap(),
+        };
+        db.ingest(&Topic::Reports(device.into()).name(), &wire::encode(&m))
+            .unwrap();
+    }
+
+    /// Replays one reply and records the prompts it was sent.
+    struct Recording {
+        reply: String,
+        prompts: std::sync::Mutex<Vec<super::super::backend::Prompt>>,
+    }
+
+    impl Backend for Recording {
+        async fn complete(
+            &self,
+            prompt: &super::super::backend::Prompt,
+        ) -> Result<super::super::backend::Completion, super::super::backend::BackendError>
+        {
+            self.prompts.lock().unwrap().push(prompt.clone());
+            Ok(super::super::backend::Completion {
+                text: self.reply.clone(),
+                model: "claude-test".into(),
+                stop_reason: Some("end_turn".into()),
+                input_tokens: 1000,
+                output_tokens: 100,
+                attempts: 1,
+                cost: 0.01,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn low_fidelity_sets_off_one_regeneration_whose_prompt_holds_the_disagreements() {
+        let d = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&d.path().join("learner.db")).unwrap();
+        let auto: AutoConfig = toml::from_str("keys = [\"traces.key\"]").unwrap();
+        let auto = auto.resolve(d.path()).unwrap();
+        let now = now_secs();
+        db.record_source("t", "1.0.0", JUDGED).unwrap();
+
+        // A device whose model repeats every reference answer sets nothing off.
+        judged_report(&mut db, "pi-01", "r1", 3);
+        assert_eq!(due(&mut db, &auto, now).unwrap(), vec![]);
+        // One that repeats 1 of 3 does, though its run succeeded.
+        judged_report(&mut db, "pi-02", "r2", 1);
+        let jobs = due(&mut db, &auto, now).unwrap();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(jobs[0].from_version.as_deref(), Some("1.0.0"));
+        assert_eq!(
+            jobs[0].trigger,
+            "fidelity below min_fidelity on 1 of 2 device(s): step 1 with SmolLM2-135M-Instruct.Q4_1 on pi-02: 1/3 (0.33 < 0.80)"
+        );
+        // Switched off, it is not looked at.
+        let off: AutoConfig =
+            toml::from_str("keys = [\"traces.key\"]\non_low_fidelity = false").unwrap();
+        assert_eq!(
+            due(&mut db, &off.resolve(d.path()).unwrap(), now).unwrap(),
+            vec![]
+        );
+
+        // The job: the prompt holds the disagreements with their examples.
+        let key = d.path().join("traces.key");
+        crate::keys::generate(tracefleet::signed::KeyRole::Traces, &key).unwrap();
+        let fixed = JUDGED.replace("  examples:\n", "  few_shot: 1\n  examples:\n");
+        let backend = Recording {
+            reply: fixed,
+            prompts: std::sync::Mutex::new(Vec::new()),
+        };
+        let signing = Signing {
+            keys: std::sync::Arc::new(crate::keys::read_trace_keys(&[key]).unwrap()),
+            expires: Duration::from_secs(3600),
+            out_dir: d.path().join("out"),
+        };
+        let done = run(
+            &mut db,
+            &backend,
+            "claude-test",
+            &jobs[0],
+            &Attempt {
+                max_rounds: 1,
+                failures: 5,
+                dry_run: None,
+            },
+            &signing,
+            &auto.staging,
+        )
+        .await
+        .unwrap();
+        assert_eq!(done.version.to_string(), "1.1.0");
+        let first = backend.prompts.lock().unwrap()[0].turns[0].content.clone();
+        assert!(
+            first.contains("step 1 of version 1.0.0 on pi-02, model SmolLM2-135M-Instruct.Q4_1: agrees with 1 of 3 reference answers (0.33 < 0.80)"),
+            "{first}"
+        );
+        assert!(
+            first.contains("example 1: vars {entry: \"ssh 22/___\"}; expected \"tcp\"; the model answered \"udp\"")
+                && first.contains("example 3: vars {entry: \"http 80/___\"}; expected \"tcp\"; the model answered \"udp\""),
+            "{first}"
+        );
+        assert!(
+            first.contains("few_shot") && !first.contains("pi-01"),
+            "{first}"
+        );
+        let rows = db.regenerations().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].outcome, "compiled");
+        assert!(rows[0].trigger.starts_with("fidelity below min_fidelity"));
+
+        // Regenerated once: more low fidelity on 1.0.0 sets nothing off again, even later.
+        judged_report(&mut db, "pi-03", "r3", 0);
+        assert_eq!(due(&mut db, &auto, now + 10 * 3600).unwrap(), vec![]);
     }
 
     #[test]

@@ -9,6 +9,13 @@
 //! device paths are read on the learner's machine: `[dry_run] read_roots` says where they
 //! may be found. A trace with LLM steps needs `[dry_run] model`; without one it is not
 //! dry-run (the attempt says so).
+//!
+//! **Fidelity.** With `[dry_run] model` — the model the devices run — the candidate's
+//! judgement steps are scored on their own reference examples first ([`DryRunner::fidelity`]:
+//! `follower eval` on each step's scored examples, the device's own rule of agreement). A
+//! step whose model repeats fewer of them than its `min_fidelity` goes back to the model that
+//! wrote it as a repair round with the disagreements; the accepted candidate's figures are
+//! recorded with the attempt.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -99,7 +106,182 @@ impl DryRunConfig {
     }
 }
 
+/// How the model scored a candidate's judgement steps on their reference examples.
+#[derive(Debug, Clone)]
+pub enum FidelityOutcome {
+    /// Each judgement step with scored examples, in step order (the model named as the file's
+    /// stem).
+    Measured(Vec<tracefleet::judgement::Fidelity>),
+    /// Not measured, and why (no model configured, the follower could not be run).
+    Skipped(String),
+}
+
+/// What `follower eval --json` prints that the dry run reads.
+#[derive(Deserialize)]
+struct EvalJson {
+    model: String,
+    items: u32,
+    wrong: u32,
+    #[serde(default)]
+    disagreements: Vec<EvalDisagreement>,
+}
+
+#[derive(Deserialize)]
+struct EvalDisagreement {
+    item: u32,
+    answer: String,
+}
+
+/// A step's scored examples as `follower eval` reads them: one JSON object a line.
+fn dataset(examples: &[tracefleet::judgement::Example]) -> String {
+    use tracefleet::judgement::Expect;
+    let mut out = String::new();
+    for e in examples {
+        let vars: serde_json::Map<String, serde_json::Value> = e
+            .vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+            .collect();
+        let mut line = serde_json::json!({ "vars": vars });
+        match &e.expect {
+            Expect::Text(t) => line["expect"] = serde_json::Value::String(t.clone()),
+            Expect::Regex(r) => line["expect_regex"] = serde_json::Value::String(r.clone()),
+            Expect::Fields(f) => {
+                line["expect"] = serde_json::from_str(f).unwrap_or(serde_json::Value::Null);
+            }
+        }
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
+}
+
 impl DryRunner {
+    /// Scores each judgement step of `source` (compiled: `trace`) that has scored reference
+    /// examples with `[dry_run] model`, as a device measures fidelity before the step.
+    pub async fn fidelity(
+        &self,
+        trace: &tracefleet::trace::Trace,
+        source: &str,
+    ) -> FidelityOutcome {
+        let steps: Vec<(u32, &tracefleet::trace::LlmCall)> = trace
+            .steps
+            .iter()
+            .filter_map(|s| match &s.tool {
+                tracefleet::trace::Tool::Llm(call) if !call.judgement.scored().is_empty() => {
+                    Some((s.number, call))
+                }
+                _ => None,
+            })
+            .collect();
+        if steps.is_empty() {
+            return FidelityOutcome::Measured(Vec::new());
+        }
+        let Some(model) = &self.model else {
+            return FidelityOutcome::Skipped(
+                "its judgement steps' fidelity was not measured: [dry_run] names no model".into(),
+            );
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = self.scratch.join(format!("{}-fidelity-{nanos}", trace.id));
+        let mut measured = Vec::new();
+        let mut outcome = None;
+        for (step, call) in steps {
+            match self.eval_step(&dir, model, source, step, call).await {
+                Ok(f) => measured.push(f),
+                Err(why) => {
+                    outcome = Some(FidelityOutcome::Skipped(why));
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        outcome.unwrap_or(FidelityOutcome::Measured(measured))
+    }
+
+    async fn eval_step(
+        &self,
+        dir: &Path,
+        model: &Path,
+        source: &str,
+        step: u32,
+        call: &tracefleet::trace::LlmCall,
+    ) -> Result<tracefleet::judgement::Fidelity, String> {
+        let file = dir.join("candidate.trace.md");
+        let data = dir.join(format!("step-{step}.jsonl"));
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&file, source))
+            .and_then(|()| std::fs::write(&data, dataset(call.judgement.scored())))
+            .map_err(|e| format!("scratch directory {}: {e}", dir.display()))?;
+        let mut cmd = tokio::process::Command::new(&self.follower);
+        cmd.arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("eval")
+            .arg(&file)
+            .arg("--step")
+            .arg(step.to_string())
+            .arg("--dataset")
+            .arg(&data)
+            .arg("--model")
+            .arg(model)
+            // Every answer counts, however unsure: fidelity is agreement, as on a device.
+            .arg("--threshold")
+            .arg("0")
+            .arg("--json");
+        if let Some(t) = self.threads {
+            cmd.arg("--threads").arg(t.to_string());
+        }
+        cmd.env_remove("TRACEFLEET_STATE_DIR")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let output = match tokio::time::timeout(self.timeout, cmd.output()).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "cannot start the follower {}: {e}",
+                    self.follower.display()
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "scoring step {step}'s examples took longer than {:?}",
+                    self.timeout
+                ));
+            }
+        };
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(format!(
+                "`follower eval` of step {step} failed ({}): {}",
+                output.status,
+                stderr.lines().last().unwrap_or("").trim()
+            ));
+        }
+        let e = serde_json::from_slice::<EvalJson>(&output.stdout).map_err(|e| {
+            format!(
+                "`follower eval --json` of step {step} printed what the learner cannot read ({e}): expected items, wrong and disagreements (is {} older than the learner?)",
+                self.follower.display()
+            )
+        })?;
+        Ok(tracefleet::judgement::Fidelity {
+            step,
+            model: e.model,
+            agreements: e.items.saturating_sub(e.wrong),
+            total: e.items,
+            min_fidelity: call.judgement.min_fidelity,
+            disagreements: e
+                .disagreements
+                .into_iter()
+                .take(tracefleet::judgement::MAX_DISAGREEMENTS_KEPT)
+                .map(|d| (d.item, d.answer))
+                .collect(),
+        })
+    }
+
     /// Runs `source` (trace `trace_id`) on `inputs`.
     pub async fn run(
         &self,
@@ -213,7 +395,7 @@ impl DryRunner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const SOURCE: &str = "---\ntrace_id: t\nversion: \"1.0.0\"\ngoal_signature: do the thing\n---\n### Step 1: s\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"true\"\n```\n";
@@ -251,6 +433,106 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         script
+    }
+
+    /// A stand-in for `follower eval --json`: keeps the dataset it was given as
+    /// `dir/seen-N.jsonl` and prints `dir/eval-N.json` (N counting calls from 1), or fails.
+    pub(crate) fn fake_eval(dir: &Path, replies: &[Option<&str>]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        for (i, r) in replies.iter().enumerate() {
+            if let Some(r) = r {
+                std::fs::write(dir.join(format!("eval-{}.json", i + 1)), r).unwrap();
+            }
+        }
+        let script = dir.join("follower-eval");
+        let d = dir.display();
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nn=$(( $(cat '{d}/calls' 2>/dev/null || echo 0) + 1 )); echo $n > '{d}/calls'\n\
+                 while [ $# -gt 0 ]; do [ \"$1\" = --dataset ] && cp \"$2\" '{d}/seen-'$n.jsonl; shift; done\n\
+                 [ -f '{d}/eval-'$n.json ] || {{ echo 'error: no model here' >&2; exit 2; }}\ncat '{d}/eval-'$n.json\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    /// Trace `t` with a judgement step: four examples, the first in the prompt.
+    pub(crate) const JUDGED: &str = "---\ntrace_id: t\nversion: \"1.0.0\"\ngoal_signature: name the protocol\ninputs:\n  entry:\n    default: \"ssh 22/___\"\n---\n### Step 1: protocol\n**Tool Call**:\n```yaml\ntool: LLM\nparameters:\n  prompt: \"Protocol of {entry}? Answer tcp or udp.\"\n  grammar: 'root ::= \"tcp\" | \"udp\"'\n  few_shot: 1\n  examples:\n    - vars: {entry: \"ftp 21/___\"}\n      expect: tcp\n    - vars: {entry: \"ssh 22/___\"}\n      expect: tcp\n    - vars: {entry: \"domain 53/___\"}\n      expect: udp\n    - vars: {entry: \"http 80/___\"}\n      expect_regex: \"^tcp$\"\n```\n";
+
+    #[tokio::test]
+    async fn fidelity_is_scored_with_follower_eval_on_each_judgement_steps_scored_examples() {
+        let d = tempfile::tempdir().unwrap();
+        let follower = fake_eval(
+            d.path(),
+            &[
+                Some(
+                    r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "wrong": 2, "disagreements": [{"item": 1, "answer": "tcp"}, {"item": 2, "answer": "udp"}], "accuracy": 0.33}"#,
+                ),
+                None,
+                Some(r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "accuracy": 0.33}"#),
+            ],
+        );
+        let r = config(&format!(
+            "follower = \"{}\"\nmodel = \"m.gguf\"",
+            follower.display()
+        ))
+        .resolve(d.path(), d.path().join("scratch"))
+        .unwrap();
+        let judged = tracefleet::compile::compile_source("t", JUDGED).unwrap().0;
+        match r.fidelity(&judged, JUDGED).await {
+            FidelityOutcome::Measured(f) => {
+                assert_eq!(f.len(), 1);
+                let f = &f[0];
+                assert_eq!((f.step, f.agreements, f.total), (1, 1, 3));
+                assert_eq!(f.model, "SmolLM2-135M-Instruct.Q4_1");
+                assert!(!f.passes());
+                assert_eq!(
+                    f.disagreements,
+                    [(1, "tcp".to_owned()), (2, "udp".to_owned())]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The scored examples (not the one in the prompt), as `follower eval` reads them.
+        let seen = std::fs::read_to_string(d.path().join("seen-1.jsonl")).unwrap();
+        assert_eq!(
+            seen,
+            "{\"expect\":\"tcp\",\"vars\":{\"entry\":\"ssh 22/___\"}}\n{\"expect\":\"udp\",\"vars\":{\"entry\":\"domain 53/___\"}}\n{\"expect_regex\":\"^tcp$\",\"vars\":{\"entry\":\"http 80/___\"}}\n"
+        );
+        // A follower that cannot score says why; a trace without judgement needs nothing;
+        // without a model nothing is measured.
+        match r.fidelity(&judged, JUDGED).await {
+            FidelityOutcome::Skipped(why) => assert!(
+                why.contains("`follower eval` of step 1 failed") && why.ends_with("no model here"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // One that prints figures without the wrong items (an older follower) says so.
+        match r.fidelity(&judged, JUDGED).await {
+            FidelityOutcome::Skipped(why) => assert!(
+                why.contains("printed what the learner cannot read (missing field `wrong`")
+                    && why.contains("older than the learner"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(r.fidelity(&trace(), SOURCE).await, FidelityOutcome::Measured(f) if f.is_empty())
+        );
+        let no_model = config(&format!("follower = \"{}\"", follower.display()))
+            .resolve(d.path(), d.path().join("scratch"))
+            .unwrap();
+        assert!(
+            matches!(no_model.fidelity(&judged, JUDGED).await, FidelityOutcome::Skipped(why) if why.contains("names no model"))
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join("scratch")).unwrap().count(),
+            0
+        );
     }
 
     #[test]

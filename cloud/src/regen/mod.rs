@@ -107,6 +107,100 @@ impl Failure {
     }
 }
 
+/// Most low-fidelity records put in the prompt (the lowest first).
+pub const MAX_LOW_FIDELITY: usize = 5;
+/// Most disagreements shown per record.
+pub const MAX_DISAGREEMENTS_SHOWN: usize = 10;
+/// Longest variable value or answer shown in a disagreement (bytes).
+const MAX_VALUE_BYTES: usize = 300;
+
+/// A judgement step whose reference answers a device's model did not repeat well enough to
+/// run it unattended, as the prompt shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowFidelity {
+    /// What was measured where, as the prompt says it ("version 1.0.0 on pi-02").
+    pub measured: String,
+    /// The judgement step.
+    pub step: u32,
+    /// The device's model.
+    pub model: String,
+    /// Reference answers repeated.
+    pub agreements: u32,
+    /// Reference answers scored.
+    pub total: u32,
+    /// The step's minimum.
+    pub min_fidelity: f64,
+    /// The reference answers it did not repeat.
+    pub disagreements: Vec<Disagreement>,
+}
+
+/// One reference answer a device's model did not repeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Disagreement {
+    /// The example (1-based, among the step's scored examples).
+    pub example: u32,
+    /// Its variables, when the learner has the version's source (`None`: only the answer is
+    /// known).
+    pub vars: Option<Vec<(String, String)>>,
+    /// The answer expected, as the prompt shows it (`None` without the source).
+    pub expected: Option<String>,
+    /// What the device's model answered.
+    pub answer: String,
+}
+
+impl LowFidelity {
+    /// A fidelity measurement, its disagreements matched to the examples of `trace` (the
+    /// version measured, when the learner has its source).
+    #[must_use]
+    pub fn new(
+        measured: String,
+        f: &tracefleet::judgement::Fidelity,
+        trace: Option<&Trace>,
+    ) -> Self {
+        let step = f.step;
+        let scored = trace
+            .and_then(|t| t.steps.iter().find(|s| s.number == step))
+            .and_then(|s| match &s.tool {
+                tracefleet::trace::Tool::Llm(call) => Some(call.judgement.scored()),
+                _ => None,
+            });
+        LowFidelity {
+            measured,
+            step,
+            model: f.model.clone(),
+            agreements: f.agreements,
+            total: f.total,
+            min_fidelity: f64::from(f.min_fidelity),
+            disagreements: f
+                .disagreements
+                .iter()
+                .map(|(i, answer)| {
+                    let example = scored.and_then(|s| s.get(*i as usize));
+                    Disagreement {
+                        example: i.saturating_add(1),
+                        vars: example.map(|e| {
+                            e.vars
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.clone()))
+                                .collect()
+                        }),
+                        expected: example.map(|e| match &e.expect {
+                            tracefleet::judgement::Expect::Text(t) => format!("{:?}", t.trim()),
+                            tracefleet::judgement::Expect::Regex(r) => {
+                                format!("an answer matching the regex {r:?}")
+                            }
+                            tracefleet::judgement::Expect::Fields(f) => {
+                                format!("a JSON object with the fields {f}")
+                            }
+                        }),
+                        answer: answer.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The version a reply is compiled under until the learner gives it its own.
 const PLACEHOLDER_VERSION: tracefleet::ids::Version = tracefleet::ids::Version {
     major: 0,
@@ -173,6 +267,9 @@ pub struct Request<'a> {
     pub current: Option<&'a str>,
     /// Recent failing runs.
     pub failures: &'a [Failure],
+    /// Judgement steps of the current version that devices' models do not repeat, lowest
+    /// fidelity first.
+    pub low_fidelity: &'a [LowFidelity],
     /// Most rounds (a reply, then a repair per round).
     pub max_rounds: u32,
     /// Dry-run each candidate that compiles on the newest failure's inputs.
@@ -248,8 +345,57 @@ pub fn system_prompt() -> String {
          Reply with the complete trace source only — starting with its `---` frontmatter line, no commentary — \
          optionally inside one ```markdown fence. Keep the trace_id you are given. \
          Prefer deterministic tools and validations over model steps; keep commands within the tools' policy.\n\n\
+         {EXAMPLES_RULE}\n\n\
          The trace language:\n\n{TRACE_LANGUAGE}"
     )
+}
+
+/// What the system prompt asks of every judgement step (see "Judgement steps" in the trace
+/// language); [`missing_examples`] holds a reply to it.
+pub const EXAMPLES_RULE: &str = "Every LLM (judgement) step must carry reference examples (`examples:`), \
+     10 to 30 of them, covering every answer the step can give, drawn from the inputs and runs shown where you can: \
+     each `{vars: {NAME: VALUE, …}, expect: ANSWER}` binds exactly the variables the step's prompt and system message use, \
+     and its `expect` is an answer the step's grammar can produce (for a `json_schema` step a mapping of the fields compared; \
+     `expect_regex: PATTERN` for a free-form answer). The device's small model must repeat these answers \
+     (`min_fidelity`, default 0.8) before the step runs unattended, so write the step so that a small model can: \
+     a narrow grammar, plain wording, `few_shot: K` examples in the prompt — or replace it by a deterministic step.";
+
+/// The judgement steps of `trace` that have no scored reference example, as a repair turn
+/// (`None`: every LLM step has some).
+#[must_use]
+pub fn missing_examples(trace: &Trace) -> Option<String> {
+    let missing: Vec<String> = trace
+        .steps
+        .iter()
+        .filter_map(|s| match &s.tool {
+            tracefleet::trace::Tool::Llm(call) if call.judgement.scored().is_empty() => {
+                let vars: Vec<String> = call
+                    .message_variables()
+                    .iter()
+                    .map(|v| format!("`{v}`"))
+                    .collect();
+                // (The compiler keeps `few_shot` under the number of examples, so a step
+                // without scored examples has none.)
+                Some(format!(
+                    "- step {} ({}) has no `examples:`: each example must bind {}",
+                    s.number,
+                    s.title,
+                    if vars.is_empty() {
+                        "no variable (the prompt uses none)".to_owned()
+                    } else {
+                        vars.join(", ")
+                    }
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "The trace compiles, but not every judgement step carries reference examples to score:\n{}\n\n{EXAMPLES_RULE}\n\nReply with the complete corrected trace.",
+            missing.join("\n")
+        )
+    })
 }
 
 /// The first user turn.
@@ -283,8 +429,84 @@ pub fn first_turn(req: &Request<'_>) -> String {
         }
         t.push('\n');
     }
+    if !req.low_fidelity.is_empty() {
+        t.push_str(&low_fidelity_section(req.low_fidelity));
+    }
     t.push_str("Write the complete new trace.");
     t
+}
+
+/// What would make a judgement step easier for a small model (both fidelity prompts say it).
+const EASIER: &str = "Make each such step easier for the small model — reference examples in the prompt \
+     (`few_shot`), a narrower grammar, simpler and shorter wording — or replace it by a deterministic \
+     step (Bash, Grep) that gives the reference answers; keep the reference answers right and cover \
+     every answer.";
+
+/// The prompt's part on judgement steps devices' models do not repeat.
+fn low_fidelity_section(low: &[LowFidelity]) -> String {
+    format!(
+        "Devices' small models do not repeat the reference answers of these judgement steps, so the \
+         steps do not run unattended there. {EASIER}\n{}\n",
+        describe_low_fidelity(low)
+    )
+}
+
+/// Each record's figures, then each disagreement (the example's variables, the answer
+/// expected, the model's answer).
+fn describe_low_fidelity(low: &[LowFidelity]) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    for l in low.iter().take(MAX_LOW_FIDELITY) {
+        let _ = writeln!(
+            t,
+            "\n- step {} of {}, model {}: agrees with {} of {} reference answers ({:.2} < {:.2})",
+            l.step,
+            l.measured,
+            l.model,
+            l.agreements,
+            l.total,
+            tracefleet::judgement::fidelity_ratio(l.agreements, l.total),
+            l.min_fidelity
+        );
+        for d in l.disagreements.iter().take(MAX_DISAGREEMENTS_SHOWN) {
+            let vars = d.vars.as_ref().map_or_else(
+                || "(not known here)".to_owned(),
+                |vars| {
+                    vars.iter()
+                        .map(|(k, v)| format!("{k}: {:?}", cap(v, MAX_VALUE_BYTES)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            );
+            let _ = writeln!(
+                t,
+                "  - example {}: vars {{{vars}}}; expected {}; the model answered {:?}",
+                d.example,
+                d.expected.as_deref().unwrap_or("(not known here)"),
+                cap(&d.answer, MAX_VALUE_BYTES)
+            );
+        }
+        if l.disagreements.len() > MAX_DISAGREEMENTS_SHOWN {
+            let _ = writeln!(
+                t,
+                "  - … and {} more",
+                l.disagreements.len() - MAX_DISAGREEMENTS_SHOWN
+            );
+        }
+    }
+    if low.len() > MAX_LOW_FIDELITY {
+        let _ = writeln!(t, "\n(and {} more records)", low.len() - MAX_LOW_FIDELITY);
+    }
+    t
+}
+
+/// "step 4 with M: 18/20 (0.90)" for each measurement.
+fn fidelity_summary(measured: &[tracefleet::judgement::Fidelity]) -> String {
+    measured
+        .iter()
+        .map(|f| format!("step {} with {}: {}", f.step, f.model, f.short()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `s` cut to at most `max` bytes on a character boundary, marked when cut.
@@ -364,7 +586,41 @@ pub async fn regenerate<B: Backend>(
                 &file,
                 &with_version(&source, &PLACEHOLDER_VERSION),
             ) {
-                Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => {
+                Ok((trace, _)) if trace.id.as_str() == req.trace_id && let Some(missing) = missing_examples(&trace) => missing,
+                Ok((trace, warnings)) if trace.id.as_str() == req.trace_id => 'candidate: {
+                    // Its judgement first: the devices' model must repeat its examples.
+                    let fidelity = match req.dry_run {
+                        Some(d) => Some(
+                            d.fidelity(&trace, &with_version(&source, &PLACEHOLDER_VERSION))
+                                .await,
+                        ),
+                        None => None,
+                    };
+                    let fidelity = match fidelity {
+                        None => None,
+                        Some(dry_run::FidelityOutcome::Skipped(why)) => Some(why),
+                        Some(dry_run::FidelityOutcome::Measured(measured)) => {
+                            let low: Vec<LowFidelity> = measured
+                                .iter()
+                                .filter(|f| !f.passes())
+                                .map(|f| {
+                                    LowFidelity::new(
+                                        "your reply, answered by the devices' model on the learner".into(),
+                                        f,
+                                        Some(&trace),
+                                    )
+                                })
+                                .collect();
+                            if !low.is_empty() {
+                                break 'candidate format!(
+                                    "The trace compiles, but the devices' model does not repeat the reference answers of its judgement steps, so they would not run unattended:\n{}\n{EASIER}\n\nReply with the complete corrected trace.",
+                                    describe_low_fidelity(&low)
+                                );
+                            }
+                            (!measured.is_empty())
+                                .then(|| format!("fidelity {}", fidelity_summary(&measured)))
+                        }
+                    };
                     let dry = match req.dry_run {
                         Some(d) => Some(
                             d.run(
@@ -395,6 +651,10 @@ pub async fn regenerate<B: Backend>(
                             ))
                         }
                     };
+                    let verdict = verdict.map(|dry| match (fidelity, dry) {
+                        (Some(f), Some(d)) => Some(format!("{f}; {d}")),
+                        (f, d) => f.or(d),
+                    });
                     match verdict {
                         Ok(dry_run) => {
                             return Ok(Regenerated {
@@ -484,14 +744,34 @@ mod tests {
         }
     }
 
-    const GOOD: &str = include_str!("../../../traces/dpkg-log-triage.trace.md");
+    const SHIPPED: &str = include_str!("../../../traces/dpkg-log-triage.trace.md");
+
+    /// The reference examples a reply adds to the shipped trace's judgement step.
+    const EXAMPLES: &str = "  examples:\n    - vars: {recent_changes: \"2026-11-02 10:00:01 upgrade openssl:amd64 3.0.1 3.0.2\", action_counts: \"upgrade 1\"}\n      expect_regex: '\"risk\": ?\"(low|medium)\"'\n    - vars: {recent_changes: \"2026-11-02 10:00:01 remove linux-image-6.1 6.1.0 <none>\", action_counts: \"remove 1\"}\n      expect_regex: '\"risk\": ?\"high\"'\n";
+
+    /// The shipped trace with reference examples on its judgement step: a reply the learner
+    /// takes.
+    static GOOD_OWNED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let out = SHIPPED.replacen(
+            "  max_tokens: 256\n",
+            &format!("  max_tokens: 256\n{EXAMPLES}"),
+            1,
+        );
+        assert_ne!(out, SHIPPED);
+        out
+    });
+
+    fn good() -> &'static str {
+        &GOOD_OWNED
+    }
 
     fn request(max_rounds: u32) -> Request<'static> {
         Request {
             trace_id: "dpkg-log-triage",
             goal: "triage the package manager log",
-            current: Some(GOOD),
+            current: Some(SHIPPED),
             failures: &[],
+            low_fidelity: &[],
             max_rounds,
             dry_run: None,
         }
@@ -500,9 +780,9 @@ mod tests {
     #[test]
     fn the_new_version_goes_into_the_frontmatter_and_above_every_known_one() {
         let v: tracefleet::ids::Version = "1.4.2".parse().unwrap();
-        let out = with_version(GOOD, &v);
+        let out = with_version(SHIPPED, &v);
         assert!(out.contains("\nversion: \"1.4.2\"\n") && !out.contains("\"1.0.0\""));
-        assert_eq!(out.len(), GOOD.len());
+        assert_eq!(out.len(), SHIPPED.len());
         let (t, _) = tracefleet::compile::compile_source("x", &out).unwrap();
         assert_eq!(t.version, v);
         let without = "---\ntrace_id: a\n---\nbody\n";
@@ -521,22 +801,23 @@ mod tests {
     #[test]
     fn a_trace_is_taken_from_a_fenced_reply_with_its_own_fences_inside() {
         let reply = format!(
-            "Here is the fixed trace:\n\n````markdown\n{GOOD}````\n\nIt now checks the log first."
+            "Here is the fixed trace:\n\n````markdown\n{}````\n\nIt now checks the log first.",
+            good()
         );
-        assert_eq!(extract_trace(&reply).as_deref(), Some(GOOD));
-        let reply = format!("```markdown\n{GOOD}```\n");
-        assert_eq!(extract_trace(&reply).as_deref(), Some(GOOD));
-        assert_eq!(extract_trace(GOOD).as_deref(), Some(GOOD));
+        assert_eq!(extract_trace(&reply).as_deref(), Some(good()));
+        let reply = format!("```markdown\n{}```\n", good());
+        assert_eq!(extract_trace(&reply).as_deref(), Some(good()));
+        assert_eq!(extract_trace(good()).as_deref(), Some(good()));
         assert_eq!(extract_trace("I cannot help with that."), None);
     }
 
     #[tokio::test]
     async fn a_reply_that_does_not_compile_is_repaired_with_the_diagnostics() {
-        let broken = GOOD.replacen("tool: Bash", "tool: Bashh", 1);
-        let backend = Scripted::new(&[&broken, GOOD]);
+        let broken = good().replacen("tool: Bash", "tool: Bashh", 1);
+        let backend = Scripted::new(&[&broken, good()]);
         let r = regenerate(&backend, &request(3)).await.unwrap();
         assert_eq!(r.rounds, 2);
-        assert_eq!(r.source, GOOD);
+        assert_eq!(r.source, good());
         assert_eq!(r.trace.id.as_str(), "dpkg-log-triage");
         assert_eq!((r.input_tokens, r.output_tokens), (200, 20));
         assert!((r.cost - 1.0).abs() < 1e-12);
@@ -560,7 +841,7 @@ mod tests {
                 .content
                 .contains("triage the package manager log")
         );
-        assert!(prompts[0].turns[0].content.contains(GOOD));
+        assert!(prompts[0].turns[0].content.contains(SHIPPED));
         assert!(prompts[0].system.contains(TRACE_LANGUAGE));
     }
 
@@ -589,7 +870,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_failing_after_a_round_reports_what_that_round_cost() {
-        let broken = GOOD.replacen("tool: Bash", "tool: Bashh", 1);
+        let broken = good().replacen("tool: Bash", "tool: Bashh", 1);
         let backend = Scripted::new(&[&broken]);
         match regenerate(&backend, &request(3)).await.unwrap_err() {
             RegenError::Backend {
@@ -608,8 +889,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_without_a_version_compiles_the_learner_gives_it_one() {
-        let unversioned = GOOD.replacen("version: \"1.0.0\"\n", "", 1);
-        assert_ne!(unversioned, GOOD);
+        let unversioned = good().replacen("version: \"1.0.0\"\n", "", 1);
+        assert_ne!(unversioned, good());
         let backend = Scripted::new(&[&unversioned]);
         let r = regenerate(&backend, &request(1)).await.unwrap();
         assert_eq!((r.rounds, r.source.as_str()), (1, unversioned.as_str()));
@@ -617,8 +898,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_trace_under_another_id_is_sent_back() {
-        let renamed = GOOD.replacen("trace_id: dpkg-log-triage", "trace_id: dpkg-triage-v2", 1);
-        let backend = Scripted::new(&[&renamed, GOOD]);
+        let renamed = good().replacen("trace_id: dpkg-log-triage", "trace_id: dpkg-triage-v2", 1);
+        let backend = Scripted::new(&[&renamed, good()]);
         let r = regenerate(&backend, &request(2)).await.unwrap();
         assert_eq!(r.rounds, 2);
         let prompts = backend.prompts.lock().unwrap();
@@ -626,6 +907,111 @@ mod tests {
             prompts[1].turns[2]
                 .content
                 .contains("must stay \"dpkg-log-triage\"")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_judgement_step_without_examples_or_with_examples_that_do_not_fit_is_sent_back() {
+        // The shipped trace has no examples on its LLM step; then examples that bind a
+        // variable the step does not use and miss one it does; then the good reply.
+        let wrong_vars = SHIPPED.replacen(
+            "  max_tokens: 256\n",
+            "  max_tokens: 256\n  examples:\n    - vars: {changes: \"x\", action_counts: \"y\"}\n      expect_regex: 'low'\n",
+            1,
+        );
+        let backend = Scripted::new(&[SHIPPED, &wrong_vars, good()]);
+        let r = regenerate(&backend, &request(3)).await.unwrap();
+        assert_eq!((r.rounds, r.source.as_str()), (3, good()));
+        let step = r.trace.llm_steps().next().unwrap();
+        let tracefleet::trace::Tool::Llm(call) = &step.tool else {
+            unreachable!()
+        };
+        assert_eq!(call.judgement.scored().len(), 2);
+        let prompts = backend.prompts.lock().unwrap();
+        // The system prompt asks for them.
+        assert!(prompts[0].system.contains(EXAMPLES_RULE));
+        let missing = &prompts[1].turns[2].content;
+        assert!(
+            missing.contains("step 4 (Assess the risk of the recent changes) has no `examples:`")
+                && missing.contains("each example must bind `action_counts`, `recent_changes`"),
+            "{missing}"
+        );
+        let misfit = &prompts[2].turns[4].content;
+        assert!(
+            misfit.contains("does not compile")
+                && misfit.contains(
+                    "binds `changes`, which the step's prompt and system message do not use"
+                )
+                && misfit.contains("does not bind `{recent_changes}`"),
+            "{misfit}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_model_that_never_writes_examples_is_given_up_on_saying_which_step_lacks_them() {
+        let backend = Scripted::new(&[SHIPPED, SHIPPED]);
+        match regenerate(&backend, &request(2)).await.unwrap_err() {
+            RegenError::GaveUp { rounds, last, .. } => {
+                assert_eq!(rounds, 2);
+                assert!(
+                    last.contains(
+                        "step 4 (Assess the risk of the recent changes) has no `examples:`"
+                    ),
+                    "{last}"
+                );
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_candidate_the_devices_model_does_not_repeat_is_sent_back_with_the_disagreements() {
+        use dry_run::tests::{JUDGED, fake_eval};
+        let d = tempfile::tempdir().unwrap();
+        let follower = fake_eval(
+            d.path(),
+            &[
+                Some(
+                    r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "wrong": 2, "disagreements": [{"item": 1, "answer": "tcp"}, {"item": 2, "answer": "udp"}]}"#,
+                ),
+                Some(
+                    r#"{"model": "SmolLM2-135M-Instruct.Q4_1", "items": 3, "wrong": 0, "disagreements": []}"#,
+                ),
+            ],
+        );
+        let runner: dry_run::DryRunConfig = toml::from_str(&format!(
+            "follower = \"{}\"\nmodel = \"m.gguf\"",
+            follower.display()
+        ))
+        .unwrap();
+        let runner = runner.resolve(d.path(), d.path().join("scratch")).unwrap();
+        let backend = Scripted::new(&[JUDGED, JUDGED]);
+        let req = Request {
+            trace_id: "t",
+            goal: "name the protocol",
+            current: None,
+            failures: &[],
+            low_fidelity: &[],
+            max_rounds: 2,
+            dry_run: Some(&runner),
+        };
+        let r = regenerate(&backend, &req).await.unwrap();
+        assert_eq!(r.rounds, 2);
+        assert_eq!(
+            r.dry_run.as_deref(),
+            Some(
+                "fidelity step 1 with SmolLM2-135M-Instruct.Q4_1: 3/3 (1.00); not dry-run: no recorded inputs (no failing run)"
+            )
+        );
+        let prompts = backend.prompts.lock().unwrap();
+        let repair = &prompts[1].turns[2].content;
+        assert!(
+            repair.contains("the devices' model does not repeat the reference answers")
+                && repair.contains("- step 1 of your reply, answered by the devices' model on the learner, model SmolLM2-135M-Instruct.Q4_1: agrees with 1 of 3 reference answers (0.33 < 0.80)")
+                && repair.contains("example 2: vars {entry: \"domain 53/___\"}; expected \"udp\"; the model answered \"tcp\"")
+                && repair.contains("example 3: vars {entry: \"http 80/___\"}; expected an answer matching the regex \"^tcp$\"; the model answered \"udp\"")
+                && repair.contains("few_shot"),
+            "{repair}"
         );
     }
 

@@ -80,6 +80,20 @@ struct EvalReport {
     /// Coverage and selective accuracy at each of [`CURVE_THRESHOLDS`] (the risk–coverage
     /// view of selective prediction, to choose a `min_answer_confidence`).
     selective_curve: Vec<CurvePoint>,
+    /// Items answered otherwise than expected: how many, and the first
+    /// [`tracefleet::judgement::MAX_DISAGREEMENTS_KEPT`] (what the learner's dry run sends back
+    /// to the model that wrote the examples).
+    wrong: usize,
+    disagreements: Vec<Disagreement>,
+}
+
+/// An item the model answered otherwise than expected.
+#[derive(Serialize)]
+struct Disagreement {
+    /// Its index among the items scored (0-based).
+    item: usize,
+    /// The model's answer, trimmed.
+    answer: String,
 }
 
 /// Thresholds `--json` reports the selective curve at.
@@ -197,6 +211,15 @@ pub fn eval(state_dir: &Path, args: &EvalArgs) -> Result<ExitCode> {
     }
     bar.finish_and_clear();
     let wall_secs = started.elapsed().as_secs_f64();
+    let wrong: Vec<Disagreement> = scored
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.correct)
+        .map(|(item, s)| Disagreement {
+            item,
+            answer: s.answer.clone(),
+        })
+        .collect();
     let scores = Scores::compute(&scored, threshold);
     let selective_curve = CURVE_THRESHOLDS
         .iter()
@@ -227,6 +250,11 @@ pub fn eval(state_dir: &Path, args: &EvalArgs) -> Result<ExitCode> {
         generated_tokens,
         wall_secs,
         selective_curve,
+        wrong: wrong.len(),
+        disagreements: wrong
+            .into_iter()
+            .take(tracefleet::judgement::MAX_DISAGREEMENTS_KEPT)
+            .collect(),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -286,6 +286,16 @@ pub fn resume(
             s.on_error.fallback_step().into_iter().chain(uncertain)
         })
         .collect();
+    // The main flow's steps: a step that runs only as another's fallback is not one of them
+    // (else a run whose fallback was not needed, or ran in its place, read "SUCCESS, 3/4").
+    report.total_steps = u32::try_from(
+        trace
+            .steps
+            .iter()
+            .filter(|s| !fallback_only.contains(&s.number))
+            .count(),
+    )
+    .unwrap_or(u32::MAX);
     let fallback_results: Vec<StepResult> = done
         .values()
         .filter(|c| fallback_only.contains(&c.result.step))

@@ -416,6 +416,8 @@ fn fallback_recovers_and_the_fallback_step_runs_only_in_that_role() {
     assert_eq!(r.step_results[0].status, StepStatus::Recovered);
     assert_eq!(r.step_results[0].attempts, 2);
     assert_eq!(r.step_results[2].status, StepStatus::Success);
+    // The fallback-only step is not one of the main flow's: 2 of 2, not "2 of 3".
+    assert_eq!((r.completed_steps, r.total_steps), (2, 2));
     assert_eq!(h.files.get("out.txt").map(String::as_str), Some("from b"));
     let cmds: Vec<&str> = h.commands.iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(

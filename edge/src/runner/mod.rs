@@ -149,9 +149,10 @@ impl Prepared {
 }
 
 /// Prepares a new run — or, after a crash (power loss, SIGKILL), the continuation of the
-/// unfinished run of the same trace version with the same inputs (unless `fresh` or a base
-/// directory is given), so its completed steps are not repeated. A run still going in
-/// another process holds its lock and is left alone. Notices for the operator (compiler
+/// unfinished run of the same trace version with the same inputs (unless `fresh`; with a base
+/// directory, only the run in that directory), so its completed steps are not repeated. A run
+/// still going in another process holds its lock and is left alone; one whose process died
+/// twice in a row at the same step is not resumed (a crash loop: an error says so). Notices for the operator (compiler
 /// warnings, the resume) go to `notice`.
 ///
 /// # Errors
@@ -174,13 +175,35 @@ pub fn prepare(
     let inputs =
         exec::resolve_inputs(trace, &given).with_context(|| format!("trace {}", trace.id))?;
 
-    if !req.fresh && req.base_dir.is_none() {
+    if !req.fresh {
         let version = trace.version.to_string();
+        // With --base-dir, only the unfinished run in that directory continues.
+        let wanted = req
+            .base_dir
+            .as_deref()
+            .map(|b| b.canonicalize().unwrap_or(b.to_owned()));
         for id in store.running_like(trace.id.as_str(), &version, &inputs)? {
             if let Some(lock) = RunLock::try_acquire(state_dir, &id)? {
                 let Some(unfinished) = store.unfinished(&id)? else {
                     continue;
                 };
+                if wanted
+                    .as_deref()
+                    .is_some_and(|w| Path::new(&unfinished.base_dir) != w)
+                {
+                    continue;
+                }
+                let crash = store.note_crash(&id)?;
+                if crash.count >= 2 {
+                    let at = crash
+                        .step
+                        .map_or_else(|| "between steps".to_owned(), |s| format!("at step {s}"));
+                    bail!(
+                        "run {id} of {} {version} was interrupted {} times in a row {at} (the follower was killed or crashed there): not resuming it automatically, which could loop; `follower runs show {id}` shows its journal, `follower resume {id}` tries again, `--fresh` starts a new run",
+                        trace.id,
+                        crash.count
+                    );
+                }
                 notice(&format!(
                     "resuming run {id}: it did not finish (the follower was killed or the device lost power); --fresh starts a new run"
                 ));
@@ -293,12 +316,41 @@ pub fn narrow_read_roots(trace: &Trace, device_roots: Vec<PathBuf>) -> Result<Ve
     Ok(narrowed)
 }
 
+/// The context of an error that came after a run began executing: steps up to it may have
+/// run (and stay journaled, so `follower run` or `follower resume` continues the run), so the
+/// command's exit code is 1 (the run executed and did not succeed), never 2 (nothing ran).
+/// Found with `anyhow::Error::downcast_ref`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterStart {
+    /// The run.
+    pub run_id: String,
+}
+
+impl AfterStart {
+    fn new(run_id: &str) -> Self {
+        Self {
+            run_id: run_id.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for AfterStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run {} stopped after it began (the steps before this error ran and are journaled; `follower runs show {}`)",
+            self.run_id, self.run_id
+        )
+    }
+}
+
 /// Executes a prepared run: the report is stored, and for a verified trace that did not stop
 /// the outcome counts in the version's statistics and each escalation is recorded.
 ///
 /// # Errors
-/// Setting the run up failed (models, base directory, store), the run thread panicked, or
-/// the journal could not be written (the run was stopped then; its report is still stored).
+/// Setting the run up failed (models, base directory, store); or, with [`AfterStart`] in
+/// the chain, the run thread panicked, the journal could not be written (the run was stopped
+/// then and left to resume, as after a crash) or the report could not be stored.
 pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Result<Finished> {
     let Prepared {
         mut store,
@@ -402,14 +454,21 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         mut report,
         landlock,
         journal_error,
-    } = journaled?;
+    } = journaled.context(AfterStart::new(&run_id))?;
+    if let Some(e) = journal_error {
+        // Left `running`, as after a crash: the next `follower run` of it continues from the
+        // last step journaled (a full disk that has room again loses nothing).
+        return Err(anyhow::Error::new(e)
+            .context("journaling the run")
+            .context(AfterStart::new(&run_id)));
+    }
 
     protections.extend(landlock);
     report.protections = protections;
     report.resumes = resumes;
     report.telemetry_start = Some(telemetry_start);
     report.telemetry_end = Some(crate::telemetry::sample());
-    record_finished(&mut store, &report, loaded.signed)?;
+    record_finished(&mut store, &report, loaded.signed).context(AfterStart::new(&run_id))?;
     // Fidelity measured in this run is kept for the next (source runs included: the step's
     // digest changes when the author edits it).
     for f in report
@@ -418,17 +477,16 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         .filter(|f| !fidelity.contains_key(&f.step))
     {
         if let Some(step) = trace.steps.iter().find(|s| s.number == f.step) {
-            store.record_fidelity(
-                trace.id.as_str(),
-                &trace.version.to_string(),
-                &step_digest(step),
-                f,
-                &rfc3339_now(),
-            )?;
+            store
+                .record_fidelity(
+                    trace.id.as_str(),
+                    &trace.version.to_string(),
+                    &step_digest(step),
+                    f,
+                    &rfc3339_now(),
+                )
+                .context(AfterStart::new(&run_id))?;
         }
-    }
-    if let Some(e) = journal_error {
-        return Err(e).context("journaling the run");
     }
     Ok(Finished {
         report,

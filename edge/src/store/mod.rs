@@ -20,7 +20,7 @@ mod trust;
 pub use models::ModelRow;
 pub use outbox::{OutboxKind, OutboxMessage};
 use outbox::{enqueue, enrolled};
-pub use runs::{NewRun, RunRow, Unfinished};
+pub use runs::{Crash, NewRun, RunRow, Unfinished};
 
 use crate::effects::Completed;
 use rusqlite::config::DbConfig;
@@ -83,6 +83,16 @@ pub enum StoreError {
         what: &'static str,
         /// What is wrong.
         detail: String,
+    },
+    /// The database file exists but holds no schema: it was truncated or wiped.
+    #[error(
+        "the state database {path} exists but holds no schema ({bytes} bytes): it was truncated or wiped, and starting afresh would silently forget the trust root, the installed traces and the run history; restore it from a backup, or remove it (with its -wal and -shm files) to start this device over"
+    )]
+    Emptied {
+        /// The database file.
+        path: String,
+        /// Its size when opened.
+        bytes: u64,
     },
 }
 
@@ -213,7 +223,35 @@ const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (trace_id, version, step, model, digest)
     );",
     ),
+    // Crash loops: the step an interrupted run was in when its process died, and how many
+    // times in a row it died there (an automatic resume stops at two).
+    M::up(
+        "ALTER TABLE runs ADD COLUMN crash_step INTEGER;
+    ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;",
+    ),
 ];
+
+/// Creates the store at `db` with its schema, under another name first and then renamed into
+/// place, so that a crash while creating it leaves no schema-less `follower.db` (which
+/// [`Store::open`] refuses) but only a leftover `follower.db.new`, removed by the next try.
+fn create_whole(db: &Path) -> Result<(), StoreError> {
+    let new = db.with_extension("db.new");
+    for stale in ["", "-journal", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{stale}", new.display()));
+    }
+    let mut conn = Connection::open(&new)?;
+    Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
+    conn.close().map_err(|(_, e)| e)?;
+    let placed = std::fs::rename(&new, db).and_then(|()| {
+        // The rename is durable only once the directory is.
+        db.parent()
+            .map_or(Ok(()), |dir| std::fs::File::open(dir)?.sync_all())
+    });
+    placed.map_err(|source| StoreError::Dir {
+        path: db.display().to_string(),
+        source,
+    })
+}
 
 /// A count as SQLite's signed 64-bit integer (counts past `i64::MAX` do not occur).
 fn sql_int(v: u64) -> i64 {
@@ -247,7 +285,30 @@ impl Store {
             path: lock_path.display().to_string(),
             source,
         })?;
-        let mut conn = Connection::open(state_dir.join("follower.db"))?;
+        let db = state_dir.join("follower.db");
+        match std::fs::metadata(&db) {
+            Ok(meta) => {
+                // A store that exists has its schema: every store is created whole (below). One
+                // without — truncated to 0 bytes, or wiped — is refused rather than recreated
+                // empty, which would drop the trust root and the history without a word.
+                let conn = Connection::open(&db)?;
+                let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                if version == 0 {
+                    return Err(StoreError::Emptied {
+                        path: db.display().to_string(),
+                        bytes: meta.len(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_whole(&db)?,
+            Err(source) => {
+                return Err(StoreError::Dir {
+                    path: db.display().to_string(),
+                    source,
+                });
+            }
+        }
+        let mut conn = Connection::open(&db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;

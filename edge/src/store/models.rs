@@ -29,7 +29,7 @@ pub struct ModelRow {
     pub added_at: String,
     /// When its hash was last computed (RFC 3339).
     pub verified_at: String,
-    /// File identity when it was hashed (device, inode, size, mtime): unchanged means the hash
+    /// File identity when it was hashed (device, inode, size, mtime, ctime): unchanged means the hash
     /// still holds.
     pub verified_stamp: String,
 }

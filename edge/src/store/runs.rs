@@ -27,6 +27,16 @@ pub struct Unfinished {
     pub resumes: u32,
 }
 
+/// Where an interrupted run's process died, from [`Store::note_crash`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crash {
+    /// The step in flight (the lowest journaled as started and not finished); `None` when the
+    /// process died between steps.
+    pub step: Option<u32>,
+    /// How many times in a row the run's process died at that step, this time included.
+    pub count: u32,
+}
+
 /// What a run is, for [`Store::begin_run`].
 #[derive(Debug, Clone, Copy)]
 pub struct NewRun<'a> {
@@ -167,6 +177,36 @@ impl Store {
         )?;
         let ids = stmt.query_map(params![trace_id, version, inputs], |r| r.get(0))?;
         Ok(ids.collect::<Result<_, _>>()?)
+    }
+
+    /// Counts that an interrupted (`running`, unlocked) run's process died, at the step it had
+    /// in flight: one more when that is where it died last time, else the first. A count
+    /// already at two or more is returned as it is (a run refused for a crash loop is not
+    /// counted again each time it is refused).
+    ///
+    /// # Errors
+    /// On SQLite failure.
+    pub fn note_crash(&self, run_id: &str) -> Result<Crash, StoreError> {
+        let step: Option<u32> = self.conn.query_row(
+            "SELECT MIN(step) FROM run_steps WHERE run_id = ?1 AND status = 'running'",
+            [run_id],
+            |r| r.get(0),
+        )?;
+        let (last, count): (Option<u32>, u32) = self.conn.query_row(
+            "SELECT crash_step, crashes FROM runs WHERE run_id = ?1",
+            [run_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let same = count > 0 && last == step;
+        if same && count >= 2 {
+            return Ok(Crash { step, count });
+        }
+        let count = if same { count + 1 } else { 1 };
+        self.conn.execute(
+            "UPDATE runs SET crash_step = ?2, crashes = ?3 WHERE run_id = ?1",
+            params![run_id, step, count],
+        )?;
+        Ok(Crash { step, count })
     }
 
     /// Marks a run `running` again for a resume and counts the resume.

@@ -477,3 +477,36 @@ fn statistics_follow_the_confidence_rule_per_version() {
     assert_eq!(store.escalations().unwrap().len(), 1);
     assert_eq!(store.outbox_len().unwrap(), 0);
 }
+
+#[test]
+fn a_store_truncated_to_zero_bytes_is_refused_not_recreated_empty() {
+    let (dir, store) = rooted();
+    assert!(store.trust_root().unwrap().is_some());
+    drop(store);
+    let db = dir.path().join("follower.db");
+    std::fs::File::create(&db).unwrap(); // truncates to 0 bytes
+    for extra in ["follower.db-wal", "follower.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(extra));
+    }
+    let Err(e) = Store::open(dir.path()) else {
+        panic!("a 0-byte store opened")
+    };
+    assert!(matches!(e, StoreError::Emptied { bytes: 0, .. }), "{e}");
+    assert!(e.to_string().contains("holds no schema"), "{e}");
+    // Refusing wrote nothing: the file is still what was found.
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+}
+
+#[test]
+fn a_new_store_is_created_whole_and_a_leftover_partial_one_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a crash while creating the store leaves: a half-made file under the other name.
+    std::fs::write(dir.path().join("follower.db.new"), b"partial").unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert!(store.trust_root().unwrap().is_none());
+    assert!(!dir.path().join("follower.db.new").exists());
+    drop(store);
+    // And it opens again as the same store.
+    Store::open(dir.path()).unwrap();
+}
