@@ -232,6 +232,17 @@ fn prepare_v2(own: &Path) -> PathBuf {
     own
 }
 
+/// Moves the calling process into a leaf of its own cgroup v2 when it is alone there and the
+/// `memory` or `pids` controllers could then be enabled for its children (see
+/// [`Plan::new`]); the runs it starts find their cgroup's parent free for step cgroups.
+pub fn settle() {
+    if std::env::var_os(ROOT_ENV).is_none()
+        && let Some(own) = current_layout().v2
+    {
+        prepare_v2(&own);
+    }
+}
+
 impl Plan {
     /// Where to make step cgroups for the state directory `key` names: under `override_root`
     /// (a cgroup v2 directory) when given, else beside the follower's own cgroups in `layout`.
