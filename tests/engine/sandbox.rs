@@ -12,8 +12,19 @@ use tracefleet_e2e::{Workspace, bin};
 
 /// Runs `follower run SRC --allow-unsigned --json --base-dir w` with `env` and extra `args`.
 fn run(ws: &Workspace, src: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    run_in(ws, "w", src, args, env)
+}
+
+/// [`run`] in base directory `base`.
+fn run_in(
+    ws: &Workspace,
+    base: &str,
+    src: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     Command::new(bin("follower"))
-        .args(["run", src, "--allow-unsigned", "--json", "--base-dir", "w"])
+        .args(["run", src, "--allow-unsigned", "--json", "--base-dir", base])
         .args(args)
         .current_dir(ws.path("."))
         .env("TRACEFLEET_STATE_DIR", ws.state_dir())
@@ -242,19 +253,7 @@ fn sockets_are_refused_unless_the_trace_requires_internet() {
 
     // A trace that declares requires_internet keeps its sockets (and the report says so).
     let src = net_trace(&ws, "sockets-allowed", &command, true);
-    let r = Command::new(bin("follower"))
-        .args([
-            "run",
-            &src,
-            "--allow-unsigned",
-            "--json",
-            "--base-dir",
-            "w2",
-        ])
-        .current_dir(ws.path("."))
-        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
-        .output()
-        .unwrap();
+    let r = run_in(&ws, "w2", &src, &[], &[]);
     let rep = report(&r);
     let out = rep["step_results"][0]["output"].as_str().unwrap();
     assert!(out.contains("CONNECTED-TCP"), "{rep}");
@@ -304,19 +303,7 @@ fn read_roots_bound_what_bash_reads() {
     // A trace's read_paths narrow what Bash reads the same way.
     let src = "---\ntrace_id: read-paths\nversion: \"1.0.0\"\ngoal_signature: g\nread_paths: [/var/log]\n---\n### Step 1: a\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"cat /etc/shadow >/dev/null 2>&1 && echo READ-SHADOW || echo refused-shadow\"\n```\n";
     std::fs::write(ws.path("rp.trace.md"), src).unwrap();
-    let r = Command::new(bin("follower"))
-        .args([
-            "run",
-            "rp.trace.md",
-            "--allow-unsigned",
-            "--json",
-            "--base-dir",
-            "w2",
-        ])
-        .current_dir(ws.path("."))
-        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
-        .output()
-        .unwrap();
+    let r = run_in(&ws, "w2", "rp.trace.md", &[], &[]);
     let rep = report(&r);
     let out = rep["step_results"][0]["output"].as_str().unwrap();
     assert!(out.contains("refused-shadow"), "{rep}");
@@ -357,20 +344,14 @@ fn the_report_says_what_was_in_force_and_what_was_not() {
     // that containment is not in force, and why.
     std::fs::write(ws.path("not-a-cgroup"), "").unwrap();
     let not_cgroup = ws.path("not-a-cgroup");
-    let r = Command::new(bin("follower"))
-        .args([
-            "run",
-            &src,
-            "--allow-unsigned",
-            "--json",
-            "--base-dir",
-            "w2",
-        ])
-        .current_dir(ws.path("."))
-        .env("TRACEFLEET_STATE_DIR", ws.state_dir())
-        .env("TRACEFLEET_CGROUP_ROOT", &not_cgroup)
-        .output()
-        .unwrap();
+    let not_cgroup = not_cgroup.to_str().unwrap();
+    let r = run_in(
+        &ws,
+        "w2",
+        &src,
+        &[],
+        &[("TRACEFLEET_CGROUP_ROOT", not_cgroup)],
+    );
     assert_eq!(r.status.code(), Some(0), "{r:?}");
     let rep = report(&r);
     for name in ["cgroup", "memory cap", "pids cap"] {
