@@ -524,6 +524,18 @@ impl Setup {
             }
         }
         remove_tree(&self.run_dirs);
+        // The state directory's own cgroup too, once no run of it has one (another running
+        // follower's run keeps it: rmdir fails on a cgroup with children).
+        for top in self.plan.tops() {
+            let _ = std::fs::remove_dir(top);
+        }
+    }
+}
+
+impl Drop for Setup {
+    /// A run that ends early (an error before its end) leaves nothing running either.
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
