@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tracefleet_e2e::{Workspace, bin};
 
+mod sandbox;
+
 /// Writes a trace source into the workspace with the given steps (Bash commands, each
 /// waiting for the one before it).
 fn trace(ws: &Workspace, name: &str, steps: &[&str]) -> String {

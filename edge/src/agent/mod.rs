@@ -183,6 +183,10 @@ struct Agent {
 /// # Errors
 /// When the store cannot be opened, the config's files cannot be read, or the store fails.
 pub fn run(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()> {
+    // Before any thread or run starts: alone in its cgroup v2 (a systemd service with
+    // `Delegate=`), the agent moves into a leaf so that its runs may cap their steps' memory
+    // and processes below the service's cgroup.
+    crate::sandbox::cgroup::settle();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -10,8 +10,9 @@
 //! see [`tracefleet::shell::direct_argv`]) in the base directory, in their own process group, with
 //! a scrubbed environment, stdin from /dev/null, capped output and a timeout (SIGTERM to the
 //! group, then SIGKILL after a grace period). Processes the step leaves behind are killed.
-//! Each gets the run's [`ResourceLimits`] (`setrlimit(2)` between fork and exec) and the
-//! caller's thread's Landlock domain (see [`crate::sandbox`]).
+//! Each gets the run's [`ResourceLimits`] (`setrlimit(2)` between fork and exec), the
+//! run's [`Containment`] (a step cgroup killed as a whole at the step's end, a seccomp filter
+//! on sockets) and the caller's thread's Landlock domain (see [`crate::sandbox`]).
 //!
 //! Interruption: a [`Stopper`] shared with the signal handler. One request (`stop`) ends the
 //! run before its next step; a second (`abort`) also ends the running command (SIGTERM to its
@@ -31,7 +32,7 @@ use crate::effects::{
     FileKind, GenerateRequest, Generation, Host, Interruption, MAX_LISTED_FILES, ShellOutput,
 };
 use crate::infer::Inference;
-use crate::sandbox::ResourceLimits;
+use crate::sandbox::{Containment, ResourceLimits};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -90,6 +91,9 @@ pub struct LocalHost {
     inference: Option<Arc<Inference>>,
     origin: Instant,
     limits: ResourceLimits,
+    containment: Containment,
+    /// This host's slot among the run's step cgroups (forked hosts take others).
+    slot: usize,
     stopper: Stopper,
     /// The run's deadline and its length (for the message).
     deadline: Option<(Instant, Duration)>,
@@ -118,9 +122,19 @@ impl LocalHost {
             inference: inference.map(Arc::new),
             origin: Instant::now(),
             limits: ResourceLimits::default(),
+            containment: Containment::default(),
+            slot: 0,
             stopper: Stopper::default(),
             deadline: None,
         })
+    }
+
+    /// Runs every shell command inside `containment` (its step cgroups and seccomp filter).
+    #[must_use]
+    pub fn with_containment(mut self, containment: Containment) -> Self {
+        self.slot = containment.cgroups.as_ref().map_or(0, |c| c.first_slot());
+        self.containment = containment;
+        self
     }
 
     /// Applies `limits` to every shell command.
@@ -293,10 +307,14 @@ impl Host for LocalHost {
         run_shell(
             command,
             env,
-            &self.base_dir,
             timeout,
-            self.limits,
-            &self.stopper,
+            &process::Place {
+                dir: &self.base_dir,
+                limits: self.limits,
+                containment: &self.containment,
+                slot: self.slot,
+                stopper: &self.stopper,
+            },
         )
     }
 
@@ -338,6 +356,12 @@ impl Host for LocalHost {
             inference: self.inference.clone(),
             origin: self.origin,
             limits: self.limits,
+            slot: self
+                .containment
+                .cgroups
+                .as_ref()
+                .map_or(0, |c| c.next_slot()),
+            containment: self.containment.clone(),
             stopper: self.stopper.clone(),
             deadline: self.deadline,
         }))

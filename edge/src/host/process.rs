@@ -1,7 +1,8 @@
 //! Shell steps as processes: `/bin/sh -c` (or a simple command's program itself) in its own
-//! process group with a scrubbed environment, resource limits and death with the follower,
-//! both pipes read and the exit waited for with `poll(2)` on the step's thread, output caps,
-//! timeout → SIGTERM → SIGKILL, leftovers killed.
+//! process group with a scrubbed environment, resource limits, the run's step cgroup and
+//! seccomp filter (see [`crate::sandbox`]) and death with the follower, both pipes read and the
+//! exit waited for with `poll(2)` on the step's thread, output caps, timeout → SIGTERM →
+//! SIGKILL, leftovers killed (the whole cgroup where there is one, else the process group).
 
 use super::*;
 
@@ -11,10 +12,17 @@ fn rlim(v: u64) -> nix::libc::rlim_t {
     nix::libc::rlim_t::try_from(v).unwrap_or(nix::libc::rlim_t::MAX)
 }
 
-/// Sets `limits` (and death with the follower's run thread) in the child between fork and
-/// exec.
+/// What the child does between fork and exec besides its limits: join the step cgroup
+/// (`write(2)` of `0` to each descriptor) and install the seccomp programs.
+struct ChildSetup {
+    join_fds: Vec<std::os::fd::RawFd>,
+    seccomp: Arc<Vec<seccompiler::BpfProgram>>,
+}
+
+/// Sets `limits`, the cgroup and seccomp filter of `setup` (and death with the follower's run
+/// thread) in the child between fork and exec.
 #[allow(unsafe_code)]
-fn apply_limits(cmd: &mut Command, limits: ResourceLimits) {
+fn apply_limits(cmd: &mut Command, limits: ResourceLimits, setup: ChildSetup) {
     // Never above the current hard limit (raising it needs privilege); computed before fork.
     let values = [
         (Resource::RLIMIT_CPU, limits.cpu_secs),
@@ -27,18 +35,35 @@ fn apply_limits(cmd: &mut Command, limits: ResourceLimits) {
         (r, getrlimit(r).map_or(v, |(_, hard)| v.min(hard)))
     });
     let hook = move || -> std::io::Result<()> {
+        // First into the cgroup, so that everything the step starts is inside it.
+        for fd in &setup.join_fds {
+            // SAFETY: `fd` is a descriptor of the parent's `Slot`, open (not close-on-exec'd
+            // yet) in this child; the buffer is a static byte string.
+            if unsafe { nix::libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         for (r, v) in values {
             setrlimit(r, v, v).map_err(std::io::Error::from)?;
         }
         // If the follower dies (SIGKILL, power management), its step dies with it rather
         // than running on beside a resumed run.
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+        // Last: the filters only refuse socket(2) and io_uring_setup(2).
+        for prog in setup.seccomp.iter() {
+            seccompiler::apply_filter(prog).map_err(|e| match e {
+                seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
+                _ => std::io::Error::from_raw_os_error(nix::libc::EINVAL),
+            })?;
+        }
         Ok(())
     };
     // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // functions may be called: it iterates over a copied array and calls setrlimit(2) and
-    // prctl(2) (plain system calls through nix: no allocation, no locks); on failure it builds
-    // an io::Error from the errno (a raw OS error, no allocation).
+    // functions may be called: it iterates over copied arrays and calls write(2),
+    // setrlimit(2), prctl(2) and seccomp(2) (plain system calls through libc, nix and
+    // seccompiler's `apply_filter`, which builds the `sock_fprog` on the stack: no allocation,
+    // no locks); on failure it builds an io::Error from the errno (a raw OS error, no
+    // allocation).
     unsafe {
         cmd.pre_exec(hook);
     }
@@ -146,8 +171,14 @@ fn find_program(name: &str, dir: &Path) -> Option<PathBuf> {
 /// The containment every step process gets: `limits`, its own process group, the scrubbed
 /// environment plus `env`, `dir` as working directory, home and TMPDIR, stdin from /dev/null
 /// and both outputs piped to the step.
-fn contain(cmd: &mut Command, env: &[(String, String)], dir: &Path, limits: ResourceLimits) {
-    apply_limits(cmd, limits);
+fn contain(
+    cmd: &mut Command,
+    env: &[(String, String)],
+    dir: &Path,
+    limits: ResourceLimits,
+    setup: ChildSetup,
+) {
+    apply_limits(cmd, limits, setup);
     cmd.current_dir(dir)
         .env_clear()
         .env("PATH", STEP_PATH)
@@ -163,15 +194,40 @@ fn contain(cmd: &mut Command, env: &[(String, String)], dir: &Path, limits: Reso
         .process_group(0);
 }
 
-/// Runs `/bin/sh -c command` in `dir` with the containment described in the module docs.
+/// Where and how a shell command runs: the run's directory, limits, containment (with this
+/// host's cgroup slot) and stop requests.
+pub(super) struct Place<'a> {
+    pub(super) dir: &'a Path,
+    pub(super) limits: ResourceLimits,
+    pub(super) containment: &'a Containment,
+    pub(super) slot: usize,
+    pub(super) stopper: &'a Stopper,
+}
+
+/// Runs `/bin/sh -c command` in `place` with the containment described in the module docs.
 pub(super) fn run_shell(
     command: &str,
     env: &[(String, String)],
-    dir: &Path,
     timeout: Duration,
-    limits: ResourceLimits,
-    stopper: &Stopper,
+    place: &Place<'_>,
 ) -> Result<ShellOutput, String> {
+    let Place {
+        dir,
+        limits,
+        containment,
+        slot,
+        stopper,
+    } = *place;
+    // The step's cgroup slot, held while the step runs (forked hosts share the run's slots).
+    let slot = containment.cgroups.as_ref().map(|c| {
+        c.slot(slot)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
+    let setup = || ChildSetup {
+        join_fds: slot.as_ref().map(|s| s.join_fds()).unwrap_or_default(),
+        seccomp: containment.seccomp.clone(),
+    };
     // A simple command runs without the shell in between (see `shell::direct_argv`); when its
     // program cannot be started directly (not found, a script without `#!`), the shell runs it
     // and reports as it would.
@@ -181,7 +237,7 @@ pub(super) fn run_shell(
         Some((program, argv)) => {
             let mut cmd = Command::new(program);
             cmd.arg0(&argv[0]).args(&argv[1..]);
-            contain(&mut cmd, env, dir, limits);
+            contain(&mut cmd, env, dir, limits, setup());
             // What the shell would add to the environment of the program it starts.
             cmd.env("PWD", dir).spawn().ok()
         }
@@ -192,7 +248,7 @@ pub(super) fn run_shell(
         None => {
             let mut cmd = Command::new("/bin/sh");
             cmd.arg("-c").arg(command);
-            contain(&mut cmd, env, dir, limits);
+            contain(&mut cmd, env, dir, limits, setup());
             cmd.spawn()
                 .map_err(|e| format!("cannot start /bin/sh: {e}"))?
         }
@@ -249,6 +305,9 @@ pub(super) fn run_shell(
     // the group (`setsid`) can still hold them: the step waits for them no longer than
     // PIPE_GRACE.
     let _ = killpg(pgid, Signal::SIGKILL);
+    // And, where the step has a cgroup, everything in it: `setsid` and double forks included.
+    let left_running = slot.as_ref().is_some_and(|s| !s.kill_all());
+    drop(slot);
     let grace_end = Instant::now() + PIPE_GRACE;
     while out.pipe.is_some() || err.pipe.is_some() {
         let left = grace_end.saturating_duration_since(Instant::now());
@@ -264,6 +323,11 @@ pub(super) fn run_shell(
     let (stdout, stdout_truncated) = (out.kept, out.truncated);
     let stderr = err.kept;
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    if left_running {
+        return Err(
+            "processes the command left in its cgroup could not be killed within 3 s".into(),
+        );
+    }
     if aborted {
         return Err(format!(
             "command aborted on request (SIGTERM to its process group); stderr: {}",

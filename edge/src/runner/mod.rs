@@ -25,11 +25,12 @@ use crate::effects::{Completed, Host};
 use crate::exec::{self, Event, RunContext};
 use crate::host::{DEFAULT_READ_ROOTS, LocalHost, Stopper};
 use crate::infer::{InferConfig, Inference};
-use crate::sandbox::{self, ResourceLimits};
+use crate::sandbox::{self, ResourceLimits, StepCaps, cgroup};
 use crate::store::{NewRun, Store, StoreError, Unfinished};
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tracefleet::Trace;
 use tracefleet::compile;
@@ -378,10 +379,14 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
     };
     let read_roots = narrow_read_roots(trace, device_roots)?;
     let limits = ResourceLimits::default();
+    let caps = StepCaps::from_env(crate::telemetry::sample().mem_total_bytes)
+        .map_err(|e| anyhow!("{e}"))?;
+    let (containment, containment_protections) = contain_steps(state_dir, &run_id, trace, caps);
     let stopper = Stopper::default();
     let mut host = LocalHost::new(&base_dir, &read_roots, inference)
         .with_context(|| format!("base directory {}", base_dir.display()))?
         .with_limits(limits)
+        .with_containment(containment.clone())
         .with_stopper(stopper.clone());
     if let Some(t) = opts.timeout {
         host = host.with_deadline(t);
@@ -411,6 +416,7 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         network: trace.metadata.requires_internet,
     };
     let mut protections = static_protections(trace, &policy, limits, opts.timeout);
+    protections.extend(containment_protections);
     let telemetry_start = crate::telemetry::sample();
 
     if resumes == 0 {
@@ -441,6 +447,9 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
         },
     );
     signals.stop();
+    if let Some(c) = &containment.cgroups {
+        c.remove();
+    }
     let Journaled {
         mut report,
         landlock,
@@ -679,6 +688,47 @@ pub(crate) fn run_journaled(
     })
 }
 
+/// The run's step cgroups and seccomp filter, with what they put in force for the report.
+///
+/// First, the cgroups left by runs of this state directory whose follower died (their lock is
+/// free) are killed and removed, so that no step of a dead follower runs on beside a resumed
+/// run.
+fn contain_steps(
+    state_dir: &Path,
+    run_id: &str,
+    trace: &Trace,
+    caps: StepCaps,
+) -> (sandbox::Containment, Vec<Protection>) {
+    let plan = cgroup::Plan::new(
+        &cgroup::current_layout(),
+        std::env::var(cgroup::ROOT_ENV).ok().as_deref(),
+        &cgroup::state_key(state_dir),
+    );
+    let cleaned = cgroup::sweep(&plan.tops(), &|run| {
+        run == run_id || matches!(RunLock::try_acquire(state_dir, run), Ok(Some(_)))
+    });
+    if !cleaned.is_empty() {
+        tracing::info!(runs = ?cleaned, "killed the processes left by earlier runs");
+    }
+    let slots = usize::try_from(trace.max_parallel).unwrap_or(1);
+    let (cgroups, mut protections) = match plan.setup(run_id, slots, caps) {
+        Ok(setup) => {
+            let p = setup.protections();
+            (Some(Arc::new(setup)), p)
+        }
+        Err(e) => (None, plan.unavailable(&e, caps)),
+    };
+    let (programs, seccomp) = sandbox::seccomp::programs(trace.metadata.requires_internet);
+    protections.push(seccomp);
+    (
+        sandbox::Containment {
+            cgroups,
+            seccomp: Arc::new(programs),
+        },
+        protections,
+    )
+}
+
 /// The protections that do not depend on the kernel, for the report.
 fn static_protections(
     trace: &Trace,
@@ -731,7 +781,7 @@ fn static_protections(
             no_subst > 0,
             format!("refused in {no_subst} of {} Bash steps", bash.len()),
         ),
-        limits.protection(),
+        limits.protection(nix::unistd::geteuid().is_root()),
         p(
             "timeouts",
             true,

@@ -3,16 +3,24 @@
 //! - **Landlock** ([landlock.io](https://landlock.io), the `landlock` crate, best effort):
 //!   [`restrict_current_thread`] restricts the thread that executes the trace, and so every
 //!   process a Bash step starts from it (a child inherits its parent thread's domain): full
-//!   access beneath the run's base directory; read (and execute) beneath the read roots and
-//!   the system directories programs need ([`SYSTEM_DIRS`]); read/write of a few devices
-//!   ([`DEVICES`]). With ABI ≥ 4 TCP bind/connect are denied unless the trace declares
+//!   access beneath the run's base directory; read (and execute) beneath the read roots, the
+//!   system directories programs need ([`SYSTEM_DIRS`]) and the files of `/etc` they load
+//!   ([`ETC_FILES`], not the rest of `/etc` unless it is a read root); read/write of a few
+//!   devices ([`DEVICES`]). With ABI ≥ 4 TCP bind/connect are denied unless the trace declares
 //!   `requires_internet`; with ABI ≥ 6 signals and abstract UNIX sockets cannot reach outside
 //!   the domain. Nothing else of the file system can be opened — the device store and the trust
 //!   root included. On a kernel without Landlock this is reported, not fatal.
 //! - **Resource limits** ([`ResourceLimits`], `setrlimit(2)`): applied to each Bash step's
-//!   process before it executes `/bin/sh` (see `host.rs`).
+//!   process before it executes `/bin/sh` (see `host/process.rs`).
+//! - **Step cgroups** ([`cgroup`]): each Bash step in a cgroup, capped in memory and processes
+//!   as a whole, killed as a whole at its end and after a follower's death.
+//! - **seccomp** ([`seccomp`]): no sockets for Bash steps unless the trace declares
+//!   `requires_internet`.
 //!
 //! What was active goes into the report as [`Protection`]s.
+
+pub mod cgroup;
+pub mod seccomp;
 
 use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, Ruleset,
@@ -22,8 +30,33 @@ use std::path::{Path, PathBuf};
 use tracefleet::report::Protection;
 
 /// Directories a shell step may read and execute from, whatever the trace's read roots:
-/// programs, their libraries and the system configuration they load.
-pub const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc"];
+/// programs and their libraries.
+pub const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64"];
+
+/// Files (and directories) of `/etc` a shell step may read whatever the read roots: what the
+/// dynamic loader, the C library (users, groups, time zone, name resolution) and common tools
+/// load. Secrets (`/etc/shadow`, keys) are not among them.
+pub const ETC_FILES: &[&str] = &[
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/gai.conf",
+    "/etc/os-release",
+    "/etc/debian_version",
+    "/etc/hostname",
+    "/etc/magic",
+    "/etc/ssl/certs",
+    "/etc/ca-certificates",
+];
 
 /// Devices a shell step may read and write.
 pub const DEVICES: &[&str] = &[
@@ -46,7 +79,8 @@ pub struct ResourceLimits {
     pub address_space_bytes: u64,
     /// `RLIMIT_FSIZE`, largest file a process may write, in bytes.
     pub file_size_bytes: u64,
-    /// `RLIMIT_NPROC`, processes of the follower's user (not enforced for root).
+    /// `RLIMIT_NPROC`, processes of the follower's user (not enforced for root: the step's
+    /// pids cgroup is what holds there).
     pub processes: u64,
 }
 
@@ -62,20 +96,70 @@ impl Default for ResourceLimits {
 }
 
 impl ResourceLimits {
-    /// The report's description of these limits.
-    pub fn protection(&self) -> Protection {
+    /// The report's description of these limits for a follower running as `root` or not
+    /// (`RLIMIT_NPROC` does not apply to root).
+    pub fn protection(&self, root: bool) -> Protection {
         Protection {
             name: "rlimits".into(),
             active: true,
             detail: format!(
-                "per Bash process: cpu {} s, address space {} MiB, file size {} MiB, processes {}",
+                "per Bash process: cpu {} s, address space {} MiB, file size {} MiB; {}",
                 self.cpu_secs,
                 self.address_space_bytes >> 20,
                 self.file_size_bytes >> 20,
-                self.processes
+                if root {
+                    "processes: RLIMIT_NPROC not enforced (the follower runs as root)".to_owned()
+                } else {
+                    format!("processes of the follower's user {}", self.processes)
+                }
             ),
         }
     }
+}
+
+pub use cgroup::StepCaps;
+
+/// The environment variable that sets a step's memory cap in MiB (default: half the device's
+/// memory).
+pub const STEP_MEMORY_ENV: &str = "TRACEFLEET_STEP_MEMORY_MIB";
+/// The environment variable that sets a step's process cap (default 512).
+pub const STEP_PIDS_ENV: &str = "TRACEFLEET_STEP_PIDS";
+
+impl StepCaps {
+    /// The device's defaults ([`StepCaps::for_device`]) with [`STEP_MEMORY_ENV`] and
+    /// [`STEP_PIDS_ENV`] applied.
+    ///
+    /// # Errors
+    /// When one is set but is not a positive whole number.
+    pub fn from_env(mem_total_bytes: u64) -> Result<Self, String> {
+        let mut caps = Self::for_device(mem_total_bytes);
+        let get = |name: &str| -> Result<Option<u64>, String> {
+            match std::env::var(name) {
+                Err(_) => Ok(None),
+                Ok(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Some(n)),
+                    _ => Err(format!("{name}={v}: expected a positive whole number")),
+                },
+            }
+        };
+        if let Some(mib) = get(STEP_MEMORY_ENV)? {
+            caps.memory_bytes = mib.saturating_mul(1 << 20);
+        }
+        if let Some(n) = get(STEP_PIDS_ENV)? {
+            caps.pids = n;
+        }
+        Ok(caps)
+    }
+}
+
+/// What contains a run's Bash steps besides rlimits and Landlock: its step cgroups (none where
+/// none could be made) and seccomp programs (applied in turn in each step's process).
+#[derive(Debug, Clone, Default)]
+pub struct Containment {
+    /// The run's step cgroups.
+    pub cgroups: Option<std::sync::Arc<cgroup::Setup>>,
+    /// The seccomp programs.
+    pub seccomp: std::sync::Arc<Vec<seccompiler::BpfProgram>>,
 }
 
 /// What the run may reach.
@@ -120,6 +204,7 @@ fn try_restrict(policy: &Policy) -> Result<Vec<Protection>, landlock::RulesetErr
         .iter()
         .map(PathBuf::as_path)
         .chain(SYSTEM_DIRS.iter().map(Path::new))
+        .chain(ETC_FILES.iter().map(Path::new))
         .collect();
     let status = ruleset
         .create()?
@@ -158,6 +243,7 @@ fn try_restrict(policy: &Policy) -> Result<Vec<Protection>, landlock::RulesetErr
                 .chain(SYSTEM_DIRS.iter().map(|s| (*s).to_owned()))
                 .collect::<Vec<_>>()
                 .join(", ")
+                + " and the loader, user, time-zone and resolver files of /etc"
         ),
     }];
     out.push(Protection {
