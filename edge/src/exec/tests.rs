@@ -326,6 +326,7 @@ fn generation(text: &str, prompt: u32, completion: u32, secs: f64, stop: &str) -
         usage: LlmUsage {
             model: "m".into(),
             prompt_tokens: prompt,
+            cached_prompt_tokens: 0,
             completion_tokens: completion,
             // Prompt and generation each took `secs`.
             prompt_tokens_per_sec: f64::from(prompt) / secs,
