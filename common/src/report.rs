@@ -110,7 +110,10 @@ impl LlmUsage {
             (n, if secs > 0.0 { n as f64 / secs } else { 0.0 })
         };
         let (prompt, prompt_rate) = rate(|u| u.prompt_tokens, |u| u.prompt_tokens_per_sec);
-        let cached: u64 = items.iter().map(|u| u64::from(u.cached_prompt_tokens)).sum();
+        let cached: u64 = items
+            .iter()
+            .map(|u| u64::from(u.cached_prompt_tokens))
+            .sum();
         let (completion, generation_rate) =
             rate(|u| u.completion_tokens, |u| u.generation_tokens_per_sec);
         Some(LlmUsage {

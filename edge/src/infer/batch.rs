@@ -230,11 +230,9 @@ pub(super) fn generate_batch<'m>(
             queue.pop_front();
             let grammar = match &grammars[i] {
                 None => None,
-                Some(text) => match pristine
-                    .entry(text.clone())
-                    .or_insert_with(|| {
-                        LlamaSampler::grammar(model, text, "root").map_err(|e| e.to_string())
-                    }) {
+                Some(text) => match pristine.entry(text.clone()).or_insert_with(|| {
+                    LlamaSampler::grammar(model, text, "root").map_err(|e| e.to_string())
+                }) {
                     Ok(g) => Some(g.clone()),
                     Err(e) => {
                         results[i] = Some(Err(InferError::Grammar(e.clone())));
@@ -244,7 +242,9 @@ pub(super) fn generate_batch<'m>(
             };
             free.pop();
             if plen > 0 {
-                let _ = k.ctx.copy_kv_cache_seq(0, seq, None, u32::try_from(plen).ok());
+                let _ = k
+                    .ctx
+                    .copy_kv_cache_seq(0, seq, None, u32::try_from(plen).ok());
             }
             let owner = active.len();
             for (j, &t) in suffix.iter().enumerate() {
@@ -366,7 +366,9 @@ fn item_cells(suffix: usize, max_tokens: u32) -> usize {
 
 /// The longest common prefix of `prompts`, leaving at least one token of the shortest out;
 /// `None` when there are none.
-pub(super) fn shared_prefix<'a>(mut prompts: impl Iterator<Item = &'a [LlamaToken]>) -> Option<usize> {
+pub(super) fn shared_prefix<'a>(
+    mut prompts: impl Iterator<Item = &'a [LlamaToken]>,
+) -> Option<usize> {
     let first = prompts.next()?;
     let mut len = first.len();
     let mut shortest = first.len();
@@ -381,7 +383,9 @@ fn common_len(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn finish(results: Vec<Option<Result<Generation, InferError>>>) -> Vec<Result<Generation, InferError>> {
+fn finish(
+    results: Vec<Option<Result<Generation, InferError>>>,
+) -> Vec<Result<Generation, InferError>> {
     results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(InferError::Llama("the item was not run".into()))))

@@ -448,7 +448,9 @@ impl Worker {
             let load_secs = started.elapsed().as_secs_f64();
             match self.session(&loaded, job, load_secs, rx) {
                 Next::Job(j) => pending = Some(j),
-                Next::Idle => tracing::info!(model = %loaded.name, "model unloaded after being idle"),
+                Next::Idle => {
+                    tracing::info!(model = %loaded.name, "model unloaded after being idle")
+                }
                 Next::Stop => break,
             }
         }
@@ -457,7 +459,13 @@ impl Worker {
     /// Serves `first` and every following job for the same model with one kept context;
     /// returns on a job for another model, after [`InferConfig::idle_unload`], or when every
     /// handle is gone.
-    fn session(&self, loaded: &Loaded, first: Job, load_secs: f64, rx: &mpsc::Receiver<Job>) -> Next {
+    fn session(
+        &self,
+        loaded: &Loaded,
+        first: Job,
+        load_secs: f64,
+        rx: &mpsc::Receiver<Job>,
+    ) -> Next {
         let mut kept: Option<batch::Kept<'_>> = None;
         let mut job = first;
         let mut load_secs = load_secs;
@@ -517,7 +525,11 @@ impl Worker {
                 .collect());
         }
         let room = |n_ctx: u32| {
-            let need = loaded.spec.info.kv_cache_bytes(u64::from(n_ctx)).unwrap_or(0);
+            let need = loaded
+                .spec
+                .info
+                .kv_cache_bytes(u64::from(n_ctx))
+                .unwrap_or(0);
             self.wait_for(&loaded.name, need, deadline)
         };
         self.wait_for(&loaded.name, 0, deadline)?;
@@ -526,7 +538,9 @@ impl Worker {
             parallel: self.config.parallel,
             ctx_tokens: self.config.ctx_tokens,
         };
-        Ok(batch::generate_batch(backend, loaded, kept, settings, reqs, &room))
+        Ok(batch::generate_batch(
+            backend, loaded, kept, settings, reqs, &room,
+        ))
     }
 
     /// Loads the model `job` asks for once the device can take it (the resource policy, with
@@ -546,7 +560,11 @@ impl Worker {
             }
             Job::Bench(..) => Instant::now() + self.config.limits.defer_max,
         };
-        self.wait_for(&spec.name, ram_needed(&spec.info, spec.size, n_ctx), deadline)?;
+        self.wait_for(
+            &spec.name,
+            ram_needed(&spec.info, spec.size, n_ctx),
+            deadline,
+        )?;
         let backend = backend()?;
         let n_gpu_layers = resolve_gpu_layers(&self.config, &spec, n_ctx);
         let model = load(backend, &spec, n_gpu_layers)?;
@@ -897,7 +915,10 @@ fn generate(
 
 /// The grammar sampler (from `grammar`, or `json_schema` through llama.cpp's converter), kept
 /// apart from the chain so the answer's confidence can be read after its mask.
-fn build_grammar(model: &LlamaModel, req: &GenerateRequest) -> Result<Option<LlamaSampler>, InferError> {
+fn build_grammar(
+    model: &LlamaModel,
+    req: &GenerateRequest,
+) -> Result<Option<LlamaSampler>, InferError> {
     let from_schema = req
         .json_schema
         .as_deref()
