@@ -23,7 +23,10 @@
 //! positions, the same sampling; only floating-point summation order may differ between batch
 //! shapes.
 
-use super::{InferError, Loaded, PROMPT_BATCH, build_sampler_chain, find_stop, llama_err, rate};
+use super::{
+    InferError, Loaded, PROMPT_BATCH, build_sampler_chain, find_stop, llama_err, prompt_tokens,
+    rate,
+};
 use crate::effects::{GenerateRequest, Generation};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -36,7 +39,7 @@ use std::num::NonZeroU32;
 use std::time::Instant;
 use tracefleet::report::LlmUsage;
 
-use super::prompt::{build_prompt, masked_softmax};
+use super::prompt::masked_softmax;
 
 /// The context kept for a loaded model and the tokens its sequence 0 holds.
 pub(super) struct Kept<'m> {
@@ -103,7 +106,6 @@ pub(super) fn generate_batch<'m>(
     room: &dyn Fn(u32) -> Result<(), InferError>,
 ) -> Vec<Result<Generation, InferError>> {
     let model = &loaded.model;
-    let vocab = model.vocab();
     let n_ctx_train = model.n_ctx_train();
     let mut results: Vec<Option<Result<Generation, InferError>>> =
         reqs.iter().map(|_| None).collect();
@@ -127,20 +129,7 @@ pub(super) fn generate_batch<'m>(
         };
         let tokens = grammar.and_then(|g| {
             grammars.push(g);
-            let prompt = build_prompt(model, &loaded.specials, req)?;
-            let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
-            let needed = u64::try_from(tokens.len())
-                .unwrap_or(u64::MAX)
-                .saturating_add(u64::from(req.max_tokens))
-                .saturating_add(8);
-            if needed > u64::from(n_ctx_train) || tokens.is_empty() {
-                return Err(InferError::ContextOverflow {
-                    prompt_tokens: tokens.len(),
-                    max_tokens: req.max_tokens,
-                    n_ctx_train,
-                });
-            }
-            Ok(tokens)
+            prompt_tokens(loaded, req)
         });
         if grammars.len() == i {
             grammars.push(None);

@@ -784,24 +784,14 @@ fn generate(
 ) -> Result<Generation, InferError> {
     let started = Instant::now();
     let model = &loaded.model;
-    let specials = &loaded.specials;
     let vocab = model.vocab();
 
-    let prompt = build_prompt(model, specials, req)?;
-    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
-
+    let tokens = prompt_tokens(loaded, req)?;
     let n_ctx_train = model.n_ctx_train();
     let needed = u64::try_from(tokens.len())
         .unwrap_or(u64::MAX)
         .saturating_add(u64::from(req.max_tokens))
         .saturating_add(8);
-    if needed > u64::from(n_ctx_train) || tokens.is_empty() {
-        return Err(InferError::ContextOverflow {
-            prompt_tokens: tokens.len(),
-            max_tokens: req.max_tokens,
-            n_ctx_train,
-        });
-    }
     let n_ctx = u32::try_from(needed.next_multiple_of(256))
         .unwrap_or(n_ctx_train)
         .min(n_ctx_train);
@@ -911,6 +901,31 @@ fn generate(
             uncertain: false,
         },
     })
+}
+
+/// The tokens of `req`'s prompt (chat template applied, special-token text in the data
+/// neutralised).
+///
+/// # Errors
+/// [`InferError::ContextOverflow`] when the prompt plus `max_tokens` (and a margin of 8) does
+/// not fit in the model's training context, or the prompt is empty; the template's errors.
+fn prompt_tokens(loaded: &Loaded, req: &GenerateRequest) -> Result<Vec<LlamaToken>, InferError> {
+    let model = &loaded.model;
+    let prompt = build_prompt(model, &loaded.specials, req)?;
+    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    let n_ctx_train = model.n_ctx_train();
+    let needed = u64::try_from(tokens.len())
+        .unwrap_or(u64::MAX)
+        .saturating_add(u64::from(req.max_tokens))
+        .saturating_add(8);
+    if needed > u64::from(n_ctx_train) || tokens.is_empty() {
+        return Err(InferError::ContextOverflow {
+            prompt_tokens: tokens.len(),
+            max_tokens: req.max_tokens,
+            n_ctx_train,
+        });
+    }
+    Ok(tokens)
 }
 
 /// The grammar sampler (from `grammar`, or `json_schema` through llama.cpp's converter), kept
