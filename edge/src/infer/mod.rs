@@ -10,7 +10,11 @@
 //!
 //! Models are loaded lazily, on the first request that needs one, memory-mapped, and kept for
 //! the next request; one model is resident at a time (asking for another unloads the first),
-//! and a model idle for [`InferConfig::idle_unload`] is unloaded. Every model was checked
+//! and a model idle for [`InferConfig::idle_unload`] is unloaded. While a model is resident the
+//! thread keeps one context for it ([`InferConfig::ctx_tokens`], counted in the RAM estimate)
+//! whose KV cache carries a prompt prefix from one request to the next, and decodes the items
+//! of a batch ([`Inference::generate_batch`]) together: see `batch.rs`.
+//! [`InferConfig::prompt_cache`] `false` keeps the earlier path, a fresh context per request. Every model was checked
 //! before the thread sees it ([`ModelSpec::from_file`]: a complete GGUF file, every tensor
 //! inside it).
 //!
