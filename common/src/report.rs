@@ -66,8 +66,13 @@ pub struct CheckResult {
 pub struct LlmUsage {
     /// Model name.
     pub model: String,
-    /// Tokens in the prompt (after the chat template).
+    /// Tokens in the prompt (after the chat template), cached or not.
     pub prompt_tokens: u32,
+    /// Of `prompt_tokens`, those this generation did not decode itself: the prefix the
+    /// inference thread's KV cache already held, or shared with an earlier item of the same
+    /// batch. 0 in reports from followers that did not count them.
+    #[serde(default)]
+    pub cached_prompt_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
     /// Prompt processing speed, tokens per second.
@@ -105,11 +110,16 @@ impl LlmUsage {
             (n, if secs > 0.0 { n as f64 / secs } else { 0.0 })
         };
         let (prompt, prompt_rate) = rate(|u| u.prompt_tokens, |u| u.prompt_tokens_per_sec);
+        let cached: u64 = items
+            .iter()
+            .map(|u| u64::from(u.cached_prompt_tokens))
+            .sum();
         let (completion, generation_rate) =
             rate(|u| u.completion_tokens, |u| u.generation_tokens_per_sec);
         Some(LlmUsage {
             model: first.model.clone(),
             prompt_tokens: u32::try_from(prompt).unwrap_or(u32::MAX),
+            cached_prompt_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
             completion_tokens: u32::try_from(completion).unwrap_or(u32::MAX),
             prompt_tokens_per_sec: prompt_rate,
             generation_tokens_per_sec: generation_rate,

@@ -109,6 +109,12 @@ pub trait Host {
     ) -> Result<ShellOutput, String>;
     /// Runs the model.
     fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String>;
+    /// Runs the model on several requests as one batch (a foreach LLM step's items): one
+    /// result per request, in order, each failing on its own. The default runs them one at a
+    /// time through [`Host::generate`].
+    fn generate_batch(&mut self, requests: &[GenerateRequest]) -> Vec<Result<Generation, String>> {
+        requests.iter().map(|r| self.generate(r)).collect()
+    }
     /// Waits (retry backoff).
     fn sleep(&mut self, duration: Duration);
     /// Monotonic time since an arbitrary origin.

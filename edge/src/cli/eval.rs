@@ -19,6 +19,9 @@ use tracefleet::judgement::{Example, Expect, Scored, Scores};
 use tracefleet::time::rfc3339_now;
 use tracefleet::trace::{LlmCall, Tool};
 
+/// Items sent to the inference thread as one batch.
+const EVAL_BATCH: usize = 64;
+
 /// Largest dataset file read (bytes).
 const MAX_DATASET_BYTES: u64 = 64 << 20;
 
@@ -75,6 +78,12 @@ struct EvalReport {
     items_per_sec: f64,
     /// Every item's whole prompt, cached or not.
     prompt_tokens: u64,
+    /// Of those, the tokens not decoded for the item itself (prefix kept in the cache or
+    /// shared with other items of its batch).
+    cached_prompt_tokens: u64,
+    /// Every item's whole prompt over the wall time, tokens per second (the rate a
+    /// one-at-a-time, cache-less decoder would need to match).
+    prompt_equivalent_tokens_per_sec: f64,
     generated_tokens: u64,
     wall_secs: f64,
     /// Coverage and selective accuracy at each of [`CURVE_THRESHOLDS`] (the risk–coverage
@@ -184,30 +193,43 @@ pub fn eval(state_dir: &Path, args: &EvalArgs) -> Result<ExitCode> {
 
     let bar = indicatif::ProgressBar::new(items.len() as u64);
     let started = Instant::now();
-    let (mut scored, mut errors, mut prompt_tokens, mut generated_tokens) =
-        (Vec::with_capacity(items.len()), 0usize, 0u64, 0u64);
-    for item in &items {
-        let request = judgement::request(&call, |v| item.var(v), timeout)
-            .map_err(|v| anyhow!("variable `{{{v}}}` has no value"))?;
-        let (answer, confidence) = match inference.generate(&request) {
-            Ok(g) => {
-                prompt_tokens += u64::from(g.usage.prompt_tokens);
-                generated_tokens += u64::from(g.usage.completion_tokens);
-                (g.text, g.usage.answer_confidence)
-            }
-            Err(e) => {
-                errors += 1;
-                tracing::warn!(error = %e, "an item's generation failed");
-                (format!("(error: {e})"), Some(0.0))
-            }
+    let (mut scored, mut errors) = (Vec::with_capacity(items.len()), 0usize);
+    let (mut prompt_tokens, mut cached_prompt_tokens, mut generated_tokens) = (0u64, 0u64, 0u64);
+    // In batches (prefix shared, items decoded together); the bar moves between them.
+    for chunk in items.chunks(EVAL_BATCH) {
+        let requests = chunk
+            .iter()
+            .map(|item| {
+                judgement::request(&call, |v| item.var(v), timeout)
+                    .map_err(|v| anyhow!("variable `{{{v}}}` has no value"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let answers = match inference.generate_batch(&requests) {
+            Ok(answers) => answers,
+            Err(e) => bail!("the model could not run: {e}"),
         };
-        scored.push(Scored {
-            expected: item.expect.label().to_owned(),
-            correct: item.expect.agrees(&answer),
-            answer: answer.trim().to_owned(),
-            confidence,
-        });
-        bar.inc(1);
+        for (item, generated) in chunk.iter().zip(answers) {
+            let (answer, confidence) = match generated {
+                Ok(g) => {
+                    prompt_tokens += u64::from(g.usage.prompt_tokens);
+                    cached_prompt_tokens += u64::from(g.usage.cached_prompt_tokens);
+                    generated_tokens += u64::from(g.usage.completion_tokens);
+                    (g.text, g.usage.answer_confidence)
+                }
+                Err(e) => {
+                    errors += 1;
+                    tracing::warn!(error = %e, "an item's generation failed");
+                    (format!("(error: {e})"), Some(0.0))
+                }
+            };
+            scored.push(Scored {
+                expected: item.expect.label().to_owned(),
+                correct: item.expect.agrees(&answer),
+                answer: answer.trim().to_owned(),
+                confidence,
+            });
+        }
+        bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     let wall_secs = started.elapsed().as_secs_f64();
@@ -247,6 +269,12 @@ pub fn eval(state_dir: &Path, args: &EvalArgs) -> Result<ExitCode> {
         scores,
         errors,
         prompt_tokens,
+        cached_prompt_tokens,
+        prompt_equivalent_tokens_per_sec: if wall_secs > 0.0 {
+            prompt_tokens as f64 / wall_secs
+        } else {
+            0.0
+        },
         generated_tokens,
         wall_secs,
         selective_curve,
@@ -287,9 +315,10 @@ fn print_report(r: &EvalReport) {
         s.ece.map_or_else(|| "-".into(), |e| format!("{e:.3}"))
     );
     println!(
-        "{:.2} items/s  prompt tokens {}  generated tokens {}  {:.1} s{}",
+        "{:.2} items/s  prompt tokens {} ({} cached)  generated tokens {}  {:.1} s{}",
         r.items_per_sec,
         r.prompt_tokens,
+        r.cached_prompt_tokens,
         r.generated_tokens,
         r.wall_secs,
         if r.errors > 0 {

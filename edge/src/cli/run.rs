@@ -113,6 +113,18 @@ pub struct InferArgs {
     /// Unload a model idle this long (`0s`: keep it loaded for the whole run).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     model_idle: std::time::Duration,
+    /// Items of a foreach LLM step (and of `eval`) decoded together as parallel sequences
+    /// sharing their prompt prefix (default: 4 per core, 2 to 16; 1: one at a time).
+    #[arg(long, env = "TRACEFLEET_PARALLEL", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=63))]
+    parallel: Option<u32>,
+    /// Tokens of the context kept per loaded model (its KV cache, shared by every parallel
+    /// sequence, counted in the RAM estimate; grown when a request needs more).
+    #[arg(long, default_value_t = follower::infer::DEFAULT_CTX_TOKENS, value_name = "TOKENS")]
+    ctx_size: u32,
+    /// A fresh context for every request: no prompt-prefix reuse and no batching (the
+    /// behaviour before both, to measure against).
+    #[arg(long)]
+    no_prompt_cache: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -148,6 +160,9 @@ impl InferArgs {
                 defer_max: self.defer_max,
                 ..ResourcePolicy::default()
             },
+            prompt_cache: !self.no_prompt_cache,
+            parallel: self.parallel.unwrap_or(defaults.parallel),
+            ctx_tokens: self.ctx_size.max(256),
         }
     }
 }

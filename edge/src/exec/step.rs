@@ -3,6 +3,7 @@
 
 use super::judgement::{self, Refusal};
 use super::*;
+use std::collections::VecDeque;
 use std::time::Duration;
 use tracefleet::ids::VarName;
 use tracefleet::report::{LlmUsage, MAX_REPORTED_OUTPUT, StepResult, StepStatus, truncate_utf8};
@@ -29,7 +30,7 @@ pub(super) struct StepRun {
 pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
     let start = host.monotonic();
     let mut run = match &step.foreach {
-        None => run_item(step, vars, host),
+        None => run_item(step, vars, host, None),
         Some(each) => match foreach_items(each, vars, host) {
             Err(e) => {
                 let mut result = not_run(step);
@@ -57,17 +58,25 @@ pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun
                     refusal: None,
                 };
                 let mut usages = Vec::new();
-                for item in &items {
+                let mut ready = VecDeque::new();
+                for (n, item) in items.iter().enumerate() {
                     if host.interruption().is_some() {
                         total.result.status = StepStatus::Failed;
                         total.result.error = Some(format!("interrupted before item {item:?}"));
                         break;
                     }
-                    let mut item_vars = Vars {
-                        values: vars.values.clone(),
-                    };
-                    item_vars.values.insert(each.var.to_string(), item.clone());
-                    let r = run_item(step, &item_vars, host);
+                    if ready.is_empty()
+                        && let Tool::Llm(call) = &step.tool
+                    {
+                        let chunk = &items[n..items.len().min(n + BATCH_ITEMS)];
+                        ready = generate_items(call, each, vars, chunk, host, timeout(step));
+                    }
+                    let r = run_item(
+                        step,
+                        &item_vars(vars, each, item),
+                        host,
+                        ready.pop_front().flatten(),
+                    );
                     usages.extend(r.result.llm.clone());
                     total.prompt_tokens += r.prompt_tokens;
                     total.completion_tokens += r.completion_tokens;
@@ -99,6 +108,46 @@ pub(super) fn run_step(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun
     run.result.duration_secs = (host.monotonic() - start).as_secs_f64();
     run.result.output_truncated = truncate_utf8(&mut run.result.output, MAX_REPORTED_OUTPUT);
     run
+}
+
+/// Items of a foreach LLM step generated as one batch ([`Host::generate_batch`]); the
+/// interruption check runs between batches.
+const BATCH_ITEMS: usize = 64;
+
+/// The step's variables with the foreach variable bound to `item`.
+fn item_vars(vars: &Vars, each: &Foreach, item: &str) -> Vars {
+    let mut values = vars.values.clone();
+    values.insert(each.var.to_string(), item.to_owned());
+    Vars { values }
+}
+
+fn timeout(step: &Step) -> Duration {
+    Duration::from_secs(u64::from(step.timeout_secs))
+}
+
+/// The first attempt's generation of each of `items` for LLM step `call`, as one batch, in
+/// order; `None` for an item whose request cannot be rendered (its attempt reports why).
+fn generate_items(
+    call: &tracefleet::trace::LlmCall,
+    each: &Foreach,
+    vars: &Vars,
+    items: &[String],
+    host: &mut dyn Host,
+    timeout: Duration,
+) -> VecDeque<Option<Result<Generation, String>>> {
+    let requests: Vec<Option<GenerateRequest>> = items
+        .iter()
+        .map(|item| {
+            let v = item_vars(vars, each, item);
+            judgement::request(call, |name| v.lookup(name), timeout).ok()
+        })
+        .collect();
+    let batch: Vec<GenerateRequest> = requests.iter().flatten().cloned().collect();
+    let mut answers = host.generate_batch(&batch).into_iter();
+    requests
+        .iter()
+        .map(|r| r.as_ref().and_then(|_| answers.next()))
+        .collect()
 }
 
 /// The items a `foreach` runs over.
@@ -134,8 +183,14 @@ fn foreach_items(each: &Foreach, vars: &Vars, host: &mut dyn Host) -> Result<Vec
 }
 
 /// Runs one step's tool and validations under its retry policy (no skip conversion, no
-/// timing: [`run_step`] does those).
-fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
+/// timing: [`run_step`] does those). `first` is an LLM step's first generation when it was
+/// made already (in a batch).
+fn run_item(
+    step: &Step,
+    vars: &Vars,
+    host: &mut dyn Host,
+    mut first: Option<Result<Generation, String>>,
+) -> StepRun {
     let (max_attempts, delay) = match step.on_error {
         OnError::Retry {
             retry_count,
@@ -146,7 +201,7 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
             (1, 0.0)
         }
     };
-    let timeout = Duration::from_secs(u64::from(step.timeout_secs));
+    let timeout = timeout(step);
     let mut result = not_run(step);
     let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
     let mut refusal = None;
@@ -154,7 +209,7 @@ fn run_item(step: &Step, vars: &Vars, host: &mut dyn Host) -> StepRun {
         result.attempts = attempt;
         result.exit_code = None;
         result.llm = None;
-        let outcome = run_tool(step, vars, host, timeout);
+        let outcome = run_tool(step, vars, host, timeout, first.take());
         if let Ok(Attempt { llm: Some(u), .. }) = &outcome {
             prompt_tokens += u64::from(u.prompt_tokens);
             completion_tokens += u64::from(u.completion_tokens);
@@ -235,6 +290,7 @@ fn run_tool(
     vars: &Vars,
     host: &mut dyn Host,
     timeout: Duration,
+    generated: Option<Result<Generation, String>>,
 ) -> Result<Attempt, String> {
     match &step.tool {
         Tool::Read {
@@ -335,7 +391,7 @@ fn run_tool(
         Tool::Llm(call) => {
             let request =
                 judgement::request(call, |v| vars.lookup(v), timeout).map_err(no_value)?;
-            let g = host.generate(&request)?;
+            let g = generated.unwrap_or_else(|| host.generate(&request))?;
             // Constrained decoding keeps the output inside the schema's grammar, but a
             // generation cut short (max_tokens, a stop string) can still end mid-object.
             if let Some(schema) = &call.json_schema

@@ -16,6 +16,8 @@ struct FakeHost {
     generations: VecDeque<Generation>,
     /// The model requests made, in order.
     requests: Vec<GenerateRequest>,
+    /// The size of each batch of model requests.
+    batches: Vec<usize>,
 }
 
 impl Host for FakeHost {
@@ -67,6 +69,10 @@ impl Host for FakeHost {
         self.shell_answers
             .pop_front()
             .ok_or_else(|| "no scripted answer".to_owned())
+    }
+    fn generate_batch(&mut self, requests: &[GenerateRequest]) -> Vec<Result<Generation, String>> {
+        self.batches.push(requests.len());
+        requests.iter().map(|r| self.generate(r)).collect()
     }
     fn generate(&mut self, request: &GenerateRequest) -> Result<Generation, String> {
         self.requests.push(request.clone());
@@ -326,6 +332,7 @@ fn generation(text: &str, prompt: u32, completion: u32, secs: f64, stop: &str) -
         usage: LlmUsage {
             model: "m".into(),
             prompt_tokens: prompt,
+            cached_prompt_tokens: 0,
             completion_tokens: completion,
             // Prompt and generation each took `secs`.
             prompt_tokens_per_sec: f64::from(prompt) / secs,
@@ -338,6 +345,11 @@ fn generation(text: &str, prompt: u32, completion: u32, secs: f64, stop: &str) -
     }
 }
 
+fn cached(mut g: Generation, tokens: u32) -> Generation {
+    g.usage.cached_prompt_tokens = tokens;
+    g
+}
+
 #[test]
 fn a_foreach_llm_step_reports_the_sums_over_its_items_and_each_items_figures() {
     let t = trace(
@@ -346,8 +358,8 @@ fn a_foreach_llm_step_reports_the_sums_over_its_items_and_each_items_figures() {
     let mut h = FakeHost {
         generations: [
             generation("a", 100, 1, 1.0, "grammar"),
-            generation("b", 200, 3, 1.0, "grammar"),
-            generation("a", 300, 2, 2.0, "eos"),
+            cached(generation("b", 200, 3, 1.0, "grammar"), 90),
+            cached(generation("a", 300, 2, 2.0, "eos"), 90),
         ]
         .into(),
         ..FakeHost::default()
@@ -364,8 +376,25 @@ fn a_foreach_llm_step_reports_the_sums_over_its_items_and_each_items_figures() {
             .collect::<Vec<_>>(),
         [100, 200, 300]
     );
+    // The items went to the model as one batch, in order.
+    assert_eq!(h.batches, [3]);
+    assert_eq!(
+        h.requests
+            .iter()
+            .map(|r| r.prompt.as_str())
+            .collect::<Vec<_>>(),
+        ["judge x", "judge y", "judge z"]
+    );
+    assert_eq!(
+        s.llm_items
+            .iter()
+            .map(|u| u.cached_prompt_tokens)
+            .collect::<Vec<_>>(),
+        [0, 90, 90]
+    );
     let sum = s.llm.as_ref().unwrap();
     assert_eq!((sum.prompt_tokens, sum.completion_tokens), (600, 6));
+    assert_eq!(sum.cached_prompt_tokens, 180);
     // 600 prompt tokens in 1 + 1 + 2 s; 6 generated in the same 4 s.
     assert!((sum.prompt_tokens_per_sec - 150.0).abs() < 1e-9, "{sum:?}");
     assert!(

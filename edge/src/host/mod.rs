@@ -326,6 +326,19 @@ impl Host for LocalHost {
         inference.generate(request).map_err(|e| e.to_string())
     }
 
+    fn generate_batch(&mut self, requests: &[GenerateRequest]) -> Vec<Result<Generation, String>> {
+        let Some(inference) = self.inference.as_ref() else {
+            return requests.iter().map(|r| self.generate(r)).collect();
+        };
+        match inference.generate_batch(requests) {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect(),
+            Err(e) => requests.iter().map(|_| Err(e.to_string())).collect(),
+        }
+    }
+
     fn sleep(&mut self, duration: Duration) {
         // In slices, so that a stop request or the deadline ends a long backoff.
         let end = Instant::now() + duration;

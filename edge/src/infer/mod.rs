@@ -10,7 +10,11 @@
 //!
 //! Models are loaded lazily, on the first request that needs one, memory-mapped, and kept for
 //! the next request; one model is resident at a time (asking for another unloads the first),
-//! and a model idle for [`InferConfig::idle_unload`] is unloaded. Every model was checked
+//! and a model idle for [`InferConfig::idle_unload`] is unloaded. While a model is resident the
+//! thread keeps one context for it ([`InferConfig::ctx_tokens`], counted in the RAM estimate)
+//! whose KV cache carries a prompt prefix from one request to the next, and decodes the items
+//! of a batch ([`Inference::generate_batch`]) together: see `batch.rs`.
+//! [`InferConfig::prompt_cache`] `false` keeps the earlier path, a fresh context per request. Every model was checked
 //! before the thread sees it ([`ModelSpec::from_file`]: a complete GGUF file, every tensor
 //! inside it).
 //!
@@ -42,13 +46,14 @@ use std::time::{Duration, Instant};
 use tracefleet::gguf::GgufInfo;
 use tracefleet::report::LlmUsage;
 
+mod batch;
 mod policy;
 mod prompt;
 #[cfg(test)]
 mod tests;
 
 use policy::resolve_gpu_layers;
-pub use policy::{ResourcePolicy, gpu_layers_within, refusal};
+pub use policy::{ResourcePolicy, default_parallel, gpu_layers_within, refusal};
 #[cfg(test)]
 use prompt::neutralise_specials;
 use prompt::{build_prompt, masked_softmax, special_token_texts};
@@ -83,17 +88,36 @@ pub struct InferConfig {
     pub idle_unload: Option<Duration>,
     /// Resource policy.
     pub limits: ResourcePolicy,
+    /// Keep a context per loaded model and its KV cache between requests, reusing the longest
+    /// common prompt prefix (`false`: a fresh context per request and no batching, the code
+    /// before prefix reuse, kept to measure against).
+    pub prompt_cache: bool,
+    /// Items of a batch ([`Inference::generate_batch`]) decoded together as parallel
+    /// sequences, 1 to 63.
+    pub parallel: u32,
+    /// Cells (tokens) of the kept context's KV cache, shared by the prefix and every parallel
+    /// sequence; counted in the RAM estimate. A batch that needs more grows it (up to the
+    /// model's training context), resetting the cache.
+    pub ctx_tokens: u32,
 }
+
+/// The kept context's default size, tokens.
+pub const DEFAULT_CTX_TOKENS: u32 = 4096;
 
 impl Default for InferConfig {
     /// Physical cores, automatic GPU layers in 80% of free VRAM, unload after 5 minutes idle,
-    /// default limits.
+    /// default limits, prompt cache on, [`default_parallel`] sequences in a context of
+    /// [`DEFAULT_CTX_TOKENS`].
     fn default() -> Self {
+        let n_threads = crate::telemetry::physical_cores();
         Self {
-            n_threads: crate::telemetry::physical_cores(),
+            n_threads,
             gpu_layers: GpuLayers::Auto { vram_fraction: 0.8 },
             idle_unload: Some(Duration::from_secs(300)),
             limits: ResourcePolicy::default(),
+            prompt_cache: true,
+            parallel: default_parallel(n_threads),
+            ctx_tokens: DEFAULT_CTX_TOKENS,
         }
     }
 }
@@ -241,16 +265,42 @@ pub struct BenchReport {
     pub generation_tokens_per_sec: Vec<f64>,
 }
 
+/// One result per request of a batch, or why the batch did not run.
+type BatchResult = Result<Vec<Result<Generation, InferError>>, InferError>;
+
 enum Job {
-    Generate(
-        GenerateRequest,
-        mpsc::Sender<Result<Generation, InferError>>,
-    ),
+    Generate(Vec<GenerateRequest>, mpsc::Sender<BatchResult>),
     Bench(
         Option<String>,
         BenchParams,
         mpsc::Sender<Result<BenchReport, InferError>>,
     ),
+}
+
+impl Job {
+    fn model(&self) -> Option<&str> {
+        match self {
+            Job::Generate(reqs, _) => reqs.first().and_then(|r| r.model.as_deref()),
+            Job::Bench(m, _, _) => m.as_deref(),
+        }
+    }
+
+    fn fail(self, e: InferError) {
+        match self {
+            Job::Generate(_, reply) => drop(reply.send(Err(e))),
+            Job::Bench(_, _, reply) => drop(reply.send(Err(e))),
+        }
+    }
+}
+
+/// What the inference thread does after a model's session.
+enum Next {
+    /// Serve this job (for another model).
+    Job(Job),
+    /// The model was idle: unload it.
+    Idle,
+    /// Every handle is gone.
+    Stop,
 }
 
 /// A handle to the inference thread. Dropping it stops the thread and frees the model.
@@ -283,7 +333,6 @@ impl Inference {
             config,
             models,
             default,
-            loaded: None,
         };
         let thread = std::thread::Builder::new()
             .name("inference".into())
@@ -306,8 +355,28 @@ impl Inference {
     /// # Errors
     /// See [`InferError`].
     pub fn generate(&self, request: &GenerateRequest) -> Result<Generation, InferError> {
+        self.generate_batch(std::slice::from_ref(request))?
+            .pop()
+            .unwrap_or(Err(InferError::ThreadGone))
+    }
+
+    /// Runs `requests` as one batch: their shared prompt prefix decoded once (or kept from
+    /// the cache), the items decoded together as up to [`InferConfig::parallel`] sequences.
+    /// They run on the first request's model. One result per request, in order; an item's
+    /// failure is its own.
+    ///
+    /// # Errors
+    /// Why the whole batch did not run: the model is unknown, deferred and refused, or it
+    /// could not be loaded ([`InferError`]).
+    pub fn generate_batch(
+        &self,
+        requests: &[GenerateRequest],
+    ) -> Result<Vec<Result<Generation, InferError>>, InferError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply_tx, reply_rx) = mpsc::channel();
-        self.send(Job::Generate(request.clone(), reply_tx))?;
+        self.send(Job::Generate(requests.to_vec(), reply_tx))?;
         reply_rx.recv().map_err(|_| InferError::ThreadGone)?
     }
 
@@ -347,6 +416,7 @@ impl Drop for Inference {
 
 struct Loaded {
     name: String,
+    spec: ModelSpec,
     model: LlamaModel,
     specials: Vec<String>,
     n_gpu_layers: u32,
@@ -356,101 +426,193 @@ struct Worker {
     config: InferConfig,
     models: Vec<ModelSpec>,
     default: Option<String>,
-    loaded: Option<Loaded>,
 }
 
 impl Worker {
-    fn run(mut self, rx: &mpsc::Receiver<Job>) {
+    /// Serves jobs: loads the model the next job asks for (the previous one is dropped
+    /// first), then serves that model's jobs in a session that keeps its context.
+    fn run(self, rx: &mpsc::Receiver<Job>) {
+        let mut pending: Option<Job> = None;
         loop {
-            let job = match self.config.idle_unload {
-                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                Some(idle) => rx.recv_timeout(idle),
+            let job = match pending.take() {
+                Some(j) => j,
+                None => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                },
             };
-            match job {
-                Ok(Job::Generate(req, reply)) => {
-                    let deadline = Instant::now() + req.timeout;
-                    let n_ctx = u64::from(req.max_tokens) + 512;
-                    let threads = self.config.n_threads;
-                    let result = self.admit(req.model.as_deref(), n_ctx, deadline).and_then(
-                        |(backend, loaded)| generate(backend, loaded, threads, &req, deadline),
-                    );
-                    let _ = reply.send(result);
+            let started = Instant::now();
+            let loaded = match self.load_for(&job) {
+                Ok(l) => l,
+                Err(e) => {
+                    job.fail(e);
+                    continue;
                 }
-                Ok(Job::Bench(model, params, reply)) => {
-                    let n_ctx = u64::from(params.n_prompt + params.n_gen);
-                    let started = Instant::now();
-                    let resident = self
-                        .loaded
-                        .as_ref()
-                        .is_some_and(|l| Some(&l.name) == model.as_ref().or(self.default.as_ref()));
-                    let deadline = Instant::now() + self.config.limits.defer_max;
-                    let threads = self.config.n_threads;
-                    let result = self.admit(model.as_deref(), n_ctx, deadline).and_then(
-                        |(backend, loaded)| {
-                            let load_secs = if resident {
-                                0.0
-                            } else {
-                                started.elapsed().as_secs_f64()
-                            };
-                            bench(backend, loaded, threads, params, load_secs)
-                        },
-                    );
-                    let _ = reply.send(result);
+            };
+            let load_secs = started.elapsed().as_secs_f64();
+            match self.session(&loaded, job, load_secs, rx) {
+                Next::Job(j) => pending = Some(j),
+                Next::Idle => {
+                    tracing::info!(model = %loaded.name, "model unloaded after being idle")
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(l) = self.loaded.take() {
-                        tracing::info!(model = %l.name, "model unloaded after being idle");
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Next::Stop => break,
             }
         }
     }
 
-    /// Waits until the device can take a request for `asked` (see the module docs), loads the
-    /// model if it is not resident, and hands it out.
-    fn admit(
-        &mut self,
-        asked: Option<&str>,
-        n_ctx: u64,
-        deadline: Instant,
-    ) -> Result<(&'static LlamaBackend, &Loaded), InferError> {
+    /// Serves `first` and every following job for the same model with one kept context;
+    /// returns on a job for another model, after [`InferConfig::idle_unload`], or when every
+    /// handle is gone.
+    fn session(
+        &self,
+        loaded: &Loaded,
+        first: Job,
+        load_secs: f64,
+        rx: &mpsc::Receiver<Job>,
+    ) -> Next {
+        let mut kept: Option<batch::Kept<'_>> = None;
+        let mut job = first;
+        let mut load_secs = load_secs;
+        loop {
+            match job {
+                Job::Generate(reqs, reply) => {
+                    let _ = reply.send(self.serve(loaded, &mut kept, &reqs));
+                }
+                Job::Bench(_, params, reply) => {
+                    // Its own context: free the kept one's memory first.
+                    kept = None;
+                    let deadline = Instant::now() + self.config.limits.defer_max;
+                    let result = self
+                        .wait_for(&loaded.name, 0, deadline)
+                        .and_then(|()| backend())
+                        .and_then(|b| bench(b, loaded, self.config.n_threads, params, load_secs));
+                    let _ = reply.send(result);
+                }
+            }
+            load_secs = 0.0;
+            let next = match self.config.idle_unload {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(idle) => rx.recv_timeout(idle),
+            };
+            job = match next {
+                Ok(j) if j.model().or(self.default.as_deref()) == Some(loaded.name.as_str()) => j,
+                Ok(j) => return Next::Job(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Next::Idle,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Next::Stop,
+            };
+        }
+    }
+
+    /// One batch of generation requests on the resident model.
+    fn serve<'m>(
+        &self,
+        loaded: &'m Loaded,
+        kept: &mut Option<batch::Kept<'m>>,
+        reqs: &[GenerateRequest],
+    ) -> BatchResult {
+        let timeout = reqs.iter().map(|r| r.timeout).min().unwrap_or_default();
+        let deadline = Instant::now() + timeout;
+        let backend = backend()?;
+        let threads = self.config.n_threads;
+        if !self.config.prompt_cache {
+            *kept = None;
+            let max_tokens = reqs.iter().map(|r| r.max_tokens).max().unwrap_or(0);
+            let need = loaded
+                .spec
+                .info
+                .kv_cache_bytes(u64::from(max_tokens) + 512)
+                .unwrap_or(0);
+            self.wait_for(&loaded.name, need, deadline)?;
+            return Ok(reqs
+                .iter()
+                .map(|r| generate(backend, loaded, threads, r, Instant::now() + r.timeout))
+                .collect());
+        }
+        let room = |n_ctx: u32| {
+            let need = loaded
+                .spec
+                .info
+                .kv_cache_bytes(u64::from(n_ctx))
+                .unwrap_or(0);
+            self.wait_for(&loaded.name, need, deadline)
+        };
+        self.wait_for(&loaded.name, 0, deadline)?;
+        let settings = batch::BatchSettings {
+            n_threads: threads,
+            parallel: self.config.parallel,
+            ctx_tokens: self.config.ctx_tokens,
+        };
+        Ok(batch::generate_batch(
+            backend, loaded, kept, settings, reqs, &room,
+        ))
+    }
+
+    /// Loads the model `job` asks for once the device can take it (the resource policy, with
+    /// the context the job needs counted).
+    fn load_for(&self, job: &Job) -> Result<Loaded, InferError> {
+        let spec = self.resolve(job.model())?;
+        let n_ctx = match job {
+            Job::Generate(reqs, _) if !self.config.prompt_cache => {
+                u64::from(reqs.iter().map(|r| r.max_tokens).max().unwrap_or(0)) + 512
+            }
+            Job::Generate(..) => u64::from(self.config.ctx_tokens),
+            Job::Bench(_, p, _) => u64::from(p.n_prompt + p.n_gen),
+        };
+        let deadline = match job {
+            Job::Generate(reqs, _) => {
+                Instant::now() + reqs.iter().map(|r| r.timeout).min().unwrap_or_default()
+            }
+            Job::Bench(..) => Instant::now() + self.config.limits.defer_max,
+        };
+        self.wait_for(
+            &spec.name,
+            ram_needed(&spec.info, spec.size, n_ctx),
+            deadline,
+        )?;
+        let backend = backend()?;
+        let n_gpu_layers = resolve_gpu_layers(&self.config, &spec, n_ctx);
+        let model = load(backend, &spec, n_gpu_layers)?;
+        Ok(Loaded {
+            name: spec.name.clone(),
+            specials: special_token_texts(&model),
+            spec,
+            model,
+            n_gpu_layers,
+        })
+    }
+
+    /// The model `asked` names, or the default.
+    fn resolve(&self, asked: Option<&str>) -> Result<ModelSpec, InferError> {
         let name = asked
             .or(self.default.as_deref())
             .ok_or_else(|| InferError::UnknownModel {
                 asked: "(the step names none)".into(),
                 available: self.available(),
-            })?
-            .to_owned();
-        let spec = self
-            .models
+            })?;
+        self.models
             .iter()
             .find(|m| m.name == name)
             .cloned()
             .ok_or_else(|| InferError::UnknownModel {
-                asked: name.clone(),
+                asked: name.to_owned(),
                 available: self.available(),
-            })?;
-        let resident = self.loaded.as_ref().is_some_and(|l| l.name == name);
-        let need = if resident {
-            spec.info.kv_cache_bytes(n_ctx).unwrap_or(0)
-        } else {
-            ram_needed(&spec.info, spec.size, n_ctx)
-        };
+            })
+    }
+
+    /// Waits until the device can take `need` more bytes of RAM for model `name` and is not
+    /// too hot (see the module docs): re-checked every [`ResourcePolicy::poll`], refused
+    /// with the reason past [`ResourcePolicy::defer_max`] or `deadline`.
+    fn wait_for(&self, name: &str, need: u64, deadline: Instant) -> Result<(), InferError> {
         let started = Instant::now();
         let give_up = deadline.min(started + self.config.limits.defer_max);
         loop {
-            // A model being swapped out frees its memory: do that before measuring.
-            if !resident && self.loaded.is_some() {
-                self.loaded = None;
-            }
             let Some(reason) = refusal(&crate::telemetry::sample(), need, &self.config.limits)
             else {
-                break;
+                return Ok(());
             };
             if Instant::now() + self.config.limits.poll > give_up {
                 return Err(InferError::Deferred {
-                    model: name,
+                    model: name.to_owned(),
                     waited: started.elapsed(),
                     reason,
                 });
@@ -458,19 +620,6 @@ impl Worker {
             tracing::info!(model = %name, %reason, "model request deferred");
             std::thread::sleep(self.config.limits.poll);
         }
-        let backend = backend()?;
-        if !resident {
-            let n_gpu_layers = resolve_gpu_layers(&self.config, &spec, n_ctx);
-            let model = load(backend, &spec, n_gpu_layers)?;
-            self.loaded = Some(Loaded {
-                name: name.clone(),
-                specials: special_token_texts(&model),
-                model,
-                n_gpu_layers,
-            });
-        }
-        let loaded = self.loaded.as_ref().ok_or(InferError::ThreadGone)?;
-        Ok((backend, loaded))
     }
 
     fn available(&self) -> String {
@@ -639,24 +788,14 @@ fn generate(
 ) -> Result<Generation, InferError> {
     let started = Instant::now();
     let model = &loaded.model;
-    let specials = &loaded.specials;
     let vocab = model.vocab();
 
-    let prompt = build_prompt(model, specials, req)?;
-    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
-
+    let tokens = prompt_tokens(loaded, req)?;
     let n_ctx_train = model.n_ctx_train();
     let needed = u64::try_from(tokens.len())
         .unwrap_or(u64::MAX)
         .saturating_add(u64::from(req.max_tokens))
         .saturating_add(8);
-    if needed > u64::from(n_ctx_train) || tokens.is_empty() {
-        return Err(InferError::ContextOverflow {
-            prompt_tokens: tokens.len(),
-            max_tokens: req.max_tokens,
-            n_ctx_train,
-        });
-    }
     let n_ctx = u32::try_from(needed.next_multiple_of(256))
         .unwrap_or(n_ctx_train)
         .min(n_ctx_train);
@@ -670,7 +809,8 @@ fn generate(
         .new_context(backend, ctx_params)
         .map_err(|e| llama_err("creating a context")(&e))?;
 
-    let (mut grammar, mut sampler) = build_sampler(model, req)?;
+    let mut grammar = build_grammar(model, req)?;
+    let mut sampler = build_sampler_chain(req);
 
     // Prompt processing, in batches; logits only for the last prompt token.
     let mut batch = LlamaBatch::new(PROMPT_BATCH, 1);
@@ -755,6 +895,7 @@ fn generate(
         usage: LlmUsage {
             model: loaded.name.clone(),
             prompt_tokens,
+            cached_prompt_tokens: 0,
             completion_tokens: n_generated,
             prompt_tokens_per_sec: rate(f64::from(prompt_tokens), prompt_secs),
             generation_tokens_per_sec: rate(f64::from(n_generated), gen_secs),
@@ -766,13 +907,37 @@ fn generate(
     })
 }
 
+/// The tokens of `req`'s prompt (chat template applied, special-token text in the data
+/// neutralised).
+///
+/// # Errors
+/// [`InferError::ContextOverflow`] when the prompt plus `max_tokens` (and a margin of 8) does
+/// not fit in the model's training context, or the prompt is empty; the template's errors.
+fn prompt_tokens(loaded: &Loaded, req: &GenerateRequest) -> Result<Vec<LlamaToken>, InferError> {
+    let model = &loaded.model;
+    let prompt = build_prompt(model, &loaded.specials, req)?;
+    let tokens = model.vocab().tokenize(prompt.as_bytes(), true, true);
+    let n_ctx_train = model.n_ctx_train();
+    let needed = u64::try_from(tokens.len())
+        .unwrap_or(u64::MAX)
+        .saturating_add(u64::from(req.max_tokens))
+        .saturating_add(8);
+    if needed > u64::from(n_ctx_train) || tokens.is_empty() {
+        return Err(InferError::ContextOverflow {
+            prompt_tokens: tokens.len(),
+            max_tokens: req.max_tokens,
+            n_ctx_train,
+        });
+    }
+    Ok(tokens)
+}
+
 /// The grammar sampler (from `grammar`, or `json_schema` through llama.cpp's converter), kept
-/// apart so the answer's confidence can be read after its mask, and the chain that picks the
-/// token (greedy, or top-p + temperature + seeded draw).
-fn build_sampler(
+/// apart from the chain so the answer's confidence can be read after its mask.
+fn build_grammar(
     model: &LlamaModel,
     req: &GenerateRequest,
-) -> Result<(Option<LlamaSampler>, LlamaSampler), InferError> {
+) -> Result<Option<LlamaSampler>, InferError> {
     let from_schema = req
         .json_schema
         .as_deref()
@@ -781,15 +946,18 @@ fn build_sampler(
                 .map_err(|e| InferError::Schema(e.to_string()))
         })
         .transpose()?;
-    let grammar = req
-        .grammar
+    req.grammar
         .as_ref()
         .or(from_schema.as_ref())
         .map(|g| {
             LlamaSampler::grammar(model, g, "root").map_err(|e| InferError::Grammar(e.to_string()))
         })
-        .transpose()?;
-    let chain = if req.temperature > 0.0 {
+        .transpose()
+}
+
+/// The chain that picks the token: greedy, or top-p + temperature + seeded draw.
+fn build_sampler_chain(req: &GenerateRequest) -> LlamaSampler {
+    if req.temperature > 0.0 {
         LlamaSampler::chain_simple([
             LlamaSampler::top_p(req.top_p, 1),
             LlamaSampler::temp(req.temperature),
@@ -797,8 +965,7 @@ fn build_sampler(
         ])
     } else {
         LlamaSampler::greedy()
-    };
-    Ok((grammar, chain))
+    }
 }
 
 /// Byte offset where the earliest stop string begins in `out`, if any occurs.

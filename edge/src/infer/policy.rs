@@ -101,3 +101,11 @@ pub(super) fn resolve_gpu_layers(config: &InferConfig, spec: &ModelSpec, n_ctx: 
         }
     }
 }
+
+/// Default items decoded together: four sequences per core (a decode step over several
+/// sequences costs little more than over one, its weights read once), 2 to 16. Memory is
+/// bounded by the kept context's size ([`super::InferConfig::ctx_tokens`]), which every
+/// sequence shares, not by this.
+pub fn default_parallel(cores: u32) -> u32 {
+    cores.saturating_mul(4).clamp(2, 16)
+}

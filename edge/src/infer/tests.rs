@@ -1,6 +1,8 @@
-//! Unit tests of the inference module (moved from `infer.rs` unchanged).
+//! Unit tests of the inference module: model files, the resource policy, prompts, and with
+//! the real test model, prefix reuse and batched items against one request at a time.
 
 use super::*;
+use crate::effects::{GenerateRequest, Generation};
 use tracefleet::report::Telemetry;
 
 #[test]
@@ -109,4 +111,218 @@ fn special_token_text_in_data_is_neutralised() {
 fn stop_strings() {
     assert_eq!(find_stop(b"abc\n\nxyz", &["\n\n".into()]), Some(3));
     assert_eq!(find_stop(b"abc", &["zz".into(), String::new()]), None);
+}
+
+/// The real test model (SmolLM2-135M-Instruct Q4_1): `$TRACEFLEET_TEST_MODEL` or the file
+/// `models/fetch.sh` writes; `None` (the test is skipped, saying so) when it is missing.
+fn test_model() -> Option<ModelSpec> {
+    let path = std::env::var_os("TRACEFLEET_TEST_MODEL").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        PathBuf::from,
+    );
+    if !path.is_file() {
+        eprintln!(
+            "skipped: test model {} missing (models/fetch.sh)",
+            path.display()
+        );
+        return None;
+    }
+    Some(ModelSpec::from_file("smol", &path).unwrap())
+}
+
+fn start(spec: &ModelSpec, prompt_cache: bool, parallel: u32, ctx_tokens: u32) -> Inference {
+    let config = InferConfig {
+        n_threads: 2,
+        gpu_layers: GpuLayers::Fixed(0),
+        idle_unload: None,
+        limits: ResourcePolicy::default(),
+        prompt_cache,
+        parallel,
+        ctx_tokens,
+    };
+    Inference::start(config, vec![spec.clone()], Some(spec.name.clone())).unwrap()
+}
+
+/// Classification requests sharing a system message and the head of the prompt (as a
+/// foreach LLM step's items), one free generation, and one with another system message.
+fn requests() -> Vec<GenerateRequest> {
+    let lines = [
+        "2025-06-24 14:37:48 ___ ca-certificates-java:all <none> 20230710~deb12u1",
+        "2026-05-09 07:29:04 ___ libssl3:amd64 3.0.16-1~deb12u1 3.0.19-1~deb12u2",
+        "2026-01-12 10:02:11 ___ vim:amd64 2:9.0.1378-2 <none>",
+        "2025-11-30 08:15:42 ___ curl:amd64 7.88.1-10+deb12u8 7.88.1-10+deb12u12",
+        "2025-07-01 09:00:00 ___ git:amd64 <none> 1:2.39.5-0+deb12u2",
+    ];
+    let mut out: Vec<GenerateRequest> = lines
+        .iter()
+        .map(|l| GenerateRequest {
+            model: None,
+            system: Some("You classify Debian package manager log lines.".into()),
+            prompt: format!(
+                "A dpkg.log line has the fields date, time, action, package, old version, new version. \
+                 Which action is hidden by ___? Answer install, remove or upgrade.\n{l}"
+            ),
+            shots: vec![("2025-01-01 00:00:00 ___ a:amd64 <none> 1.0".into(), "install".into())],
+            max_tokens: 4,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            grammar: Some(r#"root ::= "install" | "remove" | "upgrade""#.into()),
+            json_schema: None,
+            stop: Vec::new(),
+            timeout: Duration::from_secs(120),
+        })
+        .collect();
+    let mut free = out[1].clone();
+    free.grammar = None;
+    free.max_tokens = 12;
+    out.insert(2, free);
+    let mut other = out[0].clone();
+    other.system = Some("Answer with one word.".into());
+    out.push(other);
+    out
+}
+
+#[test]
+fn batched_items_with_a_reused_prefix_answer_as_one_at_a_time() {
+    let Some(spec) = test_model() else { return };
+    let reqs = requests();
+    let one = start(&spec, false, 1, 4096);
+    let expected: Vec<Generation> = reqs.iter().map(|r| one.generate(r).unwrap()).collect();
+    drop(one);
+    // llama.cpp's logits are not bit-for-bit identical across batch shapes (its server says
+    // so of `cache_prompt`): item 2's 12 free tokens reach a near-tie after 6 equal ones, and
+    // with several sequences per decode an answer the model gives at ~0.5 (item 1: 0.506
+    // against 0.509 batched) can flip. So: constrained answers are compared whole, the free
+    // one on its first words, and with parallel sequences only answers the model is sure of
+    // (≥ 0.6) — the near-ties a step's min_answer_confidence refuses anyway.
+    let texts = |g: &[Generation], parallel: u32| {
+        g.iter()
+            .zip(&expected)
+            .enumerate()
+            .map(|(i, (g, e))| {
+                if i == 2 {
+                    g.text.split(' ').take(3).collect::<Vec<_>>().join(" ")
+                } else if parallel > 1 && e.usage.answer_confidence.is_some_and(|c| c < 0.6) {
+                    "(near-tie)".into()
+                } else {
+                    g.text.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    for parallel in [1, 3] {
+        let batched = start(&spec, true, parallel, 4096);
+        let got: Vec<Generation> = batched
+            .generate_batch(&reqs)
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            texts(&got, parallel),
+            texts(&expected, parallel),
+            "parallel {parallel}"
+        );
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g.usage.prompt_tokens, e.usage.prompt_tokens);
+            assert_eq!(g.usage.stop_reason, e.usage.stop_reason);
+        }
+        // The first item decodes the shared prefix (the last item's other system message
+        // leaves only the template's head); the others find it decoded.
+        assert_eq!(got[0].usage.cached_prompt_tokens, 0);
+        assert!(got[1..].iter().all(|g| g.usage.cached_prompt_tokens == 3));
+        // The items sharing the system message and the prompt's head: a longer prefix, kept
+        // from the previous batch for the first item too.
+        let same = &reqs[..reqs.len() - 1];
+        let again: Vec<Generation> = batched
+            .generate_batch(same)
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            texts(&again, parallel),
+            texts(&expected[..same.len()], parallel),
+            "parallel {parallel}, cached; confidences {:?} vs {:?}",
+            again
+                .iter()
+                .map(|g| g.usage.answer_confidence)
+                .collect::<Vec<_>>(),
+            expected
+                .iter()
+                .map(|g| g.usage.answer_confidence)
+                .collect::<Vec<_>>()
+        );
+        let prefix = again[1].usage.cached_prompt_tokens;
+        assert!(
+            prefix > 30 && prefix < again[1].usage.prompt_tokens,
+            "{prefix}"
+        );
+        assert_eq!(again[0].usage.cached_prompt_tokens, 3);
+        assert!(
+            again[1..]
+                .iter()
+                .all(|g| g.usage.cached_prompt_tokens == prefix)
+        );
+        // One at a time through the kept context: each request keeps what it shares with
+        // the previous one.
+        for (i, (r, e)) in reqs.iter().zip(&expected).enumerate() {
+            let g = batched.generate(r).unwrap();
+            if i != 2 {
+                assert_eq!(g.text, e.text, "item {i} alone");
+            }
+            assert!(g.usage.cached_prompt_tokens > 0);
+        }
+    }
+}
+
+#[test]
+fn an_item_that_fails_loses_no_other_and_order_is_kept() {
+    let Some(spec) = test_model() else { return };
+    let mut reqs = requests();
+    reqs.truncate(4);
+    reqs[1].grammar = Some("root ::= (".into());
+    let batched = start(&spec, true, 2, 4096);
+    let got = batched.generate_batch(&reqs).unwrap();
+    assert_eq!(got.len(), 4);
+    let e = got[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("grammar"), "{e}");
+    let one = start(&spec, false, 1, 4096);
+    for i in [0, 2, 3] {
+        assert_eq!(
+            got[i].as_ref().unwrap().text,
+            one.generate(&reqs[i]).unwrap().text,
+            "item {i}"
+        );
+    }
+}
+
+#[test]
+fn a_request_that_does_not_fit_the_kept_context_resets_it() {
+    let Some(spec) = test_model() else { return };
+    let short = requests().swap_remove(0);
+    let mut long = short.clone();
+    long.prompt = format!(
+        "{}\n{}",
+        short.prompt,
+        "Context: the line comes from a log. ".repeat(40)
+    );
+    let one = start(&spec, false, 1, 256);
+    let expected = one.generate(&long).unwrap();
+    drop(one);
+    let kept = start(&spec, true, 2, 256);
+    let a = kept.generate(&short).unwrap();
+    assert!(a.usage.prompt_tokens < 200);
+    let a = kept.generate(&short).unwrap();
+    assert_eq!(a.usage.cached_prompt_tokens, a.usage.prompt_tokens - 1);
+    // The long prompt shares the short one's head but needs more cells than the context
+    // has: it is regrown, and its cache starts empty.
+    let b = kept.generate(&long).unwrap();
+    assert!(b.usage.prompt_tokens > 256, "{}", b.usage.prompt_tokens);
+    assert_eq!(b.usage.cached_prompt_tokens, 0);
+    assert_eq!(b.text, expected.text);
+    // The regrown context keeps serving, from its cache.
+    let c = kept.generate(&short).unwrap();
+    assert!(c.usage.cached_prompt_tokens > 0);
 }
