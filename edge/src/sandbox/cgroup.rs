@@ -692,32 +692,30 @@ fn running(pid: i32) -> bool {
     !matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
 
-/// Kills and removes the cgroups left by runs of the state directory that no process holds
-/// (`may_clean(run_id)` says whether a run's lock is free): the leftovers of a follower that
-/// died. Returns the runs cleaned.
-pub fn sweep(tops: &[PathBuf], may_clean: &dyn Fn(&str) -> bool) -> Vec<String> {
-    let mut runs: Vec<String> = tops
+/// The names of the subdirectories of any of `dirs` (the same cgroup in each hierarchy), in
+/// order, each once; a directory that cannot be read has none.
+fn subdirs(dirs: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = dirs
         .iter()
-        .filter_map(|t| std::fs::read_dir(t).ok())
+        .filter_map(|d| std::fs::read_dir(d).ok())
         .flat_map(|d| d.flatten())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-    runs.sort();
-    runs.dedup();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Kills and removes the cgroups left by runs of the state directory that no process holds
+/// (`may_clean(run_id)` says whether a run's lock is free): the leftovers of a follower that
+/// died. Returns the runs cleaned.
+pub fn sweep(tops: &[PathBuf], may_clean: &dyn Fn(&str) -> bool) -> Vec<String> {
+    let mut runs = subdirs(tops);
     runs.retain(|r| may_clean(r));
     for run in &runs {
         let run_dirs: Vec<PathBuf> = tops.iter().map(|t| t.join(run)).collect();
-        let mut slots: Vec<String> = run_dirs
-            .iter()
-            .filter_map(|d| std::fs::read_dir(d).ok())
-            .flat_map(|d| d.flatten())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        slots.sort();
-        slots.dedup();
-        for s in slots {
+        for s in subdirs(&run_dirs) {
             let dirs: Vec<PathBuf> = run_dirs.iter().map(|d| d.join(&s)).collect();
             Slot::at(&dirs).kill_all();
         }
