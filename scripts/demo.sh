@@ -29,6 +29,9 @@ model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 work=${TRACEFLEET_DEMO_DIR:-$(mktemp -d -t tracefleet-demo.XXXXXX)}
 mkdir -p "$work"
 cd "$work"
+# Every learner action below (keys, trust root, signatures, rollouts, the regeneration, the
+# bundle) is appended to this audit log; the demo verifies it at the end.
+export TRACEFLEET_AUDIT_DIR="$work/audit"
 started=$SECONDS
 pids=()
 cleanup() {
@@ -241,5 +244,9 @@ cp /var/log/dpkg.log sites/air-01/dpkg.log
 "$follower" --state-dir devices/air-01 install usb.tfb | sed 's/^/   /'
 "$follower" --state-dir devices/air-01 run dpkg-log-triage --threads 2 --read-root "$work/sites/air-01" \
   --var "log_path=$work/sites/air-01/dpkg.log" --base-dir sites/air-01/run --output usb-report.json | sed 's/^/   /'
+
+step "the audit log: every action that changed what devices trust or run, chained and signed"
+"$learner" audit list 2>/dev/null | tail -6 | cut -c1-140 | sed 's/^/   /'
+"$learner" audit verify | sed 's/^/   /' || die "the audit log does not verify"
 
 step "done in $((SECONDS - started)) s — everything is in $work"

@@ -995,3 +995,133 @@ fn goal_runs_need_earned_confidence_and_escalate_otherwise() {
     assert!(r.stdout.contains("selected for the goal"), "{}", r.stdout);
     assert!(ws.path("auto/marker.txt").is_file());
 }
+
+/// The learner's audit log over a real history of authoring actions: every action is there
+/// in order, the log verifies, and a copy with one entry altered, one removed, two swapped or
+/// its tail cut is refused naming the entry (exit 1).
+#[test]
+fn the_audit_log_records_each_action_and_names_the_entry_altered_removed_or_moved() {
+    let ws = Workspace::new();
+    let a = ws.key("a");
+    let b = ws.key("b");
+    ws.provision(&[&a, &b], 2);
+    let compiled = "t.tfc";
+    let src = tracefleet_e2e::repo_root().join("traces/fixtures/failing-validation.trace.md");
+    let r = ws.learner(&["compile", src.to_str().unwrap(), "-o", compiled]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&["sign", compiled, "--key", &a, "-o", "t.tfs"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&["cosign", "t.tfs", "--key", &b]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = bundle(&ws, "usb.tfb", &["t.tfs"], &["--key", &b]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+
+    let list = ws.learner(&["audit", "list", "--json"]);
+    assert_eq!(list.code, Some(0), "{list:?}");
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&list.stdout).unwrap();
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    // Keys a, b and the root key (`provision`), the trust root, then sign, cosign, bundle.
+    assert_eq!(
+        actions,
+        [
+            "keys generate",
+            "keys generate",
+            "keys generate",
+            "trust create",
+            "sign",
+            "cosign",
+            "bundle create"
+        ],
+        "{}",
+        list.stdout
+    );
+    let signed = &entries[4];
+    assert!(
+        signed["subject"]
+            .as_str()
+            .unwrap()
+            .starts_with("failing-validation "),
+        "{signed}"
+    );
+    assert_eq!(
+        signed["detail"]["keys"].as_array().unwrap().len(),
+        1,
+        "{signed}"
+    );
+    assert_eq!(entries[5]["detail"]["signatures"], 2, "{}", entries[5]);
+    let actor = entries[0]["actor"].as_str().unwrap();
+    assert!(actor.contains('@'), "actor {actor:?}: expected user@host");
+    assert!(
+        list.stderr.contains("7 entries verified"),
+        "{}",
+        list.stderr
+    );
+
+    let verify = ws.learner(&["audit", "verify"]);
+    assert_eq!(verify.code, Some(0), "{verify:?}");
+    let head = verify
+        .stdout
+        .split("head ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("a head in the output")
+        .to_owned();
+    assert!(head.starts_with("7:"), "{head}");
+
+    // Tampered copies of the log, each beside a copy of the key, checked with `--audit-dir`.
+    let dir = ws.xdg_state().join("tracefleet/audit");
+    let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let check = |name: &str, tampered: Vec<String>, extra: &[&str]| {
+        let copy = ws.path(name);
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(dir.join("audit.key.pub"), copy.join("audit.key.pub")).unwrap();
+        std::fs::write(copy.join("audit.jsonl"), tampered.join("\n") + "\n").unwrap();
+        let mut args = vec!["audit", "verify", "--audit-dir", name];
+        args.extend(extra);
+        ws.learner(&args)
+    };
+    let owned = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    let mut altered = owned(&lines);
+    altered[4] = altered[4].replace("failing-validation ", "other-trace ");
+    let r = check("altered", altered, &[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("entry 5: was altered"), "{}", r.stderr);
+
+    let mut removed = owned(&lines);
+    removed.remove(3);
+    let r = check("removed", removed, &[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("entry 4: was removed"), "{}", r.stderr);
+
+    let mut swapped = owned(&lines);
+    swapped.swap(5, 6);
+    let r = check("swapped", swapped, &[]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("entry 6: was moved"), "{}", r.stderr);
+
+    let r = check("cut", owned(&lines[..5]), &[]);
+    assert_eq!(r.code, Some(0), "a shorter chain verifies by itself: {r:?}");
+    let r = check("cut-head", owned(&lines[..5]), &["--head", &head]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains("entry 7: is missing"), "{}", r.stderr);
+
+    // Nothing is exported from a broken log; the intact one exports byte for byte.
+    let r = ws.learner(&[
+        "audit",
+        "export",
+        "--audit-dir",
+        "altered",
+        "-o",
+        "out.jsonl",
+    ]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(!ws.path("out.jsonl").exists());
+    let r = ws.learner(&["audit", "export", "-o", "out.jsonl"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(std::fs::read_to_string(ws.path("out.jsonl")).unwrap(), log);
+}

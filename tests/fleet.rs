@@ -885,6 +885,35 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
     ]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("no completed rollout"), "{r:?}");
+    // What the operator did is in the audit log, in order; the refused forward is not.
+    let done: Vec<String> = audit_entries(&ws)
+        .iter()
+        .filter(|e| {
+            e["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("rollout") || a.starts_with("command"))
+        })
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap_or_default(),
+                e["subject"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(
+        done,
+        [
+            "rollout start canary-check 1.0.0",
+            "command run pi-01",
+            "command run pi-02",
+            "rollout start canary-check 1.1.0",
+            "command run pi-01",
+            "rollout forward canary-check 1.1.1",
+            &format!("command run {canary}"),
+        ],
+        "{done:?}"
+    );
 }
 
 /// A fleet of one device, pi-01, whose run of `canary-check` 1.0.0 (one Bash step running
@@ -1261,6 +1290,45 @@ fn serve_regenerates_on_its_own_a_trace_whose_run_escalated_and_writes_a_first_t
             .is_some_and(|s| s > 0.0),
         "{canary}"
     );
+    // Both regenerations `serve` made by itself are in the audit log, as its own actions.
+    let regenerated: Vec<serde_json::Value> = audit_entries(&ws)
+        .into_iter()
+        .filter(|e| e["action"] == "regenerate")
+        .collect();
+    let subjects: Vec<&str> = regenerated
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "canary-check 1.1.0",
+            "count-the-files-in-the-spool-directory 1.0.0"
+        ],
+        "{regenerated:?}"
+    );
+    for e in &regenerated {
+        assert!(
+            e["actor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("learner serve ")),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        regenerated[0]["detail"]["from_version"], "1.0.0",
+        "{}",
+        regenerated[0]
+    );
+}
+
+/// The learner's audit log (`learner audit list --json`), after checking that it verifies.
+fn audit_entries(ws: &Workspace) -> Vec<serde_json::Value> {
+    let r = ws.learner(&["audit", "verify"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&["audit", "list", "--json"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    serde_json::from_str(&r.stdout).expect("json")
 }
 
 #[test]

@@ -25,7 +25,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.is_file(),
-        "{} not built: run `cargo build --workspace --bins` first",
+        "{} not built: run `cargo build --workspace --all-targets` first",
         p.display()
     );
     p
@@ -99,11 +99,19 @@ impl Workspace {
         self.path("state")
     }
 
+    /// `XDG_STATE_HOME` of every command run here: the learner's default audit log is
+    /// `<this>/tracefleet/audit/audit.jsonl`, inside the workspace.
+    pub fn xdg_state(&self) -> PathBuf {
+        self.path("xdg-state")
+    }
+
     fn command(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
         Command::new(bin(name))
             .args(args)
             .current_dir(self.dir.path())
             .env("TRACEFLEET_STATE_DIR", self.state_dir())
+            .env("XDG_STATE_HOME", self.xdg_state())
+            .env_remove("TRACEFLEET_AUDIT_DIR")
             .env_remove("TRACEFLEET_MODEL")
             .env_remove("RUST_LOG")
             .envs(env.iter().copied())
@@ -394,6 +402,8 @@ impl Workspace {
             .args(args)
             .current_dir(self.dir.path())
             .env("TRACEFLEET_STATE_DIR", self.state_dir())
+            .env("XDG_STATE_HOME", self.xdg_state())
+            .env_remove("TRACEFLEET_AUDIT_DIR")
             .env(
                 "RUST_LOG",
                 std::env::var("TRACEFLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -36,6 +36,17 @@ pub struct LearnerConfig {
     pub regenerate: Option<crate::regen::auto::Auto>,
     /// Dry runs of regenerated candidates (`[dry_run]`).
     pub dry_run: Option<crate::regen::dry_run::DryRunner>,
+    /// The audit log's directory (`[audit] dir`, relative to the file); `None`: the default
+    /// of [`crate::audit::AuditLog::locate`].
+    pub audit_dir: Option<PathBuf>,
+}
+
+/// The `[audit]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    /// The audit log's directory.
+    dir: PathBuf,
 }
 
 /// `learner.toml` as written.
@@ -55,6 +66,7 @@ struct RawLearnerConfig {
     backend: Option<crate::regen::backend::BackendConfig>,
     regenerate: Option<crate::regen::auto::AutoConfig>,
     dry_run: Option<crate::regen::dry_run::DryRunConfig>,
+    audit: Option<RawAudit>,
 }
 
 fn default_client_id() -> String {
@@ -170,6 +182,7 @@ impl LearnerConfig {
             backend: raw.backend,
             regenerate,
             dry_run,
+            audit_dir: raw.audit.map(|a| dir.join(a.dir)),
         };
         c.broker.apply_env()?;
         c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));

@@ -13,10 +13,11 @@
 //!
 //! Modules depend on each other without circles (non-test code): `db` on no other module
 //! of the crate; `stuck` → `db`; `rollout` → (`db`, `keys`); `regen` → (`db`, `rollout`,
-//! `keys`); `memory` → (`db`, `regen`); `authoring` → `keys`; `config` → (`db`, `broker`,
+//! `keys`); `memory` → (`db`, `regen`); `audit` → `keys`; `authoring` → `keys`; `config` → (`db`, `broker`,
 //! `stuck`, `regen`); `publish`, `simulate` → `config`; `serve` → (`config`, `db`,
 //! `rollout`, `stuck`, `regen`, `keys`, `broker`).
 
+pub mod audit;
 pub mod authoring;
 pub mod broker;
 pub mod config;

@@ -2,7 +2,8 @@
 //! [`cli`] (which maps arguments onto the library and prints); errors become `error: …` on
 //! stderr.
 //!
-//! Exit codes: 0 success; 2 bad input (compile errors, malformed keys) or a usage error.
+//! Exit codes: 0 success; 2 bad input (compile errors, malformed keys) or a usage error; 1 from
+//! `audit verify|list|export` for a log that does not verify.
 
 mod cli;
 
@@ -32,6 +33,11 @@ The trace format: docs/trace-language.md. Exit codes: 0 ok, 2 bad input.";
     after_help = AFTER_HELP
 )]
 struct Cli {
+    /// The audit log's directory: every command that changes what devices trust or run
+    /// appends an entry there (default: learner.toml's `[audit] dir`, else
+    /// `$XDG_STATE_HOME/tracefleet/audit`, i.e. `~/.local/state/tracefleet/audit`).
+    #[arg(long, global = true, value_name = "DIR", env = "TRACEFLEET_AUDIT_DIR")]
+    audit_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +89,10 @@ enum Command {
     /// and repaired until it compiles, then signed under the next minor version (above every
     /// version known) and rolled out, one canary first unless --canary says otherwise.
     Regenerate(cli::rollout::RegenerateArgs),
+    /// The audit log: every action that changed what devices trust or run, hash-chained and
+    /// signed; `verify` names the first entry altered, removed or moved.
+    #[command(subcommand)]
+    Audit(cli::audit::AuditCommand),
     /// Simulate many followers in this process (real MQTT clients, deterministic run
     /// results) for fleet tests and benchmarks; prints totals when it ends.
     Simulate(cli::serve::SimulateArgs),
@@ -121,7 +131,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One "error:" however the message begins (a wrapped error may carry its own).
             let message = format!("{e:#}");
@@ -134,26 +144,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<()> {
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     use cli::{build, command, fleet, rollout, serve};
+    let audit = cli::audit::Audit {
+        explicit: cli.audit_dir,
+    };
     match cli.command {
         Command::Compile(a) => build::compile(a),
-        Command::Keys(c) => build::generate_key(c),
-        Command::Sign(a) => build::sign(a),
-        Command::Cosign(a) => build::cosign(a),
-        Command::Trust(c) => build::trust(c),
-        Command::Bundle(c) => build::bundle(c),
-        Command::Serve(a) => serve::serve(&a),
+        Command::Keys(c) => build::generate_key(c, &audit),
+        Command::Sign(a) => build::sign(a, &audit),
+        Command::Cosign(a) => build::cosign(a, &audit),
+        Command::Trust(c) => build::trust(c, &audit),
+        Command::Bundle(c) => build::bundle(c, &audit),
+        Command::Serve(a) => serve::serve(&a, &audit),
         Command::Simulate(a) => serve::simulate(a),
         Command::Fleet(a) => fleet::fleet(a),
         Command::Memory(c) => fleet::memory(c),
         Command::Costs(a) => fleet::costs(a),
         Command::Devices(c) => fleet::devices(c),
         Command::Runs(c) => fleet::runs(c),
-        Command::Send(a) => command::send(a),
-        Command::Rollout(c) => rollout::rollout(c),
-        Command::Regenerate(a) => rollout::regenerate(a),
+        Command::Send(a) => command::send(a, &audit),
+        Command::Rollout(c) => rollout::rollout(c, &audit),
+        Command::Regenerate(a) => rollout::regenerate(a, &audit),
+        Command::Audit(c) => return cli::audit::audit(c, &audit),
     }
+    .map(|()| ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ pub enum KeyRole {
     Traces,
     /// Signs fleet commands.
     Commands,
+    /// Signs the learner's audit log. Never in a trust root: devices trust no audit key.
+    Audit,
 }
 
 impl std::str::FromStr for KeyRole {
@@ -70,8 +72,9 @@ impl std::str::FromStr for KeyRole {
             "root" => Ok(KeyRole::Root),
             "traces" => Ok(KeyRole::Traces),
             "commands" => Ok(KeyRole::Commands),
+            "audit" => Ok(KeyRole::Audit),
             other => Err(format!(
-                "unknown key role {other:?}: expected root, traces or commands"
+                "unknown key role {other:?}: expected root, traces, commands or audit"
             )),
         }
     }
@@ -83,6 +86,7 @@ impl fmt::Display for KeyRole {
             KeyRole::Root => "root",
             KeyRole::Traces => "traces",
             KeyRole::Commands => "commands",
+            KeyRole::Audit => "audit",
         })
     }
 }

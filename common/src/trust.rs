@@ -50,6 +50,12 @@ pub struct RoleKeys {
     pub keys: Vec<RoleKey>,
 }
 
+/// The keys a trust root gives a role it does not hold: none, with a threshold never reached.
+static NO_KEYS: RoleKeys = RoleKeys {
+    threshold: u32::MAX,
+    keys: Vec::new(),
+};
+
 impl RoleKeys {
     /// The unexpired keys as [`PublicKey`]s of `role`.
     pub fn active(&self, role: KeyRole, now: u64) -> Vec<PublicKey> {
@@ -85,6 +91,8 @@ impl TrustRoot {
             KeyRole::Root => &self.root,
             KeyRole::Traces => &self.traces,
             KeyRole::Commands => &self.commands,
+            // No key of a trust root is an audit key, and no threshold of none is reached.
+            KeyRole::Audit => &NO_KEYS,
         }
     }
 

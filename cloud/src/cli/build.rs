@@ -2,10 +2,13 @@
 //! `keys generate`, `sign` and `cosign`, `trust create` (a trust root from public key files)
 //! and `bundle create` (signed traces, models and root updates in one signed file for USB).
 
+use super::audit::{Audit, abs};
 use super::read_limited;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use learner::keys;
+use serde_json::json;
+use sha2::Digest as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracefleet::signed::{self, KeyRole};
@@ -152,6 +155,7 @@ pub enum Role {
     Root,
     Traces,
     Commands,
+    Audit,
 }
 
 /// `learner compile`.
@@ -160,17 +164,23 @@ pub fn compile(a: CompileArgs) -> Result<()> {
 }
 
 /// `learner keys generate`.
-pub fn generate_key(KeysCommand::Generate { role, out }: KeysCommand) -> Result<()> {
+pub fn generate_key(KeysCommand::Generate { role, out }: KeysCommand, audit: &Audit) -> Result<()> {
     let role = match role {
         Role::Root => KeyRole::Root,
         Role::Traces => KeyRole::Traces,
         Role::Commands => KeyRole::Commands,
+        Role::Audit => KeyRole::Audit,
     };
     let public = keys::generate(role, &out)?;
     println!("{role} key {}", public.key_id());
     println!("secret: {} (0600)", out.display());
     println!("public: {}", keys::public_path(&out).display());
-    Ok(())
+    audit.record(
+        None,
+        "keys generate",
+        &format!("{role} key {}", public.key_id()),
+        json!({ "role": role.to_string(), "key_id": public.key_id().to_string(), "secret_file": abs(&out) }),
+    )
 }
 
 /// `learner sign`.
@@ -181,6 +191,7 @@ pub fn sign(
         expires,
         output,
     }: SignArgs,
+    audit: &Audit,
 ) -> Result<()> {
     let secrets = keys::read_trace_keys(&key_files)?;
     let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
@@ -199,7 +210,17 @@ pub fn sign(
         ids.join(", "),
         output.display()
     );
-    Ok(())
+    audit.record(
+        None,
+        "sign",
+        &format!("{} {}", signed.header.trace_id, signed.header.version),
+        json!({
+            "keys": ids,
+            "content_hash": hex::encode(signed.header.content_hash),
+            "expires_at": signed.header.expires_at,
+            "output": abs(&output),
+        }),
+    )
 }
 
 /// `learner cosign`.
@@ -209,6 +230,7 @@ pub fn cosign(
         key,
         output,
     }: CosignArgs,
+    audit: &Audit,
 ) -> Result<()> {
     let secret = keys::read_trace_keys(std::slice::from_ref(&key))?.remove(0);
     let bytes = read_limited(&file, signed::MAX_SIGNED_BYTES as u64)?;
@@ -222,7 +244,16 @@ pub fn cosign(
         out.display(),
         s.signatures.len()
     );
-    Ok(())
+    audit.record(
+        None,
+        "cosign",
+        &format!("{} {}", s.header.trace_id, s.header.version),
+        json!({
+            "key": secret.public().key_id().to_string(),
+            "signatures": s.signatures.len(),
+            "output": abs(&out),
+        }),
+    )
 }
 
 /// `learner bundle create`.
@@ -236,6 +267,7 @@ pub fn bundle(
         keys: key_files,
         expires,
     }: BundleCommand,
+    audit: &Audit,
 ) -> Result<()> {
     learner::authoring::create_bundle(
         &output,
@@ -254,7 +286,17 @@ pub fn bundle(
         roots.len(),
         humantime::format_duration(expires)
     );
-    Ok(())
+    audit.record(
+        None,
+        "bundle create",
+        &abs(&output).display().to_string(),
+        json!({
+            "traces": signed_files.iter().map(|p| abs(p)).collect::<Vec<_>>(),
+            "models": models.iter().map(|p| abs(p)).collect::<Vec<_>>(),
+            "roots": roots.iter().map(|p| abs(p)).collect::<Vec<_>>(),
+            "expires_in_s": expires.as_secs(),
+        }),
+    )
 }
 
 /// `learner trust create`.
@@ -271,6 +313,7 @@ pub fn trust(
         signers,
         output,
     }: TrustCommand,
+    audit: &Audit,
 ) -> Result<()> {
     let (root, bytes, signatures) =
         learner::authoring::create_root(&learner::authoring::RootPlan {
@@ -292,7 +335,28 @@ pub fn trust(
         root.traces.keys.len(),
         signatures
     );
-    Ok(())
+    let ids = |k: &tracefleet::trust::RoleKeys| {
+        k.keys
+            .iter()
+            .map(|k| hex::encode(sha2::Sha256::digest(k.public_key)))
+            .collect::<Vec<_>>()
+    };
+    audit.record(
+        None,
+        "trust create",
+        &format!("trust root v{version}"),
+        json!({
+            "root_keys": ids(&root.root),
+            "root_threshold": root_threshold,
+            "traces_keys": ids(&root.traces),
+            "traces_threshold": traces_threshold,
+            "commands_keys": ids(&root.commands),
+            "commands_threshold": commands_threshold,
+            "expires_at": root.expires_at,
+            "signatures": signatures,
+            "output": abs(&output),
+        }),
+    )
 }
 
 fn compile_all(

@@ -55,8 +55,15 @@ pub enum CommandAction {
 }
 
 /// `learner command`.
-pub fn send(a: SendArgs) -> Result<()> {
-    send_command(&a.device, a.action, &a.keys, a.config.as_deref(), a.expires)
+pub fn send(a: SendArgs, audit: &super::audit::Audit) -> Result<()> {
+    send_command(
+        &a.device,
+        a.action,
+        &a.keys,
+        a.config.as_deref(),
+        a.expires,
+        audit,
+    )
 }
 
 /// `learner command DEVICE …`: sign with the command keys, publish with QoS 1.
@@ -66,6 +73,7 @@ fn send_command(
     key_files: &[PathBuf],
     config: Option<&Path>,
     expires: Duration,
+    audit: &super::audit::Audit,
 ) -> Result<()> {
     use tracefleet::wire::{self, Action};
     wire::check_name("device id", device)?;
@@ -111,5 +119,22 @@ fn send_command(
         "sent to {device}: {:?} (counter {})",
         command.action, command.counter
     );
-    Ok(())
+    let (verb, detail) = match &command.action {
+        Action::Run { trace_id, vars } => (
+            "run",
+            serde_json::json!({ "trace": trace_id, "vars": vars.iter().map(|(k, _)| k).collect::<Vec<_>>() }),
+        ),
+        Action::Stop(run) => ("stop", serde_json::json!({ "run": run })),
+        Action::Abort(run) => ("abort", serde_json::json!({ "run": run })),
+        Action::Kill(run) => ("kill", serde_json::json!({ "run": run })),
+    };
+    let mut detail = detail;
+    detail["counter"] = command.counter.into();
+    detail["expires_at"] = command.expires_at.into();
+    audit.record(
+        config.audit_dir.as_deref(),
+        &format!("command {verb}"),
+        device,
+        detail,
+    )
 }

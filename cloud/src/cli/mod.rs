@@ -6,8 +6,10 @@
 //! - [`fleet`]: the listings (`fleet`, `devices`, `runs`, `memory`, `costs`);
 //! - [`rollout`]: `rollout start|forward|status|abort`, `regenerate`;
 //! - [`command`]: `command DEVICE run|stop|abort|kill`;
-//! - [`serve`]: `serve`, `simulate`.
+//! - [`serve`]: `serve`, `simulate`;
+//! - [`audit`]: `audit list|verify|export`, and how the others record what they did.
 
+pub mod audit;
 pub mod build;
 pub mod command;
 pub mod fleet;

@@ -3,10 +3,12 @@
 //! content), `rollout status`, `rollout abort`, and `regenerate` (the library's job
 //! pipeline, [`learner::regen::auto::run`]). Each maps its arguments and prints the outcome.
 
+use super::audit::Audit;
 use super::{ListArgs, open, print_json, unix_now};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use learner::db::LearnerDb;
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracefleet::{compile, signed};
@@ -119,7 +121,7 @@ pub enum RolloutCommand {
 }
 
 /// `learner rollout …`.
-pub fn rollout(command: RolloutCommand) -> Result<()> {
+pub fn rollout(command: RolloutCommand, audit: &Audit) -> Result<()> {
     match command {
         RolloutCommand::Start {
             signed: file,
@@ -145,16 +147,21 @@ pub fn rollout(command: RolloutCommand) -> Result<()> {
                     );
                 }
             }
-            let (_, mut db) = open(&stages.config)?;
-            start_rollout(&mut db, &stages, &bytes, &s)?;
-            if let Some(text) = source {
+            let (config, mut db) = open(&stages.config)?;
+            let waves = start_rollout(&mut db, &stages, &bytes, &s)?;
+            if let Some(text) = &source {
                 db.record_source(
                     s.header.trace_id.as_str(),
                     &s.header.version.to_string(),
-                    &text,
+                    text,
                 )?;
             }
-            Ok(())
+            audit.record(
+                config.audit_dir.as_deref(),
+                "rollout start",
+                &format!("{} {}", s.header.trace_id, s.header.version),
+                json!({ "signed": super::audit::abs(&file), "waves": waves, "abort_if": abort_rule(&stages), "with_source": source.is_some() }),
+            )
         }
         RolloutCommand::Forward {
             trace,
@@ -162,7 +169,14 @@ pub fn rollout(command: RolloutCommand) -> Result<()> {
             expires,
             output,
             stages,
-        } => forward(&trace, &key_files, expires, output.as_deref(), &stages),
+        } => forward(
+            &trace,
+            &key_files,
+            expires,
+            output.as_deref(),
+            &stages,
+            audit,
+        ),
         RolloutCommand::Status(ListArgs { config, json }) => {
             let (_, db) = open(&config)?;
             let rollouts = learner::rollout::list(&db)?;
@@ -191,13 +205,18 @@ pub fn rollout(command: RolloutCommand) -> Result<()> {
             Ok(())
         }
         RolloutCommand::Abort { trace, config } => {
-            let (_, db) = open(&config)?;
+            let (config, db) = open(&config)?;
             if !learner::rollout::abort(&db, &trace, i64::try_from(unix_now()).unwrap_or(i64::MAX))?
             {
                 bail!("no running or halted rollout of {trace}");
             }
             println!("rollout of {trace} aborting: `learner serve` withdraws it");
-            Ok(())
+            audit.record(
+                config.audit_dir.as_deref(),
+                "rollout abort",
+                &trace,
+                json!({}),
+            )
         }
     }
 }
@@ -209,9 +228,10 @@ fn forward(
     expires: Duration,
     output: Option<&Path>,
     stages: &Stages,
+    audit: &Audit,
 ) -> Result<()> {
     let secrets = learner::keys::read_trace_keys(key_files)?;
-    let (_, mut db) = open(&stages.config)?;
+    let (config, mut db) = open(&stages.config)?;
     let f = learner::rollout::forward(&db, trace, &secrets, expires)?;
     if let Some(out) = output {
         std::fs::write(out, &f.bytes).with_context(|| format!("writing {}", out.display()))?;
@@ -220,11 +240,21 @@ fn forward(
         "{trace}: the content of {} (the last completed rollout) re-signed as {} (above {})",
         f.good, f.version, f.top
     );
-    start_rollout(&mut db, stages, &f.bytes, &f.signed)
+    let waves = start_rollout(&mut db, stages, &f.bytes, &f.signed)?;
+    let keys: Vec<String> = secrets
+        .iter()
+        .map(|k| k.public().key_id().to_string())
+        .collect();
+    audit.record(
+        config.audit_dir.as_deref(),
+        "rollout forward",
+        &format!("{trace} {}", f.version),
+        json!({ "content_of": f.good.to_string(), "above": f.top.to_string(), "keys": keys, "waves": waves, "abort_if": abort_rule(stages) }),
+    )
 }
 
 /// `learner regenerate`.
-pub fn regenerate(mut a: RegenerateArgs) -> Result<()> {
+pub fn regenerate(mut a: RegenerateArgs, audit: &Audit) -> Result<()> {
     use learner::regen::{self, auto};
     let secrets = learner::keys::read_trace_keys(&a.keys)?;
     tracefleet::wire::check_name("trace id", &a.trace)?;
@@ -311,6 +341,12 @@ pub fn regenerate(mut a: RegenerateArgs) -> Result<()> {
         done.source_path.display(),
         done.signed_path.display()
     );
+    audit.record(
+        config.audit_dir.as_deref(),
+        "regenerate",
+        &format!("{} {}", a.trace, done.version),
+        done.audit_detail(&job),
+    )?;
     match done.rollout {
         Ok(waves) => {
             println!(
@@ -332,12 +368,21 @@ pub fn regenerate(mut a: RegenerateArgs) -> Result<()> {
 }
 
 /// Records a rollout of `bytes` (the signed trace `s`) staged as `stages` says.
+/// The abort rule as `--abort-if` writes it (a string: the audit log holds no floats, which
+/// JSON may not give back bit for bit).
+fn abort_rule(stages: &Stages) -> String {
+    format!(
+        "failure-rate>{} over {} runs",
+        stages.abort_if.0, stages.abort_if.1
+    )
+}
+
 fn start_rollout(
     db: &mut LearnerDb,
     stages: &Stages,
     bytes: &[u8],
     s: &signed::SignedTrace,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let id = s.header.trace_id.to_string();
     let version = s.header.version.to_string();
     let staging = stages.staging();
@@ -354,7 +399,7 @@ fn start_rollout(
         "{}",
         learner::rollout::describe_start(&id, &version, &waves, staging.abort_if)
     );
-    Ok(())
+    Ok(waves.iter().map(ToString::to_string).collect())
 }
 
 /// The text of `path`, refused unless it compiles to the trace signed in `signed_file`.

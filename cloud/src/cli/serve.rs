@@ -14,8 +14,10 @@ pub struct ServeArgs {
 }
 
 /// `learner serve`.
-pub fn serve(a: &ServeArgs) -> Result<()> {
-    learner::serve::serve(&learner::config::LearnerConfig::load(&a.config)?)
+pub fn serve(a: &ServeArgs, audit: &super::audit::Audit) -> Result<()> {
+    let mut config = learner::config::LearnerConfig::load(&a.config)?;
+    config.audit_dir = Some(audit.log(config.audit_dir.as_deref())?.dir().to_owned());
+    learner::serve::serve(&config)
 }
 
 #[derive(clap::Args)]

@@ -234,6 +234,29 @@ pub struct Done {
     pub dry_run: Option<String>,
 }
 
+impl Done {
+    /// The detail of a `regenerate` entry: trigger, versions, model, rounds, tokens, cost (a
+    /// string: no floats in the log, which JSON may not give back bit for bit), the files written
+    /// and whether the rollout started.
+    pub fn audit_detail(&self, job: &Job) -> serde_json::Value {
+        serde_json::json!({
+            "trigger": job.trigger,
+            "from_version": job.from_version,
+            "model": self.model,
+            "rounds": self.rounds,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_dollars": format!("{:.4}", self.cost),
+            "signed": self.signed_path,
+            "source": self.source_path,
+            "rollout": match &self.rollout {
+                Ok(waves) => waves.iter().map(ToString::to_string).collect::<Vec<_>>().join(" → "),
+                Err(e) => format!("not started: {e}"),
+            },
+        })
+    }
+}
+
 /// Why a job produced no trace.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -699,6 +722,7 @@ pub struct Runner {
     keys: std::sync::Arc<Vec<SecretKey>>,
     dry_run: Option<super::dry_run::DryRunner>,
     db_path: PathBuf,
+    audit: crate::audit::AuditLog,
     queue: VecDeque<Job>,
     running: Option<std::thread::JoinHandle<()>>,
 }
@@ -714,6 +738,7 @@ impl Runner {
         backend: BackendConfig,
         dry_run: Option<super::dry_run::DryRunner>,
         db_path: PathBuf,
+        audit: crate::audit::AuditLog,
     ) -> anyhow::Result<Self> {
         let keys = std::sync::Arc::new(crate::keys::read_trace_keys(&auto.config.keys)?);
         AnyBackend::new(&backend)?;
@@ -723,6 +748,7 @@ impl Runner {
             keys,
             dry_run,
             db_path,
+            audit,
             queue: VecDeque::new(),
             running: None,
         })
@@ -777,6 +803,7 @@ impl Runner {
         let (max_rounds, failures) = (self.auto.config.max_rounds, self.auto.config.failures);
         let db_path = self.db_path.clone();
         let dry_run = self.dry_run.clone();
+        let audit = self.audit.clone();
         std::thread::spawn(move || {
             let result = (|| -> anyhow::Result<Done> {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -799,15 +826,21 @@ impl Runner {
                 ))?)
             })();
             match result {
-                Ok(done) => tracing::info!(
-                    trace = %job.trace_id,
-                    version = %done.version,
-                    rounds = done.rounds,
-                    cost = done.cost,
-                    rollout = ?done.rollout,
-                    trigger = %job.trigger,
-                    "regenerated"
-                ),
+                Ok(done) => {
+                    tracing::info!(
+                        trace = %job.trace_id,
+                        version = %done.version,
+                        rounds = done.rounds,
+                        cost = done.cost,
+                        rollout = ?done.rollout,
+                        trigger = %job.trigger,
+                        "regenerated"
+                    );
+                    let subject = format!("{} {}", job.trace_id, done.version);
+                    if let Err(e) = audit.append("regenerate", &subject, done.audit_detail(&job)) {
+                        tracing::error!(error = %format!("{e:#}"), %subject, "the regeneration took effect but could not be recorded in the audit log");
+                    }
+                }
                 Err(e) => tracing::warn!(trace = %job.trace_id, error = %e, "regeneration failed"),
             }
         })

@@ -89,6 +89,14 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
             backend.clone(),
             config.dry_run.clone(),
             config.db_path(),
+            crate::audit::AuditLog::new(
+                crate::audit::AuditLog::locate(None, config.audit_dir.as_deref())?,
+                format!(
+                    "learner serve {} as {}",
+                    config.client_id,
+                    crate::audit::AuditLog::this_user()
+                ),
+            ),
         )?),
         _ => None,
     };
