@@ -177,7 +177,8 @@ fn processes_are_capped_for_a_step_even_as_root() {
         "pids",
         &["i=0; while [ $i -lt 40 ]; do sleep 2 & echo $! >> pids.txt; i=$((i+1)); done; wait"],
     );
-    let r = run(&ws, &src, &[], &[("TRACEFLEET_STEP_PIDS", "16")]);
+    // The option (as follower.toml's `run_args` passes it); the environment is the other test's.
+    let r = run(&ws, &src, &["--step-pids", "16"], &[]);
     let rep = report(&r);
     let started = std::fs::read_to_string(ws.path("w/pids.txt"))
         .unwrap_or_default()
@@ -361,6 +362,13 @@ fn the_report_says_what_was_in_force_and_what_was_not() {
         assert!(d.contains("no writable cgroup"), "{name}: {d}");
         assert!(d.contains("not-a-cgroup"), "{name} says why: {d}");
     }
+    // A cap of nothing is a usage error naming the option, before anything runs.
+    let r = run(&ws, &src, &["--step-memory-mib", "0"], &[]);
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("--step-memory-mib"),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -75,6 +75,14 @@ pub struct ExecArgs {
     /// running one is aborted; the run fails.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     timeout: Option<std::time::Duration>,
+    /// Memory cap of one step's processes together, in MiB, where a step cgroup can be made
+    /// (default: half the device's memory).
+    #[arg(long, value_name = "MIB", env = "TRACEFLEET_STEP_MEMORY_MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    step_memory_mib: Option<u64>,
+    /// Process cap of one step (all its processes and threads), where a step cgroup can be
+    /// made (default 512).
+    #[arg(long, value_name = "N", env = "TRACEFLEET_STEP_PIDS", value_parser = clap::value_parser!(u64).range(1..))]
+    step_pids: Option<u64>,
 }
 
 /// How models run (for `run`, `resume` and `models bench`).
@@ -175,6 +183,8 @@ impl ExecArgs {
             device_id: self.device_id.clone(),
             read_roots: self.read_roots.clone(),
             timeout: self.timeout,
+            step_memory_mib: self.step_memory_mib,
+            step_pids: self.step_pids,
         }
     }
 }

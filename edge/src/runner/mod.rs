@@ -50,6 +50,10 @@ pub struct ExecOptions {
     pub read_roots: Vec<PathBuf>,
     /// Time limit for the whole run.
     pub timeout: Option<Duration>,
+    /// Memory cap of one step's processes together, MiB (default: half the device's memory).
+    pub step_memory_mib: Option<u64>,
+    /// Process cap of one step (default 512).
+    pub step_pids: Option<u64>,
 }
 
 /// What to run: a new run of a named trace or of the trace matching a goal.
@@ -379,8 +383,11 @@ pub fn execute(state_dir: &Path, prepared: Prepared, opts: &ExecOptions) -> Resu
     };
     let read_roots = narrow_read_roots(trace, device_roots)?;
     let limits = ResourceLimits::default();
-    let caps = StepCaps::from_env(crate::telemetry::sample().mem_total_bytes)
-        .map_err(|e| anyhow!("{e}"))?;
+    let caps = StepCaps::with_overrides(
+        crate::telemetry::sample().mem_total_bytes,
+        opts.step_memory_mib,
+        opts.step_pids,
+    );
     let (containment, containment_protections) = contain_steps(state_dir, &run_id, trace, caps);
     let stopper = Stopper::default();
     let mut host = LocalHost::new(&base_dir, &read_roots, inference)

@@ -119,36 +119,28 @@ impl ResourceLimits {
 
 pub use cgroup::StepCaps;
 
-/// The environment variable that sets a step's memory cap in MiB (default: half the device's
-/// memory).
+/// The environment variable behind `--step-memory-mib`: a step's memory cap in MiB (default:
+/// half the device's memory).
 pub const STEP_MEMORY_ENV: &str = "TRACEFLEET_STEP_MEMORY_MIB";
-/// The environment variable that sets a step's process cap (default 512).
+/// The environment variable behind `--step-pids`: a step's process cap (default 512).
 pub const STEP_PIDS_ENV: &str = "TRACEFLEET_STEP_PIDS";
 
 impl StepCaps {
-    /// The device's defaults ([`StepCaps::for_device`]) with [`STEP_MEMORY_ENV`] and
-    /// [`STEP_PIDS_ENV`] applied.
-    ///
-    /// # Errors
-    /// When one is set but is not a positive whole number.
-    pub fn from_env(mem_total_bytes: u64) -> Result<Self, String> {
+    /// The device's defaults ([`StepCaps::for_device`]) with what the command line (or the
+    /// environment, or the agent's `run_args`) set: memory in MiB, processes.
+    pub fn with_overrides(
+        mem_total_bytes: u64,
+        memory_mib: Option<u64>,
+        pids: Option<u64>,
+    ) -> Self {
         let mut caps = Self::for_device(mem_total_bytes);
-        let get = |name: &str| -> Result<Option<u64>, String> {
-            match std::env::var(name) {
-                Err(_) => Ok(None),
-                Ok(v) => match v.trim().parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(Some(n)),
-                    _ => Err(format!("{name}={v}: expected a positive whole number")),
-                },
-            }
-        };
-        if let Some(mib) = get(STEP_MEMORY_ENV)? {
+        if let Some(mib) = memory_mib {
             caps.memory_bytes = mib.saturating_mul(1 << 20);
         }
-        if let Some(n) = get(STEP_PIDS_ENV)? {
+        if let Some(n) = pids {
             caps.pids = n;
         }
-        Ok(caps)
+        caps
     }
 }
 
