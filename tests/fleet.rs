@@ -1720,6 +1720,18 @@ fn a_devices_judgement_fidelity_reaches_the_learner_and_learner_fleet() {
     let _agent = agent(&ws);
     wait_installed(&ws);
     wait_online(&ws, true);
+    // The agent measures the fidelity when it installs the trace, before any run.
+    let known = ws.wait_until(120, "the fidelity measured at install", || {
+        let r = ws.follower(&["traces", "list", "--json"]);
+        let listed: serde_json::Value = serde_json::from_str(&r.stdout).ok()?;
+        let f = listed[0]["fidelity"][0].clone();
+        (f["step"] == 1).then_some(f)
+    });
+    assert_eq!(
+        (known["agreements"].as_u64(), known["total"].as_u64()),
+        (Some(0), Some(3)),
+        "{known}"
+    );
     command_run(&ws, "pi-01", "judge-services");
     let stored = wait_stored_runs(&ws, 1);
     assert_eq!(
@@ -1831,4 +1843,81 @@ fn low_fidelity_on_a_device_sets_serve_regenerating_with_the_disagreements_in_th
             "{entry}: {first}"
         );
     }
+}
+
+/// Every byte of `path` and its SQLite companions (`-wal`, `-journal`), lossily as text.
+fn sqlite_bytes(path: &Path) -> String {
+    ["", "-wal", "-journal"]
+        .iter()
+        .filter_map(|suffix| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            std::fs::read(p).ok()
+        })
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_sensitive_steps_output_stays_on_the_device_and_the_learner_gets_its_hash() {
+    let ws = Workspace::new();
+    let broker = Broker::start(&ws);
+    fleet(&ws, &broker);
+    let _learner = serve(&ws);
+    let _agent = agent(&ws);
+    wait_online(&ws, true);
+    // Made at run time: the trace itself (which the learner stores) never holds it.
+    let secret = "TOP-SECRET-4711";
+    std::fs::write(
+        ws.path("secret.trace.md"),
+        "---\ntrace_id: secret-check\nversion: \"1.0.0\"\ngoal_signature: read the secret\n---\n\
+             ### Step 1: read it\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"printf 'TOP-%s-%s\\\\n' SECRET 4711\"\noutput_variable: token\nsensitive: true\n```\n\
+             ### Step 2: use it\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"echo {token} | tr A-Z a-z\"\n```\n"
+    )
+    .expect("trace");
+    let r = ws.learner(&["compile", "secret.trace.md", "-o", "secret.tfc"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = ws.learner(&[
+        "sign",
+        "secret.tfc",
+        "--key",
+        "traces.key",
+        "-o",
+        "secret.tfs",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    start_canary_rollout(&ws, "secret.tfs", "1.0.0");
+    command_run(&ws, "pi-01", "secret-check");
+    let stored = wait_stored_runs(&ws, 1);
+    assert_eq!(stored[0].1, "success", "{stored:?}");
+
+    let db = rusqlite::Connection::open(ws.path("learner.db")).expect("learner.db");
+    let report: String = db
+        .query_row("SELECT report_json FROM runs", [], |r| r.get(0))
+        .expect("the stored report");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    let steps = report["step_results"].as_array().expect("steps");
+    // Step 1 arrives as a hash and a length; step 2, which used its full output, as output.
+    assert_eq!(steps[0]["output"], "", "{report}");
+    assert_eq!(
+        steps[0]["output_bytes"],
+        secret.len() + 1,
+        "echo's line: {report}"
+    );
+    assert_eq!(
+        steps[0]["output_sha256"],
+        // sha256("TOP-SECRET-4711\n")
+        "a3a047881fc1ed55310a458a139e106c282cf8e909471223866dd7c4df5f95e2",
+        "{report}"
+    );
+    assert_eq!(
+        steps[1]["output"].as_str().map(str::trim),
+        Some(secret.to_lowercase().as_str()),
+        "{report}"
+    );
+    assert!(steps[1].get("output_sha256").is_none(), "{report}");
+    drop(db);
+    // Not a byte of it in the learner's database; the device keeps it in its journal.
+    assert!(!sqlite_bytes(&ws.path("learner.db")).contains(secret));
+    assert!(sqlite_bytes(&ws.state_dir().join("follower.db")).contains(secret));
 }

@@ -355,3 +355,63 @@ fn the_learner_scores_a_regenerated_judgement_on_its_examples_and_sends_the_disa
         "{detail}"
     );
 }
+
+#[test]
+fn traces_fidelity_measures_an_installed_trace_once_and_its_run_uses_the_figure() {
+    let ws = Workspace::new();
+    let key = ws.key("t");
+    ws.trust(&key);
+    let src = trace(&ws, "agrees", &examples(&TCP, "tcp"));
+    let signed = ws.sign(ws.path(&src).to_str().unwrap(), &key);
+    let r = ws.follower(&["install", &signed]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let m = model();
+    let m = m.to_str().unwrap();
+    let fidelity = |json: bool| {
+        let mut args = vec![
+            "traces",
+            "fidelity",
+            "agrees",
+            "--model",
+            m,
+            "--threads",
+            "2",
+        ];
+        if json {
+            args.push("--json");
+        }
+        ws.follower(&args)
+    };
+    let r = fidelity(false);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout.trim(),
+        "step 1: SmolLM2-135M-Instruct.Q4_1 agrees with 3 of 3 reference answers (1.00, minimum 0.80)",
+        "{r:?}"
+    );
+    // Stored: shown as known, not measured again; the device lists it before any run.
+    let r = fidelity(true);
+    let again: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(again[0]["measured"], false, "{again}");
+    assert_eq!(again[0]["agreements"], 3, "{again}");
+    let r = ws.follower(&["traces", "list"]);
+    assert!(r.stdout.contains("step 1 fidelity 3/3 (1.00)"), "{r:?}");
+    // The run takes the stored figure: only the step's own answer is generated.
+    let r = ws.follower(&["run", "agrees", "--model", m, "--threads", "2", "--json"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["fidelity"][0]["agreements"], 3, "{report}");
+    let step_tokens = report["step_results"][0]["llm"]["prompt_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        report["prompt_tokens"].as_u64(),
+        Some(step_tokens),
+        "{report}"
+    );
+    // A trace without judgement steps has nothing to measure.
+    let plain = ws.sign("fixtures/failing-validation.trace.md", &key);
+    let r = ws.follower(&["traces", "fidelity", &plain]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stdout.contains("nothing to measure"), "{r:?}");
+}

@@ -9,7 +9,7 @@ use crate::trace::Trace;
 /// Magic bytes at the start of a compiled trace.
 pub const COMPILED_MAGIC: &[u8; 3] = b"TFC";
 /// The compiled format version this build writes and reads.
-pub const COMPILED_FORMAT_VERSION: u8 = 4;
+pub const COMPILED_FORMAT_VERSION: u8 = 5;
 /// Largest compiled trace accepted by [`decode_compiled`] (bytes).
 pub const MAX_COMPILED_BYTES: usize = 1024 * 1024;
 

@@ -168,10 +168,45 @@ pub struct StepResult {
     pub llm: Option<LlmUsage>,
     /// For `foreach` steps: how many items there were.
     pub items: Option<u32>,
+    /// For a step whose output stays on the device (`sensitive`, or `report_outputs:
+    /// hashed`): the SHA-256 (hex) of its whole output; `output` is then empty and `error`
+    /// and validation details are withheld too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_sha256: Option<String>,
+    /// With `output_sha256`: the whole output's length in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
     /// For `foreach` LLM steps: each item's own figures, in item order (the last attempt of
     /// each item that ran). Empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub llm_items: Vec<LlmUsage>,
+}
+
+/// What stands in a report for an error or a check's finding that a sensitive step keeps on
+/// the device.
+pub const WITHHELD: &str = "withheld on the device (sensitive step)";
+
+impl StepResult {
+    /// Keeps what the step produced on the device: the output becomes its SHA-256 and length
+    /// (of `full_output`, the untruncated output), the error keeps its exit code only, and
+    /// validation findings are replaced by [`WITHHELD`]. Status, timings, token counts and
+    /// which validations passed stay.
+    pub fn withhold_output(&mut self, full_output: &str) {
+        use sha2::Digest as _;
+        self.output_sha256 = Some(hex::encode(sha2::Sha256::digest(full_output.as_bytes())));
+        self.output_bytes = Some(full_output.len() as u64);
+        self.output.clear();
+        self.output_truncated = false;
+        if self.error.is_some() {
+            self.error = Some(match self.exit_code {
+                Some(code) => format!("exit code {code}; details {WITHHELD}"),
+                None => format!("failed; details {WITHHELD}"),
+            });
+        }
+        for v in &mut self.validations {
+            v.detail = WITHHELD.into();
+        }
+    }
 }
 
 /// Step outputs longer than this (bytes) are truncated in reports.
@@ -324,6 +359,37 @@ pub fn truncate_utf8(s: &mut String, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_withheld_step_keeps_hash_length_status_and_exit_code_only() {
+        let report: Report = serde_json::from_str(OLDER).unwrap();
+        let mut s = report.step_results[1].clone();
+        s.exit_code = Some(3);
+        s.withhold_output("the secret\n");
+        assert_eq!(s.output, "");
+        assert_eq!(s.output_bytes, Some(11));
+        // sha256("the secret\n")
+        assert_eq!(
+            s.output_sha256.as_deref(),
+            Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"the secret\n")).as_str())
+        );
+        assert_eq!(
+            s.error.as_deref(),
+            Some("exit code 3; details withheld on the device (sensitive step)")
+        );
+        assert_eq!(s.validations[0].detail, WITHHELD);
+        assert!(!s.validations[0].passed, "which checks passed stays");
+        assert_eq!(s.status, StepStatus::Failed);
+        // A step without an error gets none.
+        let mut ok = report.step_results[0].clone();
+        ok.withhold_output("x");
+        assert_eq!(ok.error, None);
+        let json = serde_json::to_string(&ok).unwrap();
+        assert!(json.contains("\"output_sha256\"") && !json.contains("\"output\":\"ok\""));
+        // Steps not withheld carry neither field.
+        let plain = serde_json::to_string(&report.step_results[0]).unwrap();
+        assert!(!plain.contains("output_sha256") && !plain.contains("output_bytes"));
+    }
 
     /// A report as an early follower wrote it: none of the fields added since (`protections`,
     /// `resumes`, `telemetry_start`, `telemetry_end`, a step's `llm_items`).

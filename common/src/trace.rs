@@ -46,6 +46,8 @@ pub struct Trace {
     /// Absolute directories the trace reads outside its base directory; narrows the device's
     /// read-only roots (empty: the device's defaults).
     pub read_paths: Vec<String>,
+    /// What reports carry of step outputs (`report_outputs:`; default `full`).
+    pub report_outputs: ReportOutputs,
     /// Steps in source order (ascending step number); see [`Trace::execution_order`].
     pub steps: Vec<Step>,
 }
@@ -153,6 +155,16 @@ pub struct Input {
     pub description: String,
 }
 
+/// What a trace's reports carry of its steps' outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportOutputs {
+    /// Each step's output (truncated), but for steps marked `sensitive`.
+    #[default]
+    Full,
+    /// No step's output: its length and SHA-256 only (every step is treated as sensitive).
+    Hashed,
+}
+
 /// One step of a trace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
@@ -183,6 +195,9 @@ pub struct Step {
     pub allowed_commands: Option<Vec<String>>,
     /// For Bash steps: whether the command may use command substitution (`$(…)`, backticks).
     pub command_substitution: bool,
+    /// The step's output stays on the device: the report carries its length and SHA-256
+    /// instead (`sensitive: true` on the tool call, or the trace's `report_outputs: hashed`).
+    pub sensitive: bool,
 }
 
 /// A step repeated over items, each bound to `{var}` in the step's templates.

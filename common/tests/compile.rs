@@ -38,7 +38,7 @@ fn dpkg_example_compiles_and_round_trips() {
     assert_eq!(bindings.get("action_counts"), Some(&1));
 
     let bytes = encode_compiled(&trace);
-    assert_eq!(&bytes[..4], b"TFC\x04");
+    assert_eq!(&bytes[..4], b"TFC\x05");
     let back = decode_compiled(&bytes).unwrap();
     assert_eq!(back, trace);
 }
@@ -165,7 +165,7 @@ fn decoder_refuses_garbage_with_reasons() {
             .contains("format version 9")
     );
     assert!(
-        decode_compiled(b"TFC\x04\xff\xff")
+        decode_compiled(b"TFC\x05\xff\xff")
             .unwrap_err()
             .to_string()
             .contains("malformed")
@@ -381,5 +381,37 @@ fn numeric_version_is_accepted_with_a_warning() {
         warnings[0]
             .to_string()
             .starts_with("w.trace.md:3:1: warning: `version` is written as the number 1.2")
+    );
+}
+
+#[test]
+fn sensitive_steps_and_hashed_reports_compile_and_a_bad_report_outputs_is_an_error() {
+    let src = format!(
+        "{HEAD}### Step 1: a\n**Tool Call**:\n```yaml\ntool: Read\nparameters:\n  file_path: f\nsensitive: true\n```\n### Step 2: b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: \"true\"\n```\n"
+    );
+    let (t, _) = compile_source("s.trace.md", &src).unwrap_or_else(|d| panic!("{d}"));
+    assert!(t.steps[0].sensitive && !t.steps[1].sensitive);
+    assert_eq!(t.report_outputs, tracefleet::trace::ReportOutputs::Full);
+    let hashed = src.replacen(
+        "goal_signature: g\n",
+        "goal_signature: g\nreport_outputs: hashed\n",
+        1,
+    );
+    let (t, _) = compile_source("h.trace.md", &hashed).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(t.report_outputs, tracefleet::trace::ReportOutputs::Hashed);
+    // Both survive the compiled form.
+    let back = decode_compiled(&encode_compiled(&t)).unwrap();
+    assert_eq!(back, t);
+    let bad = src.replacen(
+        "goal_signature: g\n",
+        "goal_signature: g\nreport_outputs: secret\n",
+        1,
+    );
+    let e = errors_of(&bad);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains(":5:1: error:")
+            && e[0].contains("`report_outputs: secret`: expected `full` or `hashed`"),
+        "{e:?}"
     );
 }

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use tracefleet::ids::{TraceId, VarName, Version};
 use tracefleet::trace::{
     Check, CheckKind, Dependency, Foreach, ForeachSource, GrepOutput, Input, LlmCall, Metadata,
-    OnError, OutputDecl, Step, Template, Tool, Trace,
+    OnError, OutputDecl, ReportOutputs, Step, Template, Tool, Trace,
 };
 use tracefleet::{compile_source, decode_compiled, encode_compiled};
 
@@ -127,6 +127,7 @@ fn step() -> impl Strategy<Value = Step> {
             proptest::collection::vec((1u32..1000, proptest::option::of(var())), 0..3),
             any::<bool>(),
             1u32..3600,
+            any::<bool>(),
         ),
         (
             proptest::option::of(var()),
@@ -138,7 +139,7 @@ fn step() -> impl Strategy<Value = Step> {
         .prop_map(
             |(
                 (number, title, tool, validations, on_error),
-                (deps, explicit, timeout_secs),
+                (deps, explicit, timeout_secs, sensitive),
                 (output_variable, each, allowed_commands, command_substitution),
             )| Step {
                 number,
@@ -163,6 +164,7 @@ fn step() -> impl Strategy<Value = Step> {
                 }),
                 allowed_commands,
                 command_substitution,
+                sensitive,
             },
         )
 }
@@ -183,13 +185,14 @@ fn trace() -> impl Strategy<Value = Trace> {
             proptest::collection::vec(step(), 1..5),
             1u32..8,
             proptest::collection::vec("/[a-z]{1,8}", 0..2),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (id, (ma, mi, pa), goal, confidence),
                 (inputs, conditions),
-                (steps, max_parallel, read_paths),
+                (steps, max_parallel, read_paths, hashed),
             )| Trace {
                 id: id.parse::<TraceId>().unwrap(),
                 version: Version {
@@ -224,6 +227,11 @@ fn trace() -> impl Strategy<Value = Trace> {
                 }],
                 max_parallel,
                 read_paths,
+                report_outputs: if hashed {
+                    ReportOutputs::Hashed
+                } else {
+                    ReportOutputs::Full
+                },
                 steps,
             },
         )

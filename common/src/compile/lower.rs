@@ -331,6 +331,17 @@ impl Cx {
                 );
             }
         }
+        let report_outputs = match fm.report_outputs.as_deref() {
+            None | Some("full") => crate::trace::ReportOutputs::Full,
+            Some("hashed") => crate::trace::ReportOutputs::Hashed,
+            Some(other) => {
+                self.error(
+                    fm_block.line_of_key("report_outputs", 0),
+                    format!("`report_outputs: {other}`: expected `full` or `hashed`"),
+                );
+                crate::trace::ReportOutputs::Full
+            }
+        };
         let created_at = fm
             .created_at
             .as_ref()
@@ -364,6 +375,7 @@ impl Cx {
             outputs,
             max_parallel,
             read_paths,
+            report_outputs,
             steps,
         })
     }

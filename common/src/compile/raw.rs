@@ -28,6 +28,7 @@ pub(crate) struct RawFrontmatter {
     pub(crate) outputs: Vec<RawOutput>,
     pub(crate) max_parallel: Option<u32>,
     pub(crate) read_paths: Option<Vec<String>>,
+    pub(crate) report_outputs: Option<String>,
     #[serde(default)]
     pub(crate) inputs: BTreeMap<String, RawInput>,
     #[serde(flatten)]
@@ -102,6 +103,8 @@ pub(crate) struct RawToolCall {
     pub(crate) allowed_commands: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) allow_command_substitution: bool,
+    #[serde(default)]
+    pub(crate) sensitive: bool,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, Value>,
 }

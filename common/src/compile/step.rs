@@ -323,6 +323,7 @@ impl Cx {
             foreach,
             allowed_commands,
             command_substitution: raw.allow_command_substitution,
+            sensitive: raw.sensitive,
         });
         (step, uses, item_var)
     }

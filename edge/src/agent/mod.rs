@@ -522,6 +522,7 @@ impl Agent {
                 (AckOutcome::Refused(reason), v)
             }
         };
+        let measure = outcome == AckOutcome::Installed && has_reference_answers(bytes);
         if outcome == AckOutcome::Installed {
             tracing::info!(trace = topic_id, version = ?version, "installed a pushed trace");
         }
@@ -533,7 +534,44 @@ impl Agent {
         };
         self.store
             .enqueue(OutboxKind::Ack, &wire::encode(&ack), &now)?;
+        if measure {
+            self.measure_fidelity(topic_id);
+        }
         Ok(())
+    }
+
+    /// Starts `follower traces fidelity TRACE` (with the run arguments) for a trace just
+    /// installed, so its judgement steps' fidelity with this device's model is stored before
+    /// the first run needs it. Not waited for: a run that starts meanwhile measures itself.
+    fn measure_fidelity(&self, trace_id: &str) {
+        let mut cmd = tokio::process::Command::new(&self.follower);
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["traces", "fidelity", trace_id])
+            .args(&self.config.run_args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        match cmd.spawn() {
+            Ok(mut child) => {
+                let trace = trace_id.to_owned();
+                tokio::spawn(async move {
+                    match child.wait().await {
+                        Ok(s) if s.success() => {
+                            tracing::info!(%trace, "fidelity measured after install");
+                        }
+                        Ok(s) => {
+                            tracing::warn!(%trace, status = %s, "fidelity after install not measured (the first run measures it)")
+                        }
+                        Err(e) => {
+                            tracing::warn!(%trace, error = %e, "fidelity after install not measured")
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(trace = trace_id, error = %e, "cannot start the fidelity measurement")
+            }
+        }
     }
 
     /// Returns the version and whether it was new (an already installed version is not an
@@ -681,6 +719,19 @@ impl Agent {
             }
         }
     }
+}
+
+/// Whether a signed trace (just installed, so verified) has a judgement step with scored
+/// reference answers.
+fn has_reference_answers(signed_bytes: &[u8]) -> bool {
+    tracefleet::signed::decode_signed(signed_bytes)
+        .ok()
+        .and_then(|s| tracefleet::compile::decode_compiled(&s.compiled).ok())
+        .is_some_and(|t| {
+            t.llm_steps().any(|s| {
+                matches!(&s.tool, tracefleet::trace::Tool::Llm(c) if !c.judgement.scored().is_empty())
+            })
+        })
 }
 
 #[cfg(test)]

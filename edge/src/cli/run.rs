@@ -176,7 +176,12 @@ impl InferArgs {
 }
 
 impl ExecArgs {
-    fn options(&self) -> ExecOptions {
+    /// Whether `--json` was given.
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
+
+    pub(crate) fn options(&self) -> ExecOptions {
         ExecOptions {
             model: self.model.clone(),
             infer: self.infer.config(),

@@ -1,9 +1,11 @@
-//! `follower traces list`: installed traces with their statistics on this device.
+//! `follower traces list`: installed traces with their statistics on this device;
+//! `follower traces fidelity`: this device's model on a trace's reference answers, measured
+//! and stored before a run needs it.
 
 use anyhow::Result;
 use clap::Subcommand;
 use follower::store::Store;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Subcommand)]
@@ -14,10 +16,24 @@ pub enum TracesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Measure (and store) how this device's model answers each judgement step's reference
+    /// examples — what a run otherwise measures before the step. The agent runs it after it
+    /// installs a pushed trace. Known figures are shown, not measured again. Exit 0 when
+    /// measured, also when a step falls below its minimum (its runs will escalate there).
+    Fidelity {
+        /// An installed trace id or a signed trace file.
+        trace: PathBuf,
+        /// Model and inference options as for `follower run` (`--json` prints JSON).
+        #[command(flatten)]
+        exec: Box<super::run::ExecArgs>,
+    },
 }
 
 pub fn command(state_dir: &Path, cmd: TracesCommand) -> Result<ExitCode> {
-    let TracesCommand::List { json } = cmd;
+    let json = match cmd {
+        TracesCommand::List { json } => json,
+        TracesCommand::Fidelity { trace, exec } => return fidelity(state_dir, &trace, &exec),
+    };
     let store = Store::open(state_dir)?;
     let rows = store.installed_traces()?;
     let mut listed = Vec::new();
@@ -67,6 +83,39 @@ pub fn command(state_dir: &Path, cmd: TracesCommand) -> Result<ExitCode> {
                 stats.success_rate()
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fidelity(state_dir: &Path, trace: &Path, exec: &super::run::ExecArgs) -> Result<ExitCode> {
+    let measured = follower::runner::measure_fidelity(state_dir, trace, &exec.options())?;
+    if exec.json() {
+        println!("{}", serde_json::to_string_pretty(&measured)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if measured.is_empty() {
+        println!(
+            "{}: no judgement step with reference answers: nothing to measure",
+            trace.display()
+        );
+    }
+    for m in &measured {
+        let f = &m.fidelity;
+        println!(
+            "step {}: {} agrees with {} of {} reference answers ({:.2}, minimum {:.2}){}{}",
+            f.step,
+            f.model,
+            f.agreements,
+            f.total,
+            f.ratio(),
+            f.min_fidelity,
+            if f.passes() {
+                ""
+            } else {
+                ": below its minimum, runs escalate before this step"
+            },
+            if m.measured { "" } else { " (known)" }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -324,12 +324,26 @@ pub fn resume(
     report.step_results.sort_by_key(|r| r.step);
 
     if report.status == RunStatus::Success {
-        let (results, failed) = conditions(&trace.postconditions, &vars, host, "postcondition");
+        let (mut results, failed) = conditions(&trace.postconditions, &vars, host, "postcondition");
+        if trace.report_outputs == tracefleet::trace::ReportOutputs::Hashed {
+            for r in &mut results {
+                r.detail = tracefleet::report::WITHHELD.into();
+            }
+        }
         report.postconditions = results;
         report.all_postconditions_met = failed.is_none();
         if let Some(error) = failed {
             report.status = RunStatus::Failed;
-            report.error = Some(error);
+            report.error = Some(
+                if trace.report_outputs == tracefleet::trace::ReportOutputs::Hashed {
+                    format!(
+                        "a postcondition failed; details {}",
+                        tracefleet::report::WITHHELD
+                    )
+                } else {
+                    error
+                },
+            );
         }
     } else {
         report.all_postconditions_met = false;

@@ -10,7 +10,7 @@ use tracefleet::report::Escalation;
 use tracefleet::report::{
     CheckResult, MAX_REPORTED_OUTPUT, Report, RunStatus, StepResult, StepStatus, truncate_utf8,
 };
-use tracefleet::trace::{Check, OnError, Step};
+use tracefleet::trace::{Check, OnError, ReportOutputs, Step};
 
 /// What the run has produced so far, updated as steps finish.
 pub(super) struct Progress<'t> {
@@ -215,6 +215,13 @@ fn complete(
         completion_tokens,
         refusal,
     } = run;
+    // What a sensitive step produced stays on the device: withheld here, before anything
+    // (the journal, an escalation, the run's error) copies it. The full output stays bound
+    // for later steps and journaled.
+    let withheld = |s: &Step| s.sensitive || trace.report_outputs == ReportOutputs::Hashed;
+    if withheld(step) {
+        result.withhold_output(&full_output);
+    }
     let report = &mut p.report;
     if result.status == StepStatus::Failed
         && let Some(why) = host.interruption()
@@ -252,7 +259,10 @@ fn complete(
         }
         if let Some(fb) = fallback.and_then(|n| trace.steps.iter().find(|s| s.number == n)) {
             on_event(Event::StepStarted(&not_run(fb)));
-            let fallback = run_step(fb, &p.vars, host);
+            let mut fallback = run_step(fb, &p.vars, host);
+            if withheld(fb) {
+                fallback.result.withhold_output(&fallback.full_output);
+            }
             let report = &mut p.report;
             report.prompt_tokens += fallback.prompt_tokens;
             report.completion_tokens += fallback.completion_tokens;
@@ -270,6 +280,9 @@ fn complete(
                 result.output = fallback.full_output.clone();
                 truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
                 full_output = fallback.full_output;
+                if withheld(step) {
+                    result.withhold_output(&full_output);
+                }
             }
         }
     }

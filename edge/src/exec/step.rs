@@ -433,6 +433,8 @@ pub(super) fn not_run(step: &Step) -> StepResult {
         validations: Vec::new(),
         llm: None,
         items: None,
+        output_sha256: None,
+        output_bytes: None,
         llm_items: Vec::new(),
     }
 }

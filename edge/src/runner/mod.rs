@@ -13,11 +13,13 @@
 //!   to the base directory and the read roots before the interpreter starts; only the calling
 //!   thread, which is not restricted, writes the store.
 
+mod fidelity;
 mod load;
 mod models;
 #[cfg(test)]
 mod tests;
 
+pub use fidelity::{StepFidelity, measure_fidelity};
 pub use load::{Loaded, MIN_GOAL_SIMILARITY, load_trace, select_by_goal, verify_signed};
 pub use models::{registered_spec, run_models};
 

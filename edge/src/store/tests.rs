@@ -41,6 +41,8 @@ fn step(n: u32, status: StepStatus) -> StepResult {
         validations: Vec::new(),
         llm: None,
         items: None,
+        output_sha256: None,
+        output_bytes: None,
         llm_items: Vec::new(),
     }
 }
