@@ -1694,6 +1694,18 @@ fn a_stuck_run_is_aborted_by_the_learner() {
     assert!(!agent_log.contains("Kill"), "{agent_log}");
     let escalations = runs(&ws)["escalations"].to_string();
     assert!(!escalations.contains("stuck"), "{escalations}");
+    // The watchdog's command is in the audit log, as serve's own action.
+    let watchdog: Vec<serde_json::Value> = audit_entries(&ws)
+        .into_iter()
+        .filter(|e| {
+            e["actor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("learner serve "))
+        })
+        .collect();
+    assert_eq!(watchdog.len(), 1, "{watchdog:?}");
+    assert_eq!(watchdog[0]["action"], "command abort", "{watchdog:?}");
+    assert_eq!(watchdog[0]["subject"], "pi-01", "{watchdog:?}");
 }
 
 /// A fleet whose device's one model is the test model (registered), and a trace

@@ -8,11 +8,13 @@
 //! # Format
 //! `DIR/audit.jsonl`, JSON Lines: one entry a line, fields in this order —
 //! `seq` (1, 2, … without gaps), `time` (Unix seconds), `actor` (`user@host`, or
-//! `learner serve@host` for what `serve` does by itself), `action` (`sign`, `rollout start`,
+//! `learner serve CLIENT_ID as user@host` for what `serve` does by itself), `action` (`sign`, `rollout start`,
 //! …), `subject` (what it acted on, e.g. `dpkg-log-triage 1.1.0`), `detail` (a JSON object),
 //! `prev` (SHA-256 in hex of the previous line's bytes; 64 zeros for the first entry), `key`
 //! (the audit public key, 32 bytes in hex) and `sig` (the ed25519 signature, RFC 8032, in
-//! hex, over [`DOMAIN`] followed by the line's JSON without `sig`). The chain follows
+//! hex, over [`DOMAIN`] followed by the line's JSON without `sig`). A line must be exactly
+//! the compact JSON encoding of its entry in that field order (objects in `detail` with
+//! sorted keys): any other spelling of the same content is refused as altered. The chain follows
 //! Schneier and Kelsey, "Secure audit logs to support computer forensics" (1999), and
 //! Certificate Transparency's append-only log (RFC 6962) in spirit; it is a plain chain, not
 //! a Merkle tree.
@@ -113,9 +115,11 @@ impl std::str::FromStr for Head {
         let (seq, hash) = s.split_once(':').ok_or_else(|| {
             format!("{s:?}: expected SEQ:SHA256 (as `learner audit verify` prints)")
         })?;
-        let seq = seq
+        let seq: u64 = seq
             .parse()
-            .map_err(|_| format!("{seq:?}: expected the entry number before ':'"))?;
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| format!("{seq:?}: expected the entry number (from 1) before ':'"))?;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("{hash:?}: expected 64 hex digits after ':'"));
         }
@@ -231,8 +235,9 @@ impl AuditLog {
         let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| e)
             .with_context(ctx)?;
-        let key = self.key()?;
-        let (seq, prev) = match last_line(&mut file).with_context(ctx)? {
+        let last = last_line(&mut file).with_context(ctx)?;
+        let key = self.key(last.is_none())?;
+        let (seq, prev) = match last {
             None => (1, GENESIS.to_owned()),
             Some(line) => {
                 let last: Entry = serde_json::from_slice(&line).with_context(|| {
@@ -241,7 +246,14 @@ impl AuditLog {
                         path.display()
                     )
                 })?;
-                (last.record.seq + 1, hex::encode(Sha256::digest(&line)))
+                let next = last.record.seq.checked_add(1).with_context(|| {
+                    format!(
+                        "{}: the last entry's seq is {}: expected a count (run `learner audit verify`)",
+                        path.display(),
+                        last.record.seq
+                    )
+                })?;
+                (next, hex::encode(Sha256::digest(&line)))
             }
         };
         let record = Record {
@@ -273,10 +285,19 @@ impl AuditLog {
         Ok(entry)
     }
 
-    /// The audit key, created on first use.
-    fn key(&self) -> Result<SecretKey> {
+    /// The audit key, created on first use (`new_log`): a log with entries whose key is gone
+    /// is refused, not given a new key (which would break the chain's one-key rule and
+    /// replace the public key operators compare against).
+    fn key(&self, new_log: bool) -> Result<SecretKey> {
         let path = self.dir.join(KEY_FILE);
         if !path.exists() {
+            if !new_log {
+                bail!(
+                    "{}: the audit key is missing but {} has entries: expected the key they were signed with (restore it; a new key would not continue this log)",
+                    path.display(),
+                    self.path().display()
+                );
+            }
             crate::keys::generate(KeyRole::Audit, &path)?;
         }
         let key = crate::keys::read_secret(&path)?;
@@ -423,6 +444,14 @@ pub fn verify(log: &[u8], pinned: Option<&str>, head: Option<&Head>) -> Result<V
                 "was altered: its signature does not verify over its content".into(),
             ));
         }
+        // The line must be exactly what was signed, re-encoded: no field added (it would be
+        // dropped before the check), no key moved, no space or escape changed — else the
+        // last line could be edited with no later entry to chain to it.
+        if serde_json::to_vec(entry).ok().as_deref() != Some(*line) {
+            return Err(broken(
+                "was altered: its line is not the encoding of what was signed (a field added, moved or re-spelled)".into(),
+            ));
+        }
         if entry.record.prev != prev_hash {
             return Err(Broken {
                 entry: expected.saturating_sub(1).max(1),
@@ -545,12 +574,18 @@ mod tests {
         let e = verify(&join(&l), None, None).unwrap_err();
         assert_eq!(e.entry, 3, "{e}");
         assert!(e.problem.contains("altered"), "{e}");
-        // Bytes changed but the content the same (a space): the chain catches it.
+        // Bytes changed but the content the same (a space), or a field added that the
+        // signature does not cover: refused as altered, the last line too.
         let mut l = lines(&log);
         l[1] = l[1].replacen(',', ", ", 1);
         let e = verify(&join(&l), None, None).unwrap_err();
         assert_eq!(e.entry, 2, "{e}");
-        assert!(e.problem.contains("chained"), "{e}");
+        assert!(e.problem.contains("not the encoding"), "{e}");
+        let mut l = lines(&log);
+        l[4] = l[4].replacen('{', "{\"approved_by\":\"security\",", 1);
+        let e = verify(&join(&l), None, None).unwrap_err();
+        assert_eq!(e.entry, 5, "{e}");
+        assert!(e.problem.contains("altered"), "{e}");
     }
 
     #[test]
@@ -643,10 +678,23 @@ mod tests {
     }
 
     #[test]
+    fn a_log_whose_key_is_gone_is_not_continued_with_a_new_key() {
+        let (_d, log) = log_with(2);
+        std::fs::remove_file(log.dir().join(KEY_FILE)).unwrap();
+        let err = log.append("sign", "x", json!({})).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("audit key is missing"),
+            "{err:#}"
+        );
+        assert_eq!(lines(&log).len(), 2, "nothing appended");
+    }
+
+    #[test]
     fn heads_parse_and_print() {
         let h: Head = format!("7:{}", "AB".repeat(32)).parse().unwrap();
         assert_eq!(h.to_string(), format!("7:{}", "ab".repeat(32)));
         assert!("7".parse::<Head>().is_err());
+        assert!(format!("0:{}", "ab".repeat(32)).parse::<Head>().is_err());
         assert!("x:00".parse::<Head>().is_err());
     }
 }

@@ -40,9 +40,13 @@ impl Audit {
 }
 
 /// `path` made absolute against the working directory (an audit entry outlives the shell it
-/// came from); unchanged when that fails.
-pub fn abs(path: &Path) -> PathBuf {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+/// came from; unchanged when that fails), as text (a path that is not UTF-8 shows with
+/// replacement characters rather than failing the entry).
+pub fn abs(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
 }
 
 /// `learner audit …`.

@@ -289,7 +289,7 @@ pub fn bundle(
     audit.record(
         None,
         "bundle create",
-        &abs(&output).display().to_string(),
+        &abs(&output),
         json!({
             "traces": signed_files.iter().map(|p| abs(p)).collect::<Vec<_>>(),
             "models": models.iter().map(|p| abs(p)).collect::<Vec<_>>(),

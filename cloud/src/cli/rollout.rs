@@ -367,7 +367,6 @@ pub fn regenerate(mut a: RegenerateArgs, audit: &Audit) -> Result<()> {
     }
 }
 
-/// Records a rollout of `bytes` (the signed trace `s`) staged as `stages` says.
 /// The abort rule as `--abort-if` writes it (a string: the audit log holds no floats, which
 /// JSON may not give back bit for bit).
 fn abort_rule(stages: &Stages) -> String {
@@ -377,6 +376,8 @@ fn abort_rule(stages: &Stages) -> String {
     )
 }
 
+/// Records a rollout of `bytes` (the signed trace `s`) staged as `stages` says; returns its
+/// waves as text.
 fn start_rollout(
     db: &mut LearnerDb,
     stages: &Stages,

@@ -16,7 +16,10 @@ pub struct ServeArgs {
 /// `learner serve`.
 pub fn serve(a: &ServeArgs, audit: &super::audit::Audit) -> Result<()> {
     let mut config = learner::config::LearnerConfig::load(&a.config)?;
-    config.audit_dir = Some(audit.log(config.audit_dir.as_deref())?.dir().to_owned());
+    // `--audit-dir` above `[audit] dir`; none found: serve says so and goes on.
+    if let Ok(log) = audit.log(config.audit_dir.as_deref()) {
+        config.audit_dir = Some(log.dir().to_owned());
+    }
     learner::serve::serve(&config)
 }
 

@@ -247,8 +247,8 @@ impl Done {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cost_dollars": format!("{:.4}", self.cost),
-            "signed": self.signed_path,
-            "source": self.source_path,
+            "signed": self.signed_path.display().to_string(),
+            "source": self.source_path.display().to_string(),
             "rollout": match &self.rollout {
                 Ok(waves) => waves.iter().map(ToString::to_string).collect::<Vec<_>>().join(" → "),
                 Err(e) => format!("not started: {e}"),
@@ -722,7 +722,7 @@ pub struct Runner {
     keys: std::sync::Arc<Vec<SecretKey>>,
     dry_run: Option<super::dry_run::DryRunner>,
     db_path: PathBuf,
-    audit: crate::audit::AuditLog,
+    audit: Option<crate::audit::AuditLog>,
     queue: VecDeque<Job>,
     running: Option<std::thread::JoinHandle<()>>,
 }
@@ -738,7 +738,7 @@ impl Runner {
         backend: BackendConfig,
         dry_run: Option<super::dry_run::DryRunner>,
         db_path: PathBuf,
-        audit: crate::audit::AuditLog,
+        audit: Option<crate::audit::AuditLog>,
     ) -> anyhow::Result<Self> {
         let keys = std::sync::Arc::new(crate::keys::read_trace_keys(&auto.config.keys)?);
         AnyBackend::new(&backend)?;
@@ -837,7 +837,10 @@ impl Runner {
                         "regenerated"
                     );
                     let subject = format!("{} {}", job.trace_id, done.version);
-                    if let Err(e) = audit.append("regenerate", &subject, done.audit_detail(&job)) {
+                    if let Some(Err(e)) = audit
+                        .as_ref()
+                        .map(|a| a.append("regenerate", &subject, done.audit_detail(&job)))
+                    {
                         tracing::error!(error = %format!("{e:#}"), %subject, "the regeneration took effect but could not be recorded in the audit log");
                     }
                 }

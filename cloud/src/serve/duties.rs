@@ -31,6 +31,7 @@ pub struct Duties {
     stuck: StuckConfig,
     commands_key: Option<SecretKey>,
     regenerations: Option<crate::regen::auto::Runner>,
+    audit: Option<crate::audit::AuditLog>,
     leader: bool,
 }
 
@@ -49,8 +50,17 @@ impl Duties {
             stuck,
             commands_key,
             regenerations,
+            audit: None,
             leader: false,
         }
+    }
+
+    /// Records the watchdog's commands in `audit` (regenerations are recorded by the
+    /// `Runner`).
+    #[must_use]
+    pub fn with_audit(mut self, audit: Option<crate::audit::AuditLog>) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Whether this instance led at its last tick.
@@ -129,6 +139,21 @@ impl Duties {
             expires_at: now + COMMAND_LIFETIME_SECS,
             action: i.action,
         };
+        if let Some(audit) = &self.audit {
+            let verb = match &command.action {
+                wire::Action::Kill(_) => "kill",
+                _ => "abort",
+            };
+            let detail = serde_json::json!({
+                "run": i.run_id,
+                "counter": counter,
+                "expires_at": command.expires_at,
+                "reason": "stuck run (the watchdog)",
+            });
+            if let Err(e) = audit.append(&format!("command {verb}"), i.device_id.as_str(), detail) {
+                tracing::error!(error = %format!("{e:#}"), "the watchdog's command is sent but could not be recorded in the audit log");
+            }
+        }
         Some(Outgoing {
             topic: Topic::Commands(i.device_id.into()).name(),
             payload: wire::encode(&wire::sign_command(&command, &[key])),

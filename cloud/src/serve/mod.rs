@@ -83,20 +83,29 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
         }
         None => None,
     };
+    // What serve does by itself (regenerations, the watchdog's commands) goes into the audit
+    // log when it has one (none without [audit] dir, --audit-dir, XDG_STATE_HOME or HOME).
+    let audit = match crate::audit::AuditLog::locate(None, config.audit_dir.as_deref()) {
+        Ok(dir) => Some(crate::audit::AuditLog::new(
+            dir,
+            format!(
+                "learner serve {} as {}",
+                config.client_id,
+                crate::audit::AuditLog::this_user()
+            ),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "no audit log: serve's own actions are not recorded");
+            None
+        }
+    };
     let regenerations = match (&config.regenerate, &config.backend) {
         (Some(auto), Some(backend)) => Some(crate::regen::auto::Runner::new(
             auto.clone(),
             backend.clone(),
             config.dry_run.clone(),
             config.db_path(),
-            crate::audit::AuditLog::new(
-                crate::audit::AuditLog::locate(None, config.audit_dir.as_deref())?,
-                format!(
-                    "learner serve {} as {}",
-                    config.client_id,
-                    crate::audit::AuditLog::this_user()
-                ),
-            ),
+            audit.clone(),
         )?),
         _ => None,
     };
@@ -105,7 +114,8 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
         config.stuck.clone(),
         commands_key,
         regenerations,
-    );
+    )
+    .with_audit(audit);
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shared_group = config.shared_group.as_deref();

@@ -176,6 +176,9 @@ struct Agent {
     running: HashMap<String, Running>,
     exited: tokio::sync::mpsc::UnboundedSender<(String, std::io::Result<std::process::ExitStatus>)>,
     shutting_down: bool,
+    /// One fidelity measurement at a time (each loads a model): many traces installed at
+    /// once (retained ones, on the first connection) are measured one after another.
+    measuring: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -224,6 +227,7 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         running: HashMap::new(),
         exited,
         shutting_down: false,
+        measuring: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
         config,
     };
     let periods: Vec<Duration> = agent.config.schedule.iter().map(|s| s.every).collect();
@@ -542,7 +546,8 @@ impl Agent {
 
     /// Starts `follower traces fidelity TRACE` (with the run arguments) for a trace just
     /// installed, so its judgement steps' fidelity with this device's model is stored before
-    /// the first run needs it. Not waited for: a run that starts meanwhile measures itself.
+    /// the first run needs it; one at a time, after those queued before. Not waited for: a
+    /// run that starts meanwhile measures itself.
     fn measure_fidelity(&self, trace_id: &str) {
         let mut cmd = tokio::process::Command::new(&self.follower);
         cmd.arg("--state-dir")
@@ -551,27 +556,29 @@ impl Agent {
             .args(&self.config.run_args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
-        match cmd.spawn() {
-            Ok(mut child) => {
-                let trace = trace_id.to_owned();
-                tokio::spawn(async move {
-                    match child.wait().await {
-                        Ok(s) if s.success() => {
-                            tracing::info!(%trace, "fidelity measured after install");
-                        }
-                        Ok(s) => {
-                            tracing::warn!(%trace, status = %s, "fidelity after install not measured (the first run measures it)")
-                        }
-                        Err(e) => {
-                            tracing::warn!(%trace, error = %e, "fidelity after install not measured")
-                        }
+        let slot = self.measuring.clone();
+        let trace = trace_id.to_owned();
+        tokio::spawn(async move {
+            let Ok(_turn) = slot.acquire_owned().await else {
+                return;
+            };
+            match cmd.spawn() {
+                Ok(mut child) => match child.wait().await {
+                    Ok(s) if s.success() => {
+                        tracing::info!(%trace, "fidelity measured after install");
                     }
-                });
+                    Ok(s) => {
+                        tracing::warn!(%trace, status = %s, "fidelity after install not measured (the first run measures it)")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%trace, error = %e, "fidelity after install not measured")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(%trace, error = %e, "cannot start the fidelity measurement")
+                }
             }
-            Err(e) => {
-                tracing::warn!(trace = trace_id, error = %e, "cannot start the fidelity measurement")
-            }
-        }
+        });
     }
 
     /// Returns the version and whether it was new (an already installed version is not an

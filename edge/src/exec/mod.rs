@@ -325,7 +325,11 @@ pub fn resume(
 
     if report.status == RunStatus::Success {
         let (mut results, failed) = conditions(&trace.postconditions, &vars, host, "postcondition");
-        if trace.report_outputs == tracefleet::trace::ReportOutputs::Hashed {
+        // A postcondition may render a sensitive step's output (`{var}`): with any sensitive
+        // step, what the postconditions found stays on the device too.
+        let withheld = trace.report_outputs == tracefleet::trace::ReportOutputs::Hashed
+            || trace.steps.iter().any(|s| s.sensitive);
+        if withheld {
             for r in &mut results {
                 r.detail = tracefleet::report::WITHHELD.into();
             }
@@ -334,16 +338,14 @@ pub fn resume(
         report.all_postconditions_met = failed.is_none();
         if let Some(error) = failed {
             report.status = RunStatus::Failed;
-            report.error = Some(
-                if trace.report_outputs == tracefleet::trace::ReportOutputs::Hashed {
-                    format!(
-                        "a postcondition failed; details {}",
-                        tracefleet::report::WITHHELD
-                    )
-                } else {
-                    error
-                },
-            );
+            report.error = Some(if withheld {
+                format!(
+                    "a postcondition failed; details {}",
+                    tracefleet::report::WITHHELD
+                )
+            } else {
+                error
+            });
         }
     } else {
         report.all_postconditions_met = false;

@@ -280,7 +280,8 @@ fn complete(
                 result.output = fallback.full_output.clone();
                 truncate_utf8(&mut result.output, MAX_REPORTED_OUTPUT);
                 full_output = fallback.full_output;
-                if withheld(step) {
+                // The fallback's output now stands for the step: withheld if either is.
+                if withheld(step) || withheld(fb) {
                     result.withhold_output(&full_output);
                 }
             }

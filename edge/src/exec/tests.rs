@@ -697,3 +697,36 @@ fn uncertain_answers_follow_on_uncertain() {
     assert_eq!(r.step_results[0].output, "tcp");
     assert!(r.step_results[0].llm.as_ref().unwrap().uncertain);
 }
+
+#[test]
+fn what_a_sensitive_step_produced_reaches_no_part_of_the_report() {
+    // Step 1 (plain) fails and is recovered by step 3 (sensitive); step 2 (sensitive) fails
+    // with stderr; a postcondition renders step 3's output. None of it may show.
+    let t = trace(
+        "postconditions:\n  - condition: got it\n    type: content_contains\n    parameters:\n      path: out.txt\n      text: \"{got}-nope\"\n---\n### Step 1: primary\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: primary\noutput_variable: got\n```\n**Error Handling**:\n```yaml\non_error: {action: retry, retry_count: 0, fallback_step: 3}\n```\n### Step 2: secret read\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: reader\nsensitive: true\n```\n**Error Handling**:\n```yaml\non_error: {action: skip}\n```\n**Dependencies**: Step 1\n### Step 3: plan b\n**Tool Call**:\n```yaml\ntool: Bash\nparameters:\n  command: plan-b\nsensitive: true\n```\n**Dependencies**: None\n",
+    );
+    let mut h = FakeHost {
+        shell_answers: [
+            out("", 1),
+            out("SECRET-FROM-B\n", 0),
+            ShellOutput {
+                stdout: "SECRET-PARTIAL".into(),
+                stderr: "SECRET-IN-STDERR".into(),
+                exit_code: Some(3),
+                signal: None,
+            },
+        ]
+        .into(),
+        files: [("out.txt".to_owned(), "x".to_owned())].into(),
+        ..FakeHost::default()
+    };
+    let r = run_with(&t, &mut h);
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(!json.contains("SECRET"), "{json}");
+    assert_eq!(r.step_results[0].status, StepStatus::Recovered);
+    assert_eq!(r.step_results[0].output_bytes, Some(14), "{json}");
+    assert_eq!(
+        r.step_results[1].error.as_deref(),
+        Some("exit code 3; details withheld on the device (sensitive step)")
+    );
+}

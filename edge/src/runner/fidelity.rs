@@ -67,9 +67,12 @@ pub fn measure_fidelity(
     if !to_measure.is_empty() {
         let inference = Inference::start(opts.infer.clone(), specs, default)?;
         // The host's files are never touched: only the model answers.
-        let scratch = state_dir
-            .join("runs")
-            .join(format!(".fidelity-{}", trace.id));
+        let scratch = state_dir.join("runs").join(format!(
+            ".fidelity-{}-{}-{}",
+            trace.id,
+            trace.version,
+            std::process::id()
+        ));
         let mut host = LocalHost::new(&scratch, &[], Some(inference))
             .with_context(|| format!("scratch directory {}", scratch.display()))?;
         for step in to_measure {
