@@ -186,41 +186,8 @@ impl Batch {
                         "a report of a version the device has not acked or listed as installed: kept, not counted"
                     );
                 }
-                let new_counted = new && counted;
-                if new_counted && !report.fidelity.is_empty() {
-                    super::fidelity::record(
-                        tx,
-                        &device,
-                        &report.trace_id,
-                        &report.trace_version,
-                        &report.fidelity,
-                        now,
-                    )?;
-                }
-                if new_counted && report.status != RunStatus::Stopped {
-                    let key = (report.trace_id.clone(), report.trace_version.clone());
-                    let stats = match self.stats.entry(key) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            let old = tx
-                                .prepare_cached(
-                                    "SELECT runs, successes, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
-                                )?
-                                .query_row(params![report.trace_id, report.trace_version], |r| {
-                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                                })
-                                .optional()?;
-                            e.insert(old.unwrap_or((
-                                0,
-                                0,
-                                tracefleet::confidence::INITIAL_CONFIDENCE,
-                            )))
-                        }
-                    };
-                    let success = report.status == RunStatus::Success;
-                    stats.0 += 1;
-                    stats.1 += i64::from(success);
-                    stats.2 = tracefleet::confidence::update(stats.2, success);
+                if new && counted {
+                    self.count(tx, &device, &report, now)?;
                 }
                 self.seen(tx, &device, now)?;
                 if new {
@@ -245,6 +212,9 @@ impl Batch {
                     to_json(&hb.running),
                     to_json(&hb.telemetry)
                 ])?;
+                for t in &hb.installed {
+                    self.count_waiting(tx, &device, &t.trace_id, &t.version, now)?;
+                }
                 self.seen.insert(device);
                 Ingested::Heartbeat
             }
@@ -273,6 +243,11 @@ impl Batch {
                     detail,
                     i64::try_from(a.at).unwrap_or(i64::MAX)
                 ])?;
+                if let (Some(version), AckOutcome::Installed | AckOutcome::AlreadyInstalled) =
+                    (&a.version, &a.outcome)
+                {
+                    self.count_waiting(tx, &device, &a.trace_id, version, now)?;
+                }
                 self.seen(tx, &device, now)?;
                 Ingested::Ack(
                     a.trace_id,
@@ -295,6 +270,80 @@ impl Batch {
                 Ingested::Escalation
             }
         })
+    }
+
+    /// Counts reports of `device` kept uncounted because it had not acked or listed
+    /// `trace` `version` when they arrived (in the order they arrived), now that it has.
+    fn count_waiting(
+        &mut self,
+        tx: &Connection,
+        device: &str,
+        trace: &str,
+        version: &str,
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        let waiting: Vec<(String, String)> = tx
+            .prepare_cached(
+                "SELECT run_id, report_json FROM runs
+                 WHERE device_id = ?1 AND trace_id = ?2 AND trace_version = ?3 AND counted = 0
+                 ORDER BY received_at, rowid",
+            )?
+            .query_map(params![device, trace, version], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (run_id, json) in waiting {
+            tx.prepare_cached("UPDATE runs SET counted = 1 WHERE run_id = ?1")?
+                .execute(params![run_id])?;
+            // Stored after it was decoded and checked: it decodes again.
+            if let Ok(report) = serde_json::from_str::<tracefleet::report::Report>(&json) {
+                self.count(tx, device, &report, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one stored report toward its version: the device's fidelity figures, and the
+    /// run in the version's statistics (a stopped run is not an outcome).
+    fn count(
+        &mut self,
+        tx: &Connection,
+        device: &str,
+        report: &tracefleet::report::Report,
+        now: i64,
+    ) -> rusqlite::Result<()> {
+        if !report.fidelity.is_empty() {
+            super::fidelity::record(
+                tx,
+                device,
+                &report.trace_id,
+                &report.trace_version,
+                &report.fidelity,
+                now,
+            )?;
+        }
+        if report.status != RunStatus::Stopped {
+            let key = (report.trace_id.clone(), report.trace_version.clone());
+            let stats = match self.stats.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let old = tx
+                        .prepare_cached(
+                            "SELECT runs, successes, confidence FROM trace_stats WHERE trace_id = ?1 AND version = ?2",
+                        )?
+                        .query_row(params![report.trace_id, report.trace_version], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
+                        .optional()?;
+                    e.insert(old.unwrap_or((0, 0, tracefleet::confidence::INITIAL_CONFIDENCE)))
+                }
+            };
+            let success = report.status == RunStatus::Success;
+            stats.0 += 1;
+            stats.1 += i64::from(success);
+            stats.2 = tracefleet::confidence::update(stats.2, success);
+        }
+        Ok(())
     }
 
     /// Writes the statistics the batch changed.
@@ -700,7 +749,7 @@ mod tests {
     }
 
     #[test]
-    fn reports_count_only_for_a_version_the_device_has_installed() {
+    fn reports_count_only_once_the_device_has_the_version_installed() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
         // A device sends successes of a version it was never sent and never acked: kept for
@@ -713,8 +762,25 @@ mod tests {
         let runs = db.runs().unwrap();
         assert_eq!(runs.len(), 5);
         assert!(runs.iter().all(|r| !r.counted));
-        // Its heartbeat lists the version installed (a USB bundle, say): from then on, counted.
-        let hb = Heartbeat {
+        // A heartbeat listing another version changes nothing.
+        let mut hb = Heartbeat {
+            device_id: "pi-01".parse().unwrap(),
+            sent_at: 1,
+            follower_version: "0".into(),
+            groups: vec![],
+            installed: vec![wire::InstalledTrace {
+                trace_id: "t".into(),
+                version: "0.9.0".into(),
+            }],
+            running: vec![],
+            telemetry: tracefleet::report::Telemetry::default(),
+        };
+        db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
+            .unwrap();
+        assert!(stats(&db).is_empty(), "{:?}", stats(&db));
+        // Its heartbeat lists the version installed (a USB bundle, say, whose queued reports
+        // arrived before the heartbeat): the waiting reports count now, and later ones too.
+        hb = Heartbeat {
             device_id: "pi-01".parse().unwrap(),
             sent_at: 1,
             follower_version: "0".into(),
@@ -728,11 +794,19 @@ mod tests {
         };
         db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
             .unwrap();
+        assert_eq!(
+            stats(&db).iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+            [(5, 5)]
+        );
+        assert!(db.runs().unwrap().iter().all(|r| r.counted));
+        // Listed again in the next heartbeat: nothing counts twice.
+        db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
+            .unwrap();
         let (t, p) = report("pi-01", "real-1", true);
         db.ingest(&t, &p).unwrap();
         assert_eq!(
             stats(&db).iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
-            [(1, 1)]
+            [(6, 6)]
         );
         // Another device's ack counts its own runs, not anybody else's.
         db.put_installed("pi-02", "t", "1.0.0");
@@ -742,7 +816,7 @@ mod tests {
         db.ingest(&t, &p).unwrap();
         assert_eq!(
             stats(&db).iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
-            [(2, 1)]
+            [(7, 6)]
         );
     }
 }

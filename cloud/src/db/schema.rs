@@ -170,4 +170,10 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
     // A report counts toward its trace version only from a device that has that version
     // installed (acked, or listed in its heartbeat); others are kept, uncounted.
     M::up("ALTER TABLE runs ADD COLUMN counted INTEGER NOT NULL DEFAULT 1;"),
+    // Such reports are counted once the device acks or lists the version (a device
+    // installed by USB reports its queued runs before its first heartbeat): found by this
+    // index, small because it holds only the reports still waiting.
+    M::up(
+        "CREATE INDEX runs_uncounted ON runs (device_id, trace_id, trace_version) WHERE counted = 0;",
+    ),
 ];
