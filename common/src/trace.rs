@@ -125,6 +125,27 @@ impl Trace {
     pub fn llm_steps(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().filter(|s| matches!(s.tool, Tool::Llm(_)))
     }
+
+    /// The judgement steps with scored reference examples, with their calls: the steps whose
+    /// fidelity a device measures before it runs them.
+    pub fn judged_steps(&self) -> impl Iterator<Item = (&Step, &LlmCall)> {
+        self.steps.iter().filter_map(|s| match &s.tool {
+            Tool::Llm(call) if !call.judgement.scored().is_empty() => Some((s, call)),
+            _ => None,
+        })
+    }
+
+    /// Whether `step`'s output stays on the device (it is `sensitive`, or the trace says
+    /// `report_outputs: hashed`): the report carries its hash and length instead.
+    pub fn withholds_output(&self, step: &Step) -> bool {
+        step.sensitive || self.report_outputs == ReportOutputs::Hashed
+    }
+
+    /// Whether what the postconditions found stays on the device: when any step's output
+    /// does (a postcondition may render it).
+    pub fn withholds_findings(&self) -> bool {
+        self.steps.iter().any(|s| self.withholds_output(s))
+    }
 }
 
 /// LLMunix trace metadata.

@@ -97,6 +97,9 @@ pub struct SignedInstalled {
     pub version: Version,
     /// The trust-root version it was verified against.
     pub root_version: u32,
+    /// Whether it has judgement steps with scored reference examples (whose fidelity the
+    /// device measures: [`tracefleet::Trace::judged_steps`]).
+    pub judged: bool,
 }
 
 /// Why [`install_signed`] installed nothing, and which trace it was when the refusal came
@@ -146,11 +149,13 @@ pub fn install_signed(
         }));
     }
     let version = v.trace.version;
+    let judged = v.trace.judged_steps().next().is_some();
     match store.install_trace(Some(root.version), &trace_id, version, bytes, now_text) {
         Ok(()) => Ok(SignedInstalled {
             trace_id,
             version,
             root_version: root.version,
+            judged,
         }),
         Err(e) => Err(SignedRefused {
             trace_id: Some(trace_id),
@@ -386,6 +391,8 @@ mod tests {
                 trace_id: "t".into(),
                 version: v("1.0.0"),
                 root_version: 1,
+                // The test trace has no judgement step.
+                judged: false,
             }
         );
         assert_eq!(installed(&store), [("t".into(), v("1.0.0"), bytes.clone())]);

@@ -763,45 +763,35 @@ mod tests {
         assert_eq!(runs.len(), 5);
         assert!(runs.iter().all(|r| !r.counted));
         // A heartbeat listing another version changes nothing.
-        let mut hb = Heartbeat {
-            device_id: "pi-01".parse().unwrap(),
-            sent_at: 1,
-            follower_version: "0".into(),
-            groups: vec![],
-            installed: vec![wire::InstalledTrace {
-                trace_id: "t".into(),
-                version: "0.9.0".into(),
-            }],
-            running: vec![],
-            telemetry: tracefleet::report::Telemetry::default(),
+        let heartbeat = |version: &str| {
+            let hb = Heartbeat {
+                device_id: "pi-01".parse().unwrap(),
+                sent_at: 1,
+                follower_version: "0".into(),
+                groups: vec![],
+                installed: vec![wire::InstalledTrace {
+                    trace_id: "t".into(),
+                    version: version.into(),
+                }],
+                running: vec![],
+                telemetry: tracefleet::report::Telemetry::default(),
+            };
+            (Topic::Heartbeat("pi-01".into()).name(), wire::encode(&hb))
         };
-        db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
-            .unwrap();
+        let (t, p) = heartbeat("0.9.0");
+        db.ingest(&t, &p).unwrap();
         assert!(stats(&db).is_empty(), "{:?}", stats(&db));
         // Its heartbeat lists the version installed (a USB bundle, say, whose queued reports
         // arrived before the heartbeat): the waiting reports count now, and later ones too.
-        hb = Heartbeat {
-            device_id: "pi-01".parse().unwrap(),
-            sent_at: 1,
-            follower_version: "0".into(),
-            groups: vec![],
-            installed: vec![wire::InstalledTrace {
-                trace_id: "t".into(),
-                version: "1.0.0".into(),
-            }],
-            running: vec![],
-            telemetry: tracefleet::report::Telemetry::default(),
-        };
-        db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
-            .unwrap();
+        let (t, p) = heartbeat("1.0.0");
+        db.ingest(&t, &p).unwrap();
         assert_eq!(
             stats(&db).iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
             [(5, 5)]
         );
         assert!(db.runs().unwrap().iter().all(|r| r.counted));
         // Listed again in the next heartbeat: nothing counts twice.
-        db.ingest(&Topic::Heartbeat("pi-01".into()).name(), &wire::encode(&hb))
-            .unwrap();
+        db.ingest(&t, &p).unwrap();
         let (t, p) = report("pi-01", "real-1", true);
         db.ingest(&t, &p).unwrap();
         assert_eq!(

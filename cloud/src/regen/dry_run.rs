@@ -165,14 +165,8 @@ impl DryRunner {
         source: &str,
     ) -> FidelityOutcome {
         let steps: Vec<(u32, &tracefleet::trace::LlmCall)> = trace
-            .steps
-            .iter()
-            .filter_map(|s| match &s.tool {
-                tracefleet::trace::Tool::Llm(call) if !call.judgement.scored().is_empty() => {
-                    Some((s.number, call))
-                }
-                _ => None,
-            })
+            .judged_steps()
+            .map(|(s, call)| (s.number, call))
             .collect();
         if steps.is_empty() {
             return FidelityOutcome::Measured(Vec::new());

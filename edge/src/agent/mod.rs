@@ -509,15 +509,13 @@ impl Agent {
     /// Verifies and installs a pushed trace; the ack goes through the outbox.
     fn on_trace(&mut self, topic_id: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let now = rfc3339_now();
+        let mut measure = false;
         let (outcome, version) = match self.install(topic_id, bytes) {
-            Ok((v, fresh)) => (
-                if fresh {
-                    AckOutcome::Installed
-                } else {
-                    AckOutcome::AlreadyInstalled
-                },
-                Some(v),
-            ),
+            Ok((v, Some(judged))) => {
+                measure = judged;
+                (AckOutcome::Installed, Some(v))
+            }
+            Ok((v, None)) => (AckOutcome::AlreadyInstalled, Some(v)),
             Err(e) => {
                 let reason = format!("{e:#}");
                 tracing::warn!(trace = topic_id, bytes = bytes.len(), %reason, "pushed trace refused");
@@ -526,7 +524,6 @@ impl Agent {
                 (AckOutcome::Refused(reason), v)
             }
         };
-        let measure = outcome == AckOutcome::Installed && has_reference_answers(bytes);
         if outcome == AckOutcome::Installed {
             tracing::info!(trace = topic_id, version = ?version, "installed a pushed trace");
         }
@@ -581,9 +578,10 @@ impl Agent {
         });
     }
 
-    /// Returns the version and whether it was new (an already installed version is not an
-    /// error: retained traces arrive again on every reconnect).
-    fn install(&mut self, topic_id: &str, bytes: &[u8]) -> anyhow::Result<(String, bool)> {
+    /// Returns the version and, when it was new, whether it has judgement steps to measure
+    /// (`None`: installed already — not an error: retained traces arrive again on every
+    /// reconnect).
+    fn install(&mut self, topic_id: &str, bytes: &[u8]) -> anyhow::Result<(String, Option<bool>)> {
         match install_signed(
             &mut self.store,
             bytes,
@@ -591,7 +589,7 @@ impl Agent {
             unix_now(),
             &rfc3339_now(),
         ) {
-            Ok(t) => Ok((t.version.to_string(), true)),
+            Ok(t) => Ok((t.version.to_string(), Some(t.judged))),
             Err(SignedRefused { error, .. }) => match error {
                 InstallError::NoRoot => anyhow::bail!("no trust root"),
                 InstallError::Store(StoreError::Rollback {
@@ -600,7 +598,7 @@ impl Agent {
                     offered,
                 }) => {
                     if installed == offered {
-                        return Ok((offered.to_string(), false));
+                        return Ok((offered.to_string(), None));
                     }
                     anyhow::bail!(
                         "{trace_id} {offered} is older than the installed {installed}, and versions never go backwards"
@@ -726,19 +724,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// Whether a signed trace (just installed, so verified) has a judgement step with scored
-/// reference answers.
-fn has_reference_answers(signed_bytes: &[u8]) -> bool {
-    tracefleet::signed::decode_signed(signed_bytes)
-        .ok()
-        .and_then(|s| tracefleet::compile::decode_compiled(&s.compiled).ok())
-        .is_some_and(|t| {
-            t.llm_steps().any(|s| {
-                matches!(&s.tool, tracefleet::trace::Tool::Llm(c) if !c.judgement.scored().is_empty())
-            })
-        })
 }
 
 #[cfg(test)]

@@ -327,8 +327,7 @@ pub fn resume(
         let (mut results, failed) = conditions(&trace.postconditions, &vars, host, "postcondition");
         // A postcondition may render a sensitive step's output (`{var}`): with any sensitive
         // step, what the postconditions found stays on the device too.
-        let withheld = trace.report_outputs == tracefleet::trace::ReportOutputs::Hashed
-            || trace.steps.iter().any(|s| s.sensitive);
+        let withheld = trace.withholds_findings();
         if withheld {
             for r in &mut results {
                 r.detail = tracefleet::report::WITHHELD.into();

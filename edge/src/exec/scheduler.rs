@@ -10,7 +10,7 @@ use tracefleet::report::Escalation;
 use tracefleet::report::{
     CheckResult, MAX_REPORTED_OUTPUT, Report, RunStatus, StepResult, StepStatus, truncate_utf8,
 };
-use tracefleet::trace::{Check, OnError, ReportOutputs, Step};
+use tracefleet::trace::{Check, OnError, Step};
 
 /// What the run has produced so far, updated as steps finish.
 pub(super) struct Progress<'t> {
@@ -218,7 +218,7 @@ fn complete(
     // What a sensitive step produced stays on the device: withheld here, before anything
     // (the journal, an escalation, the run's error) copies it. The full output stays bound
     // for later steps and journaled.
-    let withheld = |s: &Step| s.sensitive || trace.report_outputs == ReportOutputs::Hashed;
+    let withheld = |s: &Step| trace.withholds_output(s);
     if withheld(step) {
         result.withhold_output(&full_output);
     }

@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use std::path::Path;
 use tracefleet::judgement::Fidelity;
 use tracefleet::time::rfc3339_now;
-use tracefleet::trace::Tool;
 
 /// One judgement step's fidelity and whether it was measured now (else it was known).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -40,10 +39,7 @@ pub fn measure_fidelity(
     let mut store = Store::open(state_dir)?;
     let loaded = load_trace(&store, trace, false, &mut |w| tracing::warn!("{w}"))?;
     let trace = &loaded.trace;
-    let judged: Vec<_> = trace
-        .llm_steps()
-        .filter(|s| matches!(&s.tool, Tool::Llm(c) if !c.judgement.scored().is_empty()))
-        .collect();
+    let judged: Vec<_> = trace.judged_steps().map(|(s, _)| s).collect();
     if judged.is_empty() {
         return Ok(Vec::new());
     }
