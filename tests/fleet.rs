@@ -8,6 +8,7 @@ use tracefleet_e2e::{
     Broker, Daemon, FakeMessagesApi, Workspace, mqtt_publish, repo_root, shipped_size_limit,
 };
 
+mod confidential;
 mod oversized;
 
 /// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and

@@ -96,20 +96,27 @@ pub fn read_trace_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SecretKey>> {
         .collect()
 }
 
-/// Signs compiled trace bytes with every key, valid from now for `expires`.
+/// Signs compiled trace bytes with every key, valid from now for `expires`; encrypted to
+/// `recipients` first when there are any (a confidential trace, [`tracefleet::confidential`]).
 ///
 /// # Errors
-/// Without a key, or when the validity window cannot be represented.
+/// Without a key, when the validity window cannot be represented, or what
+/// [`tracefleet::signed::sign_sealed`] refuses.
 pub fn sign_all(
     compiled: &[u8],
     keys: &[SecretKey],
     expires: std::time::Duration,
+    recipients: &[tracefleet::confidential::Recipient],
 ) -> anyhow::Result<tracefleet::signed::SignedTrace> {
     use anyhow::Context as _;
     let (first, rest) = keys.split_first().context("no signing key")?;
     let now = tracefleet::time::unix_now();
-    let mut signed =
-        tracefleet::signed::sign(compiled, first, now, now.saturating_add(expires.as_secs()))?;
+    let expires_at = now.saturating_add(expires.as_secs());
+    let mut signed = if recipients.is_empty() {
+        tracefleet::signed::sign(compiled, first, now, expires_at)?
+    } else {
+        tracefleet::signed::sign_sealed(compiled, recipients, first, now, expires_at)?
+    };
     for k in rest {
         tracefleet::signed::add_signature(&mut signed, k);
     }

@@ -319,13 +319,39 @@ pub fn forward(
         .with_context(|| format!("{trace_id}: no completed rollout to roll forward to (`learner rollout status` lists them)"))?;
     let top =
         newest_version(db, trace_id)?.with_context(|| format!("{trace_id}: no version known"))?;
-    let mut content = compile::decode_compiled(&signed::decode_signed(&good_signed)?.compiled)?;
+    let good_envelope = signed::decode_signed(&good_signed)?;
+    let mut content = match &good_envelope.sealed {
+        None => compile::decode_compiled(&good_envelope.compiled)?,
+        // The learner holds no device identity: a confidential trace's content comes from the
+        // source kept with its rollout (`rollout start --source`).
+        Some(_) => {
+            let source = db.source(trace_id, &good)?.with_context(|| {
+                format!(
+                    "{trace_id} {good} is a confidential trace and the learner kept no source of it, so it cannot read the content to roll forward: compile its source under a version above {top}, `learner sign --encrypt-to …` it and `learner rollout start` it (with --source, so the next roll-forward can)"
+                )
+            })?;
+            compile::compile_source(trace_id, &source)
+                .map_err(|d| {
+                    anyhow::anyhow!(
+                        "the kept source of {trace_id} {good}: {}",
+                        d.render(&source).trim_end()
+                    )
+                })?
+                .0
+        }
+    };
     content.version = tracefleet::ids::Version {
         patch: top.patch.checked_add(1).context("patch version overflow")?,
         ..top
     };
     let compiled = compile::encode_compiled(&content);
-    let resigned = crate::keys::sign_all(&compiled, keys, expires)?;
+    let mut recipients = confidential_recipients(db, trace_id)?;
+    if recipients.is_empty()
+        && let Some(sealed) = &good_envelope.sealed
+    {
+        recipients = sealed.parsed()?;
+    }
+    let resigned = crate::keys::sign_all(&compiled, keys, expires, &recipients)?;
     let bytes = signed::encode_signed(&resigned);
     Ok(Forward {
         good,
@@ -395,6 +421,26 @@ pub fn list(db: &LearnerDb) -> crate::db::Result<Vec<Rollout>> {
 /// On database failure.
 pub fn last_good(db: &LearnerDb, trace_id: &str) -> crate::db::Result<Option<(String, Vec<u8>)>> {
     db.last_good(trace_id)
+}
+
+/// The recipients of `trace_id`'s newest rollout when that was a confidential trace (empty
+/// when it was plain, or there is none): what a regenerated or rolled-forward version is
+/// encrypted to, so a confidential trace stays confidential.
+///
+/// # Errors
+/// On SQLite failure, or a stored envelope or recipient that no longer decodes.
+pub fn confidential_recipients(
+    db: &LearnerDb,
+    trace_id: &str,
+) -> anyhow::Result<Vec<tracefleet::confidential::Recipient>> {
+    let Some(bytes) = db.newest_rollout_signed(trace_id)? else {
+        return Ok(Vec::new());
+    };
+    let envelope = tracefleet::signed::decode_signed(&bytes)?;
+    Ok(match envelope.sealed {
+        Some(sealed) => sealed.parsed()?,
+        None => Vec::new(),
+    })
 }
 
 /// Every version of `trace_id` the learner has heard of: rolled out, acknowledged or

@@ -190,6 +190,8 @@ async fn device_loop(
             .collect(),
         running: Vec::new(),
         telemetry: tracefleet::report::Telemetry::default(),
+        // A simulated device decrypts nothing.
+        recipient: None,
     };
     let report = |trace: &str, version: &str, runs: &mut u64| {
         *runs += 1;

@@ -128,6 +128,7 @@ mod tests {
                 })
                 .collect(),
             telemetry: tracefleet::report::Telemetry::default(),
+            recipient: None,
         };
         db.ingest(&Topic::Heartbeat(device.into()).name(), &wire::encode(&hb))
             .unwrap();

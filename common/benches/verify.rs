@@ -44,7 +44,9 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("signed::verify + decode", |b| {
-        b.iter(|| signed::verify(black_box(&bytes), std::slice::from_ref(&public), 1, 2).unwrap())
+        b.iter(|| {
+            signed::verify(black_box(&bytes), std::slice::from_ref(&public), 1, 2, None).unwrap()
+        })
     });
     g.bench_function("part: sha256 of the compiled trace", |b| {
         use sha2::Digest;

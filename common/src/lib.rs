@@ -5,6 +5,7 @@
 //! - [`compile`]: checks and lowering to the typed IR in [`trace`]; [`compiled`]: the
 //!   postcard-encoded compiled form with its format version byte;
 //! - [`signed`]: ed25519 keys, key files and the signed-trace envelope with its verification;
+//! - [`confidential`]: confidential traces, encrypted to device identities (age X25519);
 //! - [`report`]: the run report (a superset of the LLMunix follower report);
 //! - [`shell`]: a Bash step's shell policy (allowed commands, command substitution);
 //! - [`wire`]: the fleet link's MQTT topics, payloads and signed commands;
@@ -20,6 +21,7 @@ pub mod bundle;
 pub mod compile;
 pub mod compiled;
 pub mod confidence;
+pub mod confidential;
 pub mod diag;
 pub mod gguf;
 pub mod ids;

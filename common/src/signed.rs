@@ -7,9 +7,19 @@
 //! postcard encoding of [`SignedTrace`]: a [`SignedHeader`] (trace id, version, creation and
 //! expiry times, SHA-256 of the compiled bytes), the compiled trace bytes, and signatures over
 //! `b"tracefleet/v1/signed-trace\0" ‖ postcard(header)`. Verification ([`verify`]) is a pure
-//! function of the bytes, the trusted keys, a threshold and the current time.
+//! function of the bytes, the trusted keys, a threshold, the current time and, for a
+//! confidential trace, the device's identity.
+//!
+//! A confidential trace ([`crate::confidential`]) has format byte [`SEALED_FORMAT_VERSION`]: the
+//! header is followed by [`Sealed`] (the recipients), the content is the age ciphertext of the
+//! compiled trace (the content hash is the ciphertext's), and the signatures cover
+//! `b"tracefleet/v1/sealed-trace\0" ‖ postcard(header, sealed)` — so a device checks who vouches
+//! for it, its expiry and that it is encrypted before it decrypts anything, and a signature over
+//! one form never verifies the other. A plain trace keeps format byte 1, which every follower
+//! reads.
 
 use crate::compile::{self, DecodeError};
+use crate::confidential::{self, ConfidentialError, Identity, Recipient};
 use crate::ids::{TraceId, Version};
 use crate::trace::Trace;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
@@ -26,7 +36,10 @@ pub const MAX_SIGNED_BYTES: usize = compile::MAX_COMPILED_BYTES + 64 * 1024;
 /// Most signatures an envelope may carry.
 pub const MAX_SIGNATURES: usize = 16;
 /// Domain separation prefix of the signed message.
+/// Format byte of a confidential (encrypted) trace's envelope.
+pub const SEALED_FORMAT_VERSION: u8 = 2;
 const SIGNING_CONTEXT: &[u8] = b"tracefleet/v1/signed-trace\0";
+const SEALED_SIGNING_CONTEXT: &[u8] = b"tracefleet/v1/sealed-trace\0";
 
 /// SHA-256 of a public key: the key's id.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -306,28 +319,96 @@ pub struct SignatureEntry {
     pub signature: Vec<u8>,
 }
 
-/// A compiled trace in its signature envelope.
+/// For whom a confidential trace is encrypted: part of what the signatures cover.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// The recipients (`age1…`, canonical form, 1 to
+    /// [`MAX_RECIPIENTS`](crate::confidential::MAX_RECIPIENTS)), in the order given at signing.
+    pub recipients: Vec<String>,
+}
+
+impl Sealed {
+    /// The recipients, parsed.
+    ///
+    /// # Errors
+    /// The first that does not parse.
+    pub fn parsed(&self) -> Result<Vec<Recipient>, ConfidentialError> {
+        self.recipients.iter().map(|r| r.parse()).collect()
+    }
+}
+
+/// A compiled trace in its signature envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedTrace {
     /// What is signed.
     pub header: SignedHeader,
-    /// The compiled trace bytes (see [`crate::compile`]). Decoded as one byte string (same
-    /// postcard wire format as a sequence of `u8`, decoded as a copy instead of byte by byte).
-    #[serde(with = "serde_bytes")]
+    /// `Some` for a confidential trace: then [`Self::compiled`] holds the age ciphertext of the
+    /// compiled trace, and the recipients are signed with the header.
+    pub sealed: Option<Sealed>,
+    /// The compiled trace bytes (see [`crate::compile`]), or their ciphertext when sealed.
     pub compiled: Vec<u8>,
-    /// Signatures over the header.
+    /// Signatures over the header (and [`Self::sealed`]).
     pub signatures: Vec<SignatureEntry>,
 }
 
-fn signing_message(header: &SignedHeader) -> Vec<u8> {
-    // Serialising a plain struct into a Vec cannot fail.
-    postcard::to_extend(header, SIGNING_CONTEXT.to_vec()).unwrap_or_default()
+impl SignedTrace {
+    /// The exact bytes the signatures cover.
+    #[must_use]
+    pub fn signing_message(&self) -> Vec<u8> {
+        signing_message(&self.header, self.sealed.as_ref())
+    }
 }
 
-/// The exact bytes the signatures of a signed trace cover (for benchmarks and other
+// The envelopes as postcard sees them. The content is one byte string (the same wire format
+// as a sequence of `u8`, decoded as a copy instead of byte by byte).
+#[derive(Serialize)]
+struct PlainOut<'a> {
+    header: &'a SignedHeader,
+    #[serde(with = "serde_bytes")]
+    compiled: &'a [u8],
+    signatures: &'a [SignatureEntry],
+}
+
+#[derive(Serialize)]
+struct SealedOut<'a> {
+    header: &'a SignedHeader,
+    sealed: &'a Sealed,
+    #[serde(with = "serde_bytes")]
+    compiled: &'a [u8],
+    signatures: &'a [SignatureEntry],
+}
+
+#[derive(Deserialize)]
+struct PlainIn {
+    header: SignedHeader,
+    #[serde(with = "serde_bytes")]
+    compiled: Vec<u8>,
+    signatures: Vec<SignatureEntry>,
+}
+
+#[derive(Deserialize)]
+struct SealedIn {
+    header: SignedHeader,
+    sealed: Sealed,
+    #[serde(with = "serde_bytes")]
+    compiled: Vec<u8>,
+    signatures: Vec<SignatureEntry>,
+}
+
+fn signing_message(header: &SignedHeader, sealed: Option<&Sealed>) -> Vec<u8> {
+    // Serialising plain structs into a Vec cannot fail.
+    match sealed {
+        None => postcard::to_extend(header, SIGNING_CONTEXT.to_vec()).unwrap_or_default(),
+        Some(s) => {
+            postcard::to_extend(&(header, s), SEALED_SIGNING_CONTEXT.to_vec()).unwrap_or_default()
+        }
+    }
+}
+
+/// The exact bytes the signatures of a plain signed trace cover (for benchmarks and other
 /// verifiers): the domain tag followed by the postcard encoding of the header.
 pub fn signing_message_for(header: &SignedHeader) -> Vec<u8> {
-    signing_message(header)
+    signing_message(header, None)
 }
 
 /// Signs compiled bytes.
@@ -341,29 +422,138 @@ pub fn sign(
     expires_at: u64,
 ) -> Result<SignedTrace, DecodeError> {
     let trace = compile::decode_compiled(compiled)?;
+    Ok(envelope(
+        &trace,
+        compiled.to_vec(),
+        None,
+        key,
+        created_at,
+        expires_at,
+    ))
+}
+
+/// Why a confidential trace could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// Not a valid compiled trace.
+    #[error(transparent)]
+    Compiled(#[from] DecodeError),
+    /// The recipients, or encryption.
+    #[error(transparent)]
+    Confidential(#[from] ConfidentialError),
+    /// The envelope would be larger than a device accepts.
+    #[error(
+        "the encrypted trace's envelope would be {found} bytes: expected at most {MAX_SIGNED_BYTES}; encrypt to fewer recipients (each costs about 160 bytes) or shorten the trace"
+    )]
+    TooLarge {
+        /// Its size.
+        found: usize,
+    },
+}
+
+/// Encrypts compiled bytes to `recipients` and signs the result: a confidential trace
+/// (format byte [`SEALED_FORMAT_VERSION`]). Duplicate recipients are encrypted to once.
+///
+/// # Errors
+/// [`SealError`]: not a compiled trace, no or too many recipients, or an envelope over
+/// [`MAX_SIGNED_BYTES`].
+pub fn sign_sealed(
+    compiled: &[u8],
+    recipients: &[Recipient],
+    key: &SecretKey,
+    created_at: u64,
+    expires_at: u64,
+) -> Result<SignedTrace, SealError> {
+    let trace = compile::decode_compiled(compiled)?;
+    let mut unique: Vec<Recipient> = Vec::with_capacity(recipients.len());
+    for r in recipients {
+        if !unique.contains(r) {
+            unique.push(r.clone());
+        }
+    }
+    let ciphertext = confidential::encrypt(compiled, &unique)?;
+    let sealed = Sealed {
+        recipients: unique.iter().map(ToString::to_string).collect(),
+    };
+    let s = envelope(
+        &trace,
+        ciphertext,
+        Some(sealed),
+        key,
+        created_at,
+        expires_at,
+    );
+    let found = encode_signed(&s).len();
+    if found > MAX_SIGNED_BYTES {
+        return Err(SealError::TooLarge { found });
+    }
+    Ok(s)
+}
+
+fn envelope(
+    trace: &Trace,
+    content: Vec<u8>,
+    sealed: Option<Sealed>,
+    key: &SecretKey,
+    created_at: u64,
+    expires_at: u64,
+) -> SignedTrace {
     let header = SignedHeader {
-        trace_id: trace.id,
+        trace_id: trace.id.clone(),
         version: trace.version,
         created_at,
         expires_at,
-        content_hash: Sha256::digest(compiled).into(),
+        content_hash: Sha256::digest(&content).into(),
     };
-    let sig = key.key.sign(&signing_message(&header));
-    Ok(SignedTrace {
+    let entry = sign_message(&signing_message(&header, sealed.as_ref()), key);
+    SignedTrace {
         header,
-        compiled: compiled.to_vec(),
-        signatures: vec![SignatureEntry {
-            key_id: key.public().key_id(),
-            signature: sig.to_bytes().to_vec(),
-        }],
-    })
+        sealed,
+        compiled: content,
+        signatures: vec![entry],
+    }
 }
 
-/// Encodes a signed trace to its file form.
+/// Encodes a signed trace to its file form (format byte 1, or
+/// [`SEALED_FORMAT_VERSION`] for a confidential trace).
 pub fn encode_signed(s: &SignedTrace) -> Vec<u8> {
     let mut out = SIGNED_MAGIC.to_vec();
-    out.push(SIGNED_FORMAT_VERSION);
-    postcard::to_extend(s, out).unwrap_or_default()
+    // Serialising plain structs into a Vec cannot fail.
+    match &s.sealed {
+        None => {
+            out.push(SIGNED_FORMAT_VERSION);
+            postcard::to_extend(
+                &PlainOut {
+                    header: &s.header,
+                    compiled: &s.compiled,
+                    signatures: &s.signatures,
+                },
+                out,
+            )
+            .unwrap_or_default()
+        }
+        Some(sealed) => {
+            out.push(SEALED_FORMAT_VERSION);
+            postcard::to_extend(
+                &SealedOut {
+                    header: &s.header,
+                    sealed,
+                    compiled: &s.compiled,
+                    signatures: &s.signatures,
+                },
+                out,
+            )
+            .unwrap_or_default()
+        }
+    }
+}
+
+/// Whether `bytes` start like a confidential trace (magic and format byte only: nothing is
+/// verified), so a device reads its identity only when it needs it.
+#[must_use]
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    bytes.len() >= 4 && &bytes[..3] == SIGNED_MAGIC && bytes[3] == SEALED_FORMAT_VERSION
 }
 
 /// Why a signed trace was refused.
@@ -386,7 +576,7 @@ pub enum VerifyError {
     },
     /// A format this build does not read.
     #[error(
-        "signed trace format version {found}: this build reads version {SIGNED_FORMAT_VERSION}"
+        "signed trace format version {found}: this build reads versions {SIGNED_FORMAT_VERSION} (signed) and {SEALED_FORMAT_VERSION} (signed and encrypted)"
     )]
     UnsupportedVersion {
         /// The version byte found.
@@ -461,6 +651,31 @@ pub enum VerifyError {
     /// The compiled bytes do not decode.
     #[error("signed content is not a valid compiled trace: {0}")]
     Compiled(#[from] DecodeError),
+    /// The recipients list of a confidential trace is empty, too long or not canonical.
+    #[error("confidential trace header: {0}")]
+    Recipients(String),
+    /// A confidential trace, and no identity to decrypt it with.
+    #[error(
+        "{trace_id} {version} is a confidential trace (encrypted to {recipients} recipient(s)) and this device has no identity to decrypt it: expected one in its state directory (`follower identity`)"
+    )]
+    NoIdentity {
+        /// The trace.
+        trace_id: TraceId,
+        /// Its version.
+        version: Version,
+        /// How many recipients the header lists.
+        recipients: usize,
+    },
+    /// Decrypting a confidential trace failed: not a recipient, or tampered ciphertext.
+    #[error("{trace_id} {version}: {source}")]
+    Confidential {
+        /// The trace.
+        trace_id: TraceId,
+        /// Its version.
+        version: Version,
+        /// Why.
+        source: ConfidentialError,
+    },
     /// The header names another trace or version than the content.
     #[error(
         "signed header names {header_id} {header_version} but the content is {content_id} {content_version}"
@@ -555,7 +770,7 @@ pub fn sign_message(message: &[u8], key: &SecretKey) -> SignatureEntry {
 
 /// Adds `key`'s signature to a signed trace (threshold signing: each key holder adds one).
 pub fn add_signature(signed: &mut SignedTrace, key: &SecretKey) {
-    let entry = sign_message(&signing_message(&signed.header), key);
+    let entry = sign_message(&signed.signing_message(), key);
     signed.signatures.retain(|e| e.key_id != entry.key_id);
     signed.signatures.push(entry);
 }
@@ -576,20 +791,67 @@ pub fn decode_signed(bytes: &[u8]) -> Result<SignedTrace, VerifyError> {
             found: bytes.iter().take(4).copied().collect(),
         });
     }
-    if bytes[3] != SIGNED_FORMAT_VERSION {
-        return Err(VerifyError::UnsupportedVersion { found: bytes[3] });
-    }
-    let (s, rest) =
-        postcard::take_from_bytes::<SignedTrace>(&bytes[4..]).map_err(VerifyError::Envelope)?;
-    if !rest.is_empty() {
-        return Err(VerifyError::Trailing(rest.len()));
-    }
+    let body = &bytes[4..];
+    let s = match bytes[3] {
+        SIGNED_FORMAT_VERSION => {
+            let (p, rest) =
+                postcard::take_from_bytes::<PlainIn>(body).map_err(VerifyError::Envelope)?;
+            trailing(rest)?;
+            SignedTrace {
+                header: p.header,
+                sealed: None,
+                compiled: p.compiled,
+                signatures: p.signatures,
+            }
+        }
+        SEALED_FORMAT_VERSION => {
+            let (p, rest) =
+                postcard::take_from_bytes::<SealedIn>(body).map_err(VerifyError::Envelope)?;
+            trailing(rest)?;
+            check_recipients(&p.sealed)?;
+            SignedTrace {
+                header: p.header,
+                sealed: Some(p.sealed),
+                compiled: p.compiled,
+                signatures: p.signatures,
+            }
+        }
+        found => return Err(VerifyError::UnsupportedVersion { found }),
+    };
     if s.signatures.len() > MAX_SIGNATURES {
         return Err(VerifyError::TooManySignatures {
             found: s.signatures.len(),
         });
     }
     Ok(s)
+}
+
+fn trailing(rest: &[u8]) -> Result<(), VerifyError> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(VerifyError::Trailing(rest.len()))
+    }
+}
+
+fn check_recipients(sealed: &Sealed) -> Result<(), VerifyError> {
+    let n = sealed.recipients.len();
+    if n == 0 || n > confidential::MAX_RECIPIENTS {
+        return Err(VerifyError::Recipients(
+            ConfidentialError::RecipientCount { found: n }.to_string(),
+        ));
+    }
+    for (i, r) in sealed.recipients.iter().enumerate() {
+        r.parse::<Recipient>()
+            .map_err(|e| VerifyError::Recipients(format!("recipient {}: {e}", i + 1)))?;
+        if sealed.recipients[..i].contains(r) {
+            return Err(VerifyError::Recipients(format!(
+                "recipient {} repeats {r}: expected each once",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A signed trace that passed [`verify`].
@@ -601,21 +863,28 @@ pub struct Verified {
     pub header: SignedHeader,
     /// Trusted keys whose signatures verified.
     pub signed_by: Vec<KeyId>,
+    /// The recipients when it was a confidential trace (decrypted with the given identity).
+    pub sealed: Option<Sealed>,
 }
 
 /// Verifies a signed trace against trusted trace-signing keys.
 ///
 /// Checks, in order: size and format; content hash; at least `threshold` distinct trusted keys
 /// with role [`KeyRole::Traces`] whose signature verifies (a key id listed twice counts once);
-/// expiry against `now` (unix seconds); that the content decodes and matches the header.
+/// expiry against `now` (unix seconds); for a confidential trace, that `identity` decrypts it
+/// (nothing is decrypted before the signatures and expiry passed); that the content decodes
+/// and matches the header.
 ///
 /// # Errors
-/// The first failed check as a [`VerifyError`].
+/// The first failed check as a [`VerifyError`]: a confidential trace without an identity is
+/// [`VerifyError::NoIdentity`], one this identity is not a recipient of (or whose ciphertext
+/// was altered) [`VerifyError::Confidential`].
 pub fn verify(
     bytes: &[u8],
     trusted: &[PublicKey],
     threshold: usize,
     now: u64,
+    identity: Option<&Identity>,
 ) -> Result<Verified, VerifyError> {
     let s = decode_signed(bytes)?;
     let hash: [u8; 32] = Sha256::digest(&s.compiled).into();
@@ -625,7 +894,7 @@ pub fn verify(
             found: hex::encode(hash),
         });
     }
-    let message = signing_message(&s.header);
+    let message = s.signing_message();
     let signed_by = check_threshold(&message, &s.signatures, trusted, KeyRole::Traces, threshold)
         .map_err(|t| VerifyError::Threshold {
         valid: t.valid,
@@ -645,7 +914,27 @@ pub fn verify(
             now,
         });
     }
-    let trace = compile::decode_compiled(&s.compiled)?;
+    let plain;
+    let compiled = match &s.sealed {
+        None => &s.compiled,
+        Some(sealed) => {
+            let Some(identity) = identity else {
+                return Err(VerifyError::NoIdentity {
+                    trace_id: s.header.trace_id,
+                    version: s.header.version,
+                    recipients: sealed.recipients.len(),
+                });
+            };
+            plain = confidential::decrypt(&s.compiled, identity, compile::MAX_COMPILED_BYTES)
+                .map_err(|source| VerifyError::Confidential {
+                    trace_id: s.header.trace_id.clone(),
+                    version: s.header.version,
+                    source,
+                })?;
+            &plain
+        }
+    };
+    let trace = compile::decode_compiled(compiled)?;
     if trace.id != s.header.trace_id || trace.version != s.header.version {
         return Err(VerifyError::HeaderMismatch {
             header_id: s.header.trace_id,
@@ -658,6 +947,7 @@ pub fn verify(
         trace,
         header: s.header,
         signed_by,
+        sealed: s.sealed,
     })
 }
 
@@ -692,7 +982,7 @@ mod tests {
     fn valid_signature_verifies() {
         let k = key(1);
         let bytes = encode_signed(&signed_by(&k, 100, 200));
-        let v = verify(&bytes, &[k.public()], 1, 150).unwrap();
+        let v = verify(&bytes, &[k.public()], 1, 150, None).unwrap();
         assert_eq!(v.trace.id.as_str(), "t");
         assert_eq!(v.signed_by, vec![k.public().key_id()]);
     }
@@ -703,7 +993,7 @@ mod tests {
         let other = key(2);
         let s = signed_by(&k, 100, 200);
         let err = |s: &SignedTrace, trusted: &[PublicKey], threshold: usize, now: u64| {
-            verify(&encode_signed(s), trusted, threshold, now)
+            verify(&encode_signed(s), trusted, threshold, now, None)
                 .unwrap_err()
                 .to_string()
         };
@@ -738,13 +1028,167 @@ mod tests {
         s.header.version = "9.9.9".parse().unwrap();
         s.signatures = vec![SignatureEntry {
             key_id: k.public().key_id(),
-            signature: k.key.sign(&signing_message(&s.header)).to_bytes().to_vec(),
+            signature: k.key.sign(&s.signing_message()).to_bytes().to_vec(),
         }];
-        let e = verify(&encode_signed(&s), &[k.public()], 1, 150).unwrap_err();
+        let e = verify(&encode_signed(&s), &[k.public()], 1, 150, None).unwrap_err();
         assert!(
             e.to_string()
                 .contains("signed header names t 9.9.9 but the content is t 1.2.3"),
             "{e}"
+        );
+    }
+
+    fn compiled_at(version: &str) -> Vec<u8> {
+        let src = SRC.replace("1.2.3", version);
+        let (t, _) = crate::compile_source("t.trace.md", &src).unwrap();
+        crate::encode_compiled(&t)
+    }
+
+    #[test]
+    fn a_sealed_trace_verifies_only_with_a_recipients_identity() {
+        let k = key(1);
+        let (a, b, other) = (
+            Identity::generate(),
+            Identity::generate(),
+            Identity::generate(),
+        );
+        let s = sign_sealed(
+            &compiled(),
+            &[a.recipient(), b.recipient(), a.recipient()],
+            &k,
+            100,
+            200,
+        )
+        .unwrap();
+        let bytes = encode_signed(&s);
+        assert!(is_sealed(&bytes));
+        assert_eq!(bytes[3], SEALED_FORMAT_VERSION);
+        assert_eq!(
+            s.sealed.as_ref().unwrap().recipients.len(),
+            2,
+            "duplicates once"
+        );
+        // No plaintext in the envelope: the shell command and the goal are not there.
+        for needle in [&b"echo hi"[..], b"goal_signature", b"\x00g"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+        }
+        for id in [&a, &b] {
+            let v = verify(&bytes, &[k.public()], 1, 150, Some(id)).unwrap();
+            assert_eq!(v.trace.id.as_str(), "t");
+            assert_eq!(v.sealed.as_ref(), s.sealed.as_ref());
+        }
+        let e = verify(&bytes, &[k.public()], 1, 150, Some(&other))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a recipient of this trace")
+                && e.contains(&other.recipient().to_string()),
+            "{e}"
+        );
+        let e = verify(&bytes, &[k.public()], 1, 150, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("confidential trace (encrypted to 2 recipient(s))"),
+            "{e}"
+        );
+        // Signatures and expiry come first: an untrusted or expired one is refused as such,
+        // even to a device without an identity.
+        let e = verify(&bytes, &[key(2).public()], 1, 150, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(untrusted)"), "{e}");
+        let e = verify(&bytes, &[k.public()], 1, 200, Some(&a))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expired"), "{e}");
+        // Cosigning keeps it sealed and verifiable.
+        let mut cosigned = decode_signed(&bytes).unwrap();
+        add_signature(&mut cosigned, &key(3));
+        let v = verify(
+            &encode_signed(&cosigned),
+            &[k.public(), key(3).public()],
+            2,
+            150,
+            Some(&a),
+        );
+        assert!(v.is_ok(), "{v:?}");
+    }
+
+    #[test]
+    fn a_sealed_envelope_refuses_tampering_and_swaps() {
+        let k = key(1);
+        let a = Identity::generate();
+        let s = sign_sealed(&compiled(), &[a.recipient()], &k, 100, 200).unwrap();
+        let err = |s: &SignedTrace| {
+            verify(&encode_signed(s), &[k.public()], 1, 150, Some(&a))
+                .unwrap_err()
+                .to_string()
+        };
+        // Flipped ciphertext bytes: the content hash no longer matches.
+        let mut flipped = s.clone();
+        let mid = flipped.compiled.len() / 2;
+        flipped.compiled[mid] ^= 1;
+        assert!(err(&flipped).contains("content hash mismatch"));
+        // ... and with the hash fixed up, the signature fails.
+        flipped.header.content_hash = Sha256::digest(&flipped.compiled).into();
+        assert!(err(&flipped).contains("(invalid)"));
+        // Re-signed over flipped bytes by the trusted key itself: age's authentication fails.
+        flipped.signatures = vec![sign_message(&flipped.signing_message(), &k)];
+        let e = err(&flipped);
+        assert!(e.contains("does not decrypt"), "{e}");
+        // Another trace's ciphertext under this header and signatures.
+        let other = sign_sealed(&compiled_at("2.0.0"), &[a.recipient()], &k, 100, 200).unwrap();
+        let mut swapped = s.clone();
+        swapped.compiled = other.compiled.clone();
+        assert!(err(&swapped).contains("content hash mismatch"));
+        // A validly signed envelope whose ciphertext is another version's: the header must
+        // name the content.
+        let mut lying = other.clone();
+        lying.header.version = "1.2.3".parse().unwrap();
+        lying.signatures = vec![sign_message(&lying.signing_message(), &k)];
+        assert!(err(&lying).contains("signed header names t 1.2.3 but the content is t 2.0.0"));
+        // Stripping the seal (the same bytes presented as a plain trace) breaks the signature.
+        let mut stripped = s.clone();
+        stripped.sealed = None;
+        assert!(err(&stripped).contains("(invalid)"));
+        // Changing the recipients list breaks it too.
+        let mut widened = s.clone();
+        widened
+            .sealed
+            .as_mut()
+            .unwrap()
+            .recipients
+            .push(Identity::generate().recipient().to_string());
+        assert!(err(&widened).contains("(invalid)"));
+        // A plain trace's signature does not verify a sealed envelope of the same header.
+        let plain = signed_by(&k, 100, 200);
+        let mut grafted = s.clone();
+        grafted.header = plain.header.clone();
+        grafted.header.content_hash = Sha256::digest(&grafted.compiled).into();
+        grafted.signatures = plain.signatures.clone();
+        assert!(err(&grafted).contains("(invalid)"));
+    }
+
+    #[test]
+    fn a_sealed_header_lists_valid_distinct_recipients() {
+        let k = key(1);
+        let a = Identity::generate();
+        let s = sign_sealed(&compiled(), &[a.recipient()], &k, 100, 200).unwrap();
+        let with = |recipients: Vec<String>| {
+            let mut t = s.clone();
+            t.sealed = Some(Sealed { recipients });
+            decode_signed(&encode_signed(&t)).unwrap_err().to_string()
+        };
+        assert!(with(vec![]).contains("0 recipients: expected 1 to 256"));
+        let r = a.recipient().to_string();
+        assert!(with(vec![r.clone(), r.clone()]).contains("recipient 2 repeats"));
+        assert!(with(vec![r.to_uppercase()]).contains("recipient 1:"));
+        assert!(
+            sign_sealed(&compiled(), &[], &k, 100, 200)
+                .unwrap_err()
+                .to_string()
+                .contains("0 recipients")
         );
     }
 

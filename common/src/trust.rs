@@ -398,7 +398,8 @@ pub fn verify_chain<'a>(
 }
 
 /// Verifies a signed trace against a trust root: its unexpired trace-signing keys and their
-/// threshold; a root past its expiry vouches for nothing.
+/// threshold; a root past its expiry vouches for nothing. `identity` decrypts a confidential
+/// trace (see [`signed::verify`]).
 ///
 /// # Errors
 /// [`VerifyError::RootExpired`], or what [`signed::verify`] refuses.
@@ -406,6 +407,7 @@ pub fn verify_with_root(
     bytes: &[u8],
     root: &TrustRoot,
     now: u64,
+    identity: Option<&crate::confidential::Identity>,
 ) -> Result<signed::Verified, VerifyError> {
     if now >= root.expires_at {
         return Err(VerifyError::RootExpired {
@@ -415,7 +417,7 @@ pub fn verify_with_root(
         });
     }
     let (keys, threshold) = root.trusted(KeyRole::Traces, now);
-    signed::verify(bytes, &keys, threshold, now)
+    signed::verify(bytes, &keys, threshold, now, identity)
 }
 
 #[cfg(test)]

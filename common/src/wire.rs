@@ -261,6 +261,57 @@ pub struct Heartbeat {
     pub running: Vec<RunningRun>,
     /// Memory, load, temperatures, GPUs.
     pub telemetry: Telemetry,
+    /// The device's identity for confidential traces (`age1…`, see [`crate::confidential`]).
+    /// Added after the first release: [`decode_heartbeat`] also reads heartbeats without it
+    /// (followers older than their learner); a learner must be upgraded before its devices.
+    pub recipient: Option<String>,
+}
+
+/// A heartbeat as followers before confidential traces sent it (no `recipient`).
+#[derive(Deserialize)]
+struct HeartbeatWithoutRecipient {
+    device_id: DeviceId,
+    sent_at: u64,
+    follower_version: String,
+    groups: Vec<String>,
+    installed: Vec<InstalledTrace>,
+    running: Vec<RunningRun>,
+    telemetry: Telemetry,
+}
+
+/// Decodes a heartbeat, with or without the `recipient` that later followers add; a recipient
+/// must be a canonical age X25519 recipient.
+///
+/// # Errors
+/// [`WireError`], as [`decode`]; a recipient that does not parse is
+/// [`WireError::Malformed`].
+pub fn decode_heartbeat(bytes: &[u8]) -> Result<Heartbeat, WireError> {
+    let hb = match decode::<Heartbeat>(bytes, "heartbeat") {
+        Ok(hb) => hb,
+        Err(first) => {
+            let Ok(h) = decode::<HeartbeatWithoutRecipient>(bytes, "heartbeat") else {
+                return Err(first);
+            };
+            Heartbeat {
+                device_id: h.device_id,
+                sent_at: h.sent_at,
+                follower_version: h.follower_version,
+                groups: h.groups,
+                installed: h.installed,
+                running: h.running,
+                telemetry: h.telemetry,
+                recipient: None,
+            }
+        }
+    };
+    if let Some(r) = &hb.recipient {
+        r.parse::<crate::confidential::Recipient>()
+            .map_err(|e| WireError::Malformed {
+                what: "heartbeat",
+                detail: e.to_string(),
+            })?;
+    }
+    Ok(hb)
 }
 
 /// Device → learner: one run's report.
@@ -678,6 +729,44 @@ mod tests {
             decode::<Status>(&vec![1u8; MAX_MESSAGE_BYTES + 1], "status"),
             Err(WireError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn heartbeats_are_read_with_and_without_a_recipient() {
+        let id = crate::confidential::Identity::generate();
+        let hb = Heartbeat {
+            device_id: "pi-01".parse().unwrap(),
+            sent_at: 7,
+            follower_version: "0.1.0".into(),
+            groups: vec!["lab".into()],
+            installed: vec![],
+            running: vec![],
+            telemetry: Telemetry::default(),
+            recipient: Some(id.recipient().to_string()),
+        };
+        assert_eq!(decode_heartbeat(&encode(&hb)), Ok(hb.clone()));
+        // What an older follower sends: the same fields without the recipient.
+        let old = encode(&(
+            &hb.device_id,
+            hb.sent_at,
+            &hb.follower_version,
+            &hb.groups,
+            &hb.installed,
+            &hb.running,
+            &hb.telemetry,
+        ));
+        let read = decode_heartbeat(&old).unwrap();
+        assert_eq!(read.recipient, None);
+        assert_eq!(read.groups, hb.groups);
+        let mut bad = hb.clone();
+        bad.recipient = Some("age1nope".into());
+        assert!(matches!(
+            decode_heartbeat(&encode(&bad)),
+            Err(WireError::Malformed { detail, .. }) if detail.contains("expected an age X25519 recipient")
+        ));
+        let mut trailing = encode(&hb);
+        trailing.push(0);
+        assert!(decode_heartbeat(&trailing).is_err());
     }
 
     fn root_with_command_key(key: &SecretKey) -> TrustRoot {

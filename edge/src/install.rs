@@ -41,6 +41,9 @@ pub enum InstallError {
     /// The device store.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The device's identity, needed for a confidential trace.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// The device has no trust root.
     #[error("this device has no trust root yet (run `follower trust init ROOT.tfr`)")]
     NoRoot,
@@ -86,6 +89,9 @@ pub struct Installed {
     pub traces: Vec<(String, Version)>,
     /// Model files placed in `<state-dir>/models/`.
     pub models: Vec<String>,
+    /// Confidential traces left out because this device is not one of their recipients
+    /// (entry name, why).
+    pub skipped: Vec<(String, String)>,
 }
 
 /// A signed trace installed by [`install_signed`].
@@ -138,7 +144,10 @@ pub fn install_signed(
         .trust_root()
         .map_err(|e| unverified(e.into()))?
         .ok_or_else(|| unverified(InstallError::NoRoot))?;
-    let v = trust::verify_with_root(bytes, &root, now).map_err(|e| unverified(e.into()))?;
+    let identity =
+        crate::identity::for_trace(store.state_dir(), bytes).map_err(|e| unverified(e.into()))?;
+    let v = trust::verify_with_root(bytes, &root, now, identity.as_ref())
+        .map_err(|e| unverified(e.into()))?;
     let trace_id = v.trace.id.to_string();
     if let Some(expected) = expect_id
         && trace_id != expected
@@ -236,6 +245,7 @@ pub fn install_bundle(
     let staging = Staging(staging_dir);
     let mut done = 0u64;
     let mut traces = Vec::new();
+    let mut skipped = Vec::new();
     let mut models = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     for entry in &manifest.entries {
@@ -277,13 +287,27 @@ pub fn install_bundle(
             EntryKind::Trace => {
                 let bytes =
                     std::fs::read(&path).map_err(io(format!("reading staged {}", entry.name)))?;
-                let v = trust::verify_with_root(&bytes, &root, now).map_err(|source| {
-                    InstallError::Trace {
-                        name: entry.name.to_string(),
-                        source,
+                let identity = crate::identity::for_trace(store.state_dir(), &bytes)?;
+                match trust::verify_with_root(&bytes, &root, now, identity.as_ref()) {
+                    Ok(v) => traces.push((v.trace.id.to_string(), v.trace.version, bytes)),
+                    // One bundle may carry confidential traces for several sets of devices:
+                    // one not meant for this device is left out, not a reason to refuse the
+                    // others (its signatures and expiry were checked before decryption).
+                    Err(
+                        e @ (signed::VerifyError::NoIdentity { .. }
+                        | signed::VerifyError::Confidential {
+                            source:
+                                tracefleet::confidential::ConfidentialError::NotARecipient { .. },
+                            ..
+                        }),
+                    ) => skipped.push((entry.name.to_string(), e.to_string())),
+                    Err(source) => {
+                        return Err(InstallError::Trace {
+                            name: entry.name.to_string(),
+                            source,
+                        });
                     }
-                })?;
-                traces.push((v.trace.id.to_string(), v.trace.version, bytes));
+                }
             }
             EntryKind::Model => {
                 crate::models::check_file(&path).map_err(|e| BundleError::Entry {
@@ -331,6 +355,7 @@ pub fn install_bundle(
         roots: roots.iter().map(|(v, _)| *v).collect(),
         traces: traces.into_iter().map(|(id, v, _)| (id, v)).collect(),
         models: models.into_iter().map(|(n, _, _)| n).collect(),
+        skipped,
     })
 }
 

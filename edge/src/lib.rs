@@ -5,13 +5,14 @@
 //! ([`infer`]). The interpreter ([`exec`]) is a functional core over the [`exec::Host`] trait;
 //! runs are journaled step by step in the device store ([`store`]). [`agent`] is the device's
 //! side of the fleet link (MQTT). [`models`] is the device's registry of GGUF files, checked
-//! before llama.cpp sees them.
+//! before llama.cpp sees them. [`identity`] is the device's key for confidential traces.
 
 pub mod agent;
 pub mod effects;
 pub mod exec;
 pub mod files;
 pub mod host;
+pub mod identity;
 pub mod infer;
 pub mod install;
 pub mod models;

@@ -51,7 +51,15 @@ enum Command {
     /// Manage this device's trust root (the keys it trusts to sign traces and commands).
     #[command(subcommand)]
     Trust(TrustCommand),
-    /// Show what a trace file holds: signed trace, compiled trace or trace source.
+    /// Print this device's identity for confidential traces: its recipient (`age1…`), which
+    /// `learner sign --encrypt-to` takes (created in the state directory, 0600, when missing).
+    Identity {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a trace file holds: signed trace, compiled trace or trace source (a
+    /// confidential trace whole only when this device's identity decrypts it).
     Inspect {
         /// The file.
         file: PathBuf,
@@ -192,7 +200,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Escalations => cli::device::escalations(&state_dir),
         Command::Check => cli::device::check(&state_dir),
         Command::Traces(cmd) => cli::traces::command(&state_dir, cmd),
-        Command::Inspect { file, json } => cli::inspect::inspect(&file, json),
+        Command::Inspect { file, json } => cli::inspect::inspect(&state_dir, &file, json),
+        Command::Identity { json } => cli::trust::identity(&state_dir, json),
         Command::Models(cmd) => cli::models::command(&state_dir, cmd),
         Command::Run(args) => cli::run::run(&state_dir, args),
         Command::Telemetry { json } => cli::device::telemetry(json),

@@ -46,6 +46,14 @@ pub struct SignArgs {
     /// The signed trace to write.
     #[arg(short, long, value_name = "SIGNED")]
     pub output: PathBuf,
+    /// Make it a confidential trace, encrypted to a device's identity (`age1…`, as `follower
+    /// identity` prints it) or to every device of a group that has sent its identity in a
+    /// heartbeat (`@GROUP`, needs --config). Repeatable; only recipients can install and run it.
+    #[arg(long = "encrypt-to", value_name = "RECIPIENT|@GROUP")]
+    pub encrypt_to: Vec<String>,
+    /// The learner's config, whose database knows the devices of an `@GROUP`.
+    #[arg(long, value_name = "learner.toml")]
+    pub config: Option<PathBuf>,
 }
 
 // `learner cosign`'s arguments.
@@ -190,12 +198,15 @@ pub fn sign(
         keys: key_files,
         expires,
         output,
+        encrypt_to,
+        config,
     }: SignArgs,
     audit: &Audit,
 ) -> Result<()> {
     let secrets = keys::read_trace_keys(&key_files)?;
+    let recipients = recipients(&encrypt_to, config.as_deref())?;
     let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
-    let signed = keys::sign_all(&bytes, &secrets, expires)
+    let signed = keys::sign_all(&bytes, &secrets, expires, &recipients)
         .with_context(|| format!("{}", compiled.display()))?;
     std::fs::write(&output, signed::encode_signed(&signed))
         .with_context(|| format!("writing {}", output.display()))?;
@@ -210,6 +221,12 @@ pub fn sign(
         ids.join(", "),
         output.display()
     );
+    if !recipients.is_empty() {
+        println!(
+            "confidential: encrypted to {} recipient(s); only they can install and run it",
+            recipients.len()
+        );
+    }
     audit.record(
         None,
         "sign",
@@ -219,8 +236,72 @@ pub fn sign(
             "content_hash": hex::encode(signed.header.content_hash),
             "expires_at": signed.header.expires_at,
             "output": abs(&output),
+            "encrypted_to": signed.sealed.as_ref().map(|s| &s.recipients),
         }),
     )
+}
+
+/// The recipients `--encrypt-to` names: `age1…` as given, `@GROUP` as the identities the
+/// group's devices sent in their heartbeats (a device that has sent none is named on stderr:
+/// it will refuse the trace). In the order given, each once.
+fn recipients(
+    encrypt_to: &[String],
+    config: Option<&Path>,
+) -> Result<Vec<tracefleet::confidential::Recipient>> {
+    let mut out: Vec<tracefleet::confidential::Recipient> = Vec::new();
+    let mut devices = None;
+    for item in encrypt_to {
+        let found = if let Some(group) = item.strip_prefix('@') {
+            let config = config.with_context(|| {
+                format!("--encrypt-to {item}: a group's devices come from the learner's database: pass --config learner.toml")
+            })?;
+            if devices.is_none() {
+                let (_, db) = super::open(config)?;
+                devices = Some(db.device_groups()?);
+            }
+            let members: Vec<_> = devices
+                .iter()
+                .flatten()
+                .filter(|d| d.groups.iter().any(|g| g == group))
+                .collect();
+            let missing: Vec<String> = members
+                .iter()
+                .filter(|d| d.recipient.is_none())
+                .map(|d| d.device_id.to_string())
+                .collect();
+            let known: Vec<tracefleet::confidential::Recipient> = members
+                .iter()
+                .filter_map(|d| d.recipient.as_deref())
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("--encrypt-to {item}: a stored device identity"))?;
+            if known.is_empty() {
+                bail!(
+                    "--encrypt-to {item}: no device of group {group:?} has sent its identity in a heartbeat ({} device(s) known in the group): expected at least one (`learner devices list` shows them)",
+                    members.len()
+                );
+            }
+            if !missing.is_empty() {
+                eprintln!(
+                    "warning: {} device(s) of group {group:?} have sent no identity yet and will refuse this trace: {}",
+                    missing.len(),
+                    missing.join(", ")
+                );
+            }
+            known
+        } else {
+            vec![
+                item.parse()
+                    .with_context(|| format!("--encrypt-to {item}"))?,
+            ]
+        };
+        for r in found {
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `learner cosign`.

@@ -249,12 +249,13 @@ pub fn devices(DevicesCommand::List(ListArgs { config, json }): DevicesCommand) 
     } else {
         for d in devices {
             println!(
-                "{}\t{}\tlast seen {}\t{}\t{} runs",
+                "{}\t{}\tlast seen {}\t{}\t{} runs\t{}",
                 d.device_id,
                 if d.online { "online" } else { "offline" },
                 tracefleet::time::rfc3339(u64::try_from(d.last_seen).unwrap_or(0)),
                 d.follower_version.as_deref().unwrap_or("-"),
-                d.runs
+                d.runs,
+                d.recipient.as_deref().unwrap_or("no identity yet")
             );
         }
     }

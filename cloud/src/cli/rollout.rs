@@ -403,13 +403,20 @@ fn start_rollout(
     Ok(waves.iter().map(ToString::to_string).collect())
 }
 
-/// The text of `path`, refused unless it compiles to the trace signed in `signed_file`.
+/// The text of `path`, refused unless it compiles to the trace signed in `signed_file` (for a
+/// confidential trace: to its id and version).
 fn source_of(path: &Path, signed_file: &Path, s: &signed::SignedTrace) -> Result<String> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let (trace, _) = compile::compile_source(&path.display().to_string(), &text)
         .map_err(|d| anyhow::anyhow!("{}", d.render(&text).trim_end()))?;
-    if compile::encode_compiled(&trace) != s.compiled {
+    // A confidential trace's content is ciphertext the learner cannot read: then the source
+    // must name the same trace and version.
+    let matches = match &s.sealed {
+        None => compile::encode_compiled(&trace) == s.compiled,
+        Some(_) => trace.id == s.header.trace_id && trace.version == s.header.version,
+    };
+    if !matches {
         bail!(
             "--source {}: compiles to {} {}, not to the trace signed in {} ({} {}): expected the source that file was compiled from",
             path.display(),

@@ -106,7 +106,7 @@ fn decode_message(topic: &str, payload: &[u8]) -> Result<Message, IngestError> {
             }
         }
         Topic::Heartbeat(device) => {
-            let hb: Heartbeat = wire::decode(payload, "heartbeat")?;
+            let hb: Heartbeat = wire::decode_heartbeat(payload)?;
             claimed(&device, &hb.device_id)?;
             Message::Heartbeat(device, hb)
         }
@@ -198,10 +198,11 @@ impl Batch {
             }
             Message::Heartbeat(device, hb) => {
                 tx.prepare_cached(
-                    "INSERT INTO devices (device_id, online, last_seen, follower_version, groups_json, installed_json, running_json, telemetry_json)
-                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    "INSERT INTO devices (device_id, online, last_seen, follower_version, groups_json, installed_json, running_json, telemetry_json, recipient)
+                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT (device_id) DO UPDATE SET online = 1, last_seen = excluded.last_seen, follower_version = excluded.follower_version,
-                       groups_json = excluded.groups_json, installed_json = excluded.installed_json, running_json = excluded.running_json, telemetry_json = excluded.telemetry_json",
+                       groups_json = excluded.groups_json, installed_json = excluded.installed_json, running_json = excluded.running_json, telemetry_json = excluded.telemetry_json,
+                       recipient = COALESCE(excluded.recipient, devices.recipient)",
                 )?
                 .execute(params![
                     device,
@@ -210,7 +211,8 @@ impl Batch {
                     to_json(&hb.groups),
                     to_json(&hb.installed),
                     to_json(&hb.running),
-                    to_json(&hb.telemetry)
+                    to_json(&hb.telemetry),
+                    hb.recipient
                 ])?;
                 for t in &hb.installed {
                     self.count_waiting(tx, &device, &t.trace_id, &t.version, now)?;
@@ -648,6 +650,51 @@ mod tests {
     }
 
     #[test]
+    fn a_devices_identity_is_kept_from_its_heartbeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
+        let beat = |recipient: Option<String>| {
+            let hb = Heartbeat {
+                device_id: "pi-01".parse().unwrap(),
+                sent_at: 1,
+                follower_version: "0".into(),
+                groups: vec!["lab".into()],
+                installed: vec![],
+                running: vec![],
+                telemetry: tracefleet::report::Telemetry::default(),
+                recipient,
+            };
+            (Topic::Heartbeat("pi-01".into()).name(), wire::encode(&hb))
+        };
+        let recipient = |db: &LearnerDb| db.devices().unwrap()[0].recipient.clone();
+        let first = tracefleet::confidential::Identity::generate()
+            .recipient()
+            .to_string();
+        let (t, p) = beat(Some(first.clone()));
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(recipient(&db), Some(first.clone()));
+        assert_eq!(
+            db.device_groups().unwrap()[0].recipient,
+            Some(first.clone())
+        );
+        // A heartbeat without one (an older follower) keeps what is known.
+        let (t, p) = beat(None);
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(recipient(&db), Some(first));
+        // A new identity replaces it.
+        let second = tracefleet::confidential::Identity::generate()
+            .recipient()
+            .to_string();
+        let (t, p) = beat(Some(second.clone()));
+        db.ingest(&t, &p).unwrap();
+        assert_eq!(recipient(&db), Some(second.clone()));
+        // One that is not a recipient is refused and changes nothing.
+        let (t, p) = beat(Some("age1forged".into()));
+        assert!(db.ingest(&t, &p).is_err());
+        assert_eq!(recipient(&db), Some(second));
+    }
+
+    #[test]
     fn a_trace_pushed_again_stays_installed_and_a_refusal_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = LearnerDb::open(&dir.path().join("l.db")).unwrap();
@@ -775,6 +822,7 @@ mod tests {
                 }],
                 running: vec![],
                 telemetry: tracefleet::report::Telemetry::default(),
+                recipient: None,
             };
             (Topic::Heartbeat("pi-01".into()).name(), wire::encode(&hb))
         };

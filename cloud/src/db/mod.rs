@@ -66,6 +66,8 @@ pub struct DeviceRow {
     pub follower_version: Option<String>,
     /// Runs reported.
     pub runs: i64,
+    /// Its identity for confidential traces (`age1…`), once a heartbeat carried it.
+    pub recipient: Option<String>,
 }
 
 /// A run a device reported.
@@ -161,6 +163,8 @@ pub struct DeviceGroups {
     pub online: bool,
     /// Its groups (empty when the stored list does not parse).
     pub groups: Vec<String>,
+    /// Its identity for confidential traces (`age1…`), once a heartbeat carried it.
+    pub recipient: Option<String>,
 }
 
 /// A column that holds text which does not parse as what the row says it is.
@@ -292,7 +296,7 @@ impl LearnerDb {
     /// On SQLite failure.
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
         let mut s = self.conn.prepare(
-            "SELECT d.device_id, d.online, d.last_seen, d.follower_version, (SELECT COUNT(*) FROM runs r WHERE r.device_id = d.device_id)
+            "SELECT d.device_id, d.online, d.last_seen, d.follower_version, (SELECT COUNT(*) FROM runs r WHERE r.device_id = d.device_id), d.recipient
              FROM devices d ORDER BY d.device_id",
         )?;
         let rows = s.query_map([], |r| {
@@ -302,6 +306,7 @@ impl LearnerDb {
                 last_seen: r.get(2)?,
                 follower_version: r.get(3)?,
                 runs: r.get(4)?,
+                recipient: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -314,17 +319,23 @@ impl LearnerDb {
     pub fn device_groups(&self) -> Result<Vec<DeviceGroups>> {
         let mut s = self
             .conn
-            .prepare_cached("SELECT device_id, online, groups_json FROM devices")?;
+            .prepare_cached("SELECT device_id, online, groups_json, recipient FROM devices")?;
         let rows = s.query_map([], |r| {
-            Ok((id_at(r, 0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
+            Ok((
+                id_at(r, 0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (device_id, online, groups) = row?;
+            let (device_id, online, groups, recipient) = row?;
             out.push(DeviceGroups {
                 device_id,
                 online,
                 groups: serde_json::from_str(&groups).unwrap_or_default(),
+                recipient,
             });
         }
         Ok(out)

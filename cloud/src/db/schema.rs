@@ -176,4 +176,6 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
     M::up(
         "CREATE INDEX runs_uncounted ON runs (device_id, trace_id, trace_version) WHERE counted = 0;",
     ),
+    // A device's identity for confidential traces (`age1…`), from its heartbeat.
+    M::up("ALTER TABLE devices ADD COLUMN recipient TEXT;"),
 ];

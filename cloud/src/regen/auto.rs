@@ -397,7 +397,9 @@ pub async fn run<B: Backend>(
     let version = super::next_version(&known);
     done.trace.version = version;
     let compiled = tracefleet::compile::encode_compiled(&done.trace);
-    let signed = crate::keys::sign_all(&compiled, &signing.keys, signing.expires)?;
+    // A confidential trace stays confidential: encrypted to its newest rollout's recipients.
+    let recipients = crate::rollout::confidential_recipients(db, &job.trace_id)?;
+    let signed = crate::keys::sign_all(&compiled, &signing.keys, signing.expires, &recipients)?;
     let bytes = tracefleet::signed::encode_signed(&signed);
     let source = super::with_version(&done.source, &version);
     let write = |path: &Path, data: &[u8]| -> anyhow::Result<()> {

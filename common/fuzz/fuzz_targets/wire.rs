@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use tracefleet::signed::{KeyRole, SecretKey};
 use tracefleet::trust::{RoleKey, RoleKeys, TrustRoot};
-use tracefleet::wire::{self, Ack, EscalationMessage, Heartbeat, SignedCommand, Status, Topic};
+use tracefleet::wire::{self, Ack, EscalationMessage, SignedCommand, Status, Topic};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(topic) = std::str::from_utf8(data) {
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = wire::decode::<Ack>(data, "ack");
     let _ = wire::decode::<EscalationMessage>(data, "escalation");
     let _ = wire::decode::<SignedCommand>(data, "signed command");
-    let _ = wire::decode::<Heartbeat>(data, "heartbeat");
+    let _ = wire::decode_heartbeat(data);
     let _ = wire::decode_report(data);
     let key = SecretKey::from_seed(KeyRole::Commands, [3; 32]);
     let keys = |k: &SecretKey| RoleKeys {

@@ -22,7 +22,12 @@ pub fn check(state_dir: &Path) -> Result<ExitCode> {
             None => problems.push(format!(
                 "{id} {version} is installed but there is no trust root"
             )),
-            Some((r, _)) => match tracefleet::trust::verify_with_root(bytes, r, unix_now()) {
+            Some((r, _)) => match follower::identity::for_trace(state_dir, bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|id| {
+                    tracefleet::trust::verify_with_root(bytes, r, unix_now(), id.as_ref())
+                        .map_err(|e| e.to_string())
+                }) {
                 Ok(v) if v.trace.id.as_str() == id && v.trace.version == *version => {}
                 Ok(v) => problems.push(format!(
                     "{id} {version}: stored bytes hold {} {}",

@@ -1,5 +1,6 @@
 //! `follower inspect FILE`: what a bundle, a trust root, a signed or compiled trace or a
-//! trace source holds (signatures not verified: `install` and `run` verify).
+//! trace source holds (signatures not verified: `install` and `run` verify). A confidential
+//! trace is shown whole only when the device's identity decrypts it; otherwise its header.
 
 use super::trust::print_root;
 use anyhow::{Context, Result, anyhow};
@@ -11,7 +12,7 @@ use tracefleet::signed::{self, SIGNED_MAGIC};
 use tracefleet::time::rfc3339;
 use tracefleet::trust;
 
-pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
+pub fn inspect(state_dir: &Path, file: &Path, json: bool) -> Result<ExitCode> {
     let shown = file.display().to_string();
     let mut magic = [0u8; 3];
     let _ =
@@ -58,7 +59,13 @@ pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
     let bytes = read_limited(file, signed::MAX_SIGNED_BYTES as u64)?;
     let (trace, header) = if bytes.starts_with(SIGNED_MAGIC) {
         let s = signed::decode_signed(&bytes).with_context(|| shown.clone())?;
-        let t = compile::decode_compiled(&s.compiled).with_context(|| shown.clone())?;
+        let t = match &s.sealed {
+            None => compile::decode_compiled(&s.compiled).with_context(|| shown.clone())?,
+            Some(sealed) => match decrypted(state_dir, &s.compiled) {
+                Ok(plain) => compile::decode_compiled(&plain).with_context(|| shown.clone())?,
+                Err(why) => return header_only(&s, sealed, &why, json),
+            },
+        };
         (t, Some(s))
     } else if bytes.starts_with(compile::COMPILED_MAGIC) {
         (
@@ -90,6 +97,12 @@ pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
             fmt(s.header.expires_at),
             hex::encode(s.header.content_hash)
         );
+        if let Some(sealed) = &s.sealed {
+            println!(
+                "confidential: encrypted to {} recipient(s), decrypted with this device's identity",
+                sealed.recipients.len()
+            );
+        }
         for sig in &s.signatures {
             println!("  signature by key {}", sig.key_id);
         }
@@ -111,5 +124,65 @@ pub fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
             s.validations.len()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A confidential trace's compiled bytes, decrypted with the device's identity; or why not.
+fn decrypted(state_dir: &Path, ciphertext: &[u8]) -> Result<Vec<u8>, String> {
+    let identity = follower::identity::load(state_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "no identity in {} to decrypt it with",
+                follower::identity::path(state_dir).display()
+            )
+        })?;
+    tracefleet::confidential::decrypt(ciphertext, &identity, compile::MAX_COMPILED_BYTES)
+        .map_err(|e| e.to_string())
+}
+
+/// What can be shown of a confidential trace without decrypting it: the signed header, the
+/// recipients and the signatures.
+fn header_only(
+    s: &signed::SignedTrace,
+    sealed: &signed::Sealed,
+    why: &str,
+    json: bool,
+) -> Result<ExitCode> {
+    let h = &s.header;
+    if json {
+        let v = serde_json::json!({
+            "confidential": true,
+            "trace_id": h.trace_id,
+            "version": h.version.to_string(),
+            "created_at": h.created_at,
+            "expires_at": h.expires_at,
+            "content_sha256": hex::encode(h.content_hash),
+            "recipients": sealed.recipients,
+            "signatures": s.signatures.iter().map(|e| e.key_id.to_string()).collect::<Vec<_>>(),
+            "not_decrypted": why,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "confidential trace {} {}: encrypted to {} recipient(s); header only ({why})",
+        h.trace_id,
+        h.version,
+        sealed.recipients.len()
+    );
+    println!(
+        "signed: created {}, expires {}, content sha256 {}",
+        rfc3339(h.created_at),
+        rfc3339(h.expires_at),
+        hex::encode(h.content_hash)
+    );
+    for r in &sealed.recipients {
+        println!("  recipient {r}");
+    }
+    for sig in &s.signatures {
+        println!("  signature by key {}", sig.key_id);
+    }
+    println!("(signatures not verified by inspect; `follower run` verifies)");
     Ok(ExitCode::SUCCESS)
 }

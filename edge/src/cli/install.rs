@@ -95,6 +95,9 @@ fn install_bundle(state_dir: &Path, file: &Path) -> Result<ExitCode> {
             for m in &done.models {
                 println!("model {m} placed in {}", state_dir.join("models").display());
             }
+            for (name, why) in &done.skipped {
+                println!("left out {name}: {why}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

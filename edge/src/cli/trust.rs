@@ -1,5 +1,6 @@
 //! `follower trust init|update|show`: provisioning and rotating the device's trust root, and
-//! printing one (also for `inspect`).
+//! printing one (also for `inspect`); `follower identity`: the device's key for confidential
+//! traces, created with the first trust root.
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
@@ -46,6 +47,13 @@ pub fn command(state_dir: &Path, cmd: TrustCommand) -> Result<ExitCode> {
             store.add_trust_roots(None, &[(accepted.version, &bytes)], &rfc3339_now())?;
             println!("trust root v{} installed", accepted.version);
             print_root(&accepted);
+            let (identity, created) = follower::identity::ensure(state_dir)?;
+            println!(
+                "identity {} ({}{})",
+                identity.recipient(),
+                follower::identity::path(state_dir).display(),
+                if created { ", created" } else { "" }
+            );
             Ok(ExitCode::SUCCESS)
         }
         TrustCommand::Update { roots } => {
@@ -98,4 +106,26 @@ pub fn print_root(root: &trust::TrustRoot) {
             println!("    {id}  expires {}", rfc3339(k.expires_at));
         }
     }
+}
+
+/// `follower identity [--json]`: the device's recipient, creating the identity when missing.
+pub fn identity(state_dir: &Path, json: bool) -> Result<ExitCode> {
+    let (identity, created) = follower::identity::ensure(state_dir)?;
+    let path = follower::identity::path(state_dir);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "recipient": identity.recipient().to_string(),
+                "file": path.display().to_string(),
+                "created": created,
+            }))?
+        );
+    } else {
+        println!("{}", identity.recipient());
+        if created {
+            eprintln!("created {} (0600)", path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -45,7 +45,8 @@ impl Loaded {
     }
 }
 
-/// Verifies a signed trace against the device's trust root; also returns that root's version.
+/// Verifies a signed trace against the device's trust root (a confidential trace decrypted
+/// with the device's identity); also returns that root's version.
 ///
 /// # Errors
 /// No trust root, or the verification refused the bytes.
@@ -53,8 +54,9 @@ pub fn verify_signed(store: &Store, bytes: &[u8]) -> Result<(signed::Verified, u
     let (root, _) = store.trust_root()?.ok_or_else(|| {
         anyhow!("this device has no trust root yet (run `follower trust init ROOT.tfr`)")
     })?;
+    let identity = crate::identity::for_trace(store.state_dir(), bytes)?;
     Ok((
-        tracefleet::trust::verify_with_root(bytes, &root, unix_now())?,
+        tracefleet::trust::verify_with_root(bytes, &root, unix_now(), identity.as_ref())?,
         root.version,
     ))
 }

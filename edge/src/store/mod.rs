@@ -261,6 +261,7 @@ fn sql_int(v: u64) -> i64 {
 /// The follower's state database.
 pub struct Store {
     conn: Connection,
+    state_dir: std::path::PathBuf,
 }
 
 impl Store {
@@ -322,7 +323,16 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         drop(lock);
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            state_dir: state_dir.to_owned(),
+        })
+    }
+
+    /// The state directory this store lives in (where the device's identity file is too).
+    #[must_use]
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// SQLite's own consistency check (`PRAGMA integrity_check`): `ok` when sound.
