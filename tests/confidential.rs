@@ -4,12 +4,17 @@
 use tracefleet::signed;
 use tracefleet_e2e::Workspace;
 
-/// Text only the trace holds: its step title, goal and file content.
-const SECRETS: [&str; 3] = ["vault-7731", "rotate the vault keys", "Copy the keyring"];
+/// Text only the trace holds: its step title, goal, file name and content.
+const SECRETS: [&str; 4] = [
+    "vault-7731",
+    "keyring-42",
+    "rotate the vault keys",
+    "Copy the keyring",
+];
 
 fn source(version: &str) -> String {
     format!(
-        "---\ntrace_id: secret-plan\nversion: \"{version}\"\ngoal_signature: \"rotate the vault keys (confidential fixture)\"\n---\n\n### Step 1: Copy the keyring\n\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: out.txt\n  content: \"vault-7731 rotated\"\n```\n"
+        "---\ntrace_id: secret-plan\nversion: \"{version}\"\ngoal_signature: \"rotate the vault keys (confidential fixture)\"\n---\n\n### Step 1: Copy the keyring\n\n**Tool Call**:\n```yaml\ntool: Write\nparameters:\n  file_path: keyring-42.txt\n  content: \"vault-7731 rotated\"\n```\n"
     )
 }
 
@@ -35,7 +40,10 @@ fn signed_secret(ws: &Workspace, version: &str, key: &str, to: &[&str], name: &s
 /// Every file of the state directory `dir` (the database, its WAL and the rest).
 fn files_hold(ws: &Workspace, dir: &str, needle: &str) -> Vec<String> {
     let mut hits = Vec::new();
-    for e in std::fs::read_dir(ws.path(dir)).expect("state dir").flatten() {
+    for e in std::fs::read_dir(ws.path(dir))
+        .expect("state dir")
+        .flatten()
+    {
         if e.path().is_file() {
             let bytes = std::fs::read(e.path()).expect("store file");
             if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
@@ -102,6 +110,7 @@ fn a_confidential_trace_runs_on_its_recipient_only_and_stays_encrypted_at_rest()
     assert_eq!(state(&ws, "other"), before);
     let r = ws.follower(&["--state-dir", "other", "run", &secret, "--base-dir", "x"]);
     assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("not a recipient of this trace"), "{r:?}");
     assert!(!ws.path("x").exists());
 
     // The recipient installs and runs it; the store keeps only ciphertext.
@@ -113,11 +122,14 @@ fn a_confidential_trace_runs_on_its_recipient_only_and_stays_encrypted_at_rest()
     let r = ws.follower(&["run", "secret-plan", "--base-dir", "ran"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(
-        std::fs::read_to_string(ws.path("ran/out.txt")).unwrap(),
+        std::fs::read_to_string(ws.path("ran/keyring-42.txt")).unwrap(),
         "vault-7731 rotated"
     );
     let r = ws.follower(&["check"]);
     assert_eq!(r.code, Some(0), "{r:?}");
+    // After the run the store holds its journal and report (the step title, the goal, the
+    // outputs — here the written content: as for any trace), still not the trace itself.
+    assert_eq!(files_hold(&ws, "state", "keyring-42"), Vec::<String>::new());
 
     // Versions never go backwards, encrypted or not.
     let older = signed_secret(&ws, "0.9.0", &key, &[&me], "older");
@@ -127,18 +139,22 @@ fn a_confidential_trace_runs_on_its_recipient_only_and_stays_encrypted_at_rest()
     let plain_older = signed_secret(&ws, "0.9.1", &key, &[], "plain-older");
     let r = ws.follower(&["install", &plain_older]);
     assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("versions never go backwards"), "{r:?}");
 
     // Flipped ciphertext bytes are refused.
     let newer = signed_secret(&ws, "1.1.0", &key, &[&me], "newer");
     let bytes = std::fs::read(ws.path(&newer)).unwrap();
     let before = state(&ws, "state");
-    for (i, at) in [bytes.len() / 2, bytes.len() - 80].into_iter().enumerate() {
+    // (the ciphertext is the envelope's middle: header and recipients before it, the
+    // signatures after it)
+    for (i, at) in [bytes.len() / 3, bytes.len() / 2].into_iter().enumerate() {
         let mut b = bytes.clone();
         b[at] ^= 0x01;
         let name = format!("flipped-{i}.tfs");
         std::fs::write(ws.path(&name), b).unwrap();
         let r = ws.follower(&["install", &name]);
         assert_eq!(r.code, Some(2), "{name}: {r:?}");
+        assert!(r.stderr.contains("content hash mismatch"), "{name}: {r:?}");
         assert_eq!(state(&ws, "state"), before);
     }
     // Another version's ciphertext under this one's header and signatures.
@@ -194,6 +210,7 @@ fn a_confidential_trace_runs_on_its_recipient_only_and_stays_encrypted_at_rest()
     let before = state(&ws, "state");
     let r = ws.follower(&["install", &third]);
     assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("not a recipient of this trace"), "{r:?}");
     assert_eq!(state(&ws, "state"), before);
     let r = ws.follower(&["check"]);
     assert_eq!(r.code, Some(1), "{r:?}");

@@ -887,8 +887,15 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("no completed rollout"), "{r:?}");
     // What the operator did is in the audit log, in order; the refused forward is not.
-    let done: Vec<String> = audit_entries(&ws)
+    let entries = audit_entries(&ws);
+    let by_serve = |e: &&serde_json::Value| {
+        e["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("learner serve"))
+    };
+    let done: Vec<String> = entries
         .iter()
+        .filter(|e| !by_serve(e))
         .filter(|e| {
             e["action"]
                 .as_str()
@@ -914,6 +921,39 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
             &format!("command run {canary}"),
         ],
         "{done:?}"
+    );
+    // What serve did with the rollouts by itself is there too: the waves it published and
+    // the halt, with the figures that fired it.
+    let by_itself: Vec<String> = entries
+        .iter()
+        .filter(by_serve)
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap_or_default(),
+                e["subject"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    for expected in [
+        "rollout wave canary-check 1.0.0",
+        "rollout halt canary-check 1.1.0",
+        "rollout wave canary-check 1.1.1",
+    ] {
+        assert!(
+            by_itself.iter().any(|e| e == expected),
+            "{expected} in {by_itself:?}"
+        );
+    }
+    let halt = entries
+        .iter()
+        .find(|e| e["action"] == "rollout halt")
+        .expect("halt entry");
+    assert!(
+        halt["detail"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("halted before the next wave")),
+        "{halt}"
     );
 }
 

@@ -489,15 +489,45 @@ fn wave_devices(db: &LearnerDb, wave: &Wave) -> crate::db::Result<Vec<String>> {
         .collect())
 }
 
-/// Advances every rollout one step; returns what to publish. `republish` also returns the
-/// retained messages of every wave already published (after a reconnect: the broker may
-/// have lost them).
+/// A rollout's state changed by [`tick`]: what `serve` records in the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The trace.
+    pub trace_id: String,
+    /// The version rolled out.
+    pub version: String,
+    /// `rollout wave` (the next wave published), `rollout halt` (the abort rule fired),
+    /// `rollout withdrawn` (an abort carried out) or `rollout done`.
+    pub action: &'static str,
+    /// What and why, without floats (the audit log's rule).
+    pub detail: serde_json::Value,
+}
+
+/// What one [`tick`] does: the messages to publish, in order, and the state changes.
+#[derive(Debug, Default)]
+pub struct Ticked {
+    /// Retained messages to publish (an empty payload withdraws).
+    pub publishes: Vec<Publish>,
+    /// The rollouts whose state changed.
+    pub changes: Vec<Change>,
+}
+
+/// Advances every rollout one step; returns what to publish and what changed. `republish`
+/// also returns the retained messages of every wave already published (after a reconnect:
+/// the broker may have lost them).
 ///
 /// # Errors
 /// On SQLite failure.
-pub fn tick(db: &LearnerDb, now: i64, republish: bool) -> crate::db::Result<Vec<Publish>> {
+pub fn tick(db: &LearnerDb, now: i64, republish: bool) -> crate::db::Result<Ticked> {
     let mut out = Vec::new();
+    let mut changes = Vec::new();
     for r in list(db)? {
+        let change = |action: &'static str, detail: serde_json::Value| Change {
+            trace_id: r.trace_id.clone(),
+            version: r.version.clone(),
+            action,
+            detail,
+        };
         let published = usize::try_from(r.wave + 1).unwrap_or(0).min(r.waves.len());
         let reached = &r.waves[..published];
         let set =
@@ -506,6 +536,13 @@ pub fn tick(db: &LearnerDb, now: i64, republish: bool) -> crate::db::Result<Vec<
             "aborting" => {
                 out.extend(publishes(reached, &r.trace_id, &[]));
                 set("aborted", r.wave, &r.reason)?;
+                changes.push(change(
+                    "rollout withdrawn",
+                    serde_json::json!({
+                        "waves": reached.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "reason": r.reason,
+                    }),
+                ));
                 continue;
             }
             "running" => {}
@@ -535,6 +572,15 @@ pub fn tick(db: &LearnerDb, now: i64, republish: bool) -> crate::db::Result<Vec<
                 tracing::warn!(trace = %r.trace_id, version = %r.version, %reason, "rollout halted");
                 out.extend(publishes(reached, &r.trace_id, &[]));
                 set("halted", r.wave, &reason)?;
+                changes.push(change(
+                    "rollout halt",
+                    serde_json::json!({
+                        "runs": r.runs,
+                        "failures": r.failures,
+                        "waves_withdrawn": reached.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "reason": reason,
+                    }),
+                ));
                 continue;
             }
         }
@@ -556,13 +602,30 @@ pub fn tick(db: &LearnerDb, now: i64, republish: bool) -> crate::db::Result<Vec<
         if next >= r.waves.len() {
             tracing::info!(trace = %r.trace_id, version = %r.version, "rollout done");
             set("done", r.wave, "")?;
+            changes.push(change(
+                "rollout done",
+                serde_json::json!({ "runs": r.runs, "failures": r.failures }),
+            ));
             continue;
         }
         tracing::info!(trace = %r.trace_id, version = %r.version, wave = %r.waves[next], "rollout: publishing the next wave");
         out.extend(publishes(&r.waves[next..=next], &r.trace_id, &signed));
         set("running", i64::try_from(next).unwrap_or(0), "")?;
+        changes.push(change(
+            "rollout wave",
+            serde_json::json!({
+                "wave": next + 1,
+                "of": r.waves.len(),
+                "target": r.waves[next].to_string(),
+                "runs_so_far": r.runs,
+                "failures_so_far": r.failures,
+            }),
+        ));
     }
-    Ok(out)
+    Ok(Ticked {
+        publishes: out,
+        changes,
+    })
 }
 
 #[cfg(test)]
@@ -722,7 +785,7 @@ mod tests {
         let rest = wave_topics(&Wave::Group("rest".into()), "t");
         // Limit 0.25 over at least 4 runs; the canary reports 1 failure in 4: exactly at it.
         let (_d, mut db) = rollout(0.25, 4);
-        let first = tick(&db, 1, false).unwrap();
+        let first = tick(&db, 1, false).unwrap().publishes;
         assert_eq!(
             topics(&first),
             canary
@@ -731,7 +794,7 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         device_reports(&mut db, "c1", &[true, false, true, true]);
-        let next = tick(&db, 2, false).unwrap();
+        let next = tick(&db, 2, false).unwrap().publishes;
         assert_eq!(
             state(&db),
             ("running".into(), 1),
@@ -745,10 +808,22 @@ mod tests {
         // 2 failures in 4: above the limit — halted, and every wave reached is withdrawn
         // (an empty retained message on its topic), the next one never published.
         let (_d, mut db) = rollout(0.25, 4);
-        tick(&db, 1, false).unwrap();
+        let changes = tick(&db, 1, false).unwrap().changes;
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0].action, "rollout wave");
+        assert_eq!(changes[0].detail["target"], "canary");
         device_reports(&mut db, "c1", &[true, false, false, true]);
-        let halted = tick(&db, 2, false).unwrap();
+        let ticked = tick(&db, 2, false).unwrap();
+        let halted = ticked.publishes;
         assert_eq!(state(&db), ("halted".into(), 0));
+        // What serve records in the audit log: the halt, with its figures.
+        assert_eq!(ticked.changes.len(), 1, "{:?}", ticked.changes);
+        assert_eq!(ticked.changes[0].action, "rollout halt");
+        assert_eq!(ticked.changes[0].detail["failures"], 2);
+        assert!(
+            tick(&db, 3, true).unwrap().changes.is_empty(),
+            "republishing changes nothing"
+        );
         assert_eq!(
             topics(&halted),
             canary.iter().map(|t| (t.clone(), true)).collect::<Vec<_>>()
@@ -756,7 +831,7 @@ mod tests {
         let reason = &list(&db).unwrap()[0].reason;
         assert!(reason.contains("failure rate 0.50 over 4 runs"), "{reason}");
         assert!(
-            tick(&db, 3, false).unwrap().is_empty(),
+            tick(&db, 3, false).unwrap().publishes.is_empty(),
             "a halted rollout stays halted"
         );
     }
@@ -767,7 +842,7 @@ mod tests {
         tick(&db, 1, false).unwrap();
         // Three runs, all failed: a rate of 1.0, but under min_runs — neither halt nor advance.
         device_reports(&mut db, "c1", &[false, false, false]);
-        assert!(tick(&db, 2, false).unwrap().is_empty());
+        assert!(tick(&db, 2, false).unwrap().publishes.is_empty());
         assert_eq!(state(&db), ("running".into(), 0));
         // The fourth run (a success) brings min_runs: 3 of 4 failed, halted.
         let mut more = db;
@@ -788,7 +863,7 @@ mod tests {
         let (_d, mut db) = rollout(0.25, 4);
         tick(&db, 1, false).unwrap();
         device_reports(&mut db, "c1", &[true, true, true]);
-        assert!(tick(&db, 2, false).unwrap().is_empty());
+        assert!(tick(&db, 2, false).unwrap().publishes.is_empty());
         assert_eq!(state(&db), ("running".into(), 0));
     }
 }

@@ -77,8 +77,14 @@ impl FromStr for Recipient {
     /// Parses `age1…`; only the canonical (lower-case) form is accepted, so a recipient has
     /// one spelling in headers, databases and listings.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // A secret key pasted where a recipient belongs is not printed back.
+        let shown = if s.to_ascii_uppercase().starts_with("AGE-SECRET-KEY-") {
+            "AGE-SECRET-KEY-… (a secret identity, not a recipient)".to_owned()
+        } else {
+            s.chars().take(80).collect()
+        };
         let bad = |why: &str| ConfidentialError::BadRecipient {
-            found: s.chars().take(80).collect(),
+            found: shown.clone(),
             why: why.into(),
         };
         let r = age::x25519::Recipient::from_str(s).map_err(bad)?;
@@ -309,6 +315,13 @@ mod tests {
         assert!(s.to_uppercase().parse::<Recipient>().is_err());
         let e = "age1xyz".parse::<Recipient>().unwrap_err().to_string();
         assert!(e.contains("expected an age X25519 recipient"), "{e}");
+        let secret = Identity::generate().to_file("now");
+        let key = secret.lines().last().unwrap();
+        let e = key.parse::<Recipient>().unwrap_err().to_string();
+        assert!(
+            !e.contains(&key[20..]) && e.contains("a secret identity"),
+            "{e}"
+        );
         assert_eq!(
             encrypt(b"x", &[]).unwrap_err(),
             ConfidentialError::RecipientCount { found: 0 }

@@ -35,10 +35,12 @@ pub const SIGNED_FORMAT_VERSION: u8 = 1;
 pub const MAX_SIGNED_BYTES: usize = compile::MAX_COMPILED_BYTES + 64 * 1024;
 /// Most signatures an envelope may carry.
 pub const MAX_SIGNATURES: usize = 16;
-/// Domain separation prefix of the signed message.
 /// Format byte of a confidential (encrypted) trace's envelope.
 pub const SEALED_FORMAT_VERSION: u8 = 2;
+/// Domain separation prefix of the signed message of a plain signed trace.
 const SIGNING_CONTEXT: &[u8] = b"tracefleet/v1/signed-trace\0";
+/// Domain separation prefix of a confidential trace's signed message: a signature over one
+/// form never verifies the other.
 const SEALED_SIGNING_CONTEXT: &[u8] = b"tracefleet/v1/sealed-trace\0";
 
 /// SHA-256 of a public key: the key's id.
@@ -596,7 +598,7 @@ pub enum VerifyError {
     },
     /// The compiled bytes do not hash to the signed content hash.
     #[error(
-        "content hash mismatch: the signed header vouches for sha256 {expected} but the compiled trace hashes to {found} (tampered or corrupted)"
+        "content hash mismatch: the signed header vouches for sha256 {expected} but the content (the compiled trace, or its ciphertext) hashes to {found} (tampered or corrupted)"
     )]
     ContentHash {
         /// Hash in the header.
@@ -925,6 +927,15 @@ pub fn verify(
                     recipients: sealed.recipients.len(),
                 });
             };
+            // Refused by name first: the signed header lists the recipients.
+            let me = identity.recipient().to_string();
+            if !sealed.recipients.contains(&me) {
+                return Err(VerifyError::Confidential {
+                    trace_id: s.header.trace_id,
+                    version: s.header.version,
+                    source: ConfidentialError::NotARecipient { identity: me },
+                });
+            }
             plain = confidential::decrypt(&s.compiled, identity, compile::MAX_COMPILED_BYTES)
                 .map_err(|source| VerifyError::Confidential {
                     trace_id: s.header.trace_id.clone(),
@@ -1069,9 +1080,11 @@ mod tests {
             "duplicates once"
         );
         // No plaintext in the envelope: the shell command and the goal are not there.
-        for needle in [&b"echo hi"[..], b"goal_signature", b"\x00g"] {
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle));
-        }
+        let plain = encode_signed(&signed_by(&k, 100, 200));
+        // The command is in the plain envelope, not in this one.
+        let needle = b"echo hi";
+        assert!(plain.windows(needle.len()).any(|w| w == needle));
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle));
         for id in [&a, &b] {
             let v = verify(&bytes, &[k.public()], 1, 150, Some(id)).unwrap();
             assert_eq!(v.trace.id.as_str(), "t");

@@ -105,33 +105,40 @@ pub fn ensure(state_dir: &Path) -> Result<(Identity, bool), IdentityError> {
         return Ok((id, false));
     }
     let p = path(state_dir);
-    let io = |source| IdentityError::Io {
-        path: p.display().to_string(),
-        source,
+    let io = |at: &Path| {
+        let at = at.display().to_string();
+        move |source| IdentityError::Io { path: at, source }
     };
-    std::fs::create_dir_all(state_dir).map_err(io)?;
+    std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
     let id = Identity::generate();
     let text = id.to_file(&tracefleet::time::rfc3339_now());
-    // Written beside it and linked into place: a crash leaves no half-written key, and of two
-    // processes creating it at once one wins and the other reads the winner's.
-    let tmp = state_dir.join(format!(".{FILE_NAME}.{}", std::process::id()));
+    // Written beside it under a name no other process picks (a UUIDv7: time and 74 random
+    // bits) and linked into place: a crash leaves no half-written key, and of two processes
+    // creating it at once one wins and the other reads the winner's.
+    let tmp = state_dir.join(format!(".{FILE_NAME}.{}", uuid::Uuid::now_v7().simple()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(io)?;
+        .map_err(io(&tmp))?;
     let written = f
         .write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
         .and_then(|()| std::fs::hard_link(&tmp, &p));
     let _ = std::fs::remove_file(&tmp);
     match written {
-        Ok(()) => Ok((id, true)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            load(state_dir)?.map(|id| (id, false)).ok_or_else(|| io(e))
+        Ok(()) => {
+            // The new name is durable once the directory is.
+            if let Ok(dir) = std::fs::File::open(state_dir) {
+                let _ = dir.sync_all();
+            }
+            Ok((id, true))
         }
-        Err(e) => Err(io(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load(state_dir)?
+            .map(|id| (id, false))
+            .ok_or_else(|| io(&p)(e)),
+        Err(e) => Err(io(&p)(e)),
     }
 }
 

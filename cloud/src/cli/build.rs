@@ -281,6 +281,11 @@ fn recipients(
                     members.len()
                 );
             }
+            for d in &members {
+                if let Some(r) = &d.recipient {
+                    println!("{item}: {} {r}", d.device_id);
+                }
+            }
             if !missing.is_empty() {
                 eprintln!(
                     "warning: {} device(s) of group {group:?} have sent no identity yet and will refuse this trace: {}",

@@ -402,9 +402,20 @@ pub async fn run<B: Backend>(
     let signed = crate::keys::sign_all(&compiled, &signing.keys, signing.expires, &recipients)?;
     let bytes = tracefleet::signed::encode_signed(&signed);
     let source = super::with_version(&done.source, &version);
+    // A confidential trace's regenerated source is for the learner's user only.
+    let mode = if recipients.is_empty() { 0o644 } else { 0o600 };
     let write = |path: &Path, data: &[u8]| -> anyhow::Result<()> {
         use anyhow::Context as _;
-        std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| f.write_all(data))
+            .with_context(|| format!("writing {}", path.display()))
     };
     std::fs::create_dir_all(&signing.out_dir).map_err(anyhow::Error::from)?;
     let source_path = signing
@@ -693,7 +704,7 @@ pub fn due(db: &mut LearnerDb, auto: &Auto, now: i64) -> crate::db::Result<Vec<J
                     from_version: Some(version.clone()),
                     to_version: None,
                     outcome: "skipped".into(),
-                    detail: "neither its source nor a rollout of it is known: `learner rollout start --source` or `learner regenerate --source`".into(),
+                    detail: "neither its source nor a readable rollout of it is known (a confidential trace is readable only from its kept source): `learner rollout start --source` or `learner regenerate --source`".into(),
                     model: String::new(),
                     rounds: 0,
                     input_tokens: 0,

@@ -55,8 +55,8 @@ impl Duties {
         }
     }
 
-    /// Records the watchdog's commands in `audit` (regenerations are recorded by the
-    /// `Runner`).
+    /// Records the watchdog's commands and the rollouts' waves, halts, withdrawals and
+    /// completions in `audit` (regenerations are recorded by the `Runner`).
     #[must_use]
     pub fn with_audit(mut self, audit: Option<crate::audit::AuditLog>) -> Self {
         self.audit = audit;
@@ -87,7 +87,7 @@ impl Duties {
             self.leader = leads;
             if leads {
                 // Taking over: publish every running rollout's waves again.
-                out.extend(rollouts(db, now, true));
+                out.extend(rollouts(db, now, true, self.audit.as_ref()));
             }
         }
         if !self.leader {
@@ -96,7 +96,7 @@ impl Duties {
         if let Some(r) = &mut self.regenerations {
             r.tick(db, now);
         }
-        out.extend(rollouts(db, now, false));
+        out.extend(rollouts(db, now, false, self.audit.as_ref()));
         match crate::stuck::check(db, now, self.stuck.min_after, self.stuck.grace) {
             Ok(interventions) => {
                 for i in interventions {
@@ -112,7 +112,7 @@ impl Duties {
     /// broker may have lost its retained messages).
     pub fn on_connect(&self, db: &LearnerDb, now: i64) -> Vec<Outgoing> {
         if self.leader {
-            rollouts(db, now, true)
+            rollouts(db, now, true, self.audit.as_ref())
         } else {
             Vec::new()
         }
@@ -162,17 +162,34 @@ impl Duties {
     }
 }
 
-/// Advances the rollouts: what they release or withdraw (retained).
-fn rollouts(db: &LearnerDb, now: i64, republish: bool) -> Vec<Outgoing> {
+/// Advances the rollouts: what they release or withdraw (retained). Each wave published,
+/// halt, withdrawal and completion goes into `audit`.
+fn rollouts(
+    db: &LearnerDb,
+    now: i64,
+    republish: bool,
+    audit: Option<&crate::audit::AuditLog>,
+) -> Vec<Outgoing> {
     match crate::rollout::tick(db, now, republish) {
-        Ok(publishes) => publishes
-            .into_iter()
-            .map(|p| Outgoing {
-                topic: p.topic,
-                payload: p.payload,
-                retain: true,
-            })
-            .collect(),
+        Ok(ticked) => {
+            for c in ticked.changes {
+                let subject = format!("{} {}", c.trace_id, c.version);
+                if let Some(audit) = audit
+                    && let Err(e) = audit.append(c.action, &subject, c.detail)
+                {
+                    tracing::error!(error = %format!("{e:#}"), action = c.action, %subject, "a rollout moved on but could not be recorded in the audit log");
+                }
+            }
+            ticked
+                .publishes
+                .into_iter()
+                .map(|p| Outgoing {
+                    topic: p.topic,
+                    payload: p.payload,
+                    retain: true,
+                })
+                .collect()
+        }
         Err(e) => {
             tracing::error!(error = %e, "rollouts");
             Vec::new()

@@ -83,8 +83,9 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
         }
         None => None,
     };
-    // What serve does by itself (regenerations, the watchdog's commands) goes into the audit
-    // log when it has one (none without [audit] dir, --audit-dir, XDG_STATE_HOME or HOME).
+    // What serve does by itself (regenerations, rollout waves and halts, the watchdog's
+    // commands) goes into the audit log when it has one (none without [audit] dir,
+    // --audit-dir, XDG_STATE_HOME or HOME).
     let audit = match crate::audit::AuditLog::locate(None, config.audit_dir.as_deref()) {
         Ok(dir) => Some(crate::audit::AuditLog::new(
             dir,

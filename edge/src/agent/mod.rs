@@ -179,8 +179,6 @@ struct Agent {
     /// One fidelity measurement at a time (each loads a model): many traces installed at
     /// once (retained ones, on the first connection) are measured one after another.
     measuring: std::sync::Arc<tokio::sync::Semaphore>,
-    /// The device's identity for confidential traces (`age1…`), sent in every heartbeat.
-    recipient: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -208,19 +206,15 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
     store.enroll(&config.device_id)?;
     // Devices provisioned before confidential traces get their identity here. A damaged
     // identity file stops confidential traces only: the agent runs on and says so.
-    let recipient = match crate::identity::ensure(state_dir) {
-        Ok((identity, created)) => {
-            let r = identity.recipient().to_string();
-            if created {
-                tracing::info!(recipient = %r, "created this device's identity for confidential traces");
-            }
-            Some(r)
+    match crate::identity::ensure(state_dir) {
+        Ok((identity, true)) => {
+            tracing::info!(recipient = %identity.recipient(), "created this device's identity for confidential traces");
         }
+        Ok((_, false)) => {}
         Err(e) => {
             tracing::error!(error = %e, "no identity for confidential traces: they will be refused until the file is fixed or removed");
-            None
         }
-    };
+    }
     let will = LastWill::new(
         Topic::Status(config.device_id.to_string()).name(),
         wire::encode(&Status {
@@ -245,7 +239,6 @@ async fn agent_loop(config: AgentConfig, state_dir: &Path) -> anyhow::Result<()>
         exited,
         shutting_down: false,
         measuring: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
-        recipient,
         config,
     };
     let periods: Vec<Duration> = agent.config.schedule.iter().map(|s| s.every).collect();
@@ -487,7 +480,12 @@ impl Agent {
             installed,
             running,
             telemetry: crate::telemetry::sample(),
-            recipient: self.recipient.clone(),
+            // Read for each heartbeat: a replaced identity reaches the learner without a
+            // restart (a damaged one is reported at start and sent as none).
+            recipient: crate::identity::load(&self.state_dir)
+                .ok()
+                .flatten()
+                .map(|i| i.recipient().to_string()),
         };
         let topic = Topic::Heartbeat(self.config.device_id.to_string()).name();
         let _ = self

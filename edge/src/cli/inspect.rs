@@ -1,6 +1,7 @@
 //! `follower inspect FILE`: what a bundle, a trust root, a signed or compiled trace or a
 //! trace source holds (signatures not verified: `install` and `run` verify). A confidential
-//! trace is shown whole only when the device's identity decrypts it; otherwise its header.
+//! trace is shown whole only when it verifies against the device's trust root and its
+//! identity decrypts it; otherwise its header.
 
 use super::trust::print_root;
 use anyhow::{Context, Result, anyhow};
@@ -61,8 +62,8 @@ pub fn inspect(state_dir: &Path, file: &Path, json: bool) -> Result<ExitCode> {
         let s = signed::decode_signed(&bytes).with_context(|| shown.clone())?;
         let t = match &s.sealed {
             None => compile::decode_compiled(&s.compiled).with_context(|| shown.clone())?,
-            Some(sealed) => match decrypted(state_dir, &s.compiled) {
-                Ok(plain) => compile::decode_compiled(&plain).with_context(|| shown.clone())?,
+            Some(sealed) => match decrypted(state_dir, &bytes) {
+                Ok(trace) => trace,
                 Err(why) => return header_only(&s, sealed, &why, json),
             },
         };
@@ -99,7 +100,7 @@ pub fn inspect(state_dir: &Path, file: &Path, json: bool) -> Result<ExitCode> {
         );
         if let Some(sealed) = &s.sealed {
             println!(
-                "confidential: encrypted to {} recipient(s), decrypted with this device's identity",
+                "confidential: encrypted to {} recipient(s); verified and decrypted with this device's identity",
                 sealed.recipients.len()
             );
         }
@@ -127,8 +128,9 @@ pub fn inspect(state_dir: &Path, file: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A confidential trace's compiled bytes, decrypted with the device's identity; or why not.
-fn decrypted(state_dir: &Path, ciphertext: &[u8]) -> Result<Vec<u8>, String> {
+/// A confidential trace verified against the device's trust root and decrypted with its
+/// identity (nothing is decrypted before the signatures passed); or why not.
+fn decrypted(state_dir: &Path, bytes: &[u8]) -> Result<tracefleet::Trace, String> {
     let identity = follower::identity::load(state_dir)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| {
@@ -137,7 +139,17 @@ fn decrypted(state_dir: &Path, ciphertext: &[u8]) -> Result<Vec<u8>, String> {
                 follower::identity::path(state_dir).display()
             )
         })?;
-    tracefleet::confidential::decrypt(ciphertext, &identity, compile::MAX_COMPILED_BYTES)
+    // Opening the store would create one: a machine that has none has no root either.
+    if !state_dir.join("follower.db").exists() {
+        return Err("no trust root on this device to verify it against".into());
+    }
+    let store = follower::store::Store::open(state_dir).map_err(|e| e.to_string())?;
+    let (root, _) = store
+        .trust_root()
+        .map_err(|e| e.to_string())?
+        .ok_or("no trust root on this device to verify it against")?;
+    trust::verify_with_root(bytes, &root, tracefleet::time::unix_now(), Some(&identity))
+        .map(|v| v.trace)
         .map_err(|e| e.to_string())
 }
 
