@@ -475,6 +475,26 @@ pub struct Publish {
     pub payload: Vec<u8>,
 }
 
+/// Devices known (from heartbeats) in any of `groups` (`*`: the fleet) whose identity is not
+/// one of `recipients`, or not known: they will refuse a confidential trace encrypted to
+/// `recipients`, and a wave waits for every device of it.
+///
+/// # Errors
+/// On SQLite failure.
+pub fn not_recipients(
+    db: &LearnerDb,
+    groups: &[String],
+    recipients: &[String],
+) -> crate::db::Result<Vec<String>> {
+    Ok(db
+        .device_groups()?
+        .into_iter()
+        .filter(|d| groups.iter().any(|g| g == FLEET || d.groups.contains(g)))
+        .filter(|d| !d.recipient.as_ref().is_some_and(|r| recipients.contains(r)))
+        .map(|d| d.device_id.into())
+        .collect())
+}
+
 /// Devices known (from heartbeats) to belong to `wave`, or the canary set.
 fn wave_devices(db: &LearnerDb, wave: &Wave) -> crate::db::Result<Vec<String>> {
     let group = match wave {
@@ -777,6 +797,22 @@ mod tests {
         p.iter()
             .map(|p| (p.topic.clone(), p.payload.is_empty()))
             .collect()
+    }
+
+    #[test]
+    fn devices_a_confidential_trace_is_not_encrypted_to_are_named() {
+        let (_d, db) = rollout(0.25, 4);
+        db.put_recipient("c1", "age1c1");
+        db.put_recipient("w1", "age1w1");
+        let names = |groups: &[&str], recipients: &[&str]| {
+            let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+            let recipients: Vec<String> = recipients.iter().map(|r| (*r).to_owned()).collect();
+            not_recipients(&db, &groups, &recipients).unwrap()
+        };
+        assert!(names(&["canary"], &["age1c1"]).is_empty());
+        // w2 has sent no identity; w1's is not among the recipients.
+        assert_eq!(names(&["rest"], &["age1c1"]), ["w1", "w2"]);
+        assert_eq!(names(&["*"], &["age1c1", "age1w1"]), ["w2"]);
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub struct SignArgs {
     /// heartbeat (`@GROUP`, needs --config). Repeatable; only recipients can install and run it.
     #[arg(long = "encrypt-to", value_name = "RECIPIENT|@GROUP")]
     pub encrypt_to: Vec<String>,
-    /// The learner's config, whose database knows the devices of an `@GROUP`.
+    /// The learner's config: its database knows the devices of an `@GROUP`, and its
+    /// `[audit] dir` is where this signature is recorded.
     #[arg(long, value_name = "learner.toml")]
     pub config: Option<PathBuf>,
 }
@@ -227,8 +228,13 @@ pub fn sign(
             recipients.len()
         );
     }
+    // With --config, its `[audit] dir` (below --audit-dir), as for the other commands.
+    let configured = match &config {
+        Some(path) => learner::config::LearnerConfig::load(path)?.audit_dir,
+        None => None,
+    };
     audit.record(
-        None,
+        configured.as_deref(),
         "sign",
         &format!("{} {}", signed.header.trace_id, signed.header.version),
         json!({

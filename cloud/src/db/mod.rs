@@ -514,6 +514,17 @@ impl LearnerDb {
             )
             .unwrap();
     }
+
+    /// A device's identity for confidential traces (tests).
+    #[cfg(test)]
+    pub(crate) fn put_recipient(&self, device_id: &str, recipient: &str) {
+        self.conn
+            .execute(
+                "UPDATE devices SET recipient = ?2 WHERE device_id = ?1",
+                params![device_id, recipient],
+            )
+            .unwrap();
+    }
 }
 
 #[cfg(test)]
