@@ -902,13 +902,7 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
                 .as_str()
                 .is_some_and(|a| a.starts_with("rollout") || a.starts_with("command"))
         })
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["action"].as_str().unwrap_or_default(),
-                e["subject"].as_str().unwrap_or_default()
-            )
-        })
+        .map(action_and_subject)
         .collect();
     assert_eq!(
         done,
@@ -928,13 +922,7 @@ fn a_failing_canary_halts_the_rollout_before_the_next_wave_and_a_roll_forward_re
     let by_itself: Vec<String> = entries
         .iter()
         .filter(by_serve)
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["action"].as_str().unwrap_or_default(),
-                e["subject"].as_str().unwrap_or_default()
-            )
-        })
+        .map(action_and_subject)
         .collect();
     for expected in [
         "rollout wave canary-check 1.0.0",
@@ -1365,6 +1353,15 @@ fn serve_regenerates_on_its_own_a_trace_whose_run_escalated_and_writes_a_first_t
 }
 
 /// The learner's audit log (`learner audit list --json`), after checking that it verifies.
+/// An audit entry as `ACTION SUBJECT`.
+fn action_and_subject(e: &serde_json::Value) -> String {
+    format!(
+        "{} {}",
+        e["action"].as_str().unwrap_or_default(),
+        e["subject"].as_str().unwrap_or_default()
+    )
+}
+
 fn audit_entries(ws: &Workspace) -> Vec<serde_json::Value> {
     let r = ws.learner(&["audit", "verify"]);
     assert_eq!(r.code, Some(0), "{r:?}");
