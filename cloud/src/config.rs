@@ -196,8 +196,10 @@ impl LearnerConfig {
                         h.listen
                     ))
                 })?;
-                if h.token_file.is_none() && !h.metrics_public {
-                    return Err(at("[http]: expected token_file (the bearer token scrapers send) or metrics_public = true".into()));
+                match (&h.token_file, h.metrics_public) {
+                    (None, false) => return Err(at("[http]: expected token_file (the bearer token scrapers send) or metrics_public = true".into())),
+                    (Some(_), true) => return Err(at("[http]: both token_file and metrics_public = true: expected one of them".into())),
+                    _ => {}
                 }
                 Some(crate::serve::http::HttpConfig {
                     listen,
@@ -318,6 +320,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected token_file"), "{e}");
+        let e = LearnerConfig::load(&write(
+            d.path(),
+            "[http]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"t\"\nmetrics_public = true\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("expected one of them"), "{e}");
         let e = LearnerConfig::load(&write(
             d.path(),
             "[http]\nlisten = \"localhost\"\nmetrics_public = true\n",

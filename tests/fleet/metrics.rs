@@ -141,7 +141,7 @@ fn metrics_need_the_token_pass_promtool_and_match_the_database() {
         sample(
             &body,
             "tracefleet_rollout_devices",
-            &with("state=\"installed\"")
+            &with("outcome=\"installed\"")
         ),
         Some(1.0),
         "{body}"
@@ -151,9 +151,32 @@ fn metrics_need_the_token_pass_promtool_and_match_the_database() {
         Some(1.0),
         "{body}"
     );
-    assert_eq!(sample(&body, "tracefleet_escalations_open", &[]), Some(0.0));
-    // This instance's own ingest: at least the acks, heartbeats and two reports.
+    assert_eq!(
+        sample(&body, "tracefleet_escalations_total", &[]),
+        Some(0.0)
+    );
+    // The rollout is done: no running one is left over from before.
+    assert_eq!(
+        sample(&body, "tracefleet_rollouts", &["state=\"running\""]),
+        None,
+        "{body}"
+    );
+
+    // A third run shows at the next scrape (the scheme in any case, RFC 7235).
+    command_run(&ws, "pi-01", "services-audit");
+    wait_stored_runs(&ws, 3);
+    let lower = format!("bearer {TOKEN}");
+    ws.wait_until(10, "the third run in /metrics", || {
+        let (status, body) = get_metrics(port, Some(&lower));
+        assert_eq!(status, 200, "{body}");
+        (sample(&body, "tracefleet_reports_ingested_total", &[]) == Some(3.0)).then_some(())
+    });
+    // This instance's own ingest: every message it stored (the ack, the reports, heartbeats:
+    // at least 3), in batches no more numerous than the messages.
     let batches = sample(&body, "tracefleet_ingest_batch_seconds_count", &[]).expect("histogram");
-    assert!(batches >= 1.0, "{body}");
-    assert!(sample(&body, "tracefleet_messages_received_total", &[]).expect("received") >= 3.0);
+    let received = sample(&body, "tracefleet_messages_received_total", &[]).expect("received");
+    assert!(
+        received >= 3.0 && (1.0..=received).contains(&batches),
+        "{body}"
+    );
 }

@@ -2,13 +2,14 @@
 //! Prometheus text exposition format (0.0.4, rendered by `metrics-exporter-prometheus`),
 //! behind a bearer token unless `metrics_public = true`.
 //!
-//! The fleet's figures are read from the database at each scrape
-//! ([`crate::db::LearnerDb::metrics_snapshot`]), so they are what the database says; the ingest
-//! batch durations are measured in this process (`tracefleet_ingest_batch_seconds`, a
-//! histogram). Label cardinality is bounded by what operators create: `trace` and `version`
-//! are the trace versions the learner has statistics, runs or acks for (retire old versions
-//! to shrink it), `outcome`, `state` and `kind` take a handful of fixed values; no label
-//! holds a device id or a run id.
+//! The fleet's figures are read from the database at a scrape (at most once a second; a
+//! scrape within the second gets the same text) into a recorder made for that scrape, so a
+//! series whose rows are gone (a rollout no longer halted) disappears instead of keeping its
+//! last value ([`crate::db::LearnerDb::metrics_snapshot`]); the ingest batch durations and
+//! messages are this process's own, in a recorder that lives with it. Label cardinality is
+//! bounded by what operators do, not by what devices send: `trace` and `version` are the
+//! versions the learner rolled out or kept a source of; `outcome`, `state` and `kind` take a
+//! handful of fixed values; no label holds a device id or a run id.
 
 use crate::db::LearnerDb;
 use crate::db::metrics::Snapshot;
@@ -36,10 +37,17 @@ pub struct HttpConfig {
     pub metrics_public: bool,
 }
 
-/// The recorder the figures are rendered with, and the database read at each scrape.
+/// How long a rendered text of the fleet's figures is served again.
+const FLEET_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last text rendered from the database, and when.
+type Rendered = Option<(std::time::Instant, String)>;
+
+/// This process's recorder (ingest), and the database read at each scrape with the last
+/// text rendered from it.
 pub struct Metrics {
-    recorder: PrometheusRecorder,
-    db: Mutex<LearnerDb>,
+    process: PrometheusRecorder,
+    fleet: Mutex<(LearnerDb, Rendered)>,
 }
 
 impl Metrics {
@@ -48,45 +56,76 @@ impl Metrics {
     /// # Errors
     /// When the database cannot be opened.
     pub fn open(db_path: &Path) -> anyhow::Result<Self> {
-        let recorder = PrometheusBuilder::new()
+        let process = PrometheusBuilder::new()
             .set_buckets_for_metric(
                 Matcher::Full("tracefleet_ingest_batch_seconds".into()),
                 &BATCH_BUCKETS,
             )
             .context("histogram buckets")?
             .build_recorder();
-        metrics::with_local_recorder(&recorder, describe);
+        metrics::with_local_recorder(&process, describe_process);
         Ok(Self {
-            recorder,
-            db: Mutex::new(LearnerDb::open(db_path)?),
+            process,
+            fleet: Mutex::new((LearnerDb::open(db_path)?, None)),
         })
     }
 
-    /// Records one ingest transaction's duration.
+    /// Records one ingest transaction that committed: its duration and its messages.
     pub fn ingest_batch(&self, seconds: f64, messages: usize) {
-        metrics::with_local_recorder(&self.recorder, || {
+        metrics::with_local_recorder(&self.process, || {
             metrics::histogram!("tracefleet_ingest_batch_seconds").record(seconds);
             metrics::counter!("tracefleet_messages_received_total").increment(messages as u64);
         });
     }
 
-    /// The exposition text: the database's figures now, and this process's histogram.
+    /// The exposition text: the database's figures now, then this process's.
     ///
     /// # Errors
     /// On SQLite failure.
     pub fn render(&self) -> anyhow::Result<String> {
-        let snapshot = self
-            .db
+        let mut fleet = self
+            .fleet
             .lock()
-            .map_err(|_| anyhow::anyhow!("the metrics database connection was poisoned"))?
-            .metrics_snapshot()?;
-        metrics::with_local_recorder(&self.recorder, || set(&snapshot));
-        Ok(self.recorder.handle().render())
+            .map_err(|_| anyhow::anyhow!("the metrics database connection was poisoned"))?;
+        let text = match &fleet.1 {
+            Some((at, text)) if at.elapsed() < FLEET_CACHE => text.clone(),
+            _ => {
+                let snapshot = fleet.0.metrics_snapshot()?;
+                let text = render_fleet(&snapshot);
+                fleet.1 = Some((std::time::Instant::now(), text.clone()));
+                text
+            }
+        };
+        Ok(text + &self.process.handle().render())
     }
 }
 
-fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+/// The fleet's figures in a recorder of their own: only what `snapshot` holds.
+#[must_use]
+pub fn render_fleet(snapshot: &Snapshot) -> String {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    metrics::with_local_recorder(&recorder, || {
+        describe_fleet();
+        set(snapshot);
+    });
+    recorder.handle().render()
+}
+
+fn describe_process() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "tracefleet_messages_received_total",
+        "MQTT messages this serve instance ingested (its share with a shared subscription)."
+    );
+    describe_histogram!(
+        "tracefleet_ingest_batch_seconds",
+        Unit::Seconds,
+        "Duration of one ingest transaction of this serve instance."
+    );
+}
+
+fn describe_fleet() {
+    use metrics::{describe_counter, describe_gauge};
     describe_gauge!(
         "tracefleet_devices",
         "Devices the learner knows, by status (online, offline)."
@@ -97,23 +136,23 @@ fn describe() {
     );
     describe_counter!(
         "tracefleet_runs_total",
-        "Runs reported, by trace, version and outcome."
+        "Runs reported of the versions the learner rolled out, by trace, version and outcome."
     );
     describe_gauge!(
         "tracefleet_trace_confidence",
-        "A trace version's fleet confidence (0..1)."
+        "Fleet confidence (0..1) of each trace's newest rolled-out version."
     );
     describe_gauge!(
         "tracefleet_trace_fidelity",
-        "Reference answers the devices' models repeated / scored, per trace version (0..1)."
+        "Reference answers the devices' models repeated / scored (0..1), each trace's newest rolled-out version."
     );
     describe_gauge!(
         "tracefleet_rollout_devices",
-        "Devices per trace version by install outcome (installed, already_installed, refused)."
+        "Devices per rolled-out version by install outcome (installed, already_installed, refused)."
     );
     describe_gauge!(
         "tracefleet_rollouts",
-        "Rollouts by state (running, done, halted, aborted)."
+        "Rollouts by state (running, done, halted, aborting, aborted, superseded)."
     );
     describe_counter!(
         "tracefleet_regenerations_total",
@@ -123,22 +162,13 @@ fn describe() {
         "tracefleet_regeneration_cost_dollars",
         "Dollars spent on regenerations so far (the backend's prices; only grows)."
     );
-    describe_gauge!(
-        "tracefleet_escalations_open",
-        "Escalations recorded and not acknowledged."
+    describe_counter!(
+        "tracefleet_escalations_total",
+        "Escalations devices raised."
     );
     describe_counter!(
         "tracefleet_refused_messages_total",
         "Messages ingest refused, by kind (too_large, malformed, impersonation, not_for_us)."
-    );
-    describe_counter!(
-        "tracefleet_messages_received_total",
-        "MQTT messages this serve instance ingested (its share with a shared subscription)."
-    );
-    describe_histogram!(
-        "tracefleet_ingest_batch_seconds",
-        Unit::Seconds,
-        "Duration of one ingest transaction of this serve instance."
     );
 }
 
@@ -162,8 +192,8 @@ fn set(s: &Snapshot) {
             gauge!("tracefleet_trace_fidelity", &labels).set(f);
         }
     }
-    for (trace, version, state, n) in &s.rollout_devices {
-        gauge!("tracefleet_rollout_devices", "trace" => trace.clone(), "version" => version.clone(), "state" => state.clone())
+    for (trace, version, outcome, n) in &s.rollout_devices {
+        gauge!("tracefleet_rollout_devices", "trace" => trace.clone(), "version" => version.clone(), "outcome" => outcome.clone())
             .set(*n as f64);
     }
     for (state, n) in &s.rollouts {
@@ -174,7 +204,7 @@ fn set(s: &Snapshot) {
     }
     // The recorder's counters hold integers: the cost is a gauge that only grows.
     gauge!("tracefleet_regeneration_cost_dollars").set(s.regeneration_cost);
-    gauge!("tracefleet_escalations_open").set(s.escalations as f64);
+    counter!("tracefleet_escalations_total").absolute(s.escalations);
     for (kind, n) in &s.refused {
         counter!("tracefleet_refused_messages_total", "kind" => kind.clone()).absolute(*n);
     }
@@ -198,39 +228,42 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// Answers on `listener` (bound to `config.listen`) until the task is dropped.
+/// Whether `authorization` (a header value) is `Bearer <token>` (the scheme in any case,
+/// RFC 7235); compared as SHA-256 digests, so the time taken says nothing about the token.
+#[must_use]
+pub fn authorized(authorization: &str, token: &str) -> bool {
+    use sha2::Digest as _;
+    let Some((scheme, credentials)) = authorization.trim().split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer")
+        && sha2::Sha256::digest(credentials.trim().as_bytes())
+            == sha2::Sha256::digest(token.as_bytes())
+}
+
+/// Answers on `listener` (bound to `config.listen`) until the task is dropped; `token` is
+/// what scrapers must send (`None`: `metrics_public`).
 ///
 /// # Errors
-/// The token file cannot be read, or the server fails.
+/// The server fails.
 pub async fn serve(
     config: &HttpConfig,
+    token: Option<String>,
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     use axum::http::{HeaderMap, StatusCode, header};
     use axum::response::IntoResponse as _;
-    let token = match (&config.token_file, config.metrics_public) {
-        (_, true) => None,
-        (Some(path), false) => Some(read_token(path)?),
-        (None, false) => anyhow::bail!(
-            "[http]: expected token_file (the bearer token scrapers send) or metrics_public = true"
-        ),
-    };
-    let expected = token.map(|t| format!("Bearer {t}"));
     let handler = move |headers: HeaderMap| {
         let metrics = metrics.clone();
-        let expected = expected.clone();
+        let token = token.clone();
         async move {
-            if let Some(expected) = &expected {
+            if let Some(token) = &token {
                 let given = headers
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default();
-                // Compared as digests: the time taken says nothing about the token.
-                use sha2::Digest as _;
-                if sha2::Sha256::digest(given.as_bytes())
-                    != sha2::Sha256::digest(expected.as_bytes())
-                {
+                if !authorized(given, token) {
                     return (
                         StatusCode::UNAUTHORIZED,
                         [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -260,4 +293,45 @@ pub async fn serve(
     tracing::info!(listen = %config.listen, public = config.metrics_public, "serving /metrics");
     axum::serve(listener, app).await.context("HTTP")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        let t = "scrape-token-0123456789";
+        assert!(authorized("Bearer scrape-token-0123456789", t));
+        assert!(authorized("bearer  scrape-token-0123456789 ", t));
+        assert!(!authorized("Bearer scrape-token-012345678", t));
+        assert!(!authorized("Basic scrape-token-0123456789", t));
+        assert!(!authorized("scrape-token-0123456789", t));
+        assert!(!authorized("", t));
+    }
+
+    #[test]
+    fn a_series_whose_rows_are_gone_is_no_longer_exposed() {
+        let mut s = Snapshot {
+            rollouts: vec![("halted".into(), 1)],
+            ..Snapshot::default()
+        };
+        let halted = "tracefleet_rollouts{state=\"halted\"} 1";
+        assert!(render_fleet(&s).contains(halted), "{}", render_fleet(&s));
+        s.rollouts = vec![("aborted".into(), 1)];
+        let text = render_fleet(&s);
+        assert!(
+            !text.contains("state=\"halted\"") && text.contains("state=\"aborted\"} 1"),
+            "{text}"
+        );
+        // The figures, as set.
+        s.escalations = 3;
+        s.devices_online = 2;
+        let text = render_fleet(&s);
+        assert!(text.contains("tracefleet_escalations_total 3"), "{text}");
+        assert!(
+            text.contains("tracefleet_devices{status=\"online\"} 2"),
+            "{text}"
+        );
+    }
 }

@@ -118,23 +118,21 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
         regenerations,
     )
     .with_audit(audit);
-    // `[http]`: /metrics, answered by its own task on this runtime (stopped with the loop).
-    let (metrics, http_task) = match &config.http {
+    // `[http]`: /metrics, answered by its own task on this runtime; serve stops with an error
+    // if that task ends (an exporter that died silently would look like a healthy fleet).
+    let (metrics, mut http_task) = match &config.http {
         Some(h) => {
             let metrics = std::sync::Arc::new(http::Metrics::open(&config.db_path())?);
-            if !h.metrics_public {
-                // Refused at start, not at the first scrape.
-                http::read_token(h.token_file.as_deref().unwrap_or(std::path::Path::new("")))?;
-            }
+            // Read once, at start: a missing or short token is an error now, not at a scrape.
+            let token = match (&h.token_file, h.metrics_public) {
+                (Some(path), false) => Some(http::read_token(path)?),
+                _ => None,
+            };
             let listener = tokio::net::TcpListener::bind(h.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("[http] listen {}: {e}", h.listen))?;
             let (h, m) = (h.clone(), metrics.clone());
-            let task = tokio::spawn(async move {
-                if let Err(e) = http::serve(&h, listener, m).await {
-                    tracing::error!(error = %format!("{e:#}"), "HTTP stopped");
-                }
-            });
+            let task = tokio::spawn(async move { http::serve(&h, token, listener, m).await });
             (Some(metrics), Some(task))
         }
         None => (None, None),
@@ -149,6 +147,19 @@ pub async fn run(config: &LearnerConfig, shutdown: impl Future<Output = ()>) -> 
             _ = ticks.tick() => Event::Tick,
             ev = eventloop.poll() => Event::Mqtt(ev),
             () = &mut shutdown => Event::Shutdown,
+            ended = async {
+                match &mut http_task {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let why = match ended {
+                    Ok(Ok(())) => "it ended".to_owned(),
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(e) => e.to_string(),
+                };
+                anyhow::bail!("the HTTP server ([http], /metrics) stopped: {why}");
+            }
         };
         match event {
             Event::Tick => publish(&client, duties.tick(&mut db, now_secs())),
@@ -258,7 +269,7 @@ fn ingest_and_ack(
         .collect();
     let started = std::time::Instant::now();
     let stored = db.ingest_batch(&messages);
-    if let Some(m) = metrics {
+    if let (Some(m), Ok(_)) = (metrics, &stored) {
         m.ingest_batch(started.elapsed().as_secs_f64(), messages.len());
     }
     match stored {
