@@ -30,6 +30,17 @@ pub enum Wave {
     Devices(Vec<String>),
 }
 
+impl Wave {
+    /// Whether this wave reaches the device `device_id`, whose heartbeat named `groups`.
+    #[must_use]
+    pub fn reaches(&self, device_id: &str, groups: &[String]) -> bool {
+        match self {
+            Wave::Group(g) => g == FLEET || groups.contains(g),
+            Wave::Devices(d) => d.iter().any(|x| x == device_id),
+        }
+    }
+}
+
 impl std::fmt::Display for Wave {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -84,11 +95,7 @@ pub fn pick_canaries(
     let mut candidates = Vec::new();
     for d in db.device_groups()? {
         let (id, online, groups) = (String::from(d.device_id), d.online, d.groups);
-        let reached = waves.iter().any(|w| match w {
-            Wave::Group(g) => g == FLEET || groups.contains(g),
-            Wave::Devices(d) => d.contains(&id),
-        });
-        if reached {
+        if waves.iter().any(|w| w.reaches(&id, &groups)) {
             let rank: [u8; 32] = Sha256::digest(format!("{trace_id}\n{id}")).into();
             candidates.push((!online, rank, id));
         }
@@ -475,21 +482,25 @@ pub struct Publish {
     pub payload: Vec<u8>,
 }
 
-/// Devices known (from heartbeats) in any of `groups` (`*`: the fleet) whose identity is not
-/// one of `recipients`, or not known: they will refuse a confidential trace encrypted to
+/// Devices known (from heartbeats) that `waves` reach whose identity is not one of
+/// `recipients`, or not known: they will refuse a confidential trace encrypted to
 /// `recipients`, and a wave waits for every device of it.
 ///
 /// # Errors
 /// On SQLite failure.
 pub fn not_recipients(
     db: &LearnerDb,
-    groups: &[String],
+    waves: &[Wave],
     recipients: &[String],
 ) -> crate::db::Result<Vec<String>> {
     Ok(db
         .device_groups()?
         .into_iter()
-        .filter(|d| groups.iter().any(|g| g == FLEET || d.groups.contains(g)))
+        .filter(|d| {
+            waves
+                .iter()
+                .any(|w| w.reaches(d.device_id.as_str(), &d.groups))
+        })
         .filter(|d| !d.recipient.as_ref().is_some_and(|r| recipients.contains(r)))
         .map(|d| d.device_id.into())
         .collect())
@@ -497,14 +508,13 @@ pub fn not_recipients(
 
 /// Devices known (from heartbeats) to belong to `wave`, or the canary set.
 fn wave_devices(db: &LearnerDb, wave: &Wave) -> crate::db::Result<Vec<String>> {
-    let group = match wave {
-        Wave::Group(g) => g,
-        Wave::Devices(d) => return Ok(d.clone()),
-    };
+    if let Wave::Devices(d) = wave {
+        return Ok(d.clone());
+    }
     Ok(db
         .device_groups()?
         .into_iter()
-        .filter(|d| group == FLEET || d.groups.contains(group))
+        .filter(|d| wave.reaches(d.device_id.as_str(), &d.groups))
         .map(|d| d.device_id.into())
         .collect())
 }
@@ -805,9 +815,12 @@ mod tests {
         db.put_recipient("c1", "age1c1");
         db.put_recipient("w1", "age1w1");
         let names = |groups: &[&str], recipients: &[&str]| {
-            let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+            let waves: Vec<Wave> = groups
+                .iter()
+                .map(|g| Wave::Group((*g).to_owned()))
+                .collect();
             let recipients: Vec<String> = recipients.iter().map(|r| (*r).to_owned()).collect();
-            not_recipients(&db, &groups, &recipients).unwrap()
+            not_recipients(&db, &waves, &recipients).unwrap()
         };
         assert!(names(&["canary"], &["age1c1"]).is_empty());
         // w2 has sent no identity; w1's is not among the recipients.

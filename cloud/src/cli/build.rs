@@ -205,7 +205,11 @@ pub fn sign(
     audit: &Audit,
 ) -> Result<()> {
     let secrets = keys::read_trace_keys(&key_files)?;
-    let recipients = recipients(&encrypt_to, config.as_deref())?;
+    let config = config
+        .as_deref()
+        .map(learner::config::LearnerConfig::load)
+        .transpose()?;
+    let recipients = recipients(&encrypt_to, config.as_ref())?;
     let bytes = read_limited(&compiled, compile::MAX_COMPILED_BYTES as u64)?;
     let signed = keys::sign_all(&bytes, &secrets, expires, &recipients)
         .with_context(|| format!("{}", compiled.display()))?;
@@ -229,12 +233,8 @@ pub fn sign(
         );
     }
     // With --config, its `[audit] dir` (below --audit-dir), as for the other commands.
-    let configured = match &config {
-        Some(path) => learner::config::LearnerConfig::load(path)?.audit_dir,
-        None => None,
-    };
     audit.record(
-        configured.as_deref(),
+        config.as_ref().and_then(|c| c.audit_dir.as_deref()),
         "sign",
         &format!("{} {}", signed.header.trace_id, signed.header.version),
         json!({
@@ -252,7 +252,7 @@ pub fn sign(
 /// it will refuse the trace). In the order given, each once.
 fn recipients(
     encrypt_to: &[String],
-    config: Option<&Path>,
+    config: Option<&learner::config::LearnerConfig>,
 ) -> Result<Vec<tracefleet::confidential::Recipient>> {
     let mut out: Vec<tracefleet::confidential::Recipient> = Vec::new();
     let mut devices = None;
@@ -262,8 +262,7 @@ fn recipients(
                 format!("--encrypt-to {item}: a group's devices come from the learner's database: pass --config learner.toml")
             })?;
             if devices.is_none() {
-                let (_, db) = super::open(config)?;
-                devices = Some(db.device_groups()?);
+                devices = Some(config.open_db()?.device_groups()?);
             }
             let members: Vec<_> = devices
                 .iter()

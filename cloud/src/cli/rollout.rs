@@ -387,16 +387,6 @@ fn start_rollout(
     let id = s.header.trace_id.to_string();
     let version = s.header.version.to_string();
     let staging = stages.staging();
-    if let Some(sealed) = &s.sealed {
-        let outside = learner::rollout::not_recipients(db, &staging.waves, &sealed.recipients)?;
-        if !outside.is_empty() {
-            eprintln!(
-                "warning: {} device(s) these waves reach are not recipients of this confidential trace and will refuse it (a wave waits for each of its devices to install): {}",
-                outside.len(),
-                outside.join(", ")
-            );
-        }
-    }
     let waves = learner::rollout::start_staged(
         db,
         &staging,
@@ -410,6 +400,16 @@ fn start_rollout(
         "{}",
         learner::rollout::describe_start(&id, &version, &waves, staging.abort_if)
     );
+    if let Some(sealed) = &s.sealed {
+        let outside = learner::rollout::not_recipients(db, &waves, &sealed.recipients)?;
+        if !outside.is_empty() {
+            eprintln!(
+                "warning: {} device(s) these waves reach are not recipients of this confidential trace and will refuse it (a wave waits for each of its devices to install): {}",
+                outside.len(),
+                outside.join(", ")
+            );
+        }
+    }
     Ok(waves.iter().map(ToString::to_string).collect())
 }
 

@@ -27,7 +27,7 @@ pub struct VersionFigures {
 /// What `/metrics` exposes, read in one pass.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    /// Devices whose last status said online, and the others.
+    /// Devices whose last status said online.
     pub devices_online: u64,
     /// Devices known and not online.
     pub devices_offline: u64,

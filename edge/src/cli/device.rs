@@ -5,7 +5,6 @@ use anyhow::Result;
 use follower::store::Store;
 use std::path::Path;
 use std::process::ExitCode;
-use tracefleet::time::unix_now;
 
 /// `follower check`: SQLite integrity, and every installed trace still verifies.
 pub fn check(state_dir: &Path) -> Result<ExitCode> {
@@ -22,18 +21,14 @@ pub fn check(state_dir: &Path) -> Result<ExitCode> {
             None => problems.push(format!(
                 "{id} {version} is installed but there is no trust root"
             )),
-            Some((r, _)) => match follower::identity::for_trace(state_dir, bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|id| {
-                    tracefleet::trust::verify_with_root(bytes, r, unix_now(), id.as_ref())
-                        .map_err(|e| e.to_string())
-                }) {
-                Ok(v) if v.trace.id.as_str() == id && v.trace.version == *version => {}
-                Ok(v) => problems.push(format!(
+            // As a run verifies it (a confidential trace decrypted with the identity).
+            Some(_) => match follower::runner::verify_signed(&store, bytes) {
+                Ok((v, _)) if v.trace.id.as_str() == id && v.trace.version == *version => {}
+                Ok((v, _)) => problems.push(format!(
                     "{id} {version}: stored bytes hold {} {}",
                     v.trace.id, v.trace.version
                 )),
-                Err(e) => problems.push(format!("{id} {version}: {e}")),
+                Err(e) => problems.push(format!("{id} {version}: {e:#}")),
             },
         }
     }

@@ -129,28 +129,16 @@ pub fn inspect(state_dir: &Path, file: &Path, json: bool) -> Result<ExitCode> {
 }
 
 /// A confidential trace verified against the device's trust root and decrypted with its
-/// identity (nothing is decrypted before the signatures passed); or why not.
+/// identity, as a run does (nothing is decrypted before the signatures passed); or why not.
 fn decrypted(state_dir: &Path, bytes: &[u8]) -> Result<tracefleet::Trace, String> {
-    let identity = follower::identity::load(state_dir)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "no identity in {} to decrypt it with",
-                follower::identity::path(state_dir).display()
-            )
-        })?;
     // Opening the store would create one: a machine that has none has no root either.
     if !state_dir.join("follower.db").exists() {
         return Err("no trust root on this device to verify it against".into());
     }
     let store = follower::store::Store::open(state_dir).map_err(|e| e.to_string())?;
-    let (root, _) = store
-        .trust_root()
-        .map_err(|e| e.to_string())?
-        .ok_or("no trust root on this device to verify it against")?;
-    trust::verify_with_root(bytes, &root, tracefleet::time::unix_now(), Some(&identity))
-        .map(|v| v.trace)
-        .map_err(|e| e.to_string())
+    follower::runner::verify_signed(&store, bytes)
+        .map(|(v, _)| v.trace)
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// What can be shown of a confidential trace without decrypting it: the signed header, the
